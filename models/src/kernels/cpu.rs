@@ -1,0 +1,318 @@
+//! Fused CPU kernels for the `Flex` backend.
+//!
+//! Every op here does in one pass over memory what the generic path does in three to five:
+//! the GEMM writes its output once and the epilogue (bias, GELU, residual, layer norm)
+//! runs on each row while it is still in cache. Work is spread over rayon's pool; GEMMs use
+//! the same `gemm` crate Flex's own matmul uses.
+
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn_flex::{Flex, FlexTensor};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+use super::math::{self, dispatch_simd};
+use super::Activation;
+
+/// Rows handed to one rayon task in the row-wise epilogues.
+const ROWS_PER_TASK: usize = 16;
+
+/// A contiguous f32 copy-free view of a Flex tensor (copies only if it is strided).
+struct Dense {
+    tensor: FlexTensor,
+}
+
+impl Dense {
+    fn new<const D: usize>(tensor: Tensor<Flex, D>) -> Self {
+        let tensor = tensor.into_primitive().tensor();
+        let tensor = if tensor.as_slice::<f32>().is_some() {
+            tensor
+        } else {
+            tensor.to_contiguous()
+        };
+        Self { tensor }
+    }
+
+    fn slice(&self) -> &[f32] {
+        self.tensor
+            .as_slice::<f32>()
+            .expect("tensor was made contiguous f32 in Dense::new")
+    }
+}
+
+fn into_tensor<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
+    let primitive = FlexTensor::from_data(TensorData::new(data, shape));
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+/// `out[rows, n] = x[rows, k] @ w[k, n]`, multi-threaded inside the GEMM.
+fn matmul(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(x.len(), rows * k, "linear: input is not [rows, in]");
+    assert_eq!(w.len(), k * n, "linear: weight is not [in, out]");
+    let mut out = vec![0.0f32; rows * n];
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 && rows * n * k > 1 << 16 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the three buffers have the lengths asserted above and the strides describe
+    // row-major matrices of exactly those shapes.
+    unsafe {
+        gemm(
+            rows,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    out
+}
+
+#[inline(always)]
+fn bias_gelu_rows(rows: &mut [f32], bias: &[f32]) {
+    for row in rows.chunks_exact_mut(bias.len()) {
+        for (value, b) in row.iter_mut().zip(bias) {
+            *value = math::gelu(*value + *b);
+        }
+    }
+}
+dispatch_simd!(bias_gelu_rows_simd, bias_gelu_rows, (rows: &mut [f32], bias: &[f32]) -> ());
+
+#[inline(always)]
+fn bias_rows(rows: &mut [f32], bias: &[f32]) {
+    for row in rows.chunks_exact_mut(bias.len()) {
+        for (value, b) in row.iter_mut().zip(bias) {
+            *value += *b;
+        }
+    }
+}
+dispatch_simd!(bias_rows_simd, bias_rows, (rows: &mut [f32], bias: &[f32]) -> ());
+
+/// Sum of a slice with 16 independent accumulators, so it vectorises.
+#[inline(always)]
+fn lane_sum(values: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let chunks = values.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (lane, value) in lanes.iter_mut().zip(chunk) {
+            *lane += *value;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `row = layer_norm(row + bias + residual)` for every row, in place.
+#[inline(always)]
+fn residual_layer_norm_rows(
+    rows: &mut [f32],
+    residual: &[f32],
+    bias: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    epsilon: f32,
+) {
+    let width = bias.len();
+    let inv_width = 1.0 / width as f32;
+    for (row, res) in rows.chunks_exact_mut(width).zip(residual.chunks_exact(width)) {
+        for ((value, r), b) in row.iter_mut().zip(res).zip(bias) {
+            *value += *r + *b;
+        }
+        let mean = lane_sum(row) * inv_width;
+        for value in row.iter_mut() {
+            *value -= mean;
+        }
+        let mut lanes = [0.0f32; 16];
+        let chunks = row.chunks_exact(16);
+        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        for chunk in chunks {
+            for (lane, value) in lanes.iter_mut().zip(chunk) {
+                *lane += *value * *value;
+            }
+        }
+        let variance = (lanes.iter().sum::<f32>() + tail) * inv_width;
+        let inv_std = 1.0 / (variance + epsilon).sqrt();
+        for ((value, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+            *value = *value * inv_std * *g + *b;
+        }
+    }
+}
+dispatch_simd!(
+    residual_layer_norm_rows_simd,
+    residual_layer_norm_rows,
+    (rows: &mut [f32], residual: &[f32], bias: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32) -> ()
+);
+
+/// Softmax of `row * scale`, in place.
+#[inline(always)]
+fn scaled_softmax_row(row: &mut [f32], scale: f32) {
+    let mut max = f32::NEG_INFINITY;
+    for value in row.iter_mut() {
+        *value *= scale;
+        max = if *value > max { *value } else { max };
+    }
+    for value in row.iter_mut() {
+        *value = math::exp(*value - max);
+    }
+    let inv_sum = 1.0 / lane_sum(row);
+    for value in row.iter_mut() {
+        *value *= inv_sum;
+    }
+}
+
+#[inline(always)]
+fn scaled_softmax_rows(scores: &mut [f32], width: usize, scale: f32) {
+    for row in scores.chunks_exact_mut(width) {
+        scaled_softmax_row(row, scale);
+    }
+}
+dispatch_simd!(
+    scaled_softmax_rows_simd,
+    scaled_softmax_rows,
+    (scores: &mut [f32], width: usize, scale: f32) -> ()
+);
+
+pub fn linear(
+    x: Tensor<Flex, 2>,
+    weight: Tensor<Flex, 2>,
+    bias: Tensor<Flex, 1>,
+    activation: Activation,
+) -> Tensor<Flex, 2> {
+    let [rows, k] = x.dims();
+    let [_, n] = weight.dims();
+    let (x, weight, bias) = (Dense::new(x), Dense::new(weight), Dense::new(bias));
+    let bias = bias.slice();
+    let mut out = matmul(x.slice(), weight.slice(), rows, k, n);
+    out.par_chunks_mut(n * ROWS_PER_TASK)
+        .for_each(|chunk| match activation {
+            Activation::None => bias_rows_simd(chunk, bias),
+            Activation::Gelu => bias_gelu_rows_simd(chunk, bias),
+        });
+    into_tensor(out, [rows, n])
+}
+
+pub fn linear_residual_layer_norm(
+    x: Tensor<Flex, 2>,
+    weight: Tensor<Flex, 2>,
+    bias: Tensor<Flex, 1>,
+    residual: Tensor<Flex, 2>,
+    gamma: Tensor<Flex, 1>,
+    beta: Tensor<Flex, 1>,
+    epsilon: f64,
+) -> Tensor<Flex, 2> {
+    let [rows, k] = x.dims();
+    let [_, n] = weight.dims();
+    assert_eq!(residual.dims(), [rows, n], "residual shape differs from output");
+    let (x, weight) = (Dense::new(x), Dense::new(weight));
+    let (bias, residual) = (Dense::new(bias), Dense::new(residual));
+    let (gamma, beta) = (Dense::new(gamma), Dense::new(beta));
+    let (bias, residual, gamma, beta) = (bias.slice(), residual.slice(), gamma.slice(), beta.slice());
+    let mut out = matmul(x.slice(), weight.slice(), rows, k, n);
+    out.par_chunks_mut(n * ROWS_PER_TASK)
+        .zip(residual.par_chunks(n * ROWS_PER_TASK))
+        .for_each(|(chunk, residual_chunk)| {
+            residual_layer_norm_rows_simd(chunk, residual_chunk, bias, gamma, beta, epsilon as f32)
+        });
+    into_tensor(out, [rows, n])
+}
+
+/// Output pointer shared by the attention tasks; each writes a disjoint block of it.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: the tasks write disjoint (row range, column range) blocks, see `self_attention`.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+pub fn self_attention(qkv: Tensor<Flex, 3>, lengths: &[usize], heads: usize) -> Tensor<Flex, 3> {
+    let [batch, seq, three_hidden] = qkv.dims();
+    let hidden = three_hidden / 3;
+    let head_dim = hidden / heads;
+    assert_eq!(lengths.len(), batch, "one length per sequence");
+    assert!(lengths.iter().all(|&length| length <= seq), "length past the padded width");
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let qkv = Dense::new(qkv);
+    let qkv = qkv.slice();
+    let mut out = vec![0.0f32; batch * seq * hidden];
+    let shared = SharedOut(out.as_mut_ptr());
+
+    (0..batch * heads).into_par_iter().for_each(|task| {
+        let (b, h) = (task / heads, task % heads);
+        let length = lengths[b];
+        if length == 0 {
+            return;
+        }
+        let base = b * seq * three_hidden;
+        let query = &qkv[base + h * head_dim..];
+        let key = &qkv[base + hidden + h * head_dim..];
+        let value = &qkv[base + 2 * hidden + h * head_dim..];
+        let mut scores = vec![0.0f32; length * length];
+        let shared = shared;
+        // SAFETY: query/key/value rows are read with row stride 3*hidden for `length` rows
+        // and `head_dim` columns, all inside this sequence's block of `qkv`. The context is
+        // written to rows b*seq..b*seq+length, columns h*head_dim..(h+1)*head_dim of `out`:
+        // no two tasks share a (b, h) pair, so their blocks are disjoint.
+        unsafe {
+            // scores = Q K^T
+            gemm(
+                length,
+                length,
+                head_dim,
+                scores.as_mut_ptr(),
+                1,
+                length as isize,
+                false,
+                query.as_ptr(),
+                1,
+                three_hidden as isize,
+                key.as_ptr(),
+                three_hidden as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+            scaled_softmax_rows_simd(&mut scores, length, scale);
+            // context = P V
+            gemm(
+                length,
+                head_dim,
+                length,
+                shared.0.add(b * seq * hidden + h * head_dim),
+                1,
+                hidden as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                length as isize,
+                value.as_ptr(),
+                1,
+                three_hidden as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    });
+    into_tensor(out, [batch, seq, hidden])
+}

