@@ -17,7 +17,10 @@ const WORDS: &str = "the quick brown fox jumps over the lazy dog while a small b
 
 /// A plain English sentence that tokenises to exactly `tokens` ids ([CLS]/[SEP] included),
 /// built as the peers build theirs.
-pub fn sentence_with_tokens(tokenizer: &SentenceTokenizer, tokens: usize) -> Result<String, ModelError> {
+pub fn sentence_with_tokens(
+    tokenizer: &SentenceTokenizer,
+    tokens: usize,
+) -> Result<String, ModelError> {
     let words: Vec<&str> = WORDS.split_whitespace().collect();
     let mut sentence: Vec<&str> = Vec::new();
     for index in 0.. {

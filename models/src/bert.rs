@@ -336,7 +336,12 @@ impl<B: EncoderBackend> Encoder<B> {
             .sum_dim(1)
             .reshape([rows, hidden]);
         let mean = summed / counts;
-        let norm = mean.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
+        let norm = mean
+            .clone()
+            .powi_scalar(2)
+            .sum_dim(1)
+            .sqrt()
+            .clamp_min(1e-12);
         let normalised = mean / norm;
         normalised
             .into_data()

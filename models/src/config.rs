@@ -96,11 +96,10 @@ impl BertConfig {
     pub fn from_model_dir(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("config.json");
         let text = read_required(&path)?;
-        let hf: HfConfig =
-            serde_json::from_str(&text).map_err(|e| ModelError::InvalidConfig {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let hf: HfConfig = serde_json::from_str(&text).map_err(|e| ModelError::InvalidConfig {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         if let Some(model_type) = &hf.model_type {
             if model_type != "bert" {
                 return Err(unsupported(&path, "model_type", model_type, "\"bert\""));
@@ -190,7 +189,7 @@ impl BertConfig {
                 return Err(format!("{name} must be positive"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -238,7 +237,12 @@ fn read_required(path: &Path) -> Result<String, ModelError> {
     std::fs::read_to_string(path).map_err(ModelError::io(path))
 }
 
-fn unsupported(path: &Path, field: &'static str, value: &str, supported: &'static str) -> ModelError {
+fn unsupported(
+    path: &Path,
+    field: &'static str,
+    value: &str,
+    supported: &'static str,
+) -> ModelError {
     ModelError::UnsupportedConfig {
         path: path.to_owned(),
         field,

@@ -33,7 +33,8 @@ impl<B: EncoderBackend> Embedder<B> {
             });
         }
         let config = BertConfig::from_model_dir(dir)?;
-        let tokenizer = SentenceTokenizer::from_file(&dir.join("tokenizer.json"), config.max_seq_length)?;
+        let tokenizer =
+            SentenceTokenizer::from_file(&dir.join("tokenizer.json"), config.max_seq_length)?;
         let model = weights::load_bert::<B>(&config, &dir.join("model.safetensors"), device)?;
         let encoder = Encoder::from_model(&config, &model, device);
         Ok(Self { tokenizer, encoder })
@@ -106,7 +107,10 @@ impl<B: EncoderBackend> Embedder<B> {
                     ),
                 });
             }
-            if let Some(&id) = sequence.iter().find(|&&id| id as usize >= config.vocab_size) {
+            if let Some(&id) = sequence
+                .iter()
+                .find(|&&id| id as usize >= config.vocab_size)
+            {
                 return Err(ModelError::TokenOutOfVocabulary {
                     index,
                     id,
@@ -171,6 +175,9 @@ pub fn write_tiny_model_dir(dir: &Path, seed: u64) -> Result<(), ModelError> {
             .to_string()
             .as_bytes(),
     )?;
-    write("model.safetensors", &weights::random_checkpoint(&config, seed))?;
+    write(
+        "model.safetensors",
+        &weights::random_checkpoint(&config, seed),
+    )?;
     SentenceTokenizer::tiny(config.max_seq_length)?.save(&dir.join("tokenizer.json"))
 }

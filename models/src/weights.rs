@@ -61,7 +61,11 @@ fn load_with_store<B: Backend>(
         });
     }
     if !result.missing.is_empty() {
-        let names: Vec<&str> = result.missing.iter().map(|(name, _)| name.as_str()).collect();
+        let names: Vec<&str> = result
+            .missing
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect();
         return Err(ModelError::WeightsMismatch {
             path: path.to_owned(),
             reason: format!("tensors missing from the file: {}", names.join(", ")),
@@ -83,7 +87,10 @@ fn check_safetensors(config: &BertConfig, path: &Path) -> Result<(), ModelError>
         })?;
     let h = config.hidden_size;
     let expected = [
-        ("embeddings.word_embeddings.weight", vec![config.vocab_size, h]),
+        (
+            "embeddings.word_embeddings.weight",
+            vec![config.vocab_size, h],
+        ),
         (
             "embeddings.position_embeddings.weight",
             vec![config.max_position_embeddings, h],
@@ -112,14 +119,19 @@ fn check_safetensors(config: &BertConfig, path: &Path) -> Result<(), ModelError>
             Some(found) if *found != shape => {
                 return Err(ModelError::WeightsMismatch {
                     path: path.to_owned(),
-                    reason: format!("tensor {name} has shape {found:?}, config.json implies {shape:?}"),
+                    reason: format!(
+                        "tensor {name} has shape {found:?}, config.json implies {shape:?}"
+                    ),
                 })
             }
             Some(_) => {}
         }
     }
     for (name, found) in &names {
-        if IGNORED_PREFIXES.iter().any(|prefix| name.starts_with(prefix)) {
+        if IGNORED_PREFIXES
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+        {
             continue;
         }
         if let Some(rest) = name.strip_prefix("encoder.layer.") {
@@ -133,7 +145,7 @@ fn check_safetensors(config: &BertConfig, path: &Path) -> Result<(), ModelError>
                     ),
                 });
             }
-            if found.is_empty() || found.iter().any(|&d| d == 0) {
+            if found.is_empty() || found.contains(&0) {
                 return Err(ModelError::WeightsMismatch {
                     path: path.to_owned(),
                     reason: format!("tensor {name} has empty shape {found:?}"),
@@ -173,7 +185,12 @@ pub fn random_checkpoint(config: &BertConfig, seed: u64) -> Vec<u8> {
         let data = rng.fill(len, center, spread);
         tensors.push((name, shape, data));
     };
-    push("embeddings.word_embeddings.weight".into(), vec![config.vocab_size, h], 0.0, 0.5);
+    push(
+        "embeddings.word_embeddings.weight".into(),
+        vec![config.vocab_size, h],
+        0.0,
+        0.5,
+    );
     push(
         "embeddings.position_embeddings.weight".into(),
         vec![config.max_position_embeddings, h],
@@ -192,16 +209,51 @@ pub fn random_checkpoint(config: &BertConfig, seed: u64) -> Vec<u8> {
     for layer in 0..config.num_hidden_layers {
         let p = format!("encoder.layer.{layer}.");
         for part in ["query", "key", "value"] {
-            push(format!("{p}attention.self.{part}.weight"), vec![h, h], 0.0, linear_spread(h));
+            push(
+                format!("{p}attention.self.{part}.weight"),
+                vec![h, h],
+                0.0,
+                linear_spread(h),
+            );
             push(format!("{p}attention.self.{part}.bias"), vec![h], 0.0, 0.05);
         }
-        push(format!("{p}attention.output.dense.weight"), vec![h, h], 0.0, linear_spread(h));
-        push(format!("{p}attention.output.dense.bias"), vec![h], 0.0, 0.05);
-        push(format!("{p}attention.output.LayerNorm.weight"), vec![h], 1.0, 0.1);
-        push(format!("{p}attention.output.LayerNorm.bias"), vec![h], 0.0, 0.05);
-        push(format!("{p}intermediate.dense.weight"), vec![i, h], 0.0, linear_spread(h));
+        push(
+            format!("{p}attention.output.dense.weight"),
+            vec![h, h],
+            0.0,
+            linear_spread(h),
+        );
+        push(
+            format!("{p}attention.output.dense.bias"),
+            vec![h],
+            0.0,
+            0.05,
+        );
+        push(
+            format!("{p}attention.output.LayerNorm.weight"),
+            vec![h],
+            1.0,
+            0.1,
+        );
+        push(
+            format!("{p}attention.output.LayerNorm.bias"),
+            vec![h],
+            0.0,
+            0.05,
+        );
+        push(
+            format!("{p}intermediate.dense.weight"),
+            vec![i, h],
+            0.0,
+            linear_spread(h),
+        );
         push(format!("{p}intermediate.dense.bias"), vec![i], 0.0, 0.05);
-        push(format!("{p}output.dense.weight"), vec![h, i], 0.0, linear_spread(i));
+        push(
+            format!("{p}output.dense.weight"),
+            vec![h, i],
+            0.0,
+            linear_spread(i),
+        );
         push(format!("{p}output.dense.bias"), vec![h], 0.0, 0.05);
         push(format!("{p}output.LayerNorm.weight"), vec![h], 1.0, 0.1);
         push(format!("{p}output.LayerNorm.bias"), vec![h], 0.0, 0.05);

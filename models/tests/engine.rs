@@ -55,7 +55,11 @@ fn embeddings_are_unit_vectors_in_input_order_at_any_batch_size() {
 
 #[test]
 fn seeds_are_deterministic_and_distinct() {
-    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b, c) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
     let first = tiny(a.path(), 1).embed(&TEXTS, 8).unwrap();
     let again = tiny(b.path(), 1).embed(&TEXTS, 8).unwrap();
     let other = tiny(c.path(), 2).embed(&TEXTS, 8).unwrap();
@@ -68,7 +72,11 @@ fn long_texts_are_truncated_to_max_seq_length_ending_in_sep() {
     let dir = tempfile::tempdir().unwrap();
     let embedder = tiny(dir.path(), 3);
     let long = "word ".repeat(100);
-    let ids = embedder.tokenizer().encode(&[long.as_str()]).unwrap().remove(0);
+    let ids = embedder
+        .tokenizer()
+        .encode(&[long.as_str()])
+        .unwrap()
+        .remove(0);
     assert_eq!(ids.len(), embedder.config().max_seq_length);
     assert_eq!(ids[0], 2, "[CLS]");
     assert_eq!(*ids.last().unwrap(), 3, "[SEP]");
@@ -95,7 +103,10 @@ fn fused_linear_matches_the_generic_path() {
             let fused = cpu::linear(x.clone(), w.clone(), b.clone(), activation);
             let plain = generic::linear(x.clone(), w.clone(), b.clone(), activation);
             let difference = max_abs(fused, plain);
-            assert!(difference < 1e-4, "{rows}x{k}x{n} {activation:?}: {difference}");
+            assert!(
+                difference < 1e-4,
+                "{rows}x{k}x{n} {activation:?}: {difference}"
+            );
         }
     }
 }
@@ -106,7 +117,13 @@ fn fused_residual_layer_norm_matches_the_generic_path() {
     let (x, w, b) = (random([rows, k]), random([k, n]), random1(n));
     let (residual, gamma, beta) = (random([rows, n]), random1(n), random1(n));
     let fused = cpu::linear_residual_layer_norm(
-        x.clone(), w.clone(), b.clone(), residual.clone(), gamma.clone(), beta.clone(), 1e-12,
+        x.clone(),
+        w.clone(),
+        b.clone(),
+        residual.clone(),
+        gamma.clone(),
+        beta.clone(),
+        1e-12,
     );
     let plain = generic::linear_residual_layer_norm(x, w, b, residual, gamma, beta, 1e-12);
     let difference = max_abs(fused, plain);
@@ -141,11 +158,17 @@ fn load_error(dir: &Path) -> ModelError {
 fn a_missing_or_incomplete_model_dir_names_the_missing_piece() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope");
-    assert!(matches!(load_error(&missing), ModelError::ModelDirMissing { .. }));
+    assert!(matches!(
+        load_error(&missing),
+        ModelError::ModelDirMissing { .. }
+    ));
     write_tiny_model_dir(dir.path(), 1).unwrap();
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
     let error = load_error(dir.path());
-    assert!(matches!(error, ModelError::ModelFileMissing { ref path } if path.ends_with("tokenizer.json")), "{error}");
+    assert!(
+        matches!(error, ModelError::ModelFileMissing { ref path } if path.ends_with("tokenizer.json")),
+        "{error}"
+    );
 }
 
 #[test]
@@ -169,19 +192,32 @@ fn weights_that_do_not_fit_the_config_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model_dir(dir.path(), 1).unwrap();
     let path = dir.path().join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     config["num_hidden_layers"] = 3.into();
     std::fs::write(&path, config.to_string()).unwrap();
     let error = load_error(dir.path());
-    assert!(matches!(error, ModelError::WeightsMismatch { .. } | ModelError::Weights { .. }), "{error}");
+    assert!(
+        matches!(
+            error,
+            ModelError::WeightsMismatch { .. } | ModelError::Weights { .. }
+        ),
+        "{error}"
+    );
     config["num_hidden_layers"] = 1.into();
     std::fs::write(&path, config.to_string()).unwrap();
-    assert!(matches!(load_error(dir.path()), ModelError::WeightsMismatch { .. }));
+    assert!(matches!(
+        load_error(dir.path()),
+        ModelError::WeightsMismatch { .. }
+    ));
     config["num_hidden_layers"] = 2.into();
     config["hidden_size"] = 48.into();
     config["num_attention_heads"] = 4.into();
     std::fs::write(&path, config.to_string()).unwrap();
-    assert!(matches!(load_error(dir.path()), ModelError::WeightsMismatch { .. }));
+    assert!(matches!(
+        load_error(dir.path()),
+        ModelError::WeightsMismatch { .. }
+    ));
 }
 
 #[test]
@@ -191,7 +227,10 @@ fn a_bad_config_names_the_field() {
     let path = dir.path().join("config.json");
     let original = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, "{ this is not json").unwrap();
-    assert!(matches!(load_error(dir.path()), ModelError::InvalidConfig { .. }));
+    assert!(matches!(
+        load_error(dir.path()),
+        ModelError::InvalidConfig { .. }
+    ));
     let mut config: serde_json::Value = serde_json::from_str(&original).unwrap();
     config["num_attention_heads"] = 5.into();
     std::fs::write(&path, config.to_string()).unwrap();
@@ -201,7 +240,16 @@ fn a_bad_config_names_the_field() {
     config["hidden_act"] = "relu".into();
     std::fs::write(&path, config.to_string()).unwrap();
     let error = load_error(dir.path());
-    assert!(matches!(error, ModelError::UnsupportedConfig { field: "hidden_act", .. }), "{error}");
+    assert!(
+        matches!(
+            error,
+            ModelError::UnsupportedConfig {
+                field: "hidden_act",
+                ..
+            }
+        ),
+        "{error}"
+    );
 }
 
 #[test]
@@ -209,17 +257,29 @@ fn empty_input_absurd_batches_and_foreign_ids_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let embedder = tiny(dir.path(), 1);
     let none: [&str; 0] = [];
-    assert!(matches!(embedder.embed(&none, 8), Err(ModelError::EmptyInput)));
-    assert!(matches!(embedder.embed(&["a"], 0), Err(ModelError::BatchSize { requested: 0, .. })));
+    assert!(matches!(
+        embedder.embed(&none, 8),
+        Err(ModelError::EmptyInput)
+    ));
+    assert!(matches!(
+        embedder.embed(&["a"], 0),
+        Err(ModelError::BatchSize { requested: 0, .. })
+    ));
     assert!(matches!(
         embedder.embed(&["a"], 1_000_000),
-        Err(ModelError::BatchSize { requested: 1_000_000, .. })
+        Err(ModelError::BatchSize {
+            requested: 1_000_000,
+            ..
+        })
     ));
     assert!(matches!(
         embedder.embed_token_ids(&[vec![2, 9999, 3]], 8),
         Err(ModelError::TokenOutOfVocabulary { id: 9999, .. })
     ));
-    assert!(matches!(embedder.embed_token_ids(&[vec![]], 8), Err(ModelError::Tokenize { index: 0, .. })));
+    assert!(matches!(
+        embedder.embed_token_ids(&[vec![]], 8),
+        Err(ModelError::Tokenize { index: 0, .. })
+    ));
     assert!(matches!(
         embedder.embed_token_ids(&[vec![2; 33]], 8),
         Err(ModelError::Tokenize { index: 0, .. })

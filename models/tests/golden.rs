@@ -25,7 +25,8 @@ fn model_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("TROUPE_MODEL_DIR") {
         return PathBuf::from(dir);
     }
-    let dir = troupe_models::fetch::model_dir(&troupe_models::fetch::troupe_home(), "all-MiniLM-L6-v2");
+    let dir =
+        troupe_models::fetch::model_dir(&troupe_models::fetch::troupe_home(), "all-MiniLM-L6-v2");
     assert!(
         troupe_models::fetch::is_complete(&dir),
         "the real model is not in {}: run `troupe models fetch all-MiniLM-L6-v2` (scripts/test.sh does) or set TROUPE_MODEL_DIR",
@@ -68,7 +69,11 @@ fn token_ids_equal_the_golden_tokens() {
     let ids = embedder.tokenizer().encode(&sentences).unwrap();
     for (row, expected) in golden.iter().enumerate() {
         assert_eq!(expected.index, row);
-        assert_eq!(ids[row].len(), expected.n_tokens, "sentence {row}: token count");
+        assert_eq!(
+            ids[row].len(),
+            expected.n_tokens,
+            "sentence {row}: token count"
+        );
         assert_eq!(ids[row], expected.input_ids, "sentence {row}: token ids");
     }
     // The long sentences are the ones that catch a tokenizer left at its file's
@@ -84,7 +89,15 @@ fn max_abs_difference(actual: &[Vec<f32>], expected: &[Vec<f32>]) -> (f32, usize
         for (column, (x, y)) in a.iter().zip(e).enumerate() {
             let difference = (x - y).abs();
             if difference.is_nan() || difference > worst.0 {
-                worst = (if difference.is_nan() { f32::INFINITY } else { difference }, row, column);
+                worst = (
+                    if difference.is_nan() {
+                        f32::INFINITY
+                    } else {
+                        difference
+                    },
+                    row,
+                    column,
+                );
             }
         }
     }
@@ -113,13 +126,22 @@ fn embeddings_match_the_golden_vectors_at_every_batch_size() {
 #[test]
 fn the_published_example_reproduces() {
     let embedder = embedder();
-    let embedding = &embedder.embed(&["This is an example sentence"], 32).unwrap()[0];
+    let embedding = &embedder
+        .embed(&["This is an example sentence"], 32)
+        .unwrap()[0];
     let published = [0.0676569f32, 0.0634959, 0.0487131, 0.0793050, 0.0374480];
     for (value, expected) in embedding.iter().zip(published) {
         assert!((value - expected).abs() < 1e-6, "{value} vs {expected}");
     }
     let pair = embedder
-        .embed(&["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."], 32)
+        .embed(
+            &[
+                "The weather is lovely today.",
+                "It's so sunny outside!",
+                "He drove to the stadium.",
+            ],
+            32,
+        )
         .unwrap();
     let cosine = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     assert!((cosine(&pair[0], &pair[1]) - 0.6660).abs() < 1e-4);

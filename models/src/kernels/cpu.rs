@@ -129,7 +129,10 @@ fn residual_layer_norm_rows(
 ) {
     let width = bias.len();
     let inv_width = 1.0 / width as f32;
-    for (row, res) in rows.chunks_exact_mut(width).zip(residual.chunks_exact(width)) {
+    for (row, res) in rows
+        .chunks_exact_mut(width)
+        .zip(residual.chunks_exact(width))
+    {
         for ((value, r), b) in row.iter_mut().zip(res).zip(bias) {
             *value += *r + *b;
         }
@@ -217,11 +220,16 @@ pub fn linear_residual_layer_norm(
 ) -> Tensor<Flex, 2> {
     let [rows, k] = x.dims();
     let [_, n] = weight.dims();
-    assert_eq!(residual.dims(), [rows, n], "residual shape differs from output");
+    assert_eq!(
+        residual.dims(),
+        [rows, n],
+        "residual shape differs from output"
+    );
     let (x, weight) = (Dense::new(x), Dense::new(weight));
     let (bias, residual) = (Dense::new(bias), Dense::new(residual));
     let (gamma, beta) = (Dense::new(gamma), Dense::new(beta));
-    let (bias, residual, gamma, beta) = (bias.slice(), residual.slice(), gamma.slice(), beta.slice());
+    let (bias, residual, gamma, beta) =
+        (bias.slice(), residual.slice(), gamma.slice(), beta.slice());
     let mut out = matmul(x.slice(), weight.slice(), rows, k, n);
     out.par_chunks_mut(n * ROWS_PER_TASK)
         .zip(residual.par_chunks(n * ROWS_PER_TASK))
@@ -238,12 +246,22 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    /// The element at `offset`; a method so closures capture the whole (Send) wrapper.
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 pub fn self_attention(qkv: Tensor<Flex, 3>, lengths: &[usize], heads: usize) -> Tensor<Flex, 3> {
     let [batch, seq, three_hidden] = qkv.dims();
     let hidden = three_hidden / 3;
     let head_dim = hidden / heads;
     assert_eq!(lengths.len(), batch, "one length per sequence");
-    assert!(lengths.iter().all(|&length| length <= seq), "length past the padded width");
+    assert!(
+        lengths.iter().all(|&length| length <= seq),
+        "length past the padded width"
+    );
     let scale = 1.0 / (head_dim as f32).sqrt();
     let qkv = Dense::new(qkv);
     let qkv = qkv.slice();
@@ -261,7 +279,6 @@ pub fn self_attention(qkv: Tensor<Flex, 3>, lengths: &[usize], heads: usize) -> 
         let key = &qkv[base + hidden + h * head_dim..];
         let value = &qkv[base + 2 * hidden + h * head_dim..];
         let mut scores = vec![0.0f32; length * length];
-        let shared = shared;
         // SAFETY: query/key/value rows are read with row stride 3*hidden for `length` rows
         // and `head_dim` columns, all inside this sequence's block of `qkv`. The context is
         // written to rows b*seq..b*seq+length, columns h*head_dim..(h+1)*head_dim of `out`:
@@ -295,7 +312,7 @@ pub fn self_attention(qkv: Tensor<Flex, 3>, lengths: &[usize], heads: usize) -> 
                 length,
                 head_dim,
                 length,
-                shared.0.add(b * seq * hidden + h * head_dim),
+                shared.at(b * seq * hidden + h * head_dim),
                 1,
                 hidden as isize,
                 false,

@@ -53,7 +53,11 @@ pub trait EncoderBackend: Backend {
     /// `lengths[b]` is the number of real tokens of row `b`, the rest is padding.
     /// Returns the context `[batch, seq, hidden]`. Rows past a sequence's length are
     /// padding: their values are unspecified and must not be read.
-    fn fused_self_attention(qkv: Tensor<Self, 3>, lengths: &[usize], heads: usize) -> Tensor<Self, 3> {
+    fn fused_self_attention(
+        qkv: Tensor<Self, 3>,
+        lengths: &[usize],
+        heads: usize,
+    ) -> Tensor<Self, 3> {
         generic::self_attention(qkv, lengths, heads)
     }
 }
@@ -80,7 +84,11 @@ impl EncoderBackend for burn_flex::Flex {
         cpu::linear_residual_layer_norm(x, weight, bias, residual, gamma, beta, epsilon)
     }
 
-    fn fused_self_attention(qkv: Tensor<Self, 3>, lengths: &[usize], heads: usize) -> Tensor<Self, 3> {
+    fn fused_self_attention(
+        qkv: Tensor<Self, 3>,
+        lengths: &[usize],
+        heads: usize,
+    ) -> Tensor<Self, 3> {
         cpu::self_attention(qkv, lengths, heads)
     }
 }

@@ -6,9 +6,9 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use troupe_models::bench::{bench_engine, bench_gemm, EngineResult, GemmResult};
-use troupe_models::{cpu_device, CpuBackend, Embedder};
+use troupe_models::{Embedder, EncoderBackend};
 
-use super::{init_threads, ModelSource};
+use super::{init_threads, with_backend, DeviceKind, ModelSource};
 use crate::error::CliError;
 
 #[derive(Debug, Subcommand)]
@@ -36,6 +36,9 @@ pub struct EngineArgs {
     /// Compute threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Compute device.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
     /// Print one JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -43,7 +46,7 @@ pub struct EngineArgs {
 
 #[derive(Serialize)]
 struct Report {
-    backend: &'static str,
+    device: String,
     threads: usize,
     engine: Vec<EngineResult>,
     gemm: GemmResult,
@@ -64,13 +67,26 @@ fn engine(args: EngineArgs) -> Result<(), CliError> {
         )));
     }
     init_threads(args.threads)?;
+    args.device.check_available()?;
     let dir = args.source.resolve()?;
-    let device = cpu_device();
-    let embedder = Embedder::<CpuBackend>::load(&dir, &device)?;
+    with_backend!(args.device, |Backend, device| engine_on::<Backend>(
+        &args, &dir, &device
+    ))
+}
+
+fn engine_on<B: EncoderBackend>(
+    args: &EngineArgs,
+    dir: &std::path::Path,
+    device: &B::Device,
+) -> Result<(), CliError> {
+    let embedder = Embedder::<B>::load(dir, device)?;
     let min_time = Duration::from_secs_f64(args.min_time);
     let threads = rayon::current_num_threads();
     if !args.json {
-        println!("backend=flex (fused CPU kernels) threads={threads} model={}", dir.display());
+        println!(
+            "backend=flex (fused CPU kernels) threads={threads} model={}",
+            dir.display()
+        );
     }
     let mut engine = Vec::new();
     for &tokens in &args.tokens {
@@ -87,9 +103,9 @@ fn engine(args: EngineArgs) -> Result<(), CliError> {
         }
     }
     let hidden = embedder.config().hidden_size;
-    let gemm = bench_gemm::<CpuBackend>(&device, (4096, hidden, 4 * hidden), min_time);
+    let gemm = bench_gemm::<B>(device, (4096, hidden, 4 * hidden), min_time);
     let report = Report {
-        backend: "flex",
+        device: format!("{:?}", args.device).to_lowercase(),
         threads,
         engine,
         gflop_per_128_token_sentence: embedder.config().forward_flops(128) / 1e9,
@@ -102,7 +118,10 @@ fn engine(args: EngineArgs) -> Result<(), CliError> {
     } else {
         println!(
             "gemm {}x{}x{}: {:.1} GFLOP/s; engine cost {:.2} GFLOP per 128-token sentence",
-            report.gemm.m, report.gemm.k, report.gemm.n, report.gemm.gflops,
+            report.gemm.m,
+            report.gemm.k,
+            report.gemm.n,
+            report.gemm.gflops,
             report.gflop_per_128_token_sentence
         );
     }

@@ -4,9 +4,9 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use troupe_models::{cpu_device, CpuBackend, Embedder, DEFAULT_BATCH_SIZE};
+use troupe_models::{Embedder, DEFAULT_BATCH_SIZE};
 
-use super::{init_threads, ModelSource};
+use super::{init_threads, with_backend, DeviceKind, ModelSource};
 use crate::error::CliError;
 
 #[derive(Debug, Args)]
@@ -22,6 +22,9 @@ pub struct EmbedArgs {
     /// Compute threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Compute device.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
     /// Texts to embed (when no --input is given).
     pub texts: Vec<String>,
 }
@@ -68,9 +71,11 @@ pub fn run(args: EmbedArgs) -> Result<(), CliError> {
             "no texts to embed: pass TEXT arguments or --input FILE with one text per line".into(),
         ));
     }
+    args.device.check_available()?;
     let dir = args.source.resolve()?;
-    let embedder = Embedder::<CpuBackend>::load(&dir, &cpu_device())?;
-    let embeddings = embedder.embed(&texts, args.batch_size)?;
+    let embeddings = with_backend!(args.device, |Backend, device| {
+        Embedder::<Backend>::load(&dir, &device)?.embed(&texts, args.batch_size)?
+    });
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     for embedding in &embeddings {

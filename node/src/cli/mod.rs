@@ -68,6 +68,47 @@ impl ModelSource {
     }
 }
 
+/// The compute device a local command runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceKind {
+    /// The CPU backend (burn Flex with troupe's fused kernels).
+    Cpu,
+    /// NVIDIA GPU through burn-cuda (needs a build with `--features cuda`).
+    Cuda,
+}
+
+impl DeviceKind {
+    /// Fails on `cuda` when this binary was built without the `cuda` feature.
+    pub fn check_available(self) -> Result<(), CliError> {
+        if self == DeviceKind::Cuda && !cfg!(feature = "cuda") {
+            return Err(CliError::Usage(
+                "this troupe was built without CUDA support: rebuild with `cargo build --release --features cuda` or use --device cpu".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Runs `$body` with `$backend` bound to the burn backend type and `$device` to its device.
+macro_rules! with_backend {
+    ($kind:expr, |$backend:ident, $device:ident| $body:expr) => {{
+        match $kind {
+            #[cfg(feature = "cuda")]
+            $crate::cli::DeviceKind::Cuda => {
+                type $backend = troupe_models::backend::CudaBackend;
+                let $device = troupe_models::backend::CudaDevice::default();
+                $body
+            }
+            _ => {
+                type $backend = troupe_models::CpuBackend;
+                let $device = troupe_models::cpu_device();
+                $body
+            }
+        }
+    }};
+}
+pub(crate) use with_backend;
+
 /// Sizes the compute thread pool; 0 means one thread per core.
 pub(crate) fn init_threads(threads: usize) -> Result<(), CliError> {
     if threads == 0 {
