@@ -1,0 +1,121 @@
+//! The writes the metadata state machine accepts, and what each one returns.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a model version is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelState {
+    /// Registered; nodes may fetch and load it.
+    Loading,
+    /// Loaded and warmed on the nodes that must serve it.
+    Ready,
+    /// Served.
+    Active,
+    /// No longer served; nodes unload it.
+    Retired,
+}
+
+impl ModelState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelState::Loading => "loading",
+            ModelState::Ready => "ready",
+            ModelState::Active => "active",
+            ModelState::Retired => "retired",
+        }
+    }
+}
+
+/// One metadata write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Command {
+    RegisterModelVersion {
+        name: String,
+        version: String,
+        /// sha256 of the artifact manifest, lowercase hex.
+        digest: String,
+        size_bytes: u64,
+        format: String,
+    },
+    SetModelState {
+        name: String,
+        version: String,
+        state: ModelState,
+        /// Share of traffic this version gets while active (0..=100).
+        traffic_weight: Option<u32>,
+    },
+    SetTaskPriority {
+        name: String,
+        priority: i32,
+    },
+    SetSetting {
+        key: String,
+        value: String,
+    },
+}
+
+impl Command {
+    /// The key a CAS compares against, as `kind/name[/version]`.
+    pub fn key(&self) -> String {
+        match self {
+            Command::RegisterModelVersion { name, version, .. }
+            | Command::SetModelState { name, version, .. } => format!("models/{name}/{version}"),
+            Command::SetTaskPriority { name, .. } => format!("tasks/{name}"),
+            Command::SetSetting { key, .. } => format!("settings/{key}"),
+        }
+    }
+}
+
+/// A command as proposed: optionally a compare-and-set, optionally idempotent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub command: Command,
+    /// Apply only if the key's `mod_revision` equals this (0: the key must not exist).
+    pub expected_revision: Option<u64>,
+    /// A retry with the same id applies at most once and returns the first outcome.
+    pub request_id: Option<String>,
+}
+
+impl Proposal {
+    pub fn new(command: Command) -> Self {
+        Self {
+            command,
+            expected_revision: None,
+            request_id: None,
+        }
+    }
+}
+
+/// What applying a proposal did. Every node computes the same outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum Outcome {
+    /// Written at `revision`.
+    Applied { revision: u64 },
+    /// The write was valid but changed nothing (same value again); state is at `revision`.
+    Unchanged { revision: u64 },
+    /// The CAS lost: the key is at `current_revision`.
+    Conflict { key: String, current_revision: u64 },
+    /// The command is not valid in the current state.
+    Rejected { reason: Rejection },
+}
+
+/// Why a command was refused by the state machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case", tag = "rejection")]
+pub enum Rejection {
+    #[error("model '{name}' version '{version}' is not registered")]
+    UnknownModelVersion { name: String, version: String },
+    #[error(
+        "model '{name}' version '{version}' is already registered with digest {existing_digest}"
+    )]
+    VersionExists {
+        name: String,
+        version: String,
+        existing_digest: String,
+    },
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: String, reason: String },
+}

@@ -1,0 +1,10 @@
+//! The metadata state machine's logic, independent of Raft and storage.
+
+pub mod command;
+pub mod state;
+
+pub use command::{Command, ModelState, Outcome, Proposal, Rejection};
+pub use state::{MetadataState, ModelVersionRecord, SettingRecord, TaskRecord};
+
+#[cfg(test)]
+mod tests;

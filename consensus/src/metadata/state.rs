@@ -1,0 +1,352 @@
+//! The replicated metadata: model versions, task priorities and cluster settings, each key
+//! with etcd-style `create_revision` / `mod_revision`, plus the idempotency table.
+//!
+//! [`MetadataState::apply`] is a pure function of the state, the entry's revision (its log
+//! index) and the proposal, so every node that applies the same log holds the same state,
+//! byte for byte once serialised.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::command::{Command, ModelState, Outcome, Proposal, Rejection};
+use crate::tasks::TaskPriority;
+
+/// Request ids remembered for idempotent retries; the oldest is forgotten first.
+pub const IDEMPOTENCY_WINDOW: usize = 100_000;
+
+/// Longest name (model, version, task, setting key) accepted.
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// Largest setting value accepted.
+pub const MAX_SETTING_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRevisions {
+    pub create_revision: u64,
+    pub mod_revision: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelVersionRecord {
+    pub digest: String,
+    pub size_bytes: u64,
+    pub format: String,
+    pub state: ModelState,
+    pub traffic_weight: u32,
+    pub revisions: KeyRevisions,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub priority: i32,
+    pub revisions: KeyRevisions,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingRecord {
+    pub value: String,
+    pub revisions: KeyRevisions,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetadataState {
+    /// Log index of the last applied entry.
+    pub revision: u64,
+    /// model name -> version -> record.
+    pub models: BTreeMap<String, BTreeMap<String, ModelVersionRecord>>,
+    pub tasks: BTreeMap<String, TaskRecord>,
+    pub settings: BTreeMap<String, SettingRecord>,
+    /// request id -> the outcome of its first application.
+    idempotency: BTreeMap<String, Outcome>,
+    /// Request ids in the order they were first applied, for deterministic eviction.
+    idempotency_order: VecDeque<String>,
+}
+
+fn check_name(field: &str, value: &str) -> Result<(), Rejection> {
+    let reason = if value.is_empty() {
+        Some("must not be empty".to_owned())
+    } else if value.len() > MAX_NAME_BYTES {
+        Some(format!(
+            "{} bytes, the limit is {MAX_NAME_BYTES}",
+            value.len()
+        ))
+    } else if value
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '/')
+    {
+        Some("may not contain whitespace, control characters or '/'".to_owned())
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Rejection::Invalid {
+            field: field.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn check_command(command: &Command) -> Result<(), Rejection> {
+    match command {
+        Command::RegisterModelVersion {
+            name,
+            version,
+            digest,
+            format,
+            ..
+        } => {
+            check_name("model name", name)?;
+            check_name("version", version)?;
+            check_name("format", format)?;
+            let hex =
+                digest.len() == 64 && digest.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f'));
+            if !hex {
+                return Err(Rejection::Invalid {
+                    field: "digest".into(),
+                    reason: "must be a sha256 as 64 lowercase hex characters".into(),
+                });
+            }
+            Ok(())
+        }
+        Command::SetModelState {
+            name,
+            version,
+            traffic_weight,
+            ..
+        } => {
+            check_name("model name", name)?;
+            check_name("version", version)?;
+            if traffic_weight.is_some_and(|w| w > 100) {
+                return Err(Rejection::Invalid {
+                    field: "traffic_weight".into(),
+                    reason: "must be 0..=100".into(),
+                });
+            }
+            Ok(())
+        }
+        Command::SetTaskPriority { name, .. } => check_name("task name", name),
+        Command::SetSetting { key, value } => {
+            check_name("setting key", key)?;
+            if value.len() > MAX_SETTING_BYTES {
+                return Err(Rejection::Invalid {
+                    field: "setting value".into(),
+                    reason: format!("{} bytes, the limit is {MAX_SETTING_BYTES}", value.len()),
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
+impl MetadataState {
+    /// The `mod_revision` of the key `command` writes, 0 if it does not exist.
+    pub fn key_revision(&self, command: &Command) -> u64 {
+        match command {
+            Command::RegisterModelVersion { name, version, .. }
+            | Command::SetModelState { name, version, .. } => self
+                .models
+                .get(name)
+                .and_then(|versions| versions.get(version))
+                .map_or(0, |r| r.revisions.mod_revision),
+            Command::SetTaskPriority { name, .. } => {
+                self.tasks.get(name).map_or(0, |t| t.revisions.mod_revision)
+            }
+            Command::SetSetting { key, .. } => self
+                .settings
+                .get(key)
+                .map_or(0, |s| s.revisions.mod_revision),
+        }
+    }
+
+    /// Records that the entry at `revision` carried no metadata write (blank, membership).
+    pub fn advance(&mut self, revision: u64) {
+        self.revision = self.revision.max(revision);
+    }
+
+    /// Applies the proposal carried by the log entry at `revision`.
+    pub fn apply(&mut self, revision: u64, proposal: &Proposal) -> Outcome {
+        self.advance(revision);
+        if let Some(id) = &proposal.request_id {
+            if let Some(first) = self.idempotency.get(id) {
+                return first.clone();
+            }
+        }
+        let outcome = self.apply_new(revision, proposal);
+        if let Some(id) = &proposal.request_id {
+            self.remember(id.clone(), outcome.clone());
+        }
+        outcome
+    }
+
+    fn remember(&mut self, id: String, outcome: Outcome) {
+        self.idempotency.insert(id.clone(), outcome);
+        self.idempotency_order.push_back(id);
+        while self.idempotency_order.len() > IDEMPOTENCY_WINDOW {
+            if let Some(oldest) = self.idempotency_order.pop_front() {
+                self.idempotency.remove(&oldest);
+            }
+        }
+    }
+
+    fn apply_new(&mut self, revision: u64, proposal: &Proposal) -> Outcome {
+        let command = &proposal.command;
+        if let Err(reason) = check_command(command) {
+            return Outcome::Rejected { reason };
+        }
+        if let Some(expected) = proposal.expected_revision {
+            let current = self.key_revision(command);
+            if current != expected {
+                return Outcome::Conflict {
+                    key: command.key(),
+                    current_revision: current,
+                };
+            }
+        }
+        match command {
+            Command::RegisterModelVersion {
+                name,
+                version,
+                digest,
+                size_bytes,
+                format,
+            } => {
+                let versions = self.models.entry(name.clone()).or_default();
+                if let Some(existing) = versions.get(version) {
+                    if existing.digest == *digest
+                        && existing.size_bytes == *size_bytes
+                        && existing.format == *format
+                    {
+                        return Outcome::Unchanged { revision };
+                    }
+                    return Outcome::Rejected {
+                        reason: Rejection::VersionExists {
+                            name: name.clone(),
+                            version: version.clone(),
+                            existing_digest: existing.digest.clone(),
+                        },
+                    };
+                }
+                versions.insert(
+                    version.clone(),
+                    ModelVersionRecord {
+                        digest: digest.clone(),
+                        size_bytes: *size_bytes,
+                        format: format.clone(),
+                        state: ModelState::Loading,
+                        traffic_weight: 100,
+                        revisions: KeyRevisions {
+                            create_revision: revision,
+                            mod_revision: revision,
+                        },
+                    },
+                );
+                Outcome::Applied { revision }
+            }
+            Command::SetModelState {
+                name,
+                version,
+                state,
+                traffic_weight,
+            } => {
+                let Some(versions) = self.models.get_mut(name) else {
+                    return unknown_version(name, version);
+                };
+                let Some(record) = versions.get(version) else {
+                    return unknown_version(name, version);
+                };
+                let weight = traffic_weight.unwrap_or(record.traffic_weight);
+                if record.state == *state && record.traffic_weight == weight {
+                    return Outcome::Unchanged { revision };
+                }
+                // One active version per model: activating a version retires the previous one.
+                if *state == ModelState::Active {
+                    for (other, record) in versions.iter_mut() {
+                        if other != version && record.state == ModelState::Active {
+                            record.state = ModelState::Retired;
+                            record.revisions.mod_revision = revision;
+                        }
+                    }
+                }
+                if let Some(record) = versions.get_mut(version) {
+                    record.state = *state;
+                    record.traffic_weight = weight;
+                    record.revisions.mod_revision = revision;
+                }
+                Outcome::Applied { revision }
+            }
+            Command::SetTaskPriority { name, priority } => {
+                match self.tasks.get_mut(name) {
+                    Some(task) if task.priority == *priority => {
+                        return Outcome::Unchanged { revision }
+                    }
+                    Some(task) => {
+                        task.priority = *priority;
+                        task.revisions.mod_revision = revision;
+                    }
+                    None => {
+                        self.tasks.insert(
+                            name.clone(),
+                            TaskRecord {
+                                priority: *priority,
+                                revisions: KeyRevisions {
+                                    create_revision: revision,
+                                    mod_revision: revision,
+                                },
+                            },
+                        );
+                    }
+                }
+                Outcome::Applied { revision }
+            }
+            Command::SetSetting { key, value } => {
+                match self.settings.get_mut(key) {
+                    Some(setting) if setting.value == *value => {
+                        return Outcome::Unchanged { revision }
+                    }
+                    Some(setting) => {
+                        setting.value = value.clone();
+                        setting.revisions.mod_revision = revision;
+                    }
+                    None => {
+                        self.settings.insert(
+                            key.clone(),
+                            SettingRecord {
+                                value: value.clone(),
+                                revisions: KeyRevisions {
+                                    create_revision: revision,
+                                    mod_revision: revision,
+                                },
+                            },
+                        );
+                    }
+                }
+                Outcome::Applied { revision }
+            }
+        }
+    }
+
+    /// Tasks in scheduling order.
+    pub fn task_order(&self) -> Vec<TaskPriority> {
+        crate::tasks::scheduling_order(
+            self.tasks
+                .iter()
+                .map(|(name, task)| TaskPriority {
+                    name: name.clone(),
+                    priority: task.priority,
+                    mod_revision: task.revisions.mod_revision,
+                })
+                .collect(),
+        )
+    }
+}
+
+fn unknown_version(name: &str, version: &str) -> Outcome {
+    Outcome::Rejected {
+        reason: Rejection::UnknownModelVersion {
+            name: name.to_owned(),
+            version: version.to_owned(),
+        },
+    }
+}

@@ -1,0 +1,150 @@
+//! Unit tests of the state machine's rules.
+
+use super::*;
+
+const DIGEST_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+const DIGEST_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+fn register(version: &str, digest: &str) -> Proposal {
+    Proposal::new(Command::RegisterModelVersion {
+        name: "minilm".into(),
+        version: version.into(),
+        digest: digest.into(),
+        size_bytes: 10,
+        format: "safetensors".into(),
+    })
+}
+
+fn priority(name: &str, priority: i32) -> Proposal {
+    Proposal::new(Command::SetTaskPriority {
+        name: name.into(),
+        priority,
+    })
+}
+
+fn set_state(version: &str, state: ModelState) -> Proposal {
+    Proposal::new(Command::SetModelState {
+        name: "minilm".into(),
+        version: version.into(),
+        state,
+        traffic_weight: None,
+    })
+}
+
+#[test]
+fn registering_the_same_bytes_again_is_a_no_op_and_other_bytes_are_refused() {
+    let mut state = MetadataState::default();
+    assert_eq!(
+        state.apply(1, &register("1", DIGEST_A)),
+        Outcome::Applied { revision: 1 }
+    );
+    assert_eq!(
+        state.apply(2, &register("1", DIGEST_A)),
+        Outcome::Unchanged { revision: 2 }
+    );
+    let outcome = state.apply(3, &register("1", DIGEST_B));
+    assert!(matches!(
+        outcome,
+        Outcome::Rejected {
+            reason: Rejection::VersionExists { .. }
+        }
+    ));
+    let record = &state.models["minilm"]["1"];
+    assert_eq!(
+        (
+            record.revisions.create_revision,
+            record.revisions.mod_revision
+        ),
+        (1, 1)
+    );
+    assert_eq!(record.state, ModelState::Loading);
+    assert_eq!(state.revision, 3);
+}
+
+#[test]
+fn a_stale_expected_revision_loses_and_names_the_current_one() {
+    let mut state = MetadataState::default();
+    let mut create = priority("search", 5);
+    create.expected_revision = Some(0);
+    assert_eq!(state.apply(4, &create), Outcome::Applied { revision: 4 });
+    let mut stale = priority("search", 9);
+    stale.expected_revision = Some(0);
+    assert_eq!(
+        state.apply(5, &stale),
+        Outcome::Conflict {
+            key: "tasks/search".into(),
+            current_revision: 4
+        }
+    );
+    let mut fresh = priority("search", 9);
+    fresh.expected_revision = Some(4);
+    assert_eq!(state.apply(6, &fresh), Outcome::Applied { revision: 6 });
+    assert_eq!(state.tasks["search"].priority, 9);
+    assert_eq!(state.tasks["search"].revisions.create_revision, 4);
+}
+
+#[test]
+fn a_retried_request_id_applies_once_and_returns_the_first_outcome() {
+    let mut state = MetadataState::default();
+    let mut first = priority("chat", 1);
+    first.request_id = Some("req-1".into());
+    assert_eq!(state.apply(1, &first), Outcome::Applied { revision: 1 });
+    state.apply(2, &priority("chat", 7));
+    // The retry arrives after another write: it must not overwrite it.
+    assert_eq!(state.apply(3, &first), Outcome::Applied { revision: 1 });
+    assert_eq!(state.tasks["chat"].priority, 7);
+    assert_eq!(state.tasks["chat"].revisions.mod_revision, 2);
+}
+
+#[test]
+fn activating_a_version_retires_the_previously_active_one() {
+    let mut state = MetadataState::default();
+    state.apply(1, &register("1", DIGEST_A));
+    state.apply(2, &register("2", DIGEST_B));
+    state.apply(3, &set_state("1", ModelState::Active));
+    state.apply(4, &set_state("2", ModelState::Active));
+    assert_eq!(state.models["minilm"]["1"].state, ModelState::Retired);
+    assert_eq!(state.models["minilm"]["2"].state, ModelState::Active);
+    let unknown = state.apply(5, &set_state("3", ModelState::Ready));
+    assert!(matches!(
+        unknown,
+        Outcome::Rejected {
+            reason: Rejection::UnknownModelVersion { .. }
+        }
+    ));
+}
+
+#[test]
+fn malformed_commands_are_rejected_without_touching_state() {
+    let mut state = MetadataState::default();
+    let before = state.clone();
+    for proposal in [
+        register("1", "not-a-digest"),
+        register("with space", DIGEST_A),
+        priority("", 1),
+        priority("a/b", 1),
+        Proposal::new(Command::SetModelState {
+            name: "minilm".into(),
+            version: "1".into(),
+            state: ModelState::Ready,
+            traffic_weight: Some(101),
+        }),
+    ] {
+        assert!(
+            matches!(state.apply(1, &proposal), Outcome::Rejected { .. }),
+            "{proposal:?}"
+        );
+    }
+    assert_eq!(state.models, before.models);
+    assert_eq!(state.tasks, before.tasks);
+}
+
+#[test]
+fn task_order_breaks_ties_by_older_write_then_name() {
+    let mut state = MetadataState::default();
+    state.apply(1, &priority("b", 5));
+    state.apply(2, &priority("a", 5));
+    state.apply(3, &priority("c", 9));
+    let names: Vec<String> = state.task_order().into_iter().map(|t| t.name).collect();
+    assert_eq!(names, ["c", "b", "a"]);
+}

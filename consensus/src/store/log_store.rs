@@ -1,0 +1,215 @@
+//! The Raft log, vote and committed index in sled.
+//!
+//! Entries live in one tree keyed by the big-endian log index, so sled's ordering is the
+//! log's. Every write is flushed before openraft hears it is done.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader, StorageIOError};
+
+use super::{blocking, LOG_TREE, META_TREE};
+use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+
+const VOTE_KEY: &[u8] = b"vote";
+const COMMITTED_KEY: &[u8] = b"committed";
+const LAST_PURGED_KEY: &[u8] = b"last_purged";
+
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn read_io(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::read_logs(&e).into()
+}
+
+fn write_io(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_logs(&e).into()
+}
+
+impl LogStore {
+    pub(super) fn new(db: &sled::Db) -> Result<Self, StorageError> {
+        Ok(Self {
+            db: db.clone(),
+            log: db.open_tree(LOG_TREE).map_err(read_io)?,
+            meta: db.open_tree(META_TREE).map_err(read_io)?,
+        })
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        meta: &sled::Tree,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
+        match meta.get(key).map_err(read_io)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(read_io),
+        }
+    }
+
+    fn write_meta<T: serde::Serialize>(
+        db: &sled::Db,
+        meta: &sled::Tree,
+        key: &[u8],
+        value: &T,
+    ) -> Result<(), StorageError> {
+        let bytes = serde_json::to_vec(value).map_err(write_io)?;
+        meta.insert(key, bytes).map_err(write_io)?;
+        db.flush().map_err(write_io)?;
+        Ok(())
+    }
+
+    /// Removes entries with index in `[from, to)`.
+    fn remove_range(log: &sled::Tree, from: u64, to: Option<u64>) -> Result<(), StorageError> {
+        let start = index_key(from);
+        let keys: Result<Vec<_>, _> = match to {
+            Some(to) => log.range(start..index_key(to)).keys().collect(),
+            None => log.range(start..).keys().collect(),
+        };
+        let mut batch = sled::Batch::default();
+        for key in keys.map_err(write_io)? {
+            batch.remove(key);
+        }
+        log.apply_batch(batch).map_err(write_io)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&i) => i.checked_add(1),
+            Bound::Excluded(&i) => Some(i),
+            Bound::Unbounded => None,
+        };
+        let log = self.log.clone();
+        blocking(move || {
+            let iter = match end {
+                Some(end) if end <= start => return Ok(Vec::new()),
+                Some(end) => log.range(index_key(start)..index_key(end)),
+                None => log.range(index_key(start)..),
+            };
+            iter.values()
+                .map(|value| {
+                    let bytes = value.map_err(read_io)?;
+                    serde_json::from_slice::<Entry>(&bytes).map_err(read_io)
+                })
+                .collect()
+        })
+        .await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let (log, meta) = (self.log.clone(), self.meta.clone());
+        blocking(move || {
+            let last_purged_log_id: Option<LogId> = Self::read_meta(&meta, LAST_PURGED_KEY)?;
+            let last = match log.last().map_err(read_io)? {
+                Some((_, bytes)) => Some(
+                    serde_json::from_slice::<Entry>(&bytes)
+                        .map_err(read_io)?
+                        .log_id,
+                ),
+                None => None,
+            };
+            Ok(LogState {
+                last_purged_log_id,
+                last_log_id: last.or(last_purged_log_id),
+            })
+        })
+        .await
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        let (db, meta, vote) = (self.db.clone(), self.meta.clone(), *vote);
+        blocking(move || Self::write_meta(&db, &meta, VOTE_KEY, &vote)).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        let meta = self.meta.clone();
+        blocking(move || Self::read_meta(&meta, VOTE_KEY)).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        let (db, meta) = (self.db.clone(), self.meta.clone());
+        blocking(move || Self::write_meta(&db, &meta, COMMITTED_KEY, &committed)).await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        let meta = self.meta.clone();
+        blocking(move || Ok(Self::read_meta::<Option<LogId>>(&meta, COMMITTED_KEY)?.flatten()))
+            .await
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let bytes = serde_json::to_vec(&entry).map_err(write_io)?;
+            batch.insert(&index_key(entry.log_id.index), bytes);
+        }
+        let (db, log) = (self.db.clone(), self.log.clone());
+        let result = blocking(move || {
+            log.apply_batch(batch).map_err(write_io)?;
+            db.flush().map_err(write_io)?;
+            Ok(())
+        })
+        .await;
+        match &result {
+            Ok(()) => callback.log_io_completed(Ok(())),
+            Err(error) => callback.log_io_completed(Err(std::io::Error::other(error.to_string()))),
+        }
+        result
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let (db, log) = (self.db.clone(), self.log.clone());
+        blocking(move || {
+            Self::remove_range(&log, log_id.index, None)?;
+            db.flush().map_err(write_io)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let (db, log, meta) = (self.db.clone(), self.log.clone(), self.meta.clone());
+        blocking(move || {
+            // Record the purge point first: a crash in between leaves extra entries, which
+            // openraft tolerates, never a gap it cannot explain.
+            Self::write_meta(&db, &meta, LAST_PURGED_KEY, &log_id)?;
+            Self::remove_range(&log, 0, Some(log_id.index.saturating_add(1)))?;
+            db.flush().map_err(write_io)?;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,208 @@
+//! The metadata state machine behind openraft's `RaftStateMachine`.
+//!
+//! Applied state lives in memory (it is small: metadata, not data); durability comes from the
+//! log plus the snapshot kept in sled. On restart the state is restored from the snapshot and
+//! openraft re-applies the committed entries after it.
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, RwLock};
+
+use super::{blocking, SNAPSHOT_TREE};
+use crate::metadata::{MetadataState, Outcome};
+use crate::types::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+
+const CURRENT_SNAPSHOT_KEY: &[u8] = b"current";
+
+/// Everything the state machine has applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub last_applied: Option<LogId>,
+    pub last_membership: StoredMembership,
+    pub metadata: MetadataState,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    /// `Applied` as JSON, exactly the bytes sent to followers.
+    data: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateMachineStore {
+    applied: Arc<RwLock<Applied>>,
+    db: sled::Db,
+    snapshots: sled::Tree,
+    snapshot_seq: Arc<AtomicU64>,
+    /// The last applied revision, for readers that wait for "at least revision R".
+    revision_tx: Arc<watch::Sender<u64>>,
+}
+
+fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::read_state_machine(&e).into()
+}
+
+impl StateMachineStore {
+    pub(super) fn new(db: &sled::Db) -> Result<Self, StorageError> {
+        let snapshots = db.open_tree(SNAPSHOT_TREE).map_err(sm_read)?;
+        let mut applied = Applied::default();
+        if let Some(stored) = Self::read_stored(&snapshots)? {
+            applied = serde_json::from_slice(&stored.data)
+                .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?;
+        }
+        let (revision_tx, _) = watch::channel(applied.metadata.revision);
+        Ok(Self {
+            applied: Arc::new(RwLock::new(applied)),
+            db: db.clone(),
+            snapshots,
+            snapshot_seq: Arc::new(AtomicU64::new(0)),
+            revision_tx: Arc::new(revision_tx),
+        })
+    }
+
+    /// A shared handle to the applied state, for local reads.
+    pub fn applied(&self) -> Arc<RwLock<Applied>> {
+        self.applied.clone()
+    }
+
+    /// Follows the last applied revision.
+    pub fn revisions(&self) -> watch::Receiver<u64> {
+        self.revision_tx.subscribe()
+    }
+
+    fn read_stored(snapshots: &sled::Tree) -> Result<Option<StoredSnapshot>, StorageError> {
+        match snapshots.get(CURRENT_SNAPSHOT_KEY).map_err(sm_read)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(sm_read),
+        }
+    }
+
+    async fn store_snapshot(&self, stored: StoredSnapshot) -> Result<(), StorageError> {
+        let signature = stored.meta.signature();
+        let bytes = serde_json::to_vec(&stored)
+            .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
+        let (db, snapshots) = (self.db.clone(), self.snapshots.clone());
+        blocking(move || {
+            snapshots
+                .insert(CURRENT_SNAPSHOT_KEY, bytes)
+                .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
+            db.flush()
+                .map_err(|e| StorageIOError::write_snapshot(Some(signature), &e))?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (data, last_applied, last_membership) = {
+            let applied = self.applied.read().await;
+            let data = serde_json::to_vec(&*applied).map_err(sm_read)?;
+            (data, applied.last_applied, applied.last_membership.clone())
+        };
+        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match last_applied {
+            Some(log_id) => format!("{}-{}-{seq}", log_id.leader_id, log_id.index),
+            None => format!("empty-{seq}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership,
+            snapshot_id,
+        };
+        self.store_snapshot(StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        })
+        .await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let applied = self.applied.read().await;
+        Ok((applied.last_applied, applied.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut applied = self.applied.write().await;
+        let mut outcomes = Vec::new();
+        for entry in entries {
+            let revision = entry.log_id.index;
+            applied.last_applied = Some(entry.log_id);
+            let outcome = match entry.payload {
+                EntryPayload::Blank => {
+                    applied.metadata.advance(revision);
+                    Outcome::Unchanged { revision }
+                }
+                EntryPayload::Normal(proposal) => applied.metadata.apply(revision, &proposal),
+                EntryPayload::Membership(membership) => {
+                    applied.last_membership = StoredMembership::new(Some(entry.log_id), membership);
+                    applied.metadata.advance(revision);
+                    Outcome::Unchanged { revision }
+                }
+            };
+            outcomes.push(outcome);
+        }
+        let revision = applied.metadata.revision;
+        drop(applied);
+        self.revision_tx.send_replace(revision);
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let mut restored: Applied = serde_json::from_slice(&data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        // The snapshot's own meta is authoritative for what it covers.
+        restored.last_applied = meta.last_log_id;
+        restored.last_membership = meta.last_membership.clone();
+        let revision = restored.metadata.revision;
+        self.store_snapshot(StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })
+        .await?;
+        *self.applied.write().await = restored;
+        self.revision_tx.send_replace(revision);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let snapshots = self.snapshots.clone();
+        let stored = blocking(move || Self::read_stored(&snapshots)).await?;
+        Ok(stored.map(|stored| Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
+    }
+}
