@@ -1,6 +1,8 @@
 //! openraft's own storage test suite against the sled store, plus troupe's durability checks:
 //! what was acknowledged survives a reopen.
 
+#![allow(clippy::result_large_err)]
+
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
