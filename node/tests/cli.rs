@@ -29,6 +29,18 @@ fn json_lines(text: &str) -> Vec<Vec<f32>> {
         .collect()
 }
 
+fn assert_close(rows: &[Vec<f32>], expected: &[Vec<f32>], tolerance: f32) {
+    assert_eq!(rows.len(), expected.len());
+    for (row, want) in rows.iter().zip(expected) {
+        let difference = row
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(difference <= tolerance, "{difference}");
+    }
+}
+
 fn tiny_model() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny");
@@ -69,15 +81,7 @@ fn embed_writes_one_json_array_per_text_in_input_order() {
         .unwrap()
         .embed(&texts, 32)
         .unwrap();
-    assert_eq!(rows.len(), 3);
-    for (row, want) in rows.iter().zip(&expected) {
-        let difference = row
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        assert!(difference < 1e-6, "{difference}");
-    }
+    assert_close(&rows, &expected, 1e-6);
 }
 
 #[test]
@@ -98,15 +102,7 @@ fn embed_input_files_keep_tabs_and_drop_only_the_line_ending() {
         .unwrap()
         .embed(&["tab\there", "  spaced  ", "last"], 32)
         .unwrap();
-    assert_eq!(rows.len(), 3);
-    for (row, want) in rows.iter().zip(&expected) {
-        let difference = row
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        assert!(difference < 1e-6);
-    }
+    assert_close(&rows, &expected, 1e-6);
 }
 
 #[test]
@@ -274,10 +270,5 @@ fn embed_by_model_name_reproduces_the_golden_vectors() {
     let rows = json_lines(&stdout(&output));
     let expected: Vec<Vec<f32>> =
         serde_json::from_str(&std::fs::read_to_string(golden("embeddings.json")).unwrap()).unwrap();
-    assert_eq!(rows.len(), expected.len());
-    for (row, want) in rows.iter().zip(&expected) {
-        for (a, b) in row.iter().zip(want) {
-            assert!((a - b).abs() <= 1e-5);
-        }
-    }
+    assert_close(&rows, &expected, 1e-5);
 }

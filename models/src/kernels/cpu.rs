@@ -44,6 +44,45 @@ fn into_tensor<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<Flex
     Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
+/// `dst[m, n] = lhs[m, k] @ rhs[k, n]` for strided f32 matrices; `dst` rows are contiguous.
+///
+/// # Safety
+/// Every pointer, offset by its strides over the given shape, must stay inside its buffer,
+/// and `dst` must not alias `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_row_stride: usize,
+    lhs: *const f32,
+    (lhs_row_stride, lhs_col_stride): (usize, usize),
+    rhs: *const f32,
+    (rhs_row_stride, rhs_col_stride): (usize, usize),
+    parallelism: Parallelism,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_row_stride as isize,
+        false,
+        lhs,
+        lhs_col_stride as isize,
+        lhs_row_stride as isize,
+        rhs,
+        rhs_col_stride as isize,
+        rhs_row_stride as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
 /// `out[rows, n] = x[rows, k] @ w[k, n]`, multi-threaded inside the GEMM.
 fn matmul(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
     assert_eq!(x.len(), rows * k, "linear: input is not [rows, in]");
@@ -58,25 +97,14 @@ fn matmul(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
     // SAFETY: the three buffers have the lengths asserted above and the strides describe
     // row-major matrices of exactly those shapes.
     unsafe {
-        gemm(
-            rows,
-            n,
-            k,
+        gemm_f32(
+            (rows, n, k),
             out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
+            n,
             x.as_ptr(),
-            1,
-            k as isize,
+            (k, 1),
             w.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
+            (n, 1),
             parallelism,
         );
     }
@@ -284,49 +312,27 @@ pub fn self_attention(qkv: Tensor<Flex, 3>, lengths: &[usize], heads: usize) -> 
         // written to rows b*seq..b*seq+length, columns h*head_dim..(h+1)*head_dim of `out`:
         // no two tasks share a (b, h) pair, so their blocks are disjoint.
         unsafe {
-            // scores = Q K^T
-            gemm(
-                length,
-                length,
-                head_dim,
+            // scores = Q K^T: K read transposed through its strides.
+            gemm_f32(
+                (length, length, head_dim),
                 scores.as_mut_ptr(),
-                1,
-                length as isize,
-                false,
+                length,
                 query.as_ptr(),
-                1,
-                three_hidden as isize,
+                (three_hidden, 1),
                 key.as_ptr(),
-                three_hidden as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+                (1, three_hidden),
                 Parallelism::None,
             );
             scaled_softmax_rows_simd(&mut scores, length, scale);
-            // context = P V
-            gemm(
-                length,
-                head_dim,
-                length,
+            // context = P V, written straight into this head's columns of the output rows.
+            gemm_f32(
+                (length, head_dim, length),
                 shared.at(b * seq * hidden + h * head_dim),
-                1,
-                hidden as isize,
-                false,
+                hidden,
                 scores.as_ptr(),
-                1,
-                length as isize,
+                (length, 1),
                 value.as_ptr(),
-                1,
-                three_hidden as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+                (three_hidden, 1),
                 Parallelism::None,
             );
         }
