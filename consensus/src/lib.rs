@@ -4,15 +4,20 @@
 //! - [`metadata`]: the state machine's rules: commands, CAS, idempotency, revisions.
 //! - [`types`]: openraft's type configuration.
 //! - [`store`]: the sled-backed log store and state machine behind openraft's traits.
-//!
-//! The Raft network and the `Metadata` facade join this crate next; other crates will reach
-//! it only through that facade.
+//! - [`network`]: Raft RPCs over tonic on the peer port, client and server.
+//! - [`facade`]: [`Metadata`], the only entry point other crates use.
 
 // openraft's StorageError (224 bytes) is fixed by its storage traits; boxing it here would only
 // add conversions at every trait boundary.
 #![allow(clippy::result_large_err)]
 
+pub mod error;
+pub mod facade;
 pub mod metadata;
+pub mod network;
 pub mod store;
 pub mod tasks;
 pub mod types;
+
+pub use error::MetadataError;
+pub use facade::{Metadata, MetadataConfig, RaftStatus, ReadConsistency, Role};

@@ -1,0 +1,53 @@
+//! Errors of the metadata facade. Each says whether a retry can help.
+
+use crate::types::NodeId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("raft storage under {path} cannot be opened: {reason}")]
+    StorageOpen { path: String, reason: String },
+
+    #[error("invalid raft configuration: {0}")]
+    Config(String),
+
+    #[error("no leader is known yet (election in progress or no quorum): retry shortly")]
+    NoLeader,
+
+    #[error("node {node_id} is not the leader; the leader is {leader:?}: send membership changes to the leader")]
+    NotLeader {
+        node_id: NodeId,
+        leader: Option<NodeId>,
+    },
+
+    #[error("leader {leader} at {addr} is unreachable: {reason}")]
+    LeaderUnreachable {
+        leader: NodeId,
+        addr: String,
+        reason: String,
+    },
+
+    #[error("timed out after {millis} ms waiting for {what}")]
+    Timeout { what: String, millis: u64 },
+
+    #[error("membership change refused: {0}")]
+    Membership(String),
+
+    #[error("raft failed: {0}")]
+    Raft(String),
+
+    #[error("this node has shut down")]
+    ShutDown,
+}
+
+impl MetadataError {
+    /// True when the same request may succeed if sent again (after a short wait or to
+    /// another node).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            MetadataError::NoLeader
+                | MetadataError::LeaderUnreachable { .. }
+                | MetadataError::Timeout { .. }
+        )
+    }
+}

@@ -1,0 +1,475 @@
+//! [`Metadata`]: the only way other crates touch Raft. Propose a write from any node (a
+//! follower forwards it once to the leader), read at the consistency you need, change
+//! membership, and see the node's Raft status. No openraft type crosses this boundary.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Raft, ServerState};
+use serde::Serialize;
+use tokio::sync::{watch, RwLock};
+use troupe_proto::v1::raft_peer_client::RaftPeerClient;
+use troupe_proto::v1::raft_peer_server::RaftPeerServer;
+
+use crate::error::MetadataError;
+use crate::metadata::{MetadataState, Outcome, Proposal};
+use crate::network::client::{peer_channel, PeerNetworkFactory};
+use crate::network::server::{ForwardedReadIndex, ForwardedWrite, RaftPeerService};
+use crate::network::{decode, encode};
+use crate::store::{self, Applied};
+use crate::types::{NodeAddr, NodeId, TypeConfig};
+
+/// Timings and sizes of one node's Raft. Defaults follow openraft's (heartbeat 50 ms,
+/// election 150-300 ms).
+#[derive(Debug, Clone)]
+pub struct MetadataConfig {
+    pub node_id: NodeId,
+    pub api_addr: String,
+    pub peer_addr: String,
+    pub data_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// Build a snapshot (and allow purging the log) after this many entries.
+    pub snapshot_every_entries: u64,
+    /// Entries kept behind the snapshot so slightly lagging followers need no snapshot.
+    pub keep_entries_after_snapshot: u64,
+    /// Connect and per-RPC limit for forwarded writes and reads.
+    pub forward_timeout: Duration,
+}
+
+impl MetadataConfig {
+    pub fn new(node_id: NodeId, api_addr: String, peer_addr: String, data_dir: PathBuf) -> Self {
+        Self {
+            node_id,
+            api_addr,
+            peer_addr,
+            data_dir,
+            heartbeat_interval: Duration::from_millis(50),
+            election_timeout_min: Duration::from_millis(150),
+            election_timeout_max: Duration::from_millis(300),
+            snapshot_every_entries: 10_000,
+            keep_entries_after_snapshot: 1_000,
+            forward_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn raft_config(&self) -> Result<openraft::Config, MetadataError> {
+        let config = openraft::Config {
+            cluster_name: "troupe".into(),
+            heartbeat_interval: self.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: self.election_timeout_min.as_millis() as u64,
+            election_timeout_max: self.election_timeout_max.as_millis() as u64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: self.keep_entries_after_snapshot,
+            ..Default::default()
+        };
+        config
+            .validate()
+            .map_err(|e| MetadataError::Config(e.to_string()))
+    }
+}
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadConsistency {
+    /// Reflects every write acknowledged before the read began (read-index via the leader).
+    Linearizable,
+    /// This node's applied state, whatever it is.
+    Stale,
+    /// Waits until this node has applied at least this revision.
+    AtLeast(u64),
+}
+
+/// The Raft role of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Leader,
+    Follower,
+    Candidate,
+    Learner,
+    Shutdown,
+}
+
+/// One node's view of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RaftStatus {
+    pub node_id: NodeId,
+    pub role: Role,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log_index: u64,
+    pub applied_revision: u64,
+    pub snapshot_revision: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub nodes: BTreeMap<NodeId, NodeAddr>,
+}
+
+pub struct Metadata {
+    config: MetadataConfig,
+    raft: Raft<TypeConfig>,
+    applied: Arc<RwLock<Applied>>,
+    revisions: watch::Receiver<u64>,
+}
+
+impl Metadata {
+    /// Opens the node's storage (rejoining with any Raft state already in `data_dir`) and
+    /// starts its Raft. Serve [`Metadata::peer_service`] on the peer address.
+    pub async fn start(config: MetadataConfig) -> Result<Self, MetadataError> {
+        let raft_config = Arc::new(config.raft_config()?);
+        let raft_dir = config.data_dir.join("raft");
+        let (log_store, state_machine) =
+            store::open(&raft_dir).map_err(|e| MetadataError::StorageOpen {
+                path: raft_dir.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let applied = state_machine.applied();
+        let revisions = state_machine.revisions();
+        let network = PeerNetworkFactory {
+            connect_timeout: config.forward_timeout,
+        };
+        let raft = Raft::new(
+            config.node_id,
+            raft_config,
+            network,
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| MetadataError::Raft(e.to_string()))?;
+        Ok(Self {
+            config,
+            raft,
+            applied,
+            revisions,
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.config.node_id
+    }
+
+    /// The `troupe.v1.RaftPeer` service for the peer port.
+    pub fn peer_service(&self) -> RaftPeerServer<RaftPeerService> {
+        RaftPeerServer::new(RaftPeerService::new(
+            self.raft.clone(),
+            self.revisions.clone(),
+        ))
+    }
+
+    fn this_node(&self) -> NodeAddr {
+        NodeAddr {
+            api_addr: self.config.api_addr.clone(),
+            peer_addr: self.config.peer_addr.clone(),
+        }
+    }
+
+    /// Forms the cluster with these voters. On a cluster that already has a membership it
+    /// does nothing, so it is safe to repeat.
+    pub async fn initialize(
+        &self,
+        members: BTreeMap<NodeId, NodeAddr>,
+    ) -> Result<(), MetadataError> {
+        let mut members = members;
+        members
+            .entry(self.config.node_id)
+            .or_insert_with(|| self.this_node());
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(error) => Err(MetadataError::Raft(error.to_string())),
+        }
+    }
+
+    /// Waits until some node is known as leader.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, MetadataError> {
+        let metrics = self
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .map_err(|_| MetadataError::Timeout {
+                what: "a leader".into(),
+                millis: timeout.as_millis() as u64,
+            })?;
+        metrics.current_leader.ok_or(MetadataError::NoLeader)
+    }
+
+    fn leader_addr(&self, leader: NodeId) -> Option<NodeAddr> {
+        let metrics = self.raft.metrics().borrow().clone();
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .cloned()
+    }
+
+    async fn peer_client(
+        &self,
+        leader: NodeId,
+    ) -> Result<(RaftPeerClient<tonic::transport::Channel>, String), MetadataError> {
+        let addr = self.leader_addr(leader).ok_or(MetadataError::NoLeader)?;
+        let channel = peer_channel(&addr.peer_addr, self.config.forward_timeout).map_err(|e| {
+            MetadataError::LeaderUnreachable {
+                leader,
+                addr: addr.peer_addr.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok((RaftPeerClient::new(channel), addr.peer_addr))
+    }
+
+    /// Proposes a write. On a follower it is forwarded once to the leader. Returns the
+    /// state machine's outcome (applied, unchanged, CAS conflict or rejection).
+    pub async fn propose(&self, proposal: Proposal) -> Result<Outcome, MetadataError> {
+        match self.raft.client_write(proposal.clone()).await {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                match forward.leader_id {
+                    Some(leader) if leader != self.config.node_id => {
+                        self.forward_write(leader, proposal).await
+                    }
+                    _ => Err(MetadataError::NoLeader),
+                }
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(MetadataError::Membership(e.to_string()))
+            }
+            Err(RaftError::Fatal(fatal)) => Err(MetadataError::Raft(fatal.to_string())),
+        }
+    }
+
+    async fn forward_write(
+        &self,
+        leader: NodeId,
+        proposal: Proposal,
+    ) -> Result<Outcome, MetadataError> {
+        let (mut client, addr) = self.peer_client(leader).await?;
+        let unreachable = |reason: String| MetadataError::LeaderUnreachable {
+            leader,
+            addr: addr.clone(),
+            reason,
+        };
+        let payload = encode(&proposal).map_err(|e| MetadataError::Raft(e.to_string()))?;
+        let mut request = tonic::Request::new(payload);
+        request.set_timeout(self.config.forward_timeout);
+        let reply = client
+            .propose(request)
+            .await
+            .map_err(|s| unreachable(s.to_string()))?;
+        let result: ForwardedWrite =
+            decode(reply.get_ref()).map_err(|e| unreachable(format!("malformed reply: {e}")))?;
+        match result {
+            Ok(response) => Ok(response.data),
+            // The leader changed under us: the write did not apply there; the caller retries.
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(MetadataError::NoLeader)
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(MetadataError::Membership(e.to_string()))
+            }
+            Err(RaftError::Fatal(fatal)) => Err(unreachable(fatal.to_string())),
+        }
+    }
+
+    /// Runs `read` on this node's state once it is fresh enough for `consistency`.
+    pub async fn read<T>(
+        &self,
+        consistency: ReadConsistency,
+        read: impl FnOnce(&MetadataState) -> T,
+    ) -> Result<T, MetadataError> {
+        let wanted = match consistency {
+            ReadConsistency::Stale => 0,
+            ReadConsistency::AtLeast(revision) => revision,
+            ReadConsistency::Linearizable => self.read_index().await?,
+        };
+        self.wait_applied(wanted, self.config.forward_timeout)
+            .await?;
+        let applied = self.applied.read().await;
+        Ok(read(&applied.metadata))
+    }
+
+    /// The revision a linearizable read must see: the leader's commit point, confirmed by
+    /// a quorum.
+    async fn read_index(&self) -> Result<u64, MetadataError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(log_id) => Ok(log_id.map_or(0, |l| l.index)),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
+                forward,
+            ))) => match forward.leader_id {
+                Some(leader) if leader != self.config.node_id => {
+                    self.forward_read_index(leader).await
+                }
+                _ => Err(MetadataError::NoLeader),
+            },
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(_))) => {
+                Err(MetadataError::NoLeader)
+            }
+            Err(RaftError::Fatal(fatal)) => Err(MetadataError::Raft(fatal.to_string())),
+        }
+    }
+
+    async fn forward_read_index(&self, leader: NodeId) -> Result<u64, MetadataError> {
+        let (mut client, addr) = self.peer_client(leader).await?;
+        let unreachable = |reason: String| MetadataError::LeaderUnreachable {
+            leader,
+            addr: addr.clone(),
+            reason,
+        };
+        let payload = encode(&()).map_err(|e| MetadataError::Raft(e.to_string()))?;
+        let mut request = tonic::Request::new(payload);
+        request.set_timeout(self.config.forward_timeout);
+        let reply = client
+            .read_index(request)
+            .await
+            .map_err(|s| unreachable(s.to_string()))?;
+        let result: ForwardedReadIndex =
+            decode(reply.get_ref()).map_err(|e| unreachable(format!("malformed reply: {e}")))?;
+        result.map_err(|_| MetadataError::NoLeader)
+    }
+
+    /// Waits until this node has applied `revision`.
+    pub async fn wait_applied(
+        &self,
+        revision: u64,
+        timeout: Duration,
+    ) -> Result<u64, MetadataError> {
+        let mut revisions = self.revisions.clone();
+        let waited =
+            tokio::time::timeout(timeout, revisions.wait_for(|applied| *applied >= revision)).await;
+        match waited {
+            Ok(Ok(applied)) => Ok(*applied),
+            Ok(Err(_)) => Err(MetadataError::ShutDown),
+            Err(_) => Err(MetadataError::Timeout {
+                what: format!("revision {revision} to be applied"),
+                millis: timeout.as_millis() as u64,
+            }),
+        }
+    }
+
+    /// Follows this node's applied revision.
+    pub fn revisions(&self) -> watch::Receiver<u64> {
+        self.revisions.clone()
+    }
+
+    fn leader_only<T>(
+        &self,
+        error: RaftError<NodeId, ClientWriteError<NodeId, NodeAddr>>,
+    ) -> Result<T, MetadataError> {
+        match error {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+                Err(MetadataError::NotLeader {
+                    node_id: self.config.node_id,
+                    leader: forward.leader_id,
+                })
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                Err(MetadataError::Membership(e.to_string()))
+            }
+            RaftError::Fatal(fatal) => Err(MetadataError::Raft(fatal.to_string())),
+        }
+    }
+
+    /// Runs a membership change on this node, which must be the leader. A change that meets
+    /// another one still in flight is retried until `forward_timeout`.
+    async fn change_membership<F, Fut>(&self, change: F) -> Result<(), MetadataError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<
+            Output = Result<(), RaftError<NodeId, ClientWriteError<NodeId, NodeAddr>>>,
+        >,
+    {
+        let deadline = tokio::time::Instant::now() + self.config.forward_timeout;
+        loop {
+            match change().await {
+                Ok(()) => return Ok(()),
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    openraft::error::ChangeMembershipError::InProgress(_),
+                ))) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(self.config.heartbeat_interval).await;
+                }
+                Err(error) => return self.leader_only(error),
+            }
+        }
+    }
+
+    /// Adds a non-voting member that replicates the log (run on the leader).
+    pub async fn add_learner(&self, node_id: NodeId, addr: NodeAddr) -> Result<(), MetadataError> {
+        self.change_membership(|| async {
+            self.raft
+                .add_learner(node_id, addr.clone(), true)
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Makes a learner a voter (run on the leader).
+    pub async fn promote(&self, node_id: NodeId) -> Result<(), MetadataError> {
+        self.change_membership(|| async {
+            let change = ChangeMembers::AddVoterIds(BTreeSet::from([node_id]));
+            self.raft.change_membership(change, true).await.map(|_| ())
+        })
+        .await
+    }
+
+    /// Removes a node from the voters and the learners (run on the leader).
+    pub async fn remove(&self, node_id: NodeId) -> Result<(), MetadataError> {
+        let ids = BTreeSet::from([node_id]);
+        if self.status().voters.contains(&node_id) {
+            self.change_membership(|| async {
+                let change = ChangeMembers::RemoveVoters(ids.clone());
+                self.raft.change_membership(change, false).await.map(|_| ())
+            })
+            .await?;
+        }
+        self.change_membership(|| async {
+            let change = ChangeMembers::RemoveNodes(ids.clone());
+            self.raft.change_membership(change, false).await.map(|_| ())
+        })
+        .await
+    }
+
+    /// This node's Raft status.
+    pub fn status(&self) -> RaftStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let learners: Vec<NodeId> = membership.learner_ids().collect();
+        let nodes = membership
+            .nodes()
+            .map(|(id, node)| (*id, node.clone()))
+            .collect();
+        RaftStatus {
+            node_id: self.config.node_id,
+            role: match metrics.state {
+                ServerState::Leader => Role::Leader,
+                ServerState::Follower => Role::Follower,
+                ServerState::Candidate => Role::Candidate,
+                ServerState::Learner => Role::Learner,
+                ServerState::Shutdown => Role::Shutdown,
+            },
+            term: metrics.current_term,
+            leader: metrics.current_leader,
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            applied_revision: metrics.last_applied.map_or(0, |l| l.index),
+            snapshot_revision: metrics.snapshot.map_or(0, |l| l.index),
+            voters,
+            learners,
+            nodes,
+        }
+    }
+
+    /// Stops Raft; storage is flushed on every acknowledged write already.
+    pub async fn shutdown(&self) -> Result<(), MetadataError> {
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| MetadataError::Raft(e.to_string()))
+    }
+}

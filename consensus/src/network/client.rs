@@ -1,0 +1,166 @@
+//! openraft's network: a `RaftPeer` client per peer over one lazily connected tonic channel.
+
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+use troupe_proto::v1::raft_peer_client::RaftPeerClient;
+use troupe_proto::v1::RaftPayload;
+
+use super::{decode, encode};
+use crate::types::{NodeAddr, NodeId, TypeConfig};
+
+/// Opens a channel to `peer_addr` (`host:port`) that connects on first use.
+pub fn peer_channel(
+    peer_addr: &str,
+    connect_timeout: Duration,
+) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{peer_addr}"))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+/// Builds a [`PeerClient`] for each peer openraft replicates to.
+#[derive(Debug, Clone)]
+pub struct PeerNetworkFactory {
+    pub connect_timeout: Duration,
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetworkFactory {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> PeerClient {
+        PeerClient {
+            target,
+            client: peer_channel(&node.peer_addr, self.connect_timeout)
+                .map(RaftPeerClient::new)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+pub struct PeerClient {
+    target: NodeId,
+    /// The channel, or why the peer's address is unusable.
+    client: Result<RaftPeerClient<Channel>, String>,
+}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeAddr, RaftError<NodeId, E>>>;
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        request: &Req,
+        option: &RPCOption,
+        method: fn(RaftPeerClient<Channel>, tonic::Request<RaftPayload>) -> futures_call::BoxedCall,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = match &self.client {
+            Ok(client) => client.clone(),
+            Err(reason) => {
+                return Err(RPCError::Unreachable(Unreachable::new(
+                    &std::io::Error::other(reason.clone()),
+                )))
+            }
+        };
+        let payload = encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = tonic::Request::new(payload);
+        request.set_timeout(option.hard_ttl());
+        let reply = method(client, request).await.map_err(|status| {
+            let error = std::io::Error::other(format!("{}: {}", status.code(), status.message()));
+            match status.code() {
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled => RPCError::Unreachable(Unreachable::new(&error)),
+                _ => RPCError::Network(NetworkError::new(&error)),
+            }
+        })?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|error| RPCError::RemoteError(RemoteError::new(self.target, error)))
+    }
+}
+
+/// The generated client methods, boxed so one `call` serves all three RPCs.
+mod futures_call {
+    use std::future::Future;
+    use std::pin::Pin;
+
+    use tonic::transport::Channel;
+    use troupe_proto::v1::raft_peer_client::RaftPeerClient;
+    use troupe_proto::v1::RaftPayload;
+
+    pub type BoxedCall = Pin<Box<dyn Future<Output = Result<RaftPayload, tonic::Status>> + Send>>;
+
+    pub fn append_entries(
+        mut client: RaftPeerClient<Channel>,
+        request: tonic::Request<RaftPayload>,
+    ) -> BoxedCall {
+        Box::pin(async move {
+            client
+                .append_entries(request)
+                .await
+                .map(tonic::Response::into_inner)
+        })
+    }
+
+    pub fn vote(
+        mut client: RaftPeerClient<Channel>,
+        request: tonic::Request<RaftPayload>,
+    ) -> BoxedCall {
+        Box::pin(async move { client.vote(request).await.map(tonic::Response::into_inner) })
+    }
+
+    pub fn install_snapshot(
+        mut client: RaftPeerClient<Channel>,
+        request: tonic::Request<RaftPayload>,
+    ) -> BoxedCall {
+        Box::pin(async move {
+            client
+                .install_snapshot(request)
+                .await
+                .map(tonic::Response::into_inner)
+        })
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        self.call(&rpc, &option, futures_call::append_entries).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.call(&rpc, &option, futures_call::install_snapshot)
+            .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+        self.call(&rpc, &option, futures_call::vote).await
+    }
+}

@@ -1,0 +1,263 @@
+//! Three real nodes in one process, talking Raft over gRPC on 127.0.0.1: forming the
+//! cluster, writes from any node, CAS races, idempotent retries, linearizable reads and
+//! leader failover with no acknowledged write lost.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use troupe_consensus::metadata::{Command, Outcome, Proposal};
+use troupe_consensus::types::NodeAddr;
+use troupe_consensus::{Metadata, MetadataConfig, MetadataError, ReadConsistency, Role};
+
+struct TestNode {
+    metadata: Arc<Metadata>,
+    stop_server: Option<oneshot::Sender<()>>,
+    addr: NodeAddr,
+}
+
+async fn start_node(id: u64, dir: &TempDir) -> TestNode {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = listener.local_addr().unwrap().to_string();
+    let addr = NodeAddr {
+        api_addr: format!("api-of-{id}"),
+        peer_addr: peer_addr.clone(),
+    };
+    let config = MetadataConfig::new(
+        id,
+        addr.api_addr.clone(),
+        peer_addr,
+        dir.path().join(format!("node{id}")),
+    );
+    let metadata = Arc::new(Metadata::start(config).await.unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let service = metadata.peer_service();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+    });
+    TestNode {
+        metadata,
+        stop_server: Some(stop),
+        addr,
+    }
+}
+
+async fn three_nodes(dir: &TempDir) -> Vec<TestNode> {
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start_node(id, dir).await);
+    }
+    let members: BTreeMap<u64, NodeAddr> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i as u64 + 1, n.addr.clone()))
+        .collect();
+    nodes[0].metadata.initialize(members.clone()).await.unwrap();
+    // Initialising again is harmless.
+    nodes[0].metadata.initialize(members).await.unwrap();
+    nodes[0]
+        .metadata
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    nodes
+}
+
+fn priority(name: &str, priority: i32) -> Proposal {
+    Proposal::new(Command::SetTaskPriority {
+        name: name.into(),
+        priority,
+    })
+}
+
+/// Proposes, polling while the cluster has no reachable leader (an election is a
+/// condition to wait out, up to a deadline).
+async fn propose_retrying(metadata: &Metadata, proposal: Proposal) -> Outcome {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        poll.tick().await;
+        match metadata.propose(proposal.clone()).await {
+            Ok(outcome) => return outcome,
+            Err(error) if error.is_retryable() && tokio::time::Instant::now() < deadline => {}
+            Err(error) => panic!("propose failed: {error}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_from_any_node_are_read_back_linearizably_everywhere() {
+    let dir = TempDir::new().unwrap();
+    let nodes = three_nodes(&dir).await;
+    for (i, node) in nodes.iter().enumerate() {
+        let outcome =
+            propose_retrying(&node.metadata, priority(&format!("task{i}"), i as i32)).await;
+        assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+    }
+    for node in &nodes {
+        let tasks = node
+            .metadata
+            .read(ReadConsistency::Linearizable, |state| state.tasks.len())
+            .await
+            .unwrap();
+        assert_eq!(tasks, 3, "node {}", node.metadata.node_id());
+    }
+    let status = nodes[1].metadata.status();
+    assert_eq!(status.voters, vec![1, 2, 3]);
+    assert!(status.leader.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_concurrent_cas_writes_with_one_expected_revision_exactly_one_wins() {
+    let dir = TempDir::new().unwrap();
+    let nodes = three_nodes(&dir).await;
+    let created = propose_retrying(&nodes[0].metadata, priority("contended", 0)).await;
+    let Outcome::Applied { revision } = created else {
+        panic!("{created:?}")
+    };
+    let mut handles = Vec::new();
+    for attempt in 0..12 {
+        let metadata = nodes[attempt % 3].metadata.clone();
+        handles.push(tokio::spawn(async move {
+            let mut proposal = priority("contended", attempt as i32 + 1);
+            proposal.expected_revision = Some(revision);
+            propose_retrying(&metadata, proposal).await
+        }));
+    }
+    let mut winners = Vec::new();
+    let mut losers = Vec::new();
+    for handle in handles {
+        match handle.await.unwrap() {
+            Outcome::Applied { revision } => winners.push(revision),
+            Outcome::Conflict {
+                current_revision, ..
+            } => losers.push(current_revision),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners {winners:?}");
+    assert!(
+        losers.iter().all(|&r| r == winners[0]),
+        "losers saw {losers:?}, winner wrote {}",
+        winners[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_leader_loses_no_acknowledged_write_and_retries_apply_once() {
+    let dir = TempDir::new().unwrap();
+    let mut nodes = three_nodes(&dir).await;
+    let mut acknowledged = Vec::new();
+    for i in 0..20 {
+        let name = format!("before-{i}");
+        propose_retrying(&nodes[2].metadata, priority(&name, i)).await;
+        acknowledged.push(name);
+    }
+    let leader = nodes[0]
+        .metadata
+        .wait_for_leader(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let leader_index = (leader - 1) as usize;
+    // Kill the leader: stop serving its peer port and shut its Raft down.
+    let dead = &mut nodes[leader_index];
+    if let Some(stop) = dead.stop_server.take() {
+        let _ = stop.send(());
+    }
+    dead.metadata.shutdown().await.unwrap();
+
+    let survivor = nodes
+        .iter()
+        .find(|n| n.metadata.node_id() != leader)
+        .unwrap();
+    let mut retry = priority("after-failover", 99);
+    retry.request_id = Some("retry-once".into());
+    let first = propose_retrying(&survivor.metadata, retry.clone()).await;
+    // Later writes land between the two attempts; the retry must not apply again.
+    propose_retrying(&survivor.metadata, priority("after-failover", 7)).await;
+    let second = propose_retrying(&survivor.metadata, retry).await;
+    assert_eq!(first, second);
+
+    let new_leader = survivor
+        .metadata
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_ne!(new_leader, leader);
+    let (priority_now, missing) = survivor
+        .metadata
+        .read(ReadConsistency::Linearizable, |state| {
+            let missing: Vec<String> = acknowledged
+                .iter()
+                .filter(|name| !state.tasks.contains_key(*name))
+                .cloned()
+                .collect();
+            (state.tasks["after-failover"].priority, missing)
+        })
+        .await
+        .unwrap();
+    assert!(missing.is_empty(), "lost acknowledged writes: {missing:?}");
+    assert_eq!(priority_now, 7);
+    assert!(matches!(
+        survivor.metadata.status().role,
+        Role::Leader | Role::Follower
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_changes_go_to_the_leader_and_a_follower_says_who_leads() {
+    let dir = TempDir::new().unwrap();
+    let nodes = three_nodes(&dir).await;
+    let leader = nodes[0]
+        .metadata
+        .wait_for_leader(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let follower = nodes
+        .iter()
+        .find(|n| n.metadata.node_id() != leader)
+        .unwrap();
+    follower
+        .metadata
+        .wait_for_leader(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let fourth = start_node(4, &dir).await;
+    let error = follower
+        .metadata
+        .add_learner(4, fourth.addr.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, MetadataError::NotLeader { leader: Some(l), .. } if l == leader),
+        "{error}"
+    );
+    let leader_node = &nodes[(leader - 1) as usize];
+    leader_node
+        .metadata
+        .add_learner(4, fourth.addr.clone())
+        .await
+        .unwrap();
+    propose_retrying(&leader_node.metadata, priority("seen-by-learner", 1)).await;
+    let target = leader_node.metadata.status().applied_revision;
+    fourth
+        .metadata
+        .wait_applied(target, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(fourth.metadata.status().learners, vec![4]);
+    leader_node.metadata.promote(4).await.unwrap();
+    assert_eq!(leader_node.metadata.status().voters, vec![1, 2, 3, 4]);
+    leader_node.metadata.remove(4).await.unwrap();
+    assert_eq!(leader_node.metadata.status().voters, vec![1, 2, 3]);
+}
