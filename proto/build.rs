@@ -5,7 +5,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; nothing else reads the environment here.
     unsafe { std::env::set_var("PROTOC", protoc) };
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["troupe/v1/inference.proto", "troupe/v1/raft.proto"];
+    let protos = [
+        "troupe/v1/inference.proto",
+        "troupe/v1/raft.proto",
+        "troupe/v1/admin.proto",
+    ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("troupe_descriptor.bin"))
         .compile_protos(&protos, &["."])?;

@@ -30,14 +30,69 @@ pub enum CliError {
 
     #[error("cannot start the thread pool: {0}")]
     ThreadPool(String),
+
+    #[error("{}: {message}", code_name(*.code))]
+    Rpc { code: tonic::Code, message: String },
+
+    #[error("cannot reach troupe at {addr}: {reason} (is the node running and is --addr its API address?)")]
+    Connect { addr: String, reason: String },
+
+    #[error(transparent)]
+    Node(#[from] crate::run::NodeError),
+
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(String),
+}
+
+/// gRPC code names as the spec spells them: `NOT_FOUND`, `ABORTED`, ...
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(status: tonic::Status) -> Self {
+        CliError::Rpc {
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
 }
 
 impl CliError {
-    /// 2 for misuse (bad flags, bad input), 1 for everything else.
+    /// 2 for misuse (bad flags, bad input, bad config), 3 for a lost compare-and-set, 1 for
+    /// everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::Usage(_) | CliError::InputEncoding { .. } => 2,
             CliError::Model(ModelError::EmptyInput | ModelError::BatchSize { .. }) => 2,
+            CliError::Config(_) => 2,
+            // A lost compare-and-set: re-read and retry.
+            CliError::Rpc {
+                code: tonic::Code::Aborted,
+                ..
+            } => 3,
             _ => 1,
         }
     }

@@ -1,10 +1,18 @@
 //! troupe, the node binary's library half.
 //!
 //! - [`cli`]: the `troupe` command line: argument parsing and one module per command group.
+//! - [`config`]: node configuration (TOML, then `TROUPE_*` environment, then flags).
+//! - [`run`]: [`run()`] and [`start`], how a node starts and stops.
+//! - [`server`]: the gRPC services and the one error-to-status table.
 //! - [`error`]: the CLI's error type; every command fails with one line that names the
 //!   problem and the fix.
 //!
 //! `main.rs` only sets up the allocator and tracing and calls [`cli::run`].
 
 pub mod cli;
+pub mod config;
 pub mod error;
+pub mod run;
+pub mod server;
+
+pub use run::{run, start, NodeError, RunningNode};

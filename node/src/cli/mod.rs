@@ -3,8 +3,13 @@
 //! line on stderr and a non-zero exit.
 
 mod bench;
+mod cluster;
+mod config_check;
 mod embed;
 mod models;
+mod node;
+mod priorities;
+mod remote;
 
 use std::path::PathBuf;
 
@@ -26,9 +31,20 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Manage model weights: fetch them into the local cache.
+    /// Run a cluster node until SIGINT or SIGTERM.
+    Node(node::NodeArgs),
+    /// Cluster membership and status.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// Task priorities (Raft-ordered).
+    #[command(subcommand)]
+    Priorities(priorities::PrioritiesCommand),
+    /// Models: fetch weights into the local cache; register and list versions in the cluster.
     #[command(subcommand)]
     Models(models::ModelsCommand),
+    /// Check a node config file: names each bad field and the fix.
+    #[command(subcommand)]
+    Config(config_check::ConfigCommand),
     /// Embed texts locally (no cluster): one text per line in, one JSON array per line out.
     Embed(embed::EmbedArgs),
     /// Benchmarks: `troupe bench engine` times the inference engine.
@@ -122,6 +138,10 @@ pub(crate) fn init_threads(threads: usize) -> Result<(), CliError> {
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
+        Command::Node(args) => node::run(args),
+        Command::Cluster(command) => cluster::run(command),
+        Command::Priorities(command) => priorities::run(command),
+        Command::Config(command) => config_check::run(command),
         Command::Models(command) => models::run(command),
         Command::Embed(args) => embed::run(args),
         Command::Bench(command) => bench::run(command),

@@ -1,10 +1,13 @@
-//! `troupe models fetch`.
+//! `troupe models`: fetch weights into the cache; register and list versions in the cluster.
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+use serde::Serialize;
 use troupe_models::fetch::{self, FetchOptions};
+use troupe_proto::v1::{ReadRequest, RegisterModelRequest};
 
+use super::remote::{admin, block_on, print_json};
 use crate::error::CliError;
 
 #[derive(Debug, Subcommand)]
@@ -12,6 +15,56 @@ pub enum ModelsCommand {
     /// Fetch a model's weights into the cache ($TROUPE_HOME, default ~/.cache/troupe) and
     /// print its directory as the last line. Returns at once when it is already there.
     Fetch(FetchArgs),
+    /// Record a model version in the cluster metadata (name, version, digest, size).
+    Register(RegisterArgs),
+    /// Registered model versions and their state.
+    List(ListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    pub name: String,
+    #[arg(long)]
+    pub version: String,
+    /// sha256 of the artifact manifest (64 hex characters).
+    #[arg(long)]
+    pub digest: String,
+    /// Artifact size in bytes.
+    #[arg(long)]
+    pub size: u64,
+    #[arg(long, default_value = "safetensors")]
+    pub format: String,
+    #[arg(long)]
+    pub expected_revision: Option<u64>,
+    #[arg(long)]
+    pub request_id: Option<String>,
+    #[arg(long)]
+    pub addr: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long)]
+    pub addr: String,
+    /// Read this node's local state without the leader.
+    #[arg(long)]
+    pub stale: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct ModelView {
+    name: String,
+    version: String,
+    state: String,
+    digest: String,
+    size_bytes: u64,
+    format: String,
+    traffic_weight: u32,
+    mod_revision: u64,
 }
 
 #[derive(Debug, Args)]
@@ -35,7 +88,75 @@ pub struct FetchArgs {
 pub fn run(command: ModelsCommand) -> Result<(), CliError> {
     match command {
         ModelsCommand::Fetch(args) => fetch_model(args),
+        ModelsCommand::Register(args) => block_on(register(args)),
+        ModelsCommand::List(args) => block_on(list(args)),
     }
+}
+
+async fn register(args: RegisterArgs) -> Result<(), CliError> {
+    let reply = admin(&args.addr)
+        .await?
+        .register_model(RegisterModelRequest {
+            name: args.name,
+            version: args.version,
+            digest: args.digest.to_lowercase(),
+            size_bytes: args.size,
+            format: args.format,
+            expected_revision: args.expected_revision,
+            request_id: args.request_id.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    if args.json {
+        return print_json(
+            &serde_json::json!({"revision": reply.revision, "changed": reply.changed}),
+        );
+    }
+    println!("{}", reply.revision);
+    Ok(())
+}
+
+async fn list(args: ListArgs) -> Result<(), CliError> {
+    let reply = admin(&args.addr)
+        .await?
+        .list_models(ReadRequest {
+            stale: args.stale,
+            min_revision: 0,
+        })
+        .await?
+        .into_inner();
+    let models: Vec<ModelView> = reply
+        .models
+        .into_iter()
+        .map(|m| ModelView {
+            name: m.name,
+            version: m.version,
+            state: m.state,
+            digest: m.digest,
+            size_bytes: m.size_bytes,
+            format: m.format,
+            traffic_weight: m.traffic_weight,
+            mod_revision: m.mod_revision,
+        })
+        .collect();
+    if args.json {
+        return print_json(&models);
+    }
+    println!(
+        "{:<24} {:<10} {:<8} {:>12} {:<16}",
+        "model", "version", "state", "bytes", "digest"
+    );
+    for m in models {
+        println!(
+            "{:<24} {:<10} {:<8} {:>12} {:<16}",
+            m.name,
+            m.version,
+            m.state,
+            m.size_bytes,
+            &m.digest[..m.digest.len().min(16)]
+        );
+    }
+    Ok(())
 }
 
 fn fetch_model(args: FetchArgs) -> Result<(), CliError> {

@@ -1,0 +1,239 @@
+//! `troupe cluster`: form the voter set, change membership, show status.
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use troupe_proto::v1::{AddLearnerRequest, ClusterInitRequest, Member, NodeRef};
+
+use super::remote::{admin, block_on, leader_api, node_status, print_json};
+use crate::error::CliError;
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Form the cluster from its voters. Idempotent on an initialised cluster.
+    Init(InitArgs),
+    /// Add a non-voting member (it replicates, and can be promoted).
+    AddLearner(AddLearnerArgs),
+    /// Make a learner a voter.
+    Promote(NodeArgs),
+    /// Remove a node from the cluster.
+    Remove(NodeArgs),
+    /// Leader, term, voters, learners and each node's applied revision.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// API address of any member.
+    #[arg(long)]
+    pub addr: String,
+    /// Voters as ID=PEER_ADDR[@API_ADDR], comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub members: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AddLearnerArgs {
+    /// The new member as ID=PEER_ADDR[@API_ADDR].
+    pub member: String,
+    #[arg(long)]
+    pub addr: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    pub id: u64,
+    #[arg(long)]
+    pub addr: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[arg(long)]
+    pub addr: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `ID=PEER[@API]`.
+pub fn parse_member(text: &str) -> Result<Member, CliError> {
+    let usage = || {
+        CliError::Usage(format!(
+            "member {text:?} is not ID=PEER_ADDR[@API_ADDR], e.g. 1=127.0.0.1:7701@127.0.0.1:7700"
+        ))
+    };
+    let (id, addrs) = text.split_once('=').ok_or_else(usage)?;
+    let id: u64 = id.trim().parse().map_err(|_| usage())?;
+    let (peer, api) = match addrs.split_once('@') {
+        Some((peer, api)) => (peer, api),
+        None => (addrs, ""),
+    };
+    if id == 0 || peer.parse::<std::net::SocketAddr>().is_err() {
+        return Err(usage());
+    }
+    if !api.is_empty() && api.parse::<std::net::SocketAddr>().is_err() {
+        return Err(usage());
+    }
+    Ok(Member {
+        id,
+        peer_addr: peer.to_owned(),
+        api_addr: api.to_owned(),
+    })
+}
+
+#[derive(Serialize)]
+struct Membership {
+    voters: Vec<u64>,
+    learners: Vec<u64>,
+}
+
+#[derive(Serialize)]
+struct NodeView {
+    id: u64,
+    peer_addr: String,
+    api_addr: Option<String>,
+    reachable: bool,
+    role: Option<String>,
+    applied_revision: Option<u64>,
+    term: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ClusterView {
+    leader: Option<u64>,
+    term: u64,
+    voters: Vec<u64>,
+    learners: Vec<u64>,
+    nodes: Vec<NodeView>,
+}
+
+pub fn run(command: ClusterCommand) -> Result<(), CliError> {
+    block_on(async move {
+        match command {
+            ClusterCommand::Init(args) => {
+                let members = args
+                    .members
+                    .iter()
+                    .map(|m| parse_member(m))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let reply = admin(&args.addr)
+                    .await?
+                    .cluster_init(ClusterInitRequest { members })
+                    .await?
+                    .into_inner();
+                if args.json {
+                    print_json(
+                        &serde_json::json!({"initialized": reply.initialized, "leader": reply.leader}),
+                    )
+                } else {
+                    println!(
+                        "{}",
+                        if reply.initialized {
+                            "initialized"
+                        } else {
+                            "already initialized"
+                        }
+                    );
+                    Ok(())
+                }
+            }
+            ClusterCommand::AddLearner(args) => {
+                let member = parse_member(&args.member)?;
+                let leader = leader_api(&args.addr).await?;
+                let reply = admin(&leader)
+                    .await?
+                    .add_learner(AddLearnerRequest {
+                        member: Some(member),
+                    })
+                    .await?
+                    .into_inner();
+                print_membership(reply.voters, reply.learners, args.json)
+            }
+            ClusterCommand::Promote(args) => {
+                let leader = leader_api(&args.addr).await?;
+                let reply = admin(&leader)
+                    .await?
+                    .promote(NodeRef { id: args.id })
+                    .await?
+                    .into_inner();
+                print_membership(reply.voters, reply.learners, args.json)
+            }
+            ClusterCommand::Remove(args) => {
+                let leader = leader_api(&args.addr).await?;
+                let reply = admin(&leader)
+                    .await?
+                    .remove(NodeRef { id: args.id })
+                    .await?
+                    .into_inner();
+                print_membership(reply.voters, reply.learners, args.json)
+            }
+            ClusterCommand::Status(args) => status(&args).await,
+        }
+    })
+}
+
+fn print_membership(voters: Vec<u64>, learners: Vec<u64>, json: bool) -> Result<(), CliError> {
+    if json {
+        return print_json(&Membership { voters, learners });
+    }
+    println!("voters: {voters:?}\nlearners: {learners:?}");
+    Ok(())
+}
+
+async fn status(args: &StatusArgs) -> Result<(), CliError> {
+    let local = node_status(&args.addr).await?;
+    let mut nodes = Vec::new();
+    for member in &local.members {
+        let remote = if member.id == local.id {
+            Some(local.clone())
+        } else if member.api_addr.is_empty() {
+            None
+        } else {
+            node_status(&member.api_addr).await.ok()
+        };
+        nodes.push(NodeView {
+            id: member.id,
+            peer_addr: member.peer_addr.clone(),
+            api_addr: (!member.api_addr.is_empty()).then(|| member.api_addr.clone()),
+            reachable: remote.is_some(),
+            role: remote.as_ref().map(|r| r.role.clone()),
+            applied_revision: remote.as_ref().map(|r| r.applied_revision),
+            term: remote.as_ref().map(|r| r.term),
+        });
+    }
+    let view = ClusterView {
+        leader: local.leader,
+        term: local.term,
+        voters: local.voters.clone(),
+        learners: local.learners.clone(),
+        nodes,
+    };
+    if args.json {
+        return print_json(&view);
+    }
+    println!(
+        "leader: {}  term: {}",
+        view.leader.map_or("none".into(), |l| l.to_string()),
+        view.term
+    );
+    println!(
+        "{:>4}  {:<9}  {:>8}  {:<21}  {:<21}",
+        "id", "role", "applied", "peer", "api"
+    );
+    for node in &view.nodes {
+        println!(
+            "{:>4}  {:<9}  {:>8}  {:<21}  {:<21}",
+            node.id,
+            node.role.as_deref().unwrap_or("unreachable"),
+            node.applied_revision.map_or("-".into(), |r| r.to_string()),
+            node.peer_addr,
+            node.api_addr.as_deref().unwrap_or("-"),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! `troupe node`: run one cluster node until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::remote::block_on;
+use crate::config::NodeConfig;
+use crate::error::CliError;
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// TOML config; environment (TROUPE_*) and flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Raft node id (> 0, unique in the cluster).
+    #[arg(long)]
+    pub id: Option<u64>,
+    /// Public gRPC address (Admin; Inference joins later).
+    #[arg(long, value_name = "ADDR")]
+    pub api: Option<String>,
+    /// Peer gRPC address (Raft).
+    #[arg(long, value_name = "ADDR")]
+    pub peer: Option<String>,
+    /// Metrics HTTP address.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Data directory; a directory holding Raft state rejoins with it.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl NodeArgs {
+    pub fn load(&self) -> Result<NodeConfig, CliError> {
+        let mut config = match &self.config {
+            Some(path) => NodeConfig::from_file(path)?,
+            None => NodeConfig::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        if let Some(id) = self.id {
+            config.id = id;
+        }
+        for (flag, slot) in [
+            (&self.api, &mut config.api),
+            (&self.peer, &mut config.peer),
+            (&self.metrics, &mut config.metrics),
+        ] {
+            if let Some(value) = flag {
+                *slot = value.clone();
+            }
+        }
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+        Ok(config)
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot watch SIGTERM; stopping on SIGINT only");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub fn run(args: NodeArgs) -> Result<(), CliError> {
+    let config = args.load()?;
+    block_on(async move {
+        crate::run(config, async {
+            shutdown_signal().await;
+            tracing::info!("shutdown requested");
+        })
+        .await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,110 @@
+//! `troupe priorities`: task priorities, written through Raft.
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use troupe_proto::v1::{ReadRequest, SetPriorityRequest};
+
+use super::remote::{admin, block_on, print_json};
+use crate::error::CliError;
+
+#[derive(Debug, Subcommand)]
+pub enum PrioritiesCommand {
+    /// Set a task's priority; prints the new revision. A lost CAS exits 3.
+    Set(SetArgs),
+    /// Tasks in scheduling order (priority desc, mod_revision asc, name asc).
+    List(ListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    pub name: String,
+    #[arg(allow_hyphen_values = true)]
+    pub priority: i32,
+    /// Apply only if the task is at this revision (0: it must not exist yet).
+    #[arg(long)]
+    pub expected_revision: Option<u64>,
+    /// Idempotency key: a retry with the same key applies once.
+    #[arg(long)]
+    pub request_id: Option<String>,
+    #[arg(long)]
+    pub addr: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long)]
+    pub addr: String,
+    /// Read this node's local state without the leader.
+    #[arg(long)]
+    pub stale: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct TaskView {
+    name: String,
+    priority: i32,
+    mod_revision: u64,
+    create_revision: u64,
+}
+
+pub fn run(command: PrioritiesCommand) -> Result<(), CliError> {
+    block_on(async move {
+        match command {
+            PrioritiesCommand::Set(args) => {
+                let reply = admin(&args.addr)
+                    .await?
+                    .set_priority(SetPriorityRequest {
+                        name: args.name,
+                        priority: args.priority,
+                        expected_revision: args.expected_revision,
+                        request_id: args.request_id.unwrap_or_default(),
+                    })
+                    .await?
+                    .into_inner();
+                if args.json {
+                    print_json(
+                        &serde_json::json!({"revision": reply.revision, "changed": reply.changed}),
+                    )
+                } else {
+                    println!("{}", reply.revision);
+                    Ok(())
+                }
+            }
+            PrioritiesCommand::List(args) => {
+                let reply = admin(&args.addr)
+                    .await?
+                    .list_priorities(ReadRequest {
+                        stale: args.stale,
+                        min_revision: 0,
+                    })
+                    .await?
+                    .into_inner();
+                let tasks: Vec<TaskView> = reply
+                    .tasks
+                    .into_iter()
+                    .map(|t| TaskView {
+                        name: t.name,
+                        priority: t.priority,
+                        mod_revision: t.mod_revision,
+                        create_revision: t.create_revision,
+                    })
+                    .collect();
+                if args.json {
+                    return print_json(&tasks);
+                }
+                println!("{:<24} {:>9} {:>12}", "task", "priority", "mod_revision");
+                for task in tasks {
+                    println!(
+                        "{:<24} {:>9} {:>12}",
+                        task.name, task.priority, task.mod_revision
+                    );
+                }
+                Ok(())
+            }
+        }
+    })
+}

@@ -1,0 +1,76 @@
+//! Talking to a running node from the CLI: connect, call with a deadline, follow the leader
+//! for membership changes, print JSON or a table.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use troupe_proto::v1::admin_client::AdminClient;
+use troupe_proto::v1::{NodeStatusRequest, NodeStatusResponse};
+
+use crate::error::CliError;
+
+/// How long one CLI call may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs an async CLI command on a small runtime.
+pub fn block_on<T>(future: impl Future<Output = Result<T, CliError>>) -> Result<T, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Runtime(e.to_string()))?
+        .block_on(future)
+}
+
+pub async fn admin(addr: &str) -> Result<AdminClient<Channel>, CliError> {
+    let connect = |reason: String| CliError::Connect {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| connect(e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(CALL_TIMEOUT);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| connect(e.to_string()))?;
+    Ok(AdminClient::new(channel))
+}
+
+pub async fn node_status(addr: &str) -> Result<NodeStatusResponse, CliError> {
+    Ok(admin(addr)
+        .await?
+        .node_status(NodeStatusRequest {})
+        .await?
+        .into_inner())
+}
+
+/// The API address of the current leader, as `addr` knows it.
+pub async fn leader_api(addr: &str) -> Result<String, CliError> {
+    let status = node_status(addr).await?;
+    let leader = status.leader.ok_or_else(|| CliError::Rpc {
+        code: tonic::Code::Unavailable,
+        message: "the cluster has no leader right now: retry shortly".into(),
+    })?;
+    if leader == status.id {
+        return Ok(addr.to_owned());
+    }
+    status
+        .members
+        .iter()
+        .find(|m| m.id == leader && !m.api_addr.is_empty())
+        .map(|m| m.api_addr.clone())
+        .ok_or_else(|| CliError::Rpc {
+            code: tonic::Code::FailedPrecondition,
+            message: format!("node {leader} leads but its API address is unknown: run the command with --addr of node {leader}"),
+        })
+}
+
+pub fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::Output(std::io::Error::other(e)))?;
+    println!("{text}");
+    Ok(())
+}

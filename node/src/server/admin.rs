@@ -1,0 +1,279 @@
+//! `troupe.v1.Admin`: membership, metadata writes and reads, node status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use troupe_consensus::metadata::{Command, Proposal};
+use troupe_consensus::types::NodeAddr;
+use troupe_consensus::{Metadata, ReadConsistency};
+use troupe_proto::v1::admin_server::Admin;
+use troupe_proto::v1::{
+    AddLearnerRequest, ClusterInitRequest, ClusterInitResponse, ListModelsResponse,
+    ListPrioritiesResponse, Member, MembershipResponse, ModelVersionEntry, NodeRef,
+    NodeStatusRequest, NodeStatusResponse, ReadRequest, RegisterModelRequest, SetPriorityRequest,
+    TaskPriorityEntry, WriteResponse,
+};
+
+use super::status::{metadata_error, write_outcome};
+
+pub struct AdminService {
+    metadata: Arc<Metadata>,
+}
+
+impl AdminService {
+    pub fn new(metadata: Arc<Metadata>) -> Self {
+        Self { metadata }
+    }
+
+    fn membership(&self) -> MembershipResponse {
+        let status = self.metadata.status();
+        MembershipResponse {
+            voters: status.voters,
+            learners: status.learners,
+        }
+    }
+
+    async fn write(
+        &self,
+        command: Command,
+        expected_revision: Option<u64>,
+        request_id: String,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let proposal = Proposal {
+            command,
+            expected_revision,
+            request_id: (!request_id.is_empty()).then_some(request_id),
+        };
+        let outcome = self
+            .metadata
+            .propose(proposal)
+            .await
+            .map_err(metadata_error)?;
+        let (revision, changed) = write_outcome(outcome)?;
+        Ok(Response::new(WriteResponse { revision, changed }))
+    }
+}
+
+fn consistency(request: &ReadRequest) -> ReadConsistency {
+    if request.min_revision > 0 {
+        ReadConsistency::AtLeast(request.min_revision)
+    } else if request.stale {
+        ReadConsistency::Stale
+    } else {
+        ReadConsistency::Linearizable
+    }
+}
+
+fn member(id: u64, addr: &NodeAddr) -> Member {
+    Member {
+        id,
+        peer_addr: addr.peer_addr.clone(),
+        api_addr: addr.api_addr.clone(),
+    }
+}
+
+fn check_member(member: Option<Member>) -> Result<(u64, NodeAddr), Status> {
+    let member = member.ok_or_else(|| Status::invalid_argument("field 'member' is required"))?;
+    if member.id == 0 {
+        return Err(Status::invalid_argument(
+            "member id 0 is not valid: ids are positive",
+        ));
+    }
+    if member.peer_addr.parse::<std::net::SocketAddr>().is_err() {
+        return Err(Status::invalid_argument(format!(
+            "member {} peer address {:?} is not IP:PORT",
+            member.id, member.peer_addr
+        )));
+    }
+    Ok((
+        member.id,
+        NodeAddr {
+            api_addr: member.api_addr,
+            peer_addr: member.peer_addr,
+        },
+    ))
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    #[tracing::instrument(skip_all, fields(node_id = self.metadata.node_id()))]
+    async fn cluster_init(
+        &self,
+        request: Request<ClusterInitRequest>,
+    ) -> Result<Response<ClusterInitResponse>, Status> {
+        let mut members = BTreeMap::new();
+        for member in request.into_inner().members {
+            let (id, addr) = check_member(Some(member))?;
+            if members.insert(id, addr).is_some() {
+                return Err(Status::invalid_argument(format!(
+                    "member id {id} appears twice"
+                )));
+            }
+        }
+        if members.is_empty() {
+            return Err(Status::invalid_argument(
+                "give at least one member: --members 1=HOST:PEERPORT,...",
+            ));
+        }
+        let already = !self.metadata.status().voters.is_empty();
+        self.metadata
+            .initialize(members)
+            .await
+            .map_err(metadata_error)?;
+        Ok(Response::new(ClusterInitResponse {
+            initialized: !already,
+            leader: self.metadata.status().leader,
+        }))
+    }
+
+    async fn add_learner(
+        &self,
+        request: Request<AddLearnerRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let (id, addr) = check_member(request.into_inner().member)?;
+        self.metadata
+            .add_learner(id, addr)
+            .await
+            .map_err(metadata_error)?;
+        Ok(Response::new(self.membership()))
+    }
+
+    async fn promote(
+        &self,
+        request: Request<NodeRef>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        self.metadata
+            .promote(request.into_inner().id)
+            .await
+            .map_err(metadata_error)?;
+        Ok(Response::new(self.membership()))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<NodeRef>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        self.metadata
+            .remove(request.into_inner().id)
+            .await
+            .map_err(metadata_error)?;
+        Ok(Response::new(self.membership()))
+    }
+
+    async fn node_status(
+        &self,
+        _request: Request<NodeStatusRequest>,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        let status = self.metadata.status();
+        Ok(Response::new(NodeStatusResponse {
+            id: status.node_id,
+            role: serde_json::to_value(status.role)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            term: status.term,
+            leader: status.leader,
+            last_log_index: status.last_log_index,
+            applied_revision: status.applied_revision,
+            snapshot_revision: status.snapshot_revision,
+            voters: status.voters,
+            learners: status.learners,
+            members: status
+                .nodes
+                .iter()
+                .map(|(id, addr)| member(*id, addr))
+                .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(node_id = self.metadata.node_id()))]
+    async fn set_priority(
+        &self,
+        request: Request<SetPriorityRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let request = request.into_inner();
+        let command = Command::SetTaskPriority {
+            name: request.name,
+            priority: request.priority,
+        };
+        self.write(command, request.expected_revision, request.request_id)
+            .await
+    }
+
+    async fn list_priorities(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> Result<Response<ListPrioritiesResponse>, Status> {
+        let consistency = consistency(request.get_ref());
+        let (tasks, revision) = self
+            .metadata
+            .read(consistency, |state| {
+                let tasks = state
+                    .task_order()
+                    .into_iter()
+                    .map(|task| TaskPriorityEntry {
+                        create_revision: state
+                            .tasks
+                            .get(&task.name)
+                            .map_or(0, |t| t.revisions.create_revision),
+                        name: task.name,
+                        priority: task.priority,
+                        mod_revision: task.mod_revision,
+                    })
+                    .collect();
+                (tasks, state.revision)
+            })
+            .await
+            .map_err(metadata_error)?;
+        Ok(Response::new(ListPrioritiesResponse { tasks, revision }))
+    }
+
+    #[tracing::instrument(skip_all, fields(node_id = self.metadata.node_id()))]
+    async fn register_model(
+        &self,
+        request: Request<RegisterModelRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let request = request.into_inner();
+        let command = Command::RegisterModelVersion {
+            name: request.name,
+            version: request.version,
+            digest: request.digest,
+            size_bytes: request.size_bytes,
+            format: request.format,
+        };
+        self.write(command, request.expected_revision, request.request_id)
+            .await
+    }
+
+    async fn list_models(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        let consistency = consistency(request.get_ref());
+        let (models, revision) = self
+            .metadata
+            .read(consistency, |state| {
+                let mut models = Vec::new();
+                for (name, versions) in &state.models {
+                    for (version, record) in versions {
+                        models.push(ModelVersionEntry {
+                            name: name.clone(),
+                            version: version.clone(),
+                            digest: record.digest.clone(),
+                            size_bytes: record.size_bytes,
+                            format: record.format.clone(),
+                            state: record.state.as_str().to_owned(),
+                            traffic_weight: record.traffic_weight,
+                            create_revision: record.revisions.create_revision,
+                            mod_revision: record.revisions.mod_revision,
+                        });
+                    }
+                }
+                (models, state.revision)
+            })
+            .await
+            .map_err(metadata_error)?;
+        Ok(Response::new(ListModelsResponse { models, revision }))
+    }
+}

@@ -1,0 +1,36 @@
+//! The one place errors become gRPC status codes.
+
+use tonic::{Code, Status};
+use troupe_consensus::metadata::{Outcome, Rejection};
+use troupe_consensus::MetadataError;
+
+pub fn metadata_error(error: MetadataError) -> Status {
+    let code = match &error {
+        MetadataError::NoLeader
+        | MetadataError::LeaderUnreachable { .. }
+        | MetadataError::ShutDown => Code::Unavailable,
+        MetadataError::Timeout { .. } => Code::DeadlineExceeded,
+        MetadataError::NotLeader { .. } => Code::FailedPrecondition,
+        MetadataError::Membership(_) => Code::FailedPrecondition,
+        MetadataError::Config(_) | MetadataError::StorageOpen { .. } | MetadataError::Raft(_) => {
+            Code::Internal
+        }
+    };
+    Status::new(code, error.to_string())
+}
+
+/// A write's outcome as `(revision, changed)`, or the status a refused write maps to.
+pub fn write_outcome(outcome: Outcome) -> Result<(u64, bool), Status> {
+    match outcome {
+        Outcome::Applied { revision } => Ok((revision, true)),
+        Outcome::Unchanged { revision } => Ok((revision, false)),
+        Outcome::Conflict { key, current_revision } => Err(Status::aborted(format!(
+            "compare-and-set lost: {key} is at revision {current_revision}; re-read it and retry with --expected-revision {current_revision}"
+        ))),
+        Outcome::Rejected { reason } => Err(match reason {
+            Rejection::UnknownModelVersion { .. } => Status::not_found(reason.to_string()),
+            Rejection::VersionExists { .. } => Status::already_exists(reason.to_string()),
+            Rejection::Invalid { .. } => Status::invalid_argument(reason.to_string()),
+        }),
+    }
+}

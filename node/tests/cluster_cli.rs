@@ -1,0 +1,299 @@
+//! Three real nodes started the way `troupe node` starts them (`troupe::start`, real gRPC on
+//! 127.0.0.1), driven through the real `troupe` CLI: init, membership, priorities with CAS,
+//! models, status.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use troupe::config::NodeConfig;
+use troupe::RunningNode;
+
+async fn start_node(id: u64, dir: &tempfile::TempDir) -> RunningNode {
+    let config = NodeConfig {
+        id,
+        api: "127.0.0.1:0".into(),
+        peer: "127.0.0.1:0".into(),
+        metrics: "127.0.0.1:1".into(),
+        data_dir: dir.path().join(format!("node{id}")),
+        ..NodeConfig::default()
+    };
+    troupe::start(config).await.unwrap()
+}
+
+async fn troupe(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_troupe"))
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn text(output: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_three_node_cluster_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start_node(id, &dir).await);
+    }
+    let api: Vec<String> = nodes.iter().map(|n| n.api_addr.to_string()).collect();
+    let members: Vec<String> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{}={}@{}", i + 1, n.peer_addr, n.api_addr))
+        .collect();
+    let members = members.join(",");
+
+    let init = troupe(args(&[
+        "cluster",
+        "init",
+        "--addr",
+        &api[0],
+        "--members",
+        &members,
+        "--json",
+    ]))
+    .await;
+    assert!(init.status.success(), "{:?}", text(&init));
+    let again = troupe(args(&[
+        "cluster",
+        "init",
+        "--addr",
+        &api[1],
+        "--members",
+        &members,
+    ]))
+    .await;
+    assert!(again.status.success(), "{:?}", text(&again));
+    assert!(text(&again).0.contains("already initialized"));
+    nodes[2]
+        .metadata
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    // A write sent to any node is forwarded to the leader and prints the new revision.
+    let set = troupe(args(&[
+        "priorities",
+        "set",
+        "search",
+        "10",
+        "--addr",
+        &api[2],
+    ]))
+    .await;
+    assert!(set.status.success(), "{:?}", text(&set));
+    let revision: u64 = text(&set).0.trim().parse().unwrap();
+    troupe(args(&[
+        "priorities",
+        "set",
+        "batch",
+        "-5",
+        "--addr",
+        &api[1],
+    ]))
+    .await;
+
+    // A CAS against a stale revision loses: exit 3, and the message names the current one.
+    let stale = troupe(args(&[
+        "priorities",
+        "set",
+        "search",
+        "20",
+        "--expected-revision",
+        "1",
+        "--addr",
+        &api[0],
+    ]))
+    .await;
+    let (_, stderr) = text(&stale);
+    assert_eq!(stale.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ABORTED: ") && stderr.contains(&format!("revision {revision}")),
+        "{stderr}"
+    );
+    let fresh = troupe(args(&[
+        "priorities",
+        "set",
+        "search",
+        "20",
+        "--expected-revision",
+        &revision.to_string(),
+        "--addr",
+        &api[0],
+    ]))
+    .await;
+    assert!(fresh.status.success(), "{:?}", text(&fresh));
+
+    let list = troupe(args(&["priorities", "list", "--addr", &api[1], "--json"])).await;
+    let tasks: serde_json::Value = serde_json::from_str(&text(&list).0).unwrap();
+    let names: Vec<&str> = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["search", "batch"]);
+    assert_eq!(tasks[0]["priority"], 20);
+
+    let digest = "ab".repeat(32);
+    let register = troupe(args(&[
+        "models",
+        "register",
+        "minilm",
+        "--version",
+        "1",
+        "--digest",
+        &digest,
+        "--size",
+        "1234",
+        "--addr",
+        &api[1],
+    ]))
+    .await;
+    assert!(register.status.success(), "{:?}", text(&register));
+    let other = troupe(args(&[
+        "models",
+        "register",
+        "minilm",
+        "--version",
+        "1",
+        "--digest",
+        &"cd".repeat(32),
+        "--size",
+        "1",
+        "--addr",
+        &api[1],
+    ]))
+    .await;
+    assert!(
+        text(&other).1.contains("ALREADY_EXISTS"),
+        "{:?}",
+        text(&other)
+    );
+    let models = troupe(args(&[
+        "models", "list", "--addr", &api[0], "--stale", "--json",
+    ]))
+    .await;
+    let models: serde_json::Value = serde_json::from_str(&text(&models).0).unwrap();
+    // A stale read may lag; a linearizable one may not.
+    let models_now = troupe(args(&["models", "list", "--addr", &api[0], "--json"])).await;
+    let models_now: serde_json::Value = serde_json::from_str(&text(&models_now).0).unwrap();
+    assert_eq!(models_now[0]["state"], "loading");
+    assert!(models.as_array().unwrap().len() <= 1);
+
+    let status = troupe(args(&["cluster", "status", "--addr", &api[0], "--json"])).await;
+    let status: serde_json::Value = serde_json::from_str(&text(&status).0).unwrap();
+    assert!(status["leader"].is_u64());
+    assert_eq!(status["voters"], serde_json::json!([1, 2, 3]));
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 3);
+    assert!(status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|n| n["applied_revision"].is_u64()));
+
+    for node in nodes {
+        node.shutdown().await.unwrap();
+    }
+    let down = troupe(args(&["cluster", "status", "--addr", &api[0]])).await;
+    assert_eq!(down.status.code(), Some(1));
+    assert!(
+        text(&down).1.contains("cannot reach troupe"),
+        "{:?}",
+        text(&down)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_rejoins_with_its_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(1, &dir).await;
+    let api = node.api_addr.to_string();
+    let member = format!("1={}@{}", node.peer_addr, node.api_addr);
+    let init = troupe(args(&[
+        "cluster",
+        "init",
+        "--addr",
+        &api,
+        "--members",
+        &member,
+    ]))
+    .await;
+    assert!(init.status.success(), "{:?}", text(&init));
+    node.metadata
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let set = troupe(args(&["priorities", "set", "kept", "3", "--addr", &api])).await;
+    assert!(set.status.success(), "{:?}", text(&set));
+    node.shutdown().await.unwrap();
+
+    // Same data dir, new ports: the single-node cluster comes back with its state. The
+    // member address recorded in Raft is the old one; a lone voter elects itself anyway.
+    let node = start_node(1, &dir).await;
+    node.metadata
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let list = troupe(args(&[
+        "priorities",
+        "list",
+        "--addr",
+        &node.api_addr.to_string(),
+        "--json",
+    ]))
+    .await;
+    let tasks: serde_json::Value = serde_json::from_str(&text(&list).0).unwrap();
+    assert_eq!(tasks[0]["name"], "kept");
+    node.shutdown().await.unwrap();
+}
+
+#[test]
+fn config_check_names_each_bad_field_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    std::fs::write(
+        &path,
+        "id = 0\napi = \"nowhere\"\ndata_dir = \"/proc/forbidden\"\n",
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for needle in ["id:", "api:", "IP:PORT", "data_dir:"] {
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+    std::fs::write(
+        &path,
+        format!("id = 3\ndata_dir = {:?}\n", dir.path().join("d")),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
