@@ -16,6 +16,12 @@ use super::Activation;
 /// Rows handed to one rayon task in the row-wise epilogues.
 const ROWS_PER_TASK: usize = 16;
 
+/// Below this many multiply-adds a GEMM runs on one thread.
+const SERIAL_GEMM_WORK: usize = 1 << 16;
+
+/// From this many rows on, gemm's own blocked threading beats splitting by columns.
+const LARGE_GEMM_ROWS: usize = 512;
+
 /// A contiguous f32 copy-free view of a Flex tensor (copies only if it is strided).
 struct Dense {
     tensor: FlexTensor,
@@ -89,25 +95,62 @@ fn matmul(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
     assert_eq!(w.len(), k * n, "linear: weight is not [in, out]");
     let mut out = vec![0.0f32; rows * n];
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && rows * n * k > 1 << 16 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: the three buffers have the lengths asserted above and the strides describe
-    // row-major matrices of exactly those shapes.
-    unsafe {
-        gemm_f32(
-            (rows, n, k),
-            out.as_mut_ptr(),
-            n,
-            x.as_ptr(),
-            (k, 1),
-            w.as_ptr(),
-            (n, 1),
-            parallelism,
-        );
+    if threads == 1 || rows * n * k <= SERIAL_GEMM_WORK {
+        // SAFETY: the buffers have the lengths asserted above; the strides describe
+        // row-major matrices of exactly those shapes.
+        unsafe {
+            gemm_f32(
+                (rows, n, k),
+                out.as_mut_ptr(),
+                n,
+                x.as_ptr(),
+                (k, 1),
+                w.as_ptr(),
+                (n, 1),
+                Parallelism::None,
+            );
+        }
+        return out;
     }
+    if rows >= LARGE_GEMM_ROWS {
+        // SAFETY: as above.
+        unsafe {
+            gemm_f32(
+                (rows, n, k),
+                out.as_mut_ptr(),
+                n,
+                x.as_ptr(),
+                (k, 1),
+                w.as_ptr(),
+                (n, 1),
+                Parallelism::Rayon(threads),
+            );
+        }
+        return out;
+    }
+    // Few rows: gemm's own threading synchronises per block and spends more time waking
+    // threads than computing. One serial GEMM per column slice, one slice per thread, needs
+    // a single fork and join.
+    let slice = n.div_ceil(threads).next_multiple_of(16);
+    let shared = SharedOut(out.as_mut_ptr());
+    (0..n.div_ceil(slice)).into_par_iter().for_each(|part| {
+        let start = part * slice;
+        let width = slice.min(n - start);
+        // SAFETY: each task writes columns start..start+width of every output row, disjoint
+        // from every other task's; reads stay inside `x` and columns of `w` it owns.
+        unsafe {
+            gemm_f32(
+                (rows, width, k),
+                shared.at(start),
+                n,
+                x.as_ptr(),
+                (k, 1),
+                w.as_ptr().add(start),
+                (n, 1),
+                Parallelism::None,
+            );
+        }
+    });
     out
 }
 

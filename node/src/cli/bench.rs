@@ -84,7 +84,8 @@ fn engine_on<B: EncoderBackend>(
     let threads = rayon::current_num_threads();
     if !args.json {
         println!(
-            "backend=flex (fused CPU kernels) threads={threads} model={}",
+            "device={} (cpu: burn flex with troupe's fused kernels) threads={threads} model={}",
+            format!("{:?}", args.device).to_lowercase(),
             dir.display()
         );
     }
