@@ -21,6 +21,7 @@ use crate::network::server::{ForwardedReadIndex, ForwardedWrite, RaftPeerService
 use crate::network::{decode, encode};
 use crate::store::{self, Applied};
 use crate::types::{NodeAddr, NodeId, TypeConfig};
+use crate::watch::{ResyncingWatch, Watch, WatchError};
 
 /// Timings and sizes of one node's Raft. Defaults follow openraft's (heartbeat 50 ms,
 /// election 150-300 ms).
@@ -39,6 +40,8 @@ pub struct MetadataConfig {
     pub keep_entries_after_snapshot: u64,
     /// Connect and per-RPC limit for forwarded writes and reads.
     pub forward_timeout: Duration,
+    /// Changes kept for watches to replay; older ones need a resync.
+    pub watch_history: usize,
 }
 
 impl MetadataConfig {
@@ -54,6 +57,7 @@ impl MetadataConfig {
             snapshot_every_entries: 10_000,
             keep_entries_after_snapshot: 1_000,
             forward_timeout: Duration::from_secs(5),
+            watch_history: store::DEFAULT_WATCH_HISTORY,
         }
     }
 
@@ -115,6 +119,7 @@ pub struct Metadata {
     raft: Raft<TypeConfig>,
     applied: Arc<RwLock<Applied>>,
     revisions: watch::Receiver<u64>,
+    history: store::History,
 }
 
 impl Metadata {
@@ -123,13 +128,14 @@ impl Metadata {
     pub async fn start(config: MetadataConfig) -> Result<Self, MetadataError> {
         let raft_config = Arc::new(config.raft_config()?);
         let raft_dir = config.data_dir.join("raft");
-        let (log_store, state_machine) =
-            store::open(&raft_dir).map_err(|e| MetadataError::StorageOpen {
+        let (log_store, state_machine) = store::open_with_history(&raft_dir, config.watch_history)
+            .map_err(|e| MetadataError::StorageOpen {
                 path: raft_dir.display().to_string(),
                 reason: e.to_string(),
             })?;
         let applied = state_machine.applied();
         let revisions = state_machine.revisions();
+        let history = state_machine.history();
         let network = PeerNetworkFactory {
             connect_timeout: config.forward_timeout,
         };
@@ -147,6 +153,7 @@ impl Metadata {
             raft,
             applied,
             revisions,
+            history,
         })
     }
 
@@ -350,6 +357,29 @@ impl Metadata {
                 millis: timeout.as_millis() as u64,
             }),
         }
+    }
+
+    /// Every change from `from_revision` on, in order, then new ones as they apply.
+    pub fn watch(&self, from_revision: u64) -> Result<Watch, WatchError> {
+        self.history
+            .replay(from_revision)
+            .map(Watch::new)
+            .map_err(|snapshot_revision| WatchError::Compacted {
+                requested: from_revision,
+                snapshot_revision,
+            })
+    }
+
+    /// As [`Metadata::watch`], but a compacted revision or a lagging watcher yields the whole
+    /// state as of some revision and continues from there.
+    pub fn watch_resyncing(&self, from_revision: u64) -> ResyncingWatch<'_> {
+        ResyncingWatch::new(self, from_revision)
+    }
+
+    /// This node's applied state and its revision, taken together.
+    pub async fn snapshot_state(&self) -> (MetadataState, u64) {
+        let applied = self.applied.read().await;
+        (applied.metadata.clone(), applied.metadata.revision)
     }
 
     /// Follows this node's applied revision.

@@ -6,6 +6,7 @@
 //! - [`store`]: the sled-backed log store and state machine behind openraft's traits.
 //! - [`network`]: Raft RPCs over tonic on the peer port, client and server.
 //! - [`facade`]: [`Metadata`], the only entry point other crates use.
+//! - [`watch`]: ordered change streams with automatic resync after compaction.
 
 // openraft's StorageError (224 bytes) is fixed by its storage traits; boxing it here would only
 // add conversions at every trait boundary.
@@ -18,6 +19,8 @@ pub mod network;
 pub mod store;
 pub mod tasks;
 pub mod types;
+pub mod watch;
 
 pub use error::MetadataError;
 pub use facade::{Metadata, MetadataConfig, RaftStatus, ReadConsistency, Role};
+pub use watch::{ResyncingWatch, Watch, WatchError, WatchEvent};

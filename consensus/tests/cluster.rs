@@ -8,9 +8,12 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio::sync::oneshot;
+use troupe_consensus::metadata::ChangeValue;
 use troupe_consensus::metadata::{Command, Outcome, Proposal};
 use troupe_consensus::types::NodeAddr;
-use troupe_consensus::{Metadata, MetadataConfig, MetadataError, ReadConsistency, Role};
+use troupe_consensus::{
+    Metadata, MetadataConfig, MetadataError, ReadConsistency, Role, WatchError, WatchEvent,
+};
 
 struct TestNode {
     metadata: Arc<Metadata>,
@@ -19,18 +22,27 @@ struct TestNode {
 }
 
 async fn start_node(id: u64, dir: &TempDir) -> TestNode {
+    start_node_with(id, dir, |_| {}).await
+}
+
+async fn start_node_with(
+    id: u64,
+    dir: &TempDir,
+    tweak: impl FnOnce(&mut MetadataConfig),
+) -> TestNode {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let peer_addr = listener.local_addr().unwrap().to_string();
     let addr = NodeAddr {
         api_addr: format!("api-of-{id}"),
         peer_addr: peer_addr.clone(),
     };
-    let config = MetadataConfig::new(
+    let mut config = MetadataConfig::new(
         id,
         addr.api_addr.clone(),
         peer_addr,
         dir.path().join(format!("node{id}")),
     );
+    tweak(&mut config);
     let metadata = Arc::new(Metadata::start(config).await.unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
     let service = metadata.peer_service();
@@ -53,9 +65,13 @@ async fn start_node(id: u64, dir: &TempDir) -> TestNode {
 }
 
 async fn three_nodes(dir: &TempDir) -> Vec<TestNode> {
+    three_nodes_with(dir, |_| {}).await
+}
+
+async fn three_nodes_with(dir: &TempDir, tweak: impl Fn(&mut MetadataConfig)) -> Vec<TestNode> {
     let mut nodes = Vec::new();
     for id in 1..=3 {
-        nodes.push(start_node(id, dir).await);
+        nodes.push(start_node_with(id, dir, &tweak).await);
     }
     let members: BTreeMap<u64, NodeAddr> = nodes
         .iter()
@@ -260,4 +276,81 @@ async fn membership_changes_go_to_the_leader_and_a_follower_says_who_leads() {
     assert_eq!(leader_node.metadata.status().voters, vec![1, 2, 3, 4]);
     leader_node.metadata.remove(4).await.unwrap();
     assert_eq!(leader_node.metadata.status().voters, vec![1, 2, 3]);
+}
+
+async fn next_change(watch: &mut troupe_consensus::Watch) -> troupe_consensus::metadata::Change {
+    tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("a change within 10 s")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_sees_every_change_in_order_on_every_node() {
+    let dir = TempDir::new().unwrap();
+    let nodes = three_nodes(&dir).await;
+    let mut watches: Vec<_> = nodes.iter().map(|n| n.metadata.watch(1).unwrap()).collect();
+    for i in 0..10 {
+        propose_retrying(&nodes[i % 3].metadata, priority(&format!("w{i}"), i as i32)).await;
+    }
+    for (node, watch) in nodes.iter().zip(&mut watches) {
+        let mut last = 0;
+        for i in 0..10 {
+            let change = next_change(watch).await;
+            assert!(
+                change.revision > last,
+                "node {}: revisions out of order",
+                node.metadata.node_id()
+            );
+            last = change.revision;
+            assert_eq!(change.key, format!("tasks/w{i}"));
+            assert!(
+                matches!(change.value, ChangeValue::Task { ref record, .. } if record.priority == i)
+            );
+        }
+    }
+    // A watch started later from an old revision replays the same sequence.
+    let mut late = nodes[1].metadata.watch(1).unwrap();
+    assert_eq!(next_change(&mut late).await.key, "tasks/w0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_from_a_compacted_revision_resyncs_without_caller_help() {
+    let dir = TempDir::new().unwrap();
+    let nodes = three_nodes_with(&dir, |config| config.watch_history = 4).await;
+    for i in 0..12 {
+        propose_retrying(&nodes[0].metadata, priority(&format!("c{i}"), i)).await;
+    }
+    let follower = &nodes[2].metadata;
+    let target = nodes[0].metadata.status().applied_revision;
+    follower
+        .wait_applied(target, Duration::from_secs(10))
+        .await
+        .unwrap();
+    match follower.watch(1) {
+        Err(WatchError::Compacted {
+            snapshot_revision, ..
+        }) => assert!(snapshot_revision > 1),
+        Ok(_) => panic!("revision 1 should be compacted with a history of 4"),
+        Err(other) => panic!("{other}"),
+    }
+    let mut watch = follower.watch_resyncing(1);
+    let first = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let WatchEvent::Resync { state, revision } = first else {
+        panic!("expected a resync first, got {first:?}")
+    };
+    assert_eq!(state.tasks.len(), 12);
+    assert!(revision >= target);
+    propose_retrying(&nodes[1].metadata, priority("after-resync", 1)).await;
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(next, WatchEvent::Change(ref c) if c.key == "tasks/after-resync" && c.revision > revision),
+        "{next:?}"
+    );
 }

@@ -1,8 +1,10 @@
 //! The metadata state machine's logic, independent of Raft and storage.
 
+pub mod change;
 pub mod command;
 pub mod state;
 
+pub use change::{Change, ChangeValue};
 pub use command::{Command, ModelState, Outcome, Proposal, Rejection};
 pub use state::{MetadataState, ModelVersionRecord, SettingRecord, TaskRecord};
 

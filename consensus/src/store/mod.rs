@@ -5,11 +5,13 @@
 //! Another engine can replace sled by implementing the same two traits; nothing outside this
 //! module knows sled is there.
 
+mod history;
 mod log_store;
 mod state_machine;
 
 use std::path::Path;
 
+pub use history::{History, Replay};
 pub use log_store::LogStore;
 pub use state_machine::{Applied, StateMachineStore};
 
@@ -20,15 +22,26 @@ const LOG_TREE: &str = "raft_log";
 const META_TREE: &str = "raft_meta";
 const SNAPSHOT_TREE: &str = "raft_snapshot";
 
+/// Changes kept for watches to replay, by default.
+pub const DEFAULT_WATCH_HISTORY: usize = 10_000;
+
 /// Opens (or creates) the node's Raft storage under `dir`.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StorageError> {
+    open_with_history(dir, DEFAULT_WATCH_HISTORY)
+}
+
+/// As [`open`], keeping `watch_history` changes for watches to replay.
+pub fn open_with_history(
+    dir: &Path,
+    watch_history: usize,
+) -> Result<(LogStore, StateMachineStore), StorageError> {
     let db = sled::Config::new()
         .path(dir)
         .mode(sled::Mode::HighThroughput)
         .open()
         .map_err(|e| openraft::StorageIOError::read(&e))?;
     let log_store = LogStore::new(&db)?;
-    let state_machine = StateMachineStore::new(&db)?;
+    let state_machine = StateMachineStore::new(&db, watch_history)?;
     Ok((log_store, state_machine))
 }
 

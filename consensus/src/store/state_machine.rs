@@ -13,6 +13,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, RwLock};
 
+use super::history::History;
 use super::{blocking, SNAPSHOT_TREE};
 use crate::metadata::{MetadataState, Outcome};
 use crate::types::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
@@ -42,6 +43,7 @@ pub struct StateMachineStore {
     snapshot_seq: Arc<AtomicU64>,
     /// The last applied revision, for readers that wait for "at least revision R".
     revision_tx: Arc<watch::Sender<u64>>,
+    history: History,
 }
 
 fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
@@ -49,7 +51,7 @@ fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl StateMachineStore {
-    pub(super) fn new(db: &sled::Db) -> Result<Self, StorageError> {
+    pub(super) fn new(db: &sled::Db, history_capacity: usize) -> Result<Self, StorageError> {
         let snapshots = db.open_tree(SNAPSHOT_TREE).map_err(sm_read)?;
         let mut applied = Applied::default();
         if let Some(stored) = Self::read_stored(&snapshots)? {
@@ -57,7 +59,9 @@ impl StateMachineStore {
                 .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?;
         }
         let (revision_tx, _) = watch::channel(applied.metadata.revision);
+        let history = History::new(history_capacity, applied.metadata.revision);
         Ok(Self {
+            history,
             applied: Arc::new(RwLock::new(applied)),
             db: db.clone(),
             snapshots,
@@ -74,6 +78,11 @@ impl StateMachineStore {
     /// Follows the last applied revision.
     pub fn revisions(&self) -> watch::Receiver<u64> {
         self.revision_tx.subscribe()
+    }
+
+    /// The change history watches replay from.
+    pub fn history(&self) -> History {
+        self.history.clone()
     }
 
     fn read_stored(snapshots: &sled::Tree) -> Result<Option<StoredSnapshot>, StorageError> {
@@ -144,6 +153,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let mut applied = self.applied.write().await;
         let mut outcomes = Vec::new();
+        let mut changes = Vec::new();
         for entry in entries {
             let revision = entry.log_id.index;
             applied.last_applied = Some(entry.log_id);
@@ -152,7 +162,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     applied.metadata.advance(revision);
                     Outcome::Unchanged { revision }
                 }
-                EntryPayload::Normal(proposal) => applied.metadata.apply(revision, &proposal),
+                EntryPayload::Normal(proposal) => {
+                    let outcome = applied.metadata.apply(revision, &proposal);
+                    if matches!(outcome, Outcome::Applied { revision: r } if r == revision) {
+                        changes.extend(applied.metadata.changes_at(revision, &proposal.command));
+                    }
+                    outcome
+                }
                 EntryPayload::Membership(membership) => {
                     applied.last_membership = StoredMembership::new(Some(entry.log_id), membership);
                     applied.metadata.advance(revision);
@@ -163,6 +179,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         let revision = applied.metadata.revision;
         drop(applied);
+        self.history.record(changes);
         self.revision_tx.send_replace(revision);
         Ok(outcomes)
     }
@@ -193,6 +210,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         })
         .await?;
         *self.applied.write().await = restored;
+        self.history.reset(revision);
         self.revision_tx.send_replace(revision);
         Ok(())
     }

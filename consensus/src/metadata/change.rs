@@ -1,0 +1,86 @@
+//! What a watcher sees: one [`Change`] per key a write modified, in revision order.
+
+use serde::{Deserialize, Serialize};
+
+use super::command::Command;
+use super::state::{MetadataState, ModelVersionRecord, SettingRecord, TaskRecord};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ChangeValue {
+    ModelVersion {
+        name: String,
+        version: String,
+        record: ModelVersionRecord,
+    },
+    Task {
+        name: String,
+        record: TaskRecord,
+    },
+    Setting {
+        key: String,
+        record: SettingRecord,
+    },
+}
+
+/// A key's new value, written at `revision`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub revision: u64,
+    pub key: String,
+    pub value: ChangeValue,
+}
+
+impl MetadataState {
+    /// The keys `command` modified at `revision` (empty if it changed nothing). Activating a
+    /// version also retires the previous one, so a model command may change several keys.
+    pub fn changes_at(&self, revision: u64, command: &Command) -> Vec<Change> {
+        match command {
+            Command::RegisterModelVersion { name, .. } | Command::SetModelState { name, .. } => {
+                self.models
+                    .get(name)
+                    .into_iter()
+                    .flat_map(|versions| versions.iter())
+                    .filter(|(_, record)| record.revisions.mod_revision == revision)
+                    .map(|(version, record)| Change {
+                        revision,
+                        key: format!("models/{name}/{version}"),
+                        value: ChangeValue::ModelVersion {
+                            name: name.clone(),
+                            version: version.clone(),
+                            record: record.clone(),
+                        },
+                    })
+                    .collect()
+            }
+            Command::SetTaskPriority { name, .. } => self
+                .tasks
+                .get(name)
+                .filter(|task| task.revisions.mod_revision == revision)
+                .map(|record| Change {
+                    revision,
+                    key: command.key(),
+                    value: ChangeValue::Task {
+                        name: name.clone(),
+                        record: record.clone(),
+                    },
+                })
+                .into_iter()
+                .collect(),
+            Command::SetSetting { key, .. } => self
+                .settings
+                .get(key)
+                .filter(|setting| setting.revisions.mod_revision == revision)
+                .map(|record| Change {
+                    revision,
+                    key: command.key(),
+                    value: ChangeValue::Setting {
+                        key: key.clone(),
+                        record: record.clone(),
+                    },
+                })
+                .into_iter()
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Watching metadata changes in revision order.
+//!
+//! [`Watch`] replays the history from a revision and then follows new changes. When the
+//! revision is older than the compaction point, or the watcher falls too far behind, it
+//! fails with [`WatchError`]; [`ResyncingWatch`] turns that into a fresh snapshot of the state
+//! and carries on, so no caller handles compaction by hand.
+
+use std::collections::VecDeque;
+
+use tokio::sync::broadcast;
+
+use crate::facade::Metadata;
+use crate::metadata::{Change, MetadataState};
+use crate::store::Replay;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WatchError {
+    #[error("revision {requested} is compacted; the history starts after revision {snapshot_revision}: resync from a snapshot")]
+    Compacted {
+        requested: u64,
+        snapshot_revision: u64,
+    },
+    #[error("the watcher fell behind and changes were dropped: resync from a snapshot")]
+    Lagged,
+    #[error("the node is shutting down")]
+    Closed,
+}
+
+pub struct Watch {
+    backlog: VecDeque<Change>,
+    live: broadcast::Receiver<Change>,
+}
+
+impl Watch {
+    pub(crate) fn new(replay: Replay) -> Self {
+        Self {
+            backlog: replay.backlog.into(),
+            live: replay.live,
+        }
+    }
+
+    /// The next change, in revision order.
+    pub async fn next(&mut self) -> Result<Change, WatchError> {
+        if let Some(change) = self.backlog.pop_front() {
+            return Ok(change);
+        }
+        match self.live.recv().await {
+            Ok(change) => Ok(change),
+            Err(broadcast::error::RecvError::Lagged(_)) => Err(WatchError::Lagged),
+            Err(broadcast::error::RecvError::Closed) => Err(WatchError::Closed),
+        }
+    }
+}
+
+/// What a resyncing watch yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchEvent {
+    /// The whole state as of `revision`: replace what you hold; changes after it follow.
+    Resync {
+        state: Box<MetadataState>,
+        revision: u64,
+    },
+    Change(Change),
+}
+
+/// A watch that resyncs from a snapshot of the state whenever the history cannot serve it.
+pub struct ResyncingWatch<'a> {
+    metadata: &'a Metadata,
+    watch: Option<Watch>,
+    from: u64,
+}
+
+impl<'a> ResyncingWatch<'a> {
+    pub(crate) fn new(metadata: &'a Metadata, from: u64) -> Self {
+        Self {
+            metadata,
+            watch: None,
+            from,
+        }
+    }
+
+    pub async fn next(&mut self) -> Result<WatchEvent, WatchError> {
+        let watch = match &mut self.watch {
+            Some(watch) => watch,
+            None => match self.metadata.watch(self.from) {
+                Ok(watch) => self.watch.insert(watch),
+                Err(WatchError::Compacted { .. }) => return Ok(self.resync().await),
+                Err(error) => return Err(error),
+            },
+        };
+        match watch.next().await {
+            Ok(change) => {
+                self.from = change.revision;
+                Ok(WatchEvent::Change(change))
+            }
+            Err(WatchError::Lagged | WatchError::Compacted { .. }) => Ok(self.resync().await),
+            Err(WatchError::Closed) => Err(WatchError::Closed),
+        }
+    }
+
+    async fn resync(&mut self) -> WatchEvent {
+        let (state, revision) = self.metadata.snapshot_state().await;
+        self.from = revision + 1;
+        self.watch = None;
+        WatchEvent::Resync {
+            state: Box::new(state),
+            revision,
+        }
+    }
+}
