@@ -322,9 +322,9 @@ async fn a_watch_from_a_compacted_revision_resyncs_without_caller_help() {
         propose_retrying(&nodes[0].metadata, priority(&format!("c{i}"), i)).await;
     }
     let follower = &nodes[2].metadata;
-    let target = nodes[0].metadata.status().applied_revision;
-    follower
-        .wait_applied(target, Duration::from_secs(10))
+    // A linearizable read waits until this node has applied every acknowledged write.
+    let target = follower
+        .read(ReadConsistency::Linearizable, |s| s.revision)
         .await
         .unwrap();
     match follower.watch(1) {
@@ -342,7 +342,12 @@ async fn a_watch_from_a_compacted_revision_resyncs_without_caller_help() {
     let WatchEvent::Resync { state, revision } = first else {
         panic!("expected a resync first, got {first:?}")
     };
-    assert_eq!(state.tasks.len(), 12);
+    assert_eq!(
+        state.tasks.len(),
+        12,
+        "tasks {:?} revision {revision} target {target}",
+        state.tasks.keys().collect::<Vec<_>>()
+    );
     assert!(revision >= target);
     propose_retrying(&nodes[1].metadata, priority("after-resync", 1)).await;
     let next = tokio::time::timeout(Duration::from_secs(10), watch.next())
