@@ -109,6 +109,8 @@ pub struct RaftStatus {
     pub last_log_index: u64,
     pub applied_revision: u64,
     pub snapshot_revision: u64,
+    /// Log entries up to here are deleted; a follower behind it needs a snapshot.
+    pub purged_revision: u64,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     pub nodes: BTreeMap<NodeId, NodeAddr>,
@@ -382,6 +384,19 @@ impl Metadata {
         (applied.metadata.clone(), applied.metadata.revision)
     }
 
+    /// sha256 of this node's serialised metadata and the revision it is at. Two nodes at
+    /// the same revision must have the same digest.
+    pub async fn state_digest(&self) -> (String, u64) {
+        use sha2::{Digest, Sha256};
+        let applied = self.applied.read().await;
+        // BTreeMaps serialise in key order, so equal states give equal bytes.
+        let bytes = serde_json::to_vec(&applied.metadata).unwrap_or_default();
+        (
+            hex::encode(Sha256::digest(bytes)),
+            applied.metadata.revision,
+        )
+    }
+
     /// Follows this node's applied revision.
     pub fn revisions(&self) -> watch::Receiver<u64> {
         self.revisions.clone()
@@ -489,6 +504,7 @@ impl Metadata {
             last_log_index: metrics.last_log_index.unwrap_or(0),
             applied_revision: metrics.last_applied.map_or(0, |l| l.index),
             snapshot_revision: metrics.snapshot.map_or(0, |l| l.index),
+            purged_revision: metrics.purged.map_or(0, |l| l.index),
             voters,
             learners,
             nodes,

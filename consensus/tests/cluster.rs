@@ -30,7 +30,17 @@ async fn start_node_with(
     dir: &TempDir,
     tweak: impl FnOnce(&mut MetadataConfig),
 ) -> TestNode {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_node_at(id, dir, "127.0.0.1:0", tweak).await
+}
+
+/// Starts (or restarts, with the same data dir) node `id` listening on `peer`.
+async fn start_node_at(
+    id: u64,
+    dir: &TempDir,
+    peer: &str,
+    tweak: impl FnOnce(&mut MetadataConfig),
+) -> TestNode {
+    let listener = tokio::net::TcpListener::bind(peer).await.unwrap();
     let peer_addr = listener.local_addr().unwrap().to_string();
     let addr = NodeAddr {
         api_addr: format!("api-of-{id}"),
@@ -358,4 +368,136 @@ async fn a_watch_from_a_compacted_revision_resyncs_without_caller_help() {
         matches!(next, WatchEvent::Change(ref c) if c.key == "tasks/after-resync" && c.revision > revision),
         "{next:?}"
     );
+}
+
+async fn stop_node(node: &mut TestNode) {
+    if let Some(stop) = node.stop_server.take() {
+        let _ = stop.send(());
+    }
+    node.metadata.shutdown().await.unwrap();
+}
+
+/// Waits until every node has applied `revision`, then returns their digests.
+async fn digests_at(nodes: &[&TestNode], revision: u64) -> Vec<(String, u64)> {
+    let mut digests = Vec::new();
+    for node in nodes {
+        node.metadata
+            .wait_applied(revision, Duration::from_secs(15))
+            .await
+            .unwrap();
+    }
+    for node in nodes {
+        digests.push(node.metadata.state_digest().await);
+    }
+    digests
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_conflicting_writers_leave_every_node_with_identical_state() {
+    let dir = TempDir::new().unwrap();
+    let nodes = three_nodes(&dir).await;
+    let mut writers = Vec::new();
+    for client in 0..8u32 {
+        let metadata = nodes[client as usize % 3].metadata.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..15u32 {
+                // Everybody fights over the same few tasks, settings and model versions.
+                let command = match i % 3 {
+                    0 => Command::SetTaskPriority {
+                        name: format!("task{}", i % 4),
+                        priority: (client * 100 + i) as i32,
+                    },
+                    1 => Command::SetSetting {
+                        key: format!("setting{}", i % 2),
+                        value: format!("{client}-{i}"),
+                    },
+                    _ => Command::RegisterModelVersion {
+                        name: "minilm".into(),
+                        version: format!("v{}", i % 5),
+                        digest: format!("{:064x}", client),
+                        size_bytes: u64::from(client),
+                        format: "safetensors".into(),
+                    },
+                };
+                propose_retrying(&metadata, Proposal::new(command)).await;
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let revision = nodes[0]
+        .metadata
+        .read(ReadConsistency::Linearizable, |s| s.revision)
+        .await
+        .unwrap();
+    let digests = digests_at(&nodes.iter().collect::<Vec<_>>(), revision).await;
+    assert!(digests.iter().all(|d| d == &digests[0]), "{digests:?}");
+    let mut orders = Vec::new();
+    for node in &nodes {
+        orders.push(
+            node.metadata
+                .read(ReadConsistency::Stale, |s| s.task_order())
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(orders.iter().all(|o| o == &orders[0]));
+    assert_eq!(orders[0].len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_that_missed_a_compaction_catches_up_by_snapshot() {
+    let dir = TempDir::new().unwrap();
+    let small_log = |config: &mut MetadataConfig| {
+        config.snapshot_every_entries = 10;
+        config.keep_entries_after_snapshot = 2;
+    };
+    let mut nodes = three_nodes_with(&dir, small_log).await;
+    let leader = nodes[0]
+        .metadata
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let lagging_index = nodes
+        .iter()
+        .position(|n| n.metadata.node_id() != leader)
+        .unwrap();
+    let lagging_id = nodes[lagging_index].metadata.node_id();
+    let lagging_peer = nodes[lagging_index].addr.peer_addr.clone();
+    let applied_when_stopped = nodes[lagging_index].metadata.status().applied_revision;
+    stop_node(&mut nodes[lagging_index]).await;
+
+    let writer = nodes
+        .iter()
+        .find(|n| n.metadata.node_id() == leader)
+        .unwrap()
+        .metadata
+        .clone();
+    for i in 0..60 {
+        propose_retrying(&writer, priority(&format!("while-away-{i}"), i)).await;
+    }
+    let status = writer.status();
+    assert!(
+        status.snapshot_revision > 0,
+        "the leader should have snapshotted: {status:?}"
+    );
+
+    nodes[lagging_index] = start_node_at(lagging_id, &dir, &lagging_peer, small_log).await;
+    let revision = writer
+        .read(ReadConsistency::Linearizable, |s| s.revision)
+        .await
+        .unwrap();
+    let digests = digests_at(&nodes.iter().collect::<Vec<_>>(), revision).await;
+    assert!(digests.iter().all(|d| d == &digests[0]), "{digests:?}");
+    let back = &nodes[lagging_index].metadata;
+    assert!(
+        back.status().snapshot_revision > 0,
+        "the returning follower should hold a snapshot"
+    );
+    let tasks = back
+        .read(ReadConsistency::Stale, |s| s.tasks.len())
+        .await
+        .unwrap();
+    assert_eq!(tasks, 60);
 }
