@@ -122,7 +122,12 @@ pub struct Metadata {
     applied: Arc<RwLock<Applied>>,
     revisions: watch::Receiver<u64>,
     history: store::History,
+    /// Alive while any sled handle is; shutdown waits for it so the database is closed.
+    open_handles: std::sync::Weak<()>,
 }
+
+/// How long shutdown waits for storage handles held by Raft's tasks to be released.
+const STORAGE_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Metadata {
     /// Opens the node's storage (rejoining with any Raft state already in `data_dir`) and
@@ -138,6 +143,7 @@ impl Metadata {
         let applied = state_machine.applied();
         let revisions = state_machine.revisions();
         let history = state_machine.history();
+        let open_handles = state_machine.open_handles();
         let network = PeerNetworkFactory {
             connect_timeout: config.forward_timeout,
         };
@@ -156,6 +162,7 @@ impl Metadata {
             applied,
             revisions,
             history,
+            open_handles,
         })
     }
 
@@ -511,11 +518,25 @@ impl Metadata {
         }
     }
 
-    /// Stops Raft; storage is flushed on every acknowledged write already.
+    /// Stops Raft, then waits until every storage handle is released, so the database is
+    /// flushed and closed (and its directory can be reopened) when this returns. Every
+    /// acknowledged write was flushed when it was acknowledged.
     pub async fn shutdown(&self) -> Result<(), MetadataError> {
         self.raft
             .shutdown()
             .await
-            .map_err(|e| MetadataError::Raft(e.to_string()))
+            .map_err(|e| MetadataError::Raft(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + STORAGE_CLOSE_TIMEOUT;
+        let mut poll = tokio::time::interval(Duration::from_millis(5));
+        while self.open_handles.strong_count() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(MetadataError::Timeout {
+                    what: "raft storage to close".into(),
+                    millis: STORAGE_CLOSE_TIMEOUT.as_millis() as u64,
+                });
+            }
+            poll.tick().await;
+        }
+        Ok(())
     }
 }

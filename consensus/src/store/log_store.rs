@@ -9,7 +9,7 @@ use std::ops::{Bound, RangeBounds};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError};
 
-use super::{blocking, LOG_TREE, META_TREE};
+use super::{blocking, OpenGuard, LOG_TREE, META_TREE};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 const VOTE_KEY: &[u8] = b"vote";
@@ -21,6 +21,7 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    guard: OpenGuard,
 }
 
 fn index_key(index: u64) -> [u8; 8] {
@@ -36,8 +37,9 @@ fn write_io(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl LogStore {
-    pub(super) fn new(db: &sled::Db) -> Result<Self, StorageError> {
+    pub(super) fn new(db: &sled::Db, guard: OpenGuard) -> Result<Self, StorageError> {
         Ok(Self {
+            guard,
             db: db.clone(),
             log: db.open_tree(LOG_TREE).map_err(read_io)?,
             meta: db.open_tree(META_TREE).map_err(read_io)?,
@@ -97,7 +99,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => None,
         };
         let log = self.log.clone();
-        blocking(move || {
+        blocking(&self.guard, move || {
             let iter = match end {
                 Some(end) if end <= start => return Ok(Vec::new()),
                 Some(end) => log.range(index_key(start)..index_key(end)),
@@ -119,7 +121,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let (log, meta) = (self.log.clone(), self.meta.clone());
-        blocking(move || {
+        blocking(&self.guard, move || {
             let last_purged_log_id: Option<LogId> = Self::read_meta(&meta, LAST_PURGED_KEY)?;
             let last = match log.last().map_err(read_io)? {
                 Some((_, bytes)) => Some(
@@ -143,23 +145,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         let (db, meta, vote) = (self.db.clone(), self.meta.clone(), *vote);
-        blocking(move || Self::write_meta(&db, &meta, VOTE_KEY, &vote)).await
+        blocking(&self.guard, move || {
+            Self::write_meta(&db, &meta, VOTE_KEY, &vote)
+        })
+        .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
         let meta = self.meta.clone();
-        blocking(move || Self::read_meta(&meta, VOTE_KEY)).await
+        blocking(&self.guard, move || Self::read_meta(&meta, VOTE_KEY)).await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         let (db, meta) = (self.db.clone(), self.meta.clone());
-        blocking(move || Self::write_meta(&db, &meta, COMMITTED_KEY, &committed)).await
+        blocking(&self.guard, move || {
+            Self::write_meta(&db, &meta, COMMITTED_KEY, &committed)
+        })
+        .await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
         let meta = self.meta.clone();
-        blocking(move || Ok(Self::read_meta::<Option<LogId>>(&meta, COMMITTED_KEY)?.flatten()))
-            .await
+        blocking(&self.guard, move || {
+            Ok(Self::read_meta::<Option<LogId>>(&meta, COMMITTED_KEY)?.flatten())
+        })
+        .await
     }
 
     async fn append<I>(
@@ -177,7 +187,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&index_key(entry.log_id.index), bytes);
         }
         let (db, log) = (self.db.clone(), self.log.clone());
-        let result = blocking(move || {
+        let result = blocking(&self.guard, move || {
             log.apply_batch(batch).map_err(write_io)?;
             db.flush().map_err(write_io)?;
             Ok(())
@@ -192,7 +202,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let (db, log) = (self.db.clone(), self.log.clone());
-        blocking(move || {
+        blocking(&self.guard, move || {
             Self::remove_range(&log, log_id.index, None)?;
             db.flush().map_err(write_io)?;
             Ok(())
@@ -202,7 +212,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let (db, log, meta) = (self.db.clone(), self.log.clone(), self.meta.clone());
-        blocking(move || {
+        blocking(&self.guard, move || {
             // Record the purge point first: a crash in between leaves extra entries, which
             // openraft tolerates, never a gap it cannot explain.
             Self::write_meta(&db, &meta, LAST_PURGED_KEY, &log_id)?;

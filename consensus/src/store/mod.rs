@@ -40,15 +40,27 @@ pub fn open_with_history(
         .mode(sled::Mode::HighThroughput)
         .open()
         .map_err(|e| openraft::StorageIOError::read(&e))?;
-    let log_store = LogStore::new(&db)?;
-    let state_machine = StateMachineStore::new(&db, watch_history)?;
+    let guard = OpenGuard::default();
+    let log_store = LogStore::new(&db, guard.clone())?;
+    let state_machine = StateMachineStore::new(&db, watch_history, guard)?;
     Ok((log_store, state_machine))
 }
 
-/// Runs blocking sled work off the async executor.
+/// Counts every live holder of a sled handle: the stores, their clones, and sled work in
+/// flight. When it drops to zero the database is closed and its file lock released.
+pub type OpenGuard = std::sync::Arc<()>;
+
+/// Runs blocking sled work off the async executor. The work holds `guard` until it ends, so
+/// a store is not reported closed while a flush is still running.
 async fn blocking<T: Send + 'static>(
+    guard: &OpenGuard,
     work: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, StorageError> {
+    let guard = guard.clone();
+    let work = move || {
+        let _guard = guard;
+        work()
+    };
     match tokio::task::spawn_blocking(work).await {
         Ok(result) => result,
         Err(join) => {

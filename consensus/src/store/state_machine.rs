@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, RwLock};
 
 use super::history::History;
-use super::{blocking, SNAPSHOT_TREE};
+use super::{blocking, OpenGuard, SNAPSHOT_TREE};
 use crate::metadata::{MetadataState, Outcome};
 use crate::types::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
@@ -44,6 +44,7 @@ pub struct StateMachineStore {
     /// The last applied revision, for readers that wait for "at least revision R".
     revision_tx: Arc<watch::Sender<u64>>,
     history: History,
+    guard: OpenGuard,
 }
 
 fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
@@ -51,7 +52,11 @@ fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl StateMachineStore {
-    pub(super) fn new(db: &sled::Db, history_capacity: usize) -> Result<Self, StorageError> {
+    pub(super) fn new(
+        db: &sled::Db,
+        history_capacity: usize,
+        guard: OpenGuard,
+    ) -> Result<Self, StorageError> {
         let snapshots = db.open_tree(SNAPSHOT_TREE).map_err(sm_read)?;
         let mut applied = Applied::default();
         if let Some(stored) = Self::read_stored(&snapshots)? {
@@ -61,6 +66,7 @@ impl StateMachineStore {
         let (revision_tx, _) = watch::channel(applied.metadata.revision);
         let history = History::new(history_capacity, applied.metadata.revision);
         Ok(Self {
+            guard,
             history,
             applied: Arc::new(RwLock::new(applied)),
             db: db.clone(),
@@ -80,6 +86,11 @@ impl StateMachineStore {
         self.revision_tx.subscribe()
     }
 
+    /// Observes whether any handle to the storage is still open.
+    pub fn open_handles(&self) -> std::sync::Weak<()> {
+        std::sync::Arc::downgrade(&self.guard)
+    }
+
     /// The change history watches replay from.
     pub fn history(&self) -> History {
         self.history.clone()
@@ -97,7 +108,7 @@ impl StateMachineStore {
         let bytes = serde_json::to_vec(&stored)
             .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
         let (db, snapshots) = (self.db.clone(), self.snapshots.clone());
-        blocking(move || {
+        blocking(&self.guard, move || {
             snapshots
                 .insert(CURRENT_SNAPSHOT_KEY, bytes)
                 .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
@@ -217,7 +228,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let snapshots = self.snapshots.clone();
-        let stored = blocking(move || Self::read_stored(&snapshots)).await?;
+        let stored = blocking(&self.guard, move || Self::read_stored(&snapshots)).await?;
         Ok(stored.map(|stored| Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
