@@ -446,6 +446,9 @@ async fn concurrent_conflicting_writers_leave_every_node_with_identical_state() 
     assert_eq!(orders[0].len(), 4);
 }
 
+/// openraft's leader never purges entries a down follower still needs, so a restarted
+/// follower would catch up from the log. A snapshot is needed once leadership moves to a node
+/// that compacted its own log while the follower was away: that is what this test builds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_follower_that_missed_a_compaction_catches_up_by_snapshot() {
     let dir = TempDir::new().unwrap();
@@ -459,45 +462,70 @@ async fn a_follower_that_missed_a_compaction_catches_up_by_snapshot() {
         .wait_for_leader(Duration::from_secs(10))
         .await
         .unwrap();
-    let lagging_index = nodes
-        .iter()
-        .position(|n| n.metadata.node_id() != leader)
-        .unwrap();
-    let lagging_id = nodes[lagging_index].metadata.node_id();
-    let lagging_peer = nodes[lagging_index].addr.peer_addr.clone();
-    let applied_when_stopped = nodes[lagging_index].metadata.status().applied_revision;
-    stop_node(&mut nodes[lagging_index]).await;
+    let leader_index = (leader - 1) as usize;
+    let away = (leader_index + 1) % 3;
+    let other = (leader_index + 2) % 3;
+    let away_id = nodes[away].metadata.node_id();
+    let away_peer = nodes[away].addr.peer_addr.clone();
+    let applied_when_stopped = nodes[away].metadata.status().applied_revision;
+    stop_node(&mut nodes[away]).await;
 
-    let writer = nodes
-        .iter()
-        .find(|n| n.metadata.node_id() == leader)
-        .unwrap()
-        .metadata
-        .clone();
+    let writer = nodes[leader_index].metadata.clone();
     for i in 0..60 {
         propose_retrying(&writer, priority(&format!("while-away-{i}"), i)).await;
     }
-    let status = writer.status();
-    assert!(
-        status.purged_revision > applied_when_stopped + 1,
-        "the leader must have purged entries the follower lacks, so only a snapshot can bring it back: {status:?}"
-    );
+    // The other follower snapshots and purges its own log as it applies.
+    let purged = {
+        let other = nodes[other].metadata.clone();
+        troupe_cluster_wait(|| {
+            let status = other.status();
+            (status.purged_revision > applied_when_stopped + 1).then_some(status.purged_revision)
+        })
+        .await
+    };
+    // Leadership moves to that follower: stop the leader, bring the stale node back.
+    stop_node(&mut nodes[leader_index]).await;
+    nodes[away] = start_node_at(away_id, &dir, &away_peer, small_log).await;
 
-    nodes[lagging_index] = start_node_at(lagging_id, &dir, &lagging_peer, small_log).await;
-    let revision = writer
-        .read(ReadConsistency::Linearizable, |s| s.revision)
-        .await
-        .unwrap();
-    let digests = digests_at(&nodes.iter().collect::<Vec<_>>(), revision).await;
-    assert!(digests.iter().all(|d| d == &digests[0]), "{digests:?}");
-    let back = &nodes[lagging_index].metadata;
+    let new_leader = nodes[other].metadata.clone();
+    let revision = loop {
+        match new_leader
+            .read(ReadConsistency::Linearizable, |s| s.revision)
+            .await
+        {
+            Ok(revision) => break revision,
+            Err(error)
+                if error.is_retryable() || matches!(error, MetadataError::Timeout { .. }) => {}
+            Err(error) => panic!("{error}"),
+        }
+    };
+    let digests = digests_at(&[&nodes[away], &nodes[other]], revision).await;
+    assert_eq!(digests[0], digests[1]);
+    let back = &nodes[away].metadata;
     assert!(
-        back.status().snapshot_revision > 0,
-        "the returning follower should hold a snapshot"
+        back.status().snapshot_revision >= purged,
+        "the returning node must hold a snapshot covering the purged entries"
     );
-    let tasks = back
-        .read(ReadConsistency::Stale, |s| s.tasks.len())
-        .await
-        .unwrap();
-    assert_eq!(tasks, 60);
+    assert_eq!(
+        back.read(ReadConsistency::Stale, |s| s.tasks.len())
+            .await
+            .unwrap(),
+        60
+    );
+}
+
+/// Polls `condition` every 10 ms for up to 15 s.
+async fn troupe_cluster_wait<T>(mut condition: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut poll = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        poll.tick().await;
+        if let Some(value) = condition() {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within 15 s"
+        );
+    }
 }
