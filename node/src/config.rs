@@ -36,6 +36,8 @@ pub struct RaftSettings {
     pub keep_entries_after_snapshot: u64,
     /// Limit for a write or read forwarded to the leader.
     pub forward_timeout_ms: u64,
+    /// Changes kept for watches to replay; a watch from before them must resync.
+    pub watch_history: usize,
 }
 
 impl Default for RaftSettings {
@@ -47,6 +49,7 @@ impl Default for RaftSettings {
             snapshot_every_entries: 10_000,
             keep_entries_after_snapshot: 1_000,
             forward_timeout_ms: 5_000,
+            watch_history: 10_000,
         }
     }
 }
@@ -216,6 +219,13 @@ impl NodeConfig {
                 "use e.g. 10000",
             );
         }
+        if raft.watch_history == 0 {
+            problem(
+                "raft.watch_history",
+                "must be positive".into(),
+                "use e.g. 10000",
+            );
+        }
         if raft.forward_timeout_ms == 0 {
             problem(
                 "raft.forward_timeout_ms",
@@ -248,6 +258,7 @@ impl NodeConfig {
         config.snapshot_every_entries = self.raft.snapshot_every_entries;
         config.keep_entries_after_snapshot = self.raft.keep_entries_after_snapshot;
         config.forward_timeout = Duration::from_millis(self.raft.forward_timeout_ms);
+        config.watch_history = self.raft.watch_history;
         config
     }
 }

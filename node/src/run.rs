@@ -39,6 +39,7 @@ pub struct RunningNode {
     pub peer_addr: SocketAddr,
     pub metadata: Arc<Metadata>,
     api_stop: oneshot::Sender<()>,
+    stopping: tokio::sync::watch::Sender<bool>,
     api_task: JoinHandle<Result<(), tonic::transport::Error>>,
     peer_stop: oneshot::Sender<()>,
     peer_task: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -88,7 +89,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             .await
     });
     let (api_stop, api_stopped) = oneshot::channel::<()>();
-    let admin = AdminServer::new(AdminService::new(metadata.clone()));
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let admin = AdminServer::new(AdminService::new(metadata.clone(), stopping));
     let api_task = tokio::spawn(async move {
         Server::builder()
             .add_service(admin)
@@ -102,6 +104,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         peer_addr,
         metadata,
         api_stop,
+        stopping: stopping_tx,
         api_task,
         peer_stop,
         peer_task,
@@ -129,6 +132,7 @@ impl RunningNode {
     /// Stops in a fixed order: stop accepting client RPCs, shut Raft down (every
     /// acknowledged write is already flushed), then close the peer port.
     pub async fn shutdown(self) -> Result<(), NodeError> {
+        self.stopping.send_replace(true);
         let _ = self.api_stop.send(());
         join("api", self.api_task).await?;
         self.metadata.shutdown().await?;

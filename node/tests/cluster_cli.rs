@@ -68,7 +68,21 @@ async fn a_three_node_cluster_through_the_cli() {
     ]))
     .await;
     assert!(init.status.success(), "{:?}", text(&init));
+    // Repeating init is harmless: on the same node it reports that nothing changed; on
+    // another member it succeeds whether or not that node has heard of the cluster yet
+    // (openraft accepts the identical membership on every member).
     let again = troupe(args(&[
+        "cluster",
+        "init",
+        "--addr",
+        &api[0],
+        "--members",
+        &members,
+    ]))
+    .await;
+    assert!(again.status.success(), "{:?}", text(&again));
+    assert!(text(&again).0.contains("already initialized"));
+    let elsewhere = troupe(args(&[
         "cluster",
         "init",
         "--addr",
@@ -77,8 +91,7 @@ async fn a_three_node_cluster_through_the_cli() {
         &members,
     ]))
     .await;
-    assert!(again.status.success(), "{:?}", text(&again));
-    assert!(text(&again).0.contains("already initialized"));
+    assert!(elsewhere.status.success(), "{:?}", text(&elsewhere));
     nodes[2]
         .metadata
         .wait_for_leader(Duration::from_secs(10))
@@ -295,5 +308,123 @@ fn config_check_names_each_bad_field_and_the_fix() {
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_stream_replays_in_order_and_refuses_compacted_revisions() {
+    use troupe_proto::v1::admin_client::AdminClient;
+    use troupe_proto::v1::{SetPriorityRequest, WatchRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        id: 1,
+        api: "127.0.0.1:0".into(),
+        peer: "127.0.0.1:0".into(),
+        metrics: "127.0.0.1:1".into(),
+        data_dir: dir.path().join("node1"),
+        raft: troupe::config::RaftSettings {
+            watch_history: 5,
+            ..Default::default()
+        },
+    };
+    let node = troupe::start(config).await.unwrap();
+    let api = node.api_addr.to_string();
+    let member = format!("1={}@{}", node.peer_addr, node.api_addr);
+    let init = troupe(args(&[
+        "cluster",
+        "init",
+        "--addr",
+        &api,
+        "--members",
+        &member,
+    ]))
+    .await;
+    assert!(init.status.success(), "{:?}", text(&init));
+    node.metadata
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let mut client = AdminClient::connect(format!("http://{api}")).await.unwrap();
+    let mut stream = client
+        .watch(WatchRequest { from_revision: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        client
+            .set_priority(SetPriorityRequest {
+                name: (*name).into(),
+                priority: i as i32,
+                expected_revision: None,
+                request_id: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let mut last = 0;
+    for name in ["a", "b", "c"] {
+        let change = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(change.key, format!("tasks/{name}"));
+        assert!(change.revision > last);
+        last = change.revision;
+        let value: serde_json::Value = serde_json::from_str(&change.value_json).unwrap();
+        assert_eq!(value["kind"], "task");
+    }
+
+    for i in 0..6 {
+        client
+            .set_priority(SetPriorityRequest {
+                name: format!("more{i}"),
+                priority: 1,
+                expected_revision: None,
+                request_id: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let status = client
+        .watch(WatchRequest { from_revision: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    let snapshot_revision: u64 = status
+        .metadata()
+        .get("x-troupe-snapshot-revision")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(snapshot_revision > last, "{status:?}");
+    // Resuming after the compaction point works.
+    client
+        .watch(WatchRequest {
+            from_revision: snapshot_revision + 1,
+        })
+        .await
+        .unwrap();
+    // Shutdown ends open watch streams instead of waiting for them: the buffered changes
+    // arrive, then the stream ends.
+    node.shutdown().await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status.code()),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends after shutdown");
+    assert!(
+        matches!(ended, None | Some(tonic::Code::Unavailable)),
+        "{ended:?}"
     );
 }

@@ -12,18 +12,24 @@ use troupe_proto::v1::{
     AddLearnerRequest, ClusterInitRequest, ClusterInitResponse, ListModelsResponse,
     ListPrioritiesResponse, Member, MembershipResponse, ModelVersionEntry, NodeRef,
     NodeStatusRequest, NodeStatusResponse, ReadRequest, RegisterModelRequest, SetPriorityRequest,
-    TaskPriorityEntry, WriteResponse,
+    TaskPriorityEntry, WatchRequest, WatchResponse, WriteResponse,
 };
 
-use super::status::{metadata_error, write_outcome};
+use super::status::{metadata_error, watch_error, write_outcome};
+
+/// Changes buffered per watch stream before the sender waits for the client.
+const WATCH_STREAM_BUFFER: usize = 256;
 
 pub struct AdminService {
     metadata: Arc<Metadata>,
+    /// Becomes true when the node stops; open watch streams end then, so they do not hold
+    /// graceful shutdown open.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AdminService {
-    pub fn new(metadata: Arc<Metadata>) -> Self {
-        Self { metadata }
+    pub fn new(metadata: Arc<Metadata>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { metadata, stopping }
     }
 
     fn membership(&self) -> MembershipResponse {
@@ -97,6 +103,49 @@ fn check_member(member: Option<Member>) -> Result<(u64, NodeAddr), Status> {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    type WatchStream = tonic::codegen::BoxStream<WatchResponse>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let from = request.into_inner().from_revision;
+        let mut watch = self.metadata.watch(from).map_err(watch_error)?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(WATCH_STREAM_BUFFER);
+        let mut stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = watch.next() => next,
+                    _ = async { drop(stopping.wait_for(|stopping| *stopping).await) } => {
+                        let _ = sender.send(Err(Status::unavailable("the node is shutting down: reconnect to another node"))).await;
+                        return;
+                    }
+                };
+                let item = match next {
+                    Ok(change) => match serde_json::to_string(&change.value) {
+                        Ok(value_json) => Ok(WatchResponse {
+                            revision: change.revision,
+                            key: change.key,
+                            value_json,
+                        }),
+                        Err(error) => {
+                            Err(Status::internal(format!("cannot encode change: {error}")))
+                        }
+                    },
+                    Err(error) => Err(watch_error(error)),
+                };
+                let last = item.is_err();
+                // The client went away, or the stream ended with an error: stop.
+                if sender.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        let stream = tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(receiver);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     #[tracing::instrument(skip_all, fields(node_id = self.metadata.node_id()))]
     async fn cluster_init(
         &self,

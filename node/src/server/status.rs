@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 use troupe_consensus::metadata::{Outcome, Rejection};
-use troupe_consensus::MetadataError;
+use troupe_consensus::{MetadataError, WatchError};
 
 pub fn metadata_error(error: MetadataError) -> Status {
     let code = match &error {
@@ -32,5 +32,23 @@ pub fn write_outcome(outcome: Outcome) -> Result<(u64, bool), Status> {
             Rejection::VersionExists { .. } => Status::already_exists(reason.to_string()),
             Rejection::Invalid { .. } => Status::invalid_argument(reason.to_string()),
         }),
+    }
+}
+
+pub fn watch_error(error: WatchError) -> Status {
+    match error {
+        WatchError::Compacted {
+            snapshot_revision, ..
+        } => {
+            let mut status = Status::out_of_range(format!("{error}"));
+            if let Ok(value) = snapshot_revision.to_string().parse() {
+                status
+                    .metadata_mut()
+                    .insert("x-troupe-snapshot-revision", value);
+            }
+            status
+        }
+        WatchError::Lagged => Status::out_of_range(error.to_string()),
+        WatchError::Closed => Status::unavailable(error.to_string()),
     }
 }
