@@ -20,6 +20,27 @@ async fn start_node(id: u64, dir: &tempfile::TempDir) -> RunningNode {
     troupe::start(config).await.unwrap()
 }
 
+/// Forms a one-node cluster through the CLI and waits for it to lead; returns its API address.
+async fn init_single(node: &RunningNode) -> String {
+    let api = node.api_addr.to_string();
+    let member = format!("1={}@{}", node.peer_addr, node.api_addr);
+    let init = troupe(args(&[
+        "cluster",
+        "init",
+        "--addr",
+        &api,
+        "--members",
+        &member,
+    ]))
+    .await;
+    assert!(init.status.success(), "{:?}", text(&init));
+    node.metadata
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    api
+}
+
 async fn troupe(args: Vec<String>) -> Output {
     tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_troupe"))
@@ -235,22 +256,7 @@ async fn a_three_node_cluster_through_the_cli() {
 async fn a_node_rejoins_with_its_data_dir() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(1, &dir).await;
-    let api = node.api_addr.to_string();
-    let member = format!("1={}@{}", node.peer_addr, node.api_addr);
-    let init = troupe(args(&[
-        "cluster",
-        "init",
-        "--addr",
-        &api,
-        "--members",
-        &member,
-    ]))
-    .await;
-    assert!(init.status.success(), "{:?}", text(&init));
-    node.metadata
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
+    let api = init_single(&node).await;
     let set = troupe(args(&["priorities", "set", "kept", "3", "--addr", &api])).await;
     assert!(set.status.success(), "{:?}", text(&set));
     node.shutdown().await.unwrap();
@@ -329,22 +335,7 @@ async fn the_watch_stream_replays_in_order_and_refuses_compacted_revisions() {
         },
     };
     let node = troupe::start(config).await.unwrap();
-    let api = node.api_addr.to_string();
-    let member = format!("1={}@{}", node.peer_addr, node.api_addr);
-    let init = troupe(args(&[
-        "cluster",
-        "init",
-        "--addr",
-        &api,
-        "--members",
-        &member,
-    ]))
-    .await;
-    assert!(init.status.success(), "{:?}", text(&init));
-    node.metadata
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
+    let api = init_single(&node).await;
 
     let mut client = AdminClient::connect(format!("http://{api}")).await.unwrap();
     let mut stream = client

@@ -95,7 +95,14 @@ fn matmul(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
     assert_eq!(w.len(), k * n, "linear: weight is not [in, out]");
     let mut out = vec![0.0f32; rows * n];
     let threads = rayon::current_num_threads();
-    if threads == 1 || rows * n * k <= SERIAL_GEMM_WORK {
+    let whole = if threads == 1 || rows * n * k <= SERIAL_GEMM_WORK {
+        Some(Parallelism::None)
+    } else if rows >= LARGE_GEMM_ROWS {
+        Some(Parallelism::Rayon(threads))
+    } else {
+        None
+    };
+    if let Some(parallelism) = whole {
         // SAFETY: the buffers have the lengths asserted above; the strides describe
         // row-major matrices of exactly those shapes.
         unsafe {
@@ -107,23 +114,7 @@ fn matmul(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
                 (k, 1),
                 w.as_ptr(),
                 (n, 1),
-                Parallelism::None,
-            );
-        }
-        return out;
-    }
-    if rows >= LARGE_GEMM_ROWS {
-        // SAFETY: as above.
-        unsafe {
-            gemm_f32(
-                (rows, n, k),
-                out.as_mut_ptr(),
-                n,
-                x.as_ptr(),
-                (k, 1),
-                w.as_ptr(),
-                (n, 1),
-                Parallelism::Rayon(threads),
+                parallelism,
             );
         }
         return out;

@@ -7,7 +7,7 @@ use serde::Serialize;
 use troupe_models::fetch::{self, FetchOptions};
 use troupe_proto::v1::{ReadRequest, RegisterModelRequest};
 
-use super::remote::{admin, block_on, print_json};
+use super::remote::{admin, block_on, print_json, print_write, WriteOptions};
 use crate::error::CliError;
 
 #[derive(Debug, Subcommand)]
@@ -34,14 +34,8 @@ pub struct RegisterArgs {
     pub size: u64,
     #[arg(long, default_value = "safetensors")]
     pub format: String,
-    #[arg(long)]
-    pub expected_revision: Option<u64>,
-    #[arg(long)]
-    pub request_id: Option<String>,
-    #[arg(long)]
-    pub addr: String,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub write: WriteOptions,
 }
 
 #[derive(Debug, Args)]
@@ -94,7 +88,8 @@ pub fn run(command: ModelsCommand) -> Result<(), CliError> {
 }
 
 async fn register(args: RegisterArgs) -> Result<(), CliError> {
-    let reply = admin(&args.addr)
+    let write = args.write;
+    let reply = admin(&write.addr)
         .await?
         .register_model(RegisterModelRequest {
             name: args.name,
@@ -102,18 +97,12 @@ async fn register(args: RegisterArgs) -> Result<(), CliError> {
             digest: args.digest.to_lowercase(),
             size_bytes: args.size,
             format: args.format,
-            expected_revision: args.expected_revision,
-            request_id: args.request_id.unwrap_or_default(),
+            expected_revision: write.expected_revision,
+            request_id: write.request_id.unwrap_or_default(),
         })
         .await?
         .into_inner();
-    if args.json {
-        return print_json(
-            &serde_json::json!({"revision": reply.revision, "changed": reply.changed}),
-        );
-    }
-    println!("{}", reply.revision);
-    Ok(())
+    print_write(&reply, write.json)
 }
 
 async fn list(args: ListArgs) -> Result<(), CliError> {

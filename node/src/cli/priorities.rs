@@ -4,7 +4,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use troupe_proto::v1::{ReadRequest, SetPriorityRequest};
 
-use super::remote::{admin, block_on, print_json};
+use super::remote::{admin, block_on, print_json, print_write, WriteOptions};
 use crate::error::CliError;
 
 #[derive(Debug, Subcommand)]
@@ -20,16 +20,8 @@ pub struct SetArgs {
     pub name: String,
     #[arg(allow_hyphen_values = true)]
     pub priority: i32,
-    /// Apply only if the task is at this revision (0: it must not exist yet).
-    #[arg(long)]
-    pub expected_revision: Option<u64>,
-    /// Idempotency key: a retry with the same key applies once.
-    #[arg(long)]
-    pub request_id: Option<String>,
-    #[arg(long)]
-    pub addr: String,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub write: WriteOptions,
 }
 
 #[derive(Debug, Args)]
@@ -55,24 +47,18 @@ pub fn run(command: PrioritiesCommand) -> Result<(), CliError> {
     block_on(async move {
         match command {
             PrioritiesCommand::Set(args) => {
-                let reply = admin(&args.addr)
+                let write = args.write;
+                let reply = admin(&write.addr)
                     .await?
                     .set_priority(SetPriorityRequest {
                         name: args.name,
                         priority: args.priority,
-                        expected_revision: args.expected_revision,
-                        request_id: args.request_id.unwrap_or_default(),
+                        expected_revision: write.expected_revision,
+                        request_id: write.request_id.unwrap_or_default(),
                     })
                     .await?
                     .into_inner();
-                if args.json {
-                    print_json(
-                        &serde_json::json!({"revision": reply.revision, "changed": reply.changed}),
-                    )
-                } else {
-                    println!("{}", reply.revision);
-                    Ok(())
-                }
+                print_write(&reply, write.json)
             }
             PrioritiesCommand::List(args) => {
                 let reply = admin(&args.addr)

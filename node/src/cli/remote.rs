@@ -74,3 +74,31 @@ pub fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
     println!("{text}");
     Ok(())
 }
+
+/// Options every metadata write takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WriteOptions {
+    /// Apply only if the key is at this revision (0: it must not exist yet). A lost
+    /// compare-and-set exits 3.
+    #[arg(long)]
+    pub expected_revision: Option<u64>,
+    /// Idempotency key: a retry with the same key applies once and gets the first result.
+    #[arg(long)]
+    pub request_id: Option<String>,
+    /// API address of any node; followers forward writes to the leader.
+    #[arg(long)]
+    pub addr: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints a write's result: the revision, or JSON with `--json`.
+pub fn print_write(reply: &troupe_proto::v1::WriteResponse, json: bool) -> Result<(), CliError> {
+    if json {
+        return print_json(
+            &serde_json::json!({"revision": reply.revision, "changed": reply.changed}),
+        );
+    }
+    println!("{}", reply.revision);
+    Ok(())
+}
