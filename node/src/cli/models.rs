@@ -7,7 +7,7 @@ use serde::Serialize;
 use troupe_models::fetch::{self, FetchOptions};
 use troupe_proto::v1::{ReadRequest, RegisterModelRequest};
 
-use super::remote::{admin, block_on, print_json, print_write, WriteOptions};
+use super::remote::{admin, block_on, print_json, print_write, ListArgs, WriteOptions};
 use crate::error::CliError;
 
 #[derive(Debug, Subcommand)]
@@ -36,17 +36,6 @@ pub struct RegisterArgs {
     pub format: String,
     #[command(flatten)]
     pub write: WriteOptions,
-}
-
-#[derive(Debug, Args)]
-pub struct ListArgs {
-    #[arg(long)]
-    pub addr: String,
-    /// Read this node's local state without the leader.
-    #[arg(long)]
-    pub stale: bool,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(Serialize)]

@@ -4,7 +4,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use troupe_proto::v1::{ReadRequest, SetPriorityRequest};
 
-use super::remote::{admin, block_on, print_json, print_write, WriteOptions};
+use super::remote::{admin, block_on, print_json, print_write, ListArgs, WriteOptions};
 use crate::error::CliError;
 
 #[derive(Debug, Subcommand)]
@@ -22,17 +22,6 @@ pub struct SetArgs {
     pub priority: i32,
     #[command(flatten)]
     pub write: WriteOptions,
-}
-
-#[derive(Debug, Args)]
-pub struct ListArgs {
-    #[arg(long)]
-    pub addr: String,
-    /// Read this node's local state without the leader.
-    #[arg(long)]
-    pub stale: bool,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(Serialize)]

@@ -102,3 +102,16 @@ pub fn print_write(reply: &troupe_proto::v1::WriteResponse, json: bool) -> Resul
     println!("{}", reply.revision);
     Ok(())
 }
+
+/// Options every metadata listing takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListArgs {
+    /// API address of any node.
+    #[arg(long)]
+    pub addr: String,
+    /// Read this node's local state without the leader (may lag).
+    #[arg(long)]
+    pub stale: bool,
+    #[arg(long)]
+    pub json: bool,
+}
