@@ -88,6 +88,7 @@ pub struct WriteOptions {
     /// API address of any node; followers forward writes to the leader.
     #[arg(long)]
     pub addr: String,
+    /// Print `{"revision": R, "changed": bool}` instead of the bare revision.
     #[arg(long)]
     pub json: bool,
 }
@@ -112,6 +113,7 @@ pub struct ListArgs {
     /// Read this node's local state without the leader (may lag).
     #[arg(long)]
     pub stale: bool,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
