@@ -22,7 +22,7 @@ pub struct NodeArgs {
     /// Peer gRPC address (Raft).
     #[arg(long, value_name = "ADDR")]
     pub peer: Option<String>,
-    /// Metrics HTTP address.
+    /// Metrics HTTP address (checked and reserved; the /metrics endpoint is not served yet).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
     /// Data directory; a directory holding Raft state rejoins with it.
