@@ -156,10 +156,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         blocking(&self.guard, move || Self::read_meta(&meta, VOTE_KEY)).await
     }
 
+    /// Records the commit point without a flush of its own: it only saves re-applying entries
+    /// after a restart, and a stale value is safe (openraft re-derives the commit point), so it
+    /// rides along with the next flush instead of costing one per commit.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        let (db, meta) = (self.db.clone(), self.meta.clone());
+        let meta = self.meta.clone();
         blocking(&self.guard, move || {
-            Self::write_meta(&db, &meta, COMMITTED_KEY, &committed)
+            let bytes = serde_json::to_vec(&committed).map_err(write_io)?;
+            meta.insert(COMMITTED_KEY, bytes).map_err(write_io)?;
+            Ok(())
         })
         .await
     }
