@@ -15,6 +15,9 @@ use crate::error::CliError;
 pub enum BenchCommand {
     /// Time the inference engine end to end (tokenise, forward, pool, normalise).
     Engine(EngineArgs),
+    /// Put throughput and latency, contended CAS and leader failover of the metadata store,
+    /// with the same workload against etcd in the same run (`--etcd`).
+    Raft(super::bench_raft::RaftArgs),
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +59,7 @@ struct Report {
 pub fn run(command: BenchCommand) -> Result<(), CliError> {
     match command {
         BenchCommand::Engine(args) => engine(args),
+        BenchCommand::Raft(args) => super::bench_raft::run(args),
     }
 }
 

@@ -3,6 +3,7 @@
 //! line on stderr and a non-zero exit.
 
 mod bench;
+mod bench_raft;
 mod cluster;
 mod config_check;
 mod embed;
@@ -10,6 +11,7 @@ mod models;
 mod node;
 mod priorities;
 mod remote;
+mod settings;
 
 use std::path::PathBuf;
 
@@ -39,6 +41,9 @@ pub enum Command {
     /// Task priorities (Raft-ordered).
     #[command(subcommand)]
     Priorities(priorities::PrioritiesCommand),
+    /// Cluster settings (Raft-ordered).
+    #[command(subcommand)]
+    Settings(settings::SettingsCommand),
     /// Models: fetch weights into the local cache; register and list versions in the cluster.
     #[command(subcommand)]
     Models(models::ModelsCommand),
@@ -47,7 +52,8 @@ pub enum Command {
     Config(config_check::ConfigCommand),
     /// Embed texts locally (no cluster): one text per line in, one JSON array per line out.
     Embed(embed::EmbedArgs),
-    /// Benchmarks: `troupe bench engine` times the inference engine.
+    /// Benchmarks: `troupe bench engine` times the inference engine; `troupe bench raft` the
+    /// metadata store, side by side with etcd.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
@@ -141,6 +147,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Node(args) => node::run(args),
         Command::Cluster(command) => cluster::run(command),
         Command::Priorities(command) => priorities::run(command),
+        Command::Settings(command) => settings::run(command),
         Command::Config(command) => config_check::run(command),
         Command::Models(command) => models::run(command),
         Command::Embed(args) => embed::run(args),

@@ -4,14 +4,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use troupe_consensus::metadata::SettingRecord;
 use troupe_consensus::metadata::{Command, Proposal};
 use troupe_consensus::types::NodeAddr;
 use troupe_consensus::{Metadata, ReadConsistency};
 use troupe_proto::v1::admin_server::Admin;
 use troupe_proto::v1::{
-    AddLearnerRequest, ClusterInitRequest, ClusterInitResponse, ListModelsResponse,
-    ListPrioritiesResponse, Member, MembershipResponse, ModelVersionEntry, NodeRef,
-    NodeStatusRequest, NodeStatusResponse, ReadRequest, RegisterModelRequest, SetPriorityRequest,
+    AddLearnerRequest, ClusterInitRequest, ClusterInitResponse, GetSettingRequest,
+    GetSettingResponse, ListModelsResponse, ListPrioritiesResponse, ListSettingsResponse, Member,
+    MembershipResponse, ModelVersionEntry, NodeRef, NodeStatusRequest, NodeStatusResponse,
+    ReadRequest, RegisterModelRequest, SetPriorityRequest, SetSettingRequest, SettingEntry,
     TaskPriorityEntry, WatchRequest, WatchResponse, WriteResponse,
 };
 
@@ -68,6 +70,15 @@ fn consistency(request: &ReadRequest) -> ReadConsistency {
         ReadConsistency::Stale
     } else {
         ReadConsistency::Linearizable
+    }
+}
+
+fn setting_entry(key: &str, record: &SettingRecord) -> SettingEntry {
+    SettingEntry {
+        key: key.to_owned(),
+        value: record.value.clone(),
+        create_revision: record.revisions.create_revision,
+        mod_revision: record.revisions.mod_revision,
     }
 }
 
@@ -293,6 +304,60 @@ impl Admin for AdminService {
         };
         self.write(command, request.expected_revision, request.request_id)
             .await
+    }
+
+    #[tracing::instrument(skip_all, fields(node_id = self.metadata.node_id()))]
+    async fn set_setting(
+        &self,
+        request: Request<SetSettingRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let request = request.into_inner();
+        let command = Command::SetSetting {
+            key: request.key,
+            value: request.value,
+        };
+        self.write(command, request.expected_revision, request.request_id)
+            .await
+    }
+
+    async fn get_setting(
+        &self,
+        request: Request<GetSettingRequest>,
+    ) -> Result<Response<GetSettingResponse>, Status> {
+        let request = request.into_inner();
+        let consistency = consistency(&request.read.unwrap_or_default());
+        let (setting, revision) = self
+            .metadata
+            .read(consistency, |state| {
+                let setting = state
+                    .settings
+                    .get(&request.key)
+                    .map(|record| setting_entry(&request.key, record));
+                (setting, state.revision)
+            })
+            .await
+            .map_err(metadata_error)?;
+        Ok(Response::new(GetSettingResponse { setting, revision }))
+    }
+
+    async fn list_settings(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> Result<Response<ListSettingsResponse>, Status> {
+        let consistency = consistency(request.get_ref());
+        let (settings, revision) = self
+            .metadata
+            .read(consistency, |state| {
+                let settings = state
+                    .settings
+                    .iter()
+                    .map(|(key, record)| setting_entry(key, record))
+                    .collect();
+                (settings, state.revision)
+            })
+            .await
+            .map_err(metadata_error)?;
+        Ok(Response::new(ListSettingsResponse { settings, revision }))
     }
 
     async fn list_models(

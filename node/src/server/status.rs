@@ -4,6 +4,9 @@ use tonic::{Code, Status};
 use troupe_consensus::metadata::{Outcome, Rejection};
 use troupe_consensus::{MetadataError, WatchError};
 
+/// Metadata on an ABORTED (lost compare-and-set) status: the key's current revision.
+pub const CURRENT_REVISION_HEADER: &str = "x-troupe-current-revision";
+
 pub fn metadata_error(error: MetadataError) -> Status {
     let code = match &error {
         MetadataError::NoLeader
@@ -24,9 +27,20 @@ pub fn write_outcome(outcome: Outcome) -> Result<(u64, bool), Status> {
     match outcome {
         Outcome::Applied { revision } => Ok((revision, true)),
         Outcome::Unchanged { revision } => Ok((revision, false)),
-        Outcome::Conflict { key, current_revision } => Err(Status::aborted(format!(
-            "compare-and-set lost: {key} is at revision {current_revision}; re-read it and retry with --expected-revision {current_revision}"
-        ))),
+        Outcome::Conflict {
+            key,
+            current_revision,
+        } => {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert(CURRENT_REVISION_HEADER, current_revision.into());
+            Err(Status::with_metadata(
+                Code::Aborted,
+                format!(
+                    "compare-and-set lost: {key} is at revision {current_revision}; re-read it and retry with --expected-revision {current_revision}"
+                ),
+                metadata,
+            ))
+        }
         Outcome::Rejected { reason } => Err(match reason {
             Rejection::UnknownModelVersion { .. } => Status::not_found(reason.to_string()),
             Rejection::VersionExists { .. } => Status::already_exists(reason.to_string()),

@@ -1,0 +1,372 @@
+//! `troupe bench raft`: the metadata store's put throughput and latency, contended
+//! compare-and-set, and leader failover, run with the identical workload against troupe and,
+//! in the same run, against etcd (the workload of shared/peers/etcd_bench.py).
+
+mod phases;
+mod store;
+
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use self::phases::{CasResult, FailoverResult, PutResult, Workload};
+use self::store::{Kind, Store};
+use super::remote::print_json;
+use crate::error::CliError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Phase {
+    Put,
+    Cas,
+    Failover,
+}
+
+#[derive(Debug, Args)]
+pub struct RaftArgs {
+    /// API addresses of the troupe nodes, comma-separated (all members, so failover can find
+    /// the survivors).
+    #[arg(long, value_delimiter = ',')]
+    pub addr: Vec<String>,
+    /// Client endpoints of an etcd cluster to run the identical workload against, in the same
+    /// run (e.g. from shared/peers/etcd3.sh endpoints).
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Concurrent clients for the put phase, each a closed loop on one shared channel.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 64])]
+    pub clients: Vec<usize>,
+    /// Measured seconds per put point and for the CAS phase.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Unmeasured seconds before each measured window.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    /// Bytes per put value.
+    #[arg(long, default_value_t = 256)]
+    pub value_size: usize,
+    /// Distinct keys per put client.
+    #[arg(long, default_value_t = 1000)]
+    pub keyspace: usize,
+    /// Clients in the CAS phase.
+    #[arg(long, default_value_t = 16)]
+    pub cas_clients: usize,
+    /// Keys the CAS clients contend on.
+    #[arg(long, default_value_t = 8)]
+    pub cas_keys: usize,
+    /// Leader kills in the failover phase.
+    #[arg(long, default_value_t = 5)]
+    pub failover_rounds: usize,
+    /// Shell command that kill -9s troupe member {n} (1-based, --addr order; also {i}, {ep}).
+    #[arg(long, value_name = "TEMPLATE")]
+    pub kill_cmd: Option<String>,
+    /// Shell command that restarts troupe member {n} on its data dir.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub restart_cmd: Option<String>,
+    /// As --kill-cmd, for etcd member {n} (--etcd order).
+    #[arg(long, value_name = "TEMPLATE")]
+    pub etcd_kill_cmd: Option<String>,
+    /// As --restart-cmd, for etcd.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub etcd_restart_cmd: Option<String>,
+    /// Phases to run, in this order.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Phase::Put, Phase::Cas, Phase::Failover])]
+    pub phases: Vec<Phase>,
+    /// Deadline of each put, read and CAS.
+    #[arg(long, default_value_t = 5.0)]
+    pub rpc_timeout: f64,
+    /// Seconds between failover probe puts.
+    #[arg(long, default_value_t = 0.02)]
+    pub probe_interval: f64,
+    /// Deadline of each failover probe.
+    #[arg(long, default_value_t = 2.0)]
+    pub probe_timeout: f64,
+    /// Seconds before each kill and after each restart.
+    #[arg(long, default_value_t = 2.0)]
+    pub settle: f64,
+    /// Print one JSON document instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Everything measured against one store.
+#[derive(Debug, Serialize)]
+pub struct StoreReport {
+    store: Kind,
+    endpoints: Vec<String>,
+    put: Vec<PutResult>,
+    cas: Option<CasResult>,
+    failover: Option<FailoverResult>,
+    /// Why a requested phase did not run.
+    skipped: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    value_size: usize,
+    seconds: f64,
+    stores: Vec<StoreReport>,
+}
+
+fn seconds(flag: &str, value: f64) -> Result<Duration, CliError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(CliError::Usage(format!(
+            "--{flag} {value} must be a number of seconds >= 0"
+        )))
+    }
+}
+
+impl RaftArgs {
+    fn workload(&self) -> Result<Workload, CliError> {
+        if self.addr.is_empty() && self.etcd.is_empty() {
+            return Err(CliError::Usage(
+                "nothing to measure: give --addr with troupe's API addresses and/or --etcd with etcd's endpoints".into(),
+            ));
+        }
+        if self.clients.contains(&0) || self.cas_clients == 0 || self.cas_keys == 0 {
+            return Err(CliError::Usage(
+                "--clients, --cas-clients and --cas-keys must be >= 1".into(),
+            ));
+        }
+        if self.value_size < 16 || self.keyspace == 0 {
+            return Err(CliError::Usage(
+                "--value-size must be >= 16 (the value starts with a 16-digit sequence number) and --keyspace >= 1".into(),
+            ));
+        }
+        let duration = seconds("seconds", self.seconds)?;
+        if duration.is_zero() {
+            return Err(CliError::Usage("--seconds must be > 0".into()));
+        }
+        Ok(Workload {
+            duration,
+            warmup: seconds("warmup", self.warmup)?,
+            value_size: self.value_size,
+            keyspace: self.keyspace,
+            cas_clients: self.cas_clients,
+            cas_keys: self.cas_keys,
+            failover_rounds: self.failover_rounds,
+            rpc_timeout: seconds("rpc-timeout", self.rpc_timeout)?,
+            probe_interval: seconds("probe-interval", self.probe_interval)?
+                .max(Duration::from_millis(1)),
+            probe_timeout: seconds("probe-timeout", self.probe_timeout)?,
+            settle: seconds("settle", self.settle)?,
+        })
+    }
+}
+
+struct Target {
+    store: Store,
+    kill_cmd: Option<String>,
+    restart_cmd: Option<String>,
+    report: StoreReport,
+}
+
+pub fn run(args: RaftArgs) -> Result<(), CliError> {
+    let workload = args.workload()?;
+    let mut targets = Vec::new();
+    for (kind, endpoints, kill_cmd, restart_cmd) in [
+        (Kind::Troupe, &args.addr, &args.kill_cmd, &args.restart_cmd),
+        (
+            Kind::Etcd,
+            &args.etcd,
+            &args.etcd_kill_cmd,
+            &args.etcd_restart_cmd,
+        ),
+    ] {
+        if endpoints.is_empty() {
+            continue;
+        }
+        targets.push((
+            kind,
+            endpoints.clone(),
+            kill_cmd.clone(),
+            restart_cmd.clone(),
+        ));
+    }
+    let json = args.json;
+    let report = super::remote::block_on(async move {
+        let mut stores = Vec::new();
+        for (kind, endpoints, kill_cmd, restart_cmd) in targets {
+            stores.push(Target {
+                store: Store::connect(kind, &endpoints)?,
+                kill_cmd,
+                restart_cmd,
+                report: StoreReport {
+                    store: kind,
+                    endpoints,
+                    put: Vec::new(),
+                    cas: None,
+                    failover: None,
+                    skipped: Vec::new(),
+                },
+            });
+        }
+        // Phase by phase, each store in turn, so that both see the same machine conditions.
+        for phase in &args.phases {
+            for target in &mut stores {
+                let store = &target.store;
+                let name = store.kind.name();
+                match phase {
+                    Phase::Put => {
+                        for &clients in &args.clients {
+                            let result = phases::put(store, &workload, clients).await?;
+                            progress(json, &format!("{name:<6} {}", result.line()));
+                            target.report.put.push(result);
+                        }
+                    }
+                    Phase::Cas => {
+                        let result = phases::cas(store, &workload).await?;
+                        progress(json, &format!("{name:<6} {}", result.line()));
+                        target.report.cas = Some(result);
+                    }
+                    Phase::Failover => match (&target.kill_cmd, &target.restart_cmd) {
+                        (Some(kill), Some(restart)) => {
+                            let result =
+                                phases::failover(store, &workload, kill, restart, |line| {
+                                    progress(json, &format!("{name:<6} {line}"))
+                                })
+                                .await?;
+                            target.report.failover = Some(result);
+                        }
+                        _ => target.report.skipped.push(format!(
+                            "failover: give the {name} kill and restart commands ({})",
+                            match store.kind {
+                                Kind::Troupe => "--kill-cmd, --restart-cmd",
+                                Kind::Etcd => "--etcd-kill-cmd, --etcd-restart-cmd",
+                            }
+                        )),
+                    },
+                }
+            }
+        }
+        Ok(Report {
+            value_size: workload.value_size,
+            seconds: workload.duration.as_secs_f64(),
+            stores: stores.into_iter().map(|t| t.report).collect(),
+        })
+    })?;
+    if json {
+        return print_json(&report);
+    }
+    print_table(&report);
+    Ok(())
+}
+
+fn progress(json: bool, line: &str) {
+    if !json {
+        eprintln!("{line}");
+    }
+}
+
+/// One row per figure: each store's value, then troupe / etcd when both ran.
+fn print_table(report: &Report) {
+    let mut rows: Vec<(String, Vec<Option<f64>>)> = Vec::new();
+    let mut row = |label: String, values: Vec<Option<f64>>| rows.push((label, values));
+    let stores = &report.stores;
+    let clients: Vec<usize> = stores
+        .iter()
+        .flat_map(|s| s.put.iter().map(|p| p.clients))
+        .fold(Vec::new(), |mut seen, c| {
+            if !seen.contains(&c) {
+                seen.push(c);
+            }
+            seen
+        });
+    for c in clients {
+        fn find(s: &StoreReport, c: usize) -> Option<&PutResult> {
+            s.put.iter().find(|p| p.clients == c)
+        }
+        row(
+            format!("put {c} clients: ops/s"),
+            stores
+                .iter()
+                .map(|s| find(s, c).map(|p| p.ops_per_s))
+                .collect(),
+        );
+        row(
+            format!("put {c} clients: p50 ms"),
+            stores
+                .iter()
+                .map(|s| find(s, c).map(|p| p.latency.p50_ms))
+                .collect(),
+        );
+        row(
+            format!("put {c} clients: p99 ms"),
+            stores
+                .iter()
+                .map(|s| find(s, c).map(|p| p.latency.p99_ms))
+                .collect(),
+        );
+    }
+    if stores.iter().any(|s| s.cas.is_some()) {
+        row(
+            "cas: successes/s".into(),
+            stores
+                .iter()
+                .map(|s| s.cas.as_ref().map(|c| c.cas_ok_per_s))
+                .collect(),
+        );
+        row(
+            "cas: conflict rate".into(),
+            stores
+                .iter()
+                .map(|s| s.cas.as_ref().and_then(|c| c.conflict_rate))
+                .collect(),
+        );
+    }
+    if stores.iter().any(|s| s.failover.is_some()) {
+        row(
+            "failover: median s".into(),
+            stores
+                .iter()
+                .map(|s| s.failover.as_ref().and_then(|f| f.median_s))
+                .collect(),
+        );
+        row(
+            "failover: max s".into(),
+            stores
+                .iter()
+                .map(|s| s.failover.as_ref().and_then(|f| f.max_s))
+                .collect(),
+        );
+    }
+    let ratio = stores.len() == 2;
+    print!("{:<26}", "test");
+    for store in stores {
+        print!(" {:>12}", store.store.name());
+    }
+    if ratio {
+        print!(" {:>12}", "troupe/etcd");
+    }
+    println!();
+    let cell = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+    for (label, values) in rows {
+        print!("{label:<26}");
+        for value in &values {
+            print!(" {:>12}", cell(*value));
+        }
+        if ratio {
+            let r = match (values[0], values[1]) {
+                (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+                _ => None,
+            };
+            print!(
+                " {:>12}",
+                r.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x"))
+            );
+        }
+        println!();
+    }
+    for store in stores {
+        if store.cas.as_ref().is_some_and(|c| !c.lost_update_check_ok) {
+            println!(
+                "{}: LOST UPDATE: the counters do not add up to the successful CAS",
+                store.store.name()
+            );
+        }
+        for skipped in &store.skipped {
+            println!("{}: not run: {skipped}", store.store.name());
+        }
+    }
+}
