@@ -97,12 +97,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let status = metadata.status();
     println!(
         "writes={writes} clients={clients} seconds={seconds:.1} writes_per_sec={:.0} \
-         rss_before_kib={before} rss_after_kib={} data_dir_bytes={} snapshot_revision={} purged_revision={}",
+         rss_before_kib={before} rss_after_kib={} data_dir_bytes={} snapshot_revision={} snapshot_index={} purged_index={} last_log_index={}",
         writes as f64 / seconds,
         resident_kib(),
         dir_bytes(dir.path()),
         status.snapshot_revision,
-        status.purged_revision,
+        status.snapshot_index,
+        status.purged_index,
+        status.last_log_index,
     );
     metadata.shutdown().await?;
     println!("data_dir_bytes_after_shutdown={}", dir_bytes(dir.path()));

@@ -19,6 +19,7 @@ use crate::metadata::{MetadataState, Outcome, Proposal};
 use crate::network::client::{peer_channel, PeerNetworkFactory};
 use crate::network::server::{ForwardedReadIndex, ForwardedWrite, RaftPeerService};
 use crate::network::{decode, encode};
+use crate::proposer::{Proposer, WriteFailure};
 use crate::store::{self, Applied};
 use crate::types::{NodeAddr, NodeId, TypeConfig};
 use crate::watch::{ResyncingWatch, Watch, WatchError};
@@ -68,6 +69,8 @@ impl MetadataConfig {
             election_timeout_min: self.election_timeout_min.as_millis() as u64,
             election_timeout_max: self.election_timeout_max.as_millis() as u64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
+            // An entry carries a batch of proposals (up to 512 KiB), so fewer per message.
+            max_payload_entries: 64,
             max_in_snapshot_log_to_keep: self.keep_entries_after_snapshot,
             ..Default::default()
         };
@@ -107,10 +110,16 @@ pub struct RaftStatus {
     pub term: u64,
     pub leader: Option<NodeId>,
     pub last_log_index: u64,
+    /// The last applied log index.
+    pub applied_index: u64,
+    /// The revision of the last applied write.
     pub applied_revision: u64,
+    /// The log index the current snapshot covers.
+    pub snapshot_index: u64,
+    /// The revision the current snapshot holds.
     pub snapshot_revision: u64,
-    /// Log entries up to here are deleted; a follower behind it needs a snapshot.
-    pub purged_revision: u64,
+    /// Log entries up to this index are deleted; a follower behind it needs a snapshot.
+    pub purged_index: u64,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     pub nodes: BTreeMap<NodeId, NodeAddr>,
@@ -121,6 +130,9 @@ pub struct Metadata {
     raft: Raft<TypeConfig>,
     applied: Arc<RwLock<Applied>>,
     revisions: watch::Receiver<u64>,
+    applied_indexes: watch::Receiver<u64>,
+    snapshot_revision: Arc<std::sync::atomic::AtomicU64>,
+    proposer: Proposer,
     history: store::History,
     /// Alive while any sled handle is; shutdown waits for it so the database is closed.
     open_handles: std::sync::Weak<()>,
@@ -142,6 +154,8 @@ impl Metadata {
             })?;
         let applied = state_machine.applied();
         let revisions = state_machine.revisions();
+        let applied_indexes = state_machine.applied_indexes();
+        let snapshot_revision = state_machine.snapshot_revision();
         let history = state_machine.history();
         let open_handles = state_machine.open_handles();
         let network = PeerNetworkFactory {
@@ -156,11 +170,15 @@ impl Metadata {
         )
         .await
         .map_err(|e| MetadataError::Raft(e.to_string()))?;
+        let proposer = Proposer::start(raft.clone());
         Ok(Self {
             config,
             raft,
             applied,
             revisions,
+            applied_indexes,
+            snapshot_revision,
+            proposer,
             history,
             open_handles,
         })
@@ -174,8 +192,10 @@ impl Metadata {
     pub fn peer_service(&self) -> RaftPeerServer<RaftPeerService> {
         RaftPeerServer::new(RaftPeerService::new(
             self.raft.clone(),
-            self.revisions.clone(),
+            self.proposer.clone(),
         ))
+        .max_decoding_message_size(crate::network::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::network::MAX_MESSAGE_BYTES)
     }
 
     fn this_node(&self) -> NodeAddr {
@@ -237,26 +257,20 @@ impl Metadata {
                 reason: e.to_string(),
             }
         })?;
-        Ok((RaftPeerClient::new(channel), addr.peer_addr))
+        Ok((crate::network::peer_client(channel), addr.peer_addr))
     }
 
     /// Proposes a write. On a follower it is forwarded once to the leader. Returns the
     /// state machine's outcome (applied, unchanged, CAS conflict or rejection).
     pub async fn propose(&self, proposal: Proposal) -> Result<Outcome, MetadataError> {
-        match self.raft.client_write(proposal.clone()).await {
-            Ok(response) => Ok(response.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                match forward.leader_id {
-                    Some(leader) if leader != self.config.node_id => {
-                        self.forward_write(leader, proposal).await
-                    }
-                    _ => Err(MetadataError::NoLeader),
-                }
+        match self.proposer.write(proposal.clone()).await {
+            Ok(outcome) => Ok(outcome),
+            Err(WriteFailure::ForwardToLeader(Some(leader))) if leader != self.config.node_id => {
+                self.forward_write(leader, proposal).await
             }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(MetadataError::Membership(e.to_string()))
-            }
-            Err(RaftError::Fatal(fatal)) => Err(MetadataError::Raft(fatal.to_string())),
+            Err(WriteFailure::ForwardToLeader(_)) => Err(MetadataError::NoLeader),
+            Err(WriteFailure::Membership(e)) => Err(MetadataError::Membership(e)),
+            Err(WriteFailure::Fatal(e)) => Err(MetadataError::Raft(e)),
         }
     }
 
@@ -281,15 +295,11 @@ impl Metadata {
         let result: ForwardedWrite =
             decode(reply.get_ref()).map_err(|e| unreachable(format!("malformed reply: {e}")))?;
         match result {
-            Ok(response) => Ok(response.data),
+            Ok(outcome) => Ok(outcome),
             // The leader changed under us: the write did not apply there; the caller retries.
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(MetadataError::NoLeader)
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(MetadataError::Membership(e.to_string()))
-            }
-            Err(RaftError::Fatal(fatal)) => Err(unreachable(fatal.to_string())),
+            Err(WriteFailure::ForwardToLeader(_)) => Err(MetadataError::NoLeader),
+            Err(WriteFailure::Membership(e)) => Err(MetadataError::Membership(e)),
+            Err(WriteFailure::Fatal(e)) => Err(unreachable(e)),
         }
     }
 
@@ -299,19 +309,24 @@ impl Metadata {
         consistency: ReadConsistency,
         read: impl FnOnce(&MetadataState) -> T,
     ) -> Result<T, MetadataError> {
-        let wanted = match consistency {
-            ReadConsistency::Stale => 0,
-            ReadConsistency::AtLeast(revision) => revision,
-            ReadConsistency::Linearizable => self.read_index().await?,
-        };
-        self.wait_applied(wanted, self.config.forward_timeout)
-            .await?;
+        match consistency {
+            ReadConsistency::Stale => {}
+            ReadConsistency::AtLeast(revision) => {
+                self.wait_applied(revision, self.config.forward_timeout)
+                    .await?;
+            }
+            ReadConsistency::Linearizable => {
+                let index = self.read_index().await?;
+                self.wait_applied_index(index, self.config.forward_timeout)
+                    .await?;
+            }
+        }
         let applied = self.applied.read().await;
         Ok(read(&applied.metadata))
     }
 
-    /// The revision a linearizable read must see: the leader's commit point, confirmed by
-    /// a quorum.
+    /// The log index a linearizable read must see applied: the leader's commit point,
+    /// confirmed by a quorum.
     async fn read_index(&self) -> Result<u64, MetadataError> {
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(log_id.map_or(0, |l| l.index)),
@@ -355,17 +370,16 @@ impl Metadata {
         revision: u64,
         timeout: Duration,
     ) -> Result<u64, MetadataError> {
-        let mut revisions = self.revisions.clone();
-        let waited =
-            tokio::time::timeout(timeout, revisions.wait_for(|applied| *applied >= revision)).await;
-        match waited {
-            Ok(Ok(applied)) => Ok(*applied),
-            Ok(Err(_)) => Err(MetadataError::ShutDown),
-            Err(_) => Err(MetadataError::Timeout {
-                what: format!("revision {revision} to be applied"),
-                millis: timeout.as_millis() as u64,
-            }),
-        }
+        wait_at_least(self.revisions.clone(), revision, timeout, "revision").await
+    }
+
+    /// Waits until this node has applied the log up to `index`.
+    async fn wait_applied_index(
+        &self,
+        index: u64,
+        timeout: Duration,
+    ) -> Result<u64, MetadataError> {
+        wait_at_least(self.applied_indexes.clone(), index, timeout, "log index").await
     }
 
     /// Every change from `from_revision` on, in order, then new ones as they apply.
@@ -509,9 +523,13 @@ impl Metadata {
             term: metrics.current_term,
             leader: metrics.current_leader,
             last_log_index: metrics.last_log_index.unwrap_or(0),
-            applied_revision: metrics.last_applied.map_or(0, |l| l.index),
-            snapshot_revision: metrics.snapshot.map_or(0, |l| l.index),
-            purged_revision: metrics.purged.map_or(0, |l| l.index),
+            applied_index: metrics.last_applied.map_or(0, |l| l.index),
+            applied_revision: *self.revisions.borrow(),
+            snapshot_index: metrics.snapshot.map_or(0, |l| l.index),
+            snapshot_revision: self
+                .snapshot_revision
+                .load(std::sync::atomic::Ordering::Acquire),
+            purged_index: metrics.purged.map_or(0, |l| l.index),
             voters,
             learners,
             nodes,
@@ -538,5 +556,23 @@ impl Metadata {
             poll.tick().await;
         }
         Ok(())
+    }
+}
+
+/// Waits until `watched` reaches `at_least`; returns the value it reached.
+async fn wait_at_least(
+    mut watched: watch::Receiver<u64>,
+    at_least: u64,
+    timeout: Duration,
+    what: &str,
+) -> Result<u64, MetadataError> {
+    let waited = tokio::time::timeout(timeout, watched.wait_for(|value| *value >= at_least)).await;
+    match waited {
+        Ok(Ok(value)) => Ok(*value),
+        Ok(Err(_)) => Err(MetadataError::ShutDown),
+        Err(_) => Err(MetadataError::Timeout {
+            what: format!("{what} {at_least} to be applied"),
+            millis: timeout.as_millis() as u64,
+        }),
     }
 }

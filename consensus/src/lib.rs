@@ -5,6 +5,7 @@
 //! - [`types`]: openraft's type configuration.
 //! - [`store`]: the sled-backed log store and state machine behind openraft's traits.
 //! - [`network`]: Raft RPCs over tonic on the peer port, client and server.
+//! - [`proposer`]: group commit: concurrent writes share one log entry.
 //! - [`facade`]: [`Metadata`], the only entry point other crates use.
 //! - [`watch`]: ordered change streams with automatic resync after compaction.
 
@@ -16,6 +17,7 @@ pub mod error;
 pub mod facade;
 pub mod metadata;
 pub mod network;
+pub mod proposer;
 pub mod store;
 pub mod tasks;
 pub mod types;

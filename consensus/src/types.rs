@@ -5,7 +5,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-use crate::metadata::{Outcome, Proposal};
+use crate::metadata::{Outcome, ProposalBatch};
 
 pub type NodeId = u64;
 
@@ -23,10 +23,10 @@ impl fmt::Display for NodeAddr {
 }
 
 openraft::declare_raft_types!(
-    /// troupe's Raft: metadata proposals in, outcomes out.
+    /// troupe's Raft: a batch of metadata proposals per entry in, one outcome per proposal out.
     pub TypeConfig:
-        D = Proposal,
-        R = Outcome,
+        D = ProposalBatch,
+        R = Vec<Outcome>,
         NodeId = NodeId,
         Node = NodeAddr,
         SnapshotData = Cursor<Vec<u8>>,

@@ -467,7 +467,7 @@ async fn a_follower_that_missed_a_compaction_catches_up_by_snapshot() {
     let other = (leader_index + 2) % 3;
     let away_id = nodes[away].metadata.node_id();
     let away_peer = nodes[away].addr.peer_addr.clone();
-    let applied_when_stopped = nodes[away].metadata.status().applied_revision;
+    let applied_when_stopped = nodes[away].metadata.status().applied_index;
     stop_node(&mut nodes[away]).await;
 
     let writer = nodes[leader_index].metadata.clone();
@@ -479,7 +479,7 @@ async fn a_follower_that_missed_a_compaction_catches_up_by_snapshot() {
         let other = nodes[other].metadata.clone();
         troupe_cluster_wait(|| {
             let status = other.status();
-            (status.purged_revision > applied_when_stopped + 1).then_some(status.purged_revision)
+            (status.purged_index > applied_when_stopped + 1).then_some(status.purged_index)
         })
         .await
     };
@@ -503,7 +503,7 @@ async fn a_follower_that_missed_a_compaction_catches_up_by_snapshot() {
     assert_eq!(digests[0], digests[1]);
     let back = &nodes[away].metadata;
     assert!(
-        back.status().snapshot_revision >= purged,
+        back.status().snapshot_index >= purged,
         "the returning node must hold a snapshot covering the purged entries"
     );
     assert_eq!(

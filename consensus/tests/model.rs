@@ -1,13 +1,15 @@
 //! Model test: random command sequences applied through the sled state machine, with a
 //! snapshot built and installed into a fresh store at random points, must give exactly the
 //! outcomes and the final state of a small reference model written independently here.
+//! Writes are packed into log entries of random size (as the proposer batches them), with
+//! blank entries in between: a revision counts writes, not entries.
 
 use std::collections::BTreeMap;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload, LogId, RaftSnapshotBuilder};
 use proptest::prelude::*;
-use troupe_consensus::metadata::{Command, ModelState, Outcome, Proposal};
+use troupe_consensus::metadata::{Command, ModelState, Outcome, Proposal, ProposalBatch};
 use troupe_consensus::store::{self, StateMachineStore};
 use troupe_consensus::types::Entry;
 
@@ -19,6 +21,8 @@ enum Step {
         expected_revision: Option<u64>,
         request_id: Option<u8>,
     },
+    /// Closes the current log entry (a blank entry if no write is pending).
+    EndEntry,
     SnapshotAndRestore,
 }
 
@@ -62,6 +66,7 @@ fn step() -> impl Strategy<Value = Step> {
         8 => (command(), proptest::option::of(0..12u64), proptest::option::of(0..4u8)).prop_map(
             |(command, expected_revision, request_id)| Step::Write { command, expected_revision, request_id }
         ),
+        3 => Just(Step::EndEntry),
         1 => Just(Step::SnapshotAndRestore),
     ]
 }
@@ -192,11 +197,38 @@ fn rejected_exists(version: &str, digest: &str) -> troupe_consensus::metadata::R
     }
 }
 
-fn entry(index: u64, proposal: Proposal) -> Entry {
+fn entry(index: u64, proposals: Vec<Proposal>) -> Entry {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(proposal),
+        payload: if proposals.is_empty() {
+            EntryPayload::Blank
+        } else {
+            EntryPayload::Normal(ProposalBatch(proposals))
+        },
     }
+}
+
+/// Writes waiting to go into the next log entry, with the outcomes the reference gave them.
+#[derive(Default)]
+struct Pending {
+    proposals: Vec<Proposal>,
+    expected: Vec<Outcome>,
+}
+
+async fn end_entry(
+    machine: &mut StateMachineStore,
+    index: &mut u64,
+    pending: &mut Pending,
+) -> Result<(), TestCaseError> {
+    *index += 1;
+    let pending = std::mem::take(pending);
+    let mut got = machine
+        .apply(vec![entry(*index, pending.proposals)])
+        .await
+        .unwrap();
+    prop_assert_eq!(got.len(), 1);
+    prop_assert_eq!(got.remove(0), pending.expected, "entry at index {}", *index);
+    Ok(())
 }
 
 async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
@@ -204,6 +236,8 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
     let (_, mut machine): (_, StateMachineStore) = store::open(dirs[0].path()).unwrap();
     let mut reference = Reference::default();
     let mut index = 0;
+    let mut revision = 0;
+    let mut pending = Pending::default();
     for step in steps {
         match step {
             Step::Write {
@@ -211,21 +245,24 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 expected_revision,
                 request_id,
             } => {
-                index += 1;
-                let proposal = Proposal {
+                revision += 1;
+                pending.proposals.push(Proposal {
                     command: command.clone(),
                     expected_revision,
                     request_id: request_id.map(|id| format!("req-{id}")),
-                };
-                let got = machine
-                    .apply(vec![entry(index, proposal)])
-                    .await
-                    .unwrap()
-                    .remove(0);
-                let want = reference.apply(index, &command, expected_revision, request_id);
-                prop_assert_eq!(got, want, "step at revision {}", index);
+                });
+                pending.expected.push(reference.apply(
+                    revision,
+                    &command,
+                    expected_revision,
+                    request_id,
+                ));
             }
+            Step::EndEntry => end_entry(&mut machine, &mut index, &mut pending).await?,
             Step::SnapshotAndRestore => {
+                if !pending.proposals.is_empty() {
+                    end_entry(&mut machine, &mut index, &mut pending).await?;
+                }
                 let mut builder = machine.get_snapshot_builder().await;
                 let snapshot = builder.build_snapshot().await.unwrap();
                 dirs.push(tempfile::tempdir().unwrap());
@@ -237,6 +274,9 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 machine = fresh;
             }
         }
+    }
+    if !pending.proposals.is_empty() {
+        end_entry(&mut machine, &mut index, &mut pending).await?;
     }
     let applied = machine.applied();
     let state = applied.read().await;
@@ -294,7 +334,11 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
     prop_assert_eq!(tasks, reference.tasks.clone());
     prop_assert_eq!(settings, reference.settings.clone());
     prop_assert_eq!(versions, reference.versions.clone());
-    prop_assert_eq!(state.metadata.revision, index);
+    prop_assert_eq!(state.metadata.revision, revision);
+    prop_assert_eq!(
+        state.last_applied.map(|l| l.index),
+        (index > 0).then_some(index)
+    );
     Ok(())
 }
 

@@ -7,7 +7,7 @@ use openraft::storage::{RaftLogStorage, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
 use tempfile::TempDir;
-use troupe_consensus::metadata::{Command, Outcome, Proposal};
+use troupe_consensus::metadata::{Command, Outcome, Proposal, ProposalBatch};
 use troupe_consensus::store::{self, LogStore, StateMachineStore};
 use troupe_consensus::types::{Entry, StorageError, TypeConfig};
 
@@ -29,7 +29,7 @@ fn openraft_storage_suite() -> Result<(), StorageError> {
 fn entry(index: u64, command: Command) -> Entry {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(Proposal::new(command)),
+        payload: EntryPayload::Normal(ProposalBatch(vec![Proposal::new(command)])),
     }
 }
 
@@ -57,7 +57,7 @@ async fn applied_state_and_snapshots_survive_a_reopen() {
             ])
             .await
             .unwrap();
-        assert_eq!(outcomes[1], Outcome::Applied { revision: 2 });
+        assert_eq!(outcomes[1], vec![Outcome::Applied { revision: 2 }]);
         use openraft::RaftSnapshotBuilder;
         let mut builder = sm.get_snapshot_builder().await;
         builder.build_snapshot().await.unwrap();
@@ -82,4 +82,47 @@ async fn an_acknowledged_vote_survives_a_reopen() {
     }
     let (mut log, _sm) = store::open(dir.path()).unwrap();
     assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_proposal_in_an_entry_gets_its_own_revision_and_blank_entries_none() {
+    let dir = TempDir::new().unwrap();
+    let (_log, mut sm) = store::open(dir.path()).unwrap();
+    let setting = |value: &str| {
+        Proposal::new(Command::SetSetting {
+            key: "k".into(),
+            value: value.into(),
+        })
+    };
+    let mut stale_cas = setting("c");
+    stale_cas.expected_revision = Some(1);
+    let batch = Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+        payload: EntryPayload::Normal(ProposalBatch(vec![setting("a"), setting("b"), stale_cas])),
+    };
+    let blank = Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), 2),
+        payload: EntryPayload::Blank,
+    };
+    let outcomes = sm.apply(vec![batch, blank]).await.unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            vec![
+                Outcome::Applied { revision: 1 },
+                Outcome::Applied { revision: 2 },
+                Outcome::Conflict {
+                    key: "settings/k".into(),
+                    current_revision: 2
+                },
+            ],
+            vec![],
+        ]
+    );
+    let applied = sm.applied();
+    let state = applied.read().await;
+    assert_eq!(state.metadata.revision, 3);
+    assert_eq!(state.metadata.settings["k"].value, "b");
+    assert_eq!(state.metadata.settings["k"].revisions.mod_revision, 2);
+    assert_eq!(state.last_applied.map(|l| l.index), Some(2));
 }

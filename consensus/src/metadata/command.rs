@@ -88,6 +88,12 @@ impl Proposal {
     }
 }
 
+/// The proposals one log entry carries. Concurrent writes are gathered into one entry so they
+/// share one Raft round and one flush; each still gets its own revision, in batch order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ProposalBatch(pub Vec<Proposal>);
+
 /// What applying a proposal did. Every node computes the same outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "outcome")]

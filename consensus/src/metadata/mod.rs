@@ -5,7 +5,7 @@ pub mod command;
 pub mod state;
 
 pub use change::{Change, ChangeValue};
-pub use command::{Command, ModelState, Outcome, Proposal, Rejection};
+pub use command::{Command, ModelState, Outcome, Proposal, ProposalBatch, Rejection};
 pub use state::{MetadataState, ModelVersionRecord, SettingRecord, TaskRecord};
 
 #[cfg(test)]

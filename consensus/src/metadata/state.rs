@@ -1,9 +1,11 @@
 //! The replicated metadata: model versions, task priorities and cluster settings, each key
 //! with etcd-style `create_revision` / `mod_revision`, plus the idempotency table.
 //!
-//! [`MetadataState::apply`] is a pure function of the state, the entry's revision (its log
-//! index) and the proposal, so every node that applies the same log holds the same state,
-//! byte for byte once serialised.
+//! The revision is the write's position in the Raft-ordered sequence of proposals: every
+//! proposal applied takes the next one, whatever its outcome, and entries that carry no
+//! proposal (blank, membership) take none. [`MetadataState::apply`] is a pure function of the
+//! state, the revision and the proposal, so every node that applies the same log holds the same
+//! state, byte for byte once serialised.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -51,7 +53,7 @@ pub struct SettingRecord {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetadataState {
-    /// Log index of the last applied entry.
+    /// Revision of the last applied proposal.
     pub revision: u64,
     /// model name -> version -> record.
     pub models: BTreeMap<String, BTreeMap<String, ModelVersionRecord>>,
@@ -160,14 +162,16 @@ impl MetadataState {
         }
     }
 
-    /// Records that the entry at `revision` carried no metadata write (blank, membership).
-    pub fn advance(&mut self, revision: u64) {
-        self.revision = self.revision.max(revision);
+    /// Applies the next proposal in log order at the next revision; returns that revision and
+    /// the outcome.
+    pub fn apply_next(&mut self, proposal: &Proposal) -> (u64, Outcome) {
+        let revision = self.revision + 1;
+        (revision, self.apply(revision, proposal))
     }
 
-    /// Applies the proposal carried by the log entry at `revision`.
+    /// Applies a proposal at `revision` (above the current one).
     pub fn apply(&mut self, revision: u64, proposal: &Proposal) -> Outcome {
-        self.advance(revision);
+        self.revision = self.revision.max(revision);
         if let Some(id) = &proposal.request_id {
             if let Some(first) = self.idempotency.get(id) {
                 return first.clone();

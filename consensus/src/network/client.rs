@@ -43,7 +43,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetworkFactory {
         PeerClient {
             target,
             client: peer_channel(&node.peer_addr, self.connect_timeout)
-                .map(RaftPeerClient::new)
+                .map(super::peer_client)
                 .map_err(|e| e.to_string()),
         }
     }

@@ -9,6 +9,19 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use troupe_proto::v1::RaftPayload;
 
+/// Largest peer message either side sends or accepts. An append carries up to 64 entries of
+/// up to 512 KiB of proposals each; snapshots travel in openraft's 3 MiB chunks.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A peer client that accepts and sends messages up to [`MAX_MESSAGE_BYTES`].
+pub(crate) fn peer_client(
+    channel: tonic::transport::Channel,
+) -> troupe_proto::v1::raft_peer_client::RaftPeerClient<tonic::transport::Channel> {
+    troupe_proto::v1::raft_peer_client::RaftPeerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
 /// Encodes a value for the wire.
 pub(crate) fn encode<T: Serialize>(value: &T) -> Result<RaftPayload, serde_json::Error> {
     Ok(RaftPayload {

@@ -1,8 +1,6 @@
 //! The `troupe.v1.RaftPeer` service: decodes each RPC, hands it to the local Raft, encodes
 //! the result (success or Raft's own error) back.
 
-use openraft::error::{ClientWriteError, RaftError};
-use openraft::raft::ClientWriteResponse;
 use openraft::Raft;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
@@ -11,27 +9,25 @@ use troupe_proto::v1::RaftPayload;
 
 use super::{decode, encode};
 use crate::metadata::Proposal;
-use crate::types::{NodeId, TypeConfig};
+use crate::proposer::{Proposer, WriteResult};
+use crate::types::TypeConfig;
 
 /// The result of a forwarded write, as the follower receives it.
-pub type ForwardedWrite = Result<
-    ClientWriteResponse<TypeConfig>,
-    RaftError<NodeId, ClientWriteError<NodeId, crate::types::NodeAddr>>,
->;
+pub type ForwardedWrite = WriteResult;
 
-/// The result of a forwarded read-index request: the leader's applied revision once it has
-/// confirmed leadership.
+/// The result of a forwarded read-index request: the log index a linearizable read must wait
+/// for, once the leader has confirmed its leadership with a quorum.
 pub type ForwardedReadIndex = Result<u64, String>;
 
 #[derive(Clone)]
 pub struct RaftPeerService {
     raft: Raft<TypeConfig>,
-    revisions: tokio::sync::watch::Receiver<u64>,
+    proposer: Proposer,
 }
 
 impl RaftPeerService {
-    pub fn new(raft: Raft<TypeConfig>, revisions: tokio::sync::watch::Receiver<u64>) -> Self {
-        Self { raft, revisions }
+    pub fn new(raft: Raft<TypeConfig>, proposer: Proposer) -> Self {
+        Self { raft, proposer }
     }
 }
 
@@ -73,7 +69,7 @@ impl RaftPeer for RaftPeerService {
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let proposal: Proposal = decode(request.get_ref()).map_err(|e| invalid("propose", e))?;
-        let result: ForwardedWrite = self.raft.client_write(proposal).await;
+        let result: ForwardedWrite = self.proposer.write(proposal).await;
         reply(&result)
     }
 
@@ -82,16 +78,7 @@ impl RaftPeer for RaftPeerService {
         _request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let result: ForwardedReadIndex = match self.raft.ensure_linearizable().await {
-            Ok(read_log_id) => {
-                let index = read_log_id.map_or(0, |log_id| log_id.index);
-                let mut revisions = self.revisions.clone();
-                // The leader answers once its own state machine has applied the read index.
-                let applied = match revisions.wait_for(|applied| *applied >= index).await {
-                    Ok(applied) => Ok(*applied),
-                    Err(_) => Err("state machine stopped".to_owned()),
-                };
-                applied
-            }
+            Ok(read_log_id) => Ok(read_log_id.map_or(0, |log_id| log_id.index)),
             Err(error) => Err(error.to_string()),
         };
         reply(&result)

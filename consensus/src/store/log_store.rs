@@ -12,7 +12,7 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError};
@@ -34,8 +34,25 @@ pub struct LogStore {
     log: sled::Tree,
     meta: sled::Tree,
     guard: OpenGuard,
-    /// Appends written to sled and waiting for the flusher.
-    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    flusher: Arc<Flusher>,
+}
+
+/// The flusher thread and its queue of appends written to sled and waiting for a flush.
+/// Dropping the last handle closes the queue and joins the thread, so the database is
+/// released when the last store handle is gone.
+#[derive(Debug)]
+struct Flusher {
+    queue: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Flushes sled for every batch of queued appends, then completes them in order. It ends when
@@ -71,12 +88,16 @@ fn write_io(e: impl std::error::Error + 'static) -> StorageError {
 
 impl LogStore {
     pub(super) fn new(db: &sled::Db, guard: OpenGuard) -> Result<Self, StorageError> {
-        let (flusher, queue) = mpsc::channel();
+        let (sender, queue) = mpsc::channel();
         let (flush_db, flush_guard) = (db.clone(), guard.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-log-flush".into())
             .spawn(move || run_flusher(flush_db, queue, flush_guard))
             .map_err(write_io)?;
+        let flusher = Arc::new(Flusher {
+            queue: Some(sender),
+            thread: Some(thread),
+        });
         Ok(Self {
             guard,
             flusher,
@@ -240,8 +261,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // Into sled's memory now (so reads see it), onto disk by the flusher.
         self.log.apply_batch(batch).map_err(write_io)?;
-        if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
-            let stopped = || std::io::Error::other("the raft log flusher has stopped");
+        let stopped = || std::io::Error::other("the raft log flusher has stopped");
+        let Some(queue) = &self.flusher.queue else {
+            callback.log_io_completed(Err(stopped()));
+            return Err(write_io(stopped()));
+        };
+        if let Err(mpsc::SendError(callback)) = queue.send(callback) {
             callback.log_io_completed(Err(stopped()));
             return Err(write_io(stopped()));
         }

@@ -43,6 +43,10 @@ pub struct StateMachineStore {
     snapshot_seq: Arc<AtomicU64>,
     /// The last applied revision, for readers that wait for "at least revision R".
     revision_tx: Arc<watch::Sender<u64>>,
+    /// The last applied log index, for linearizable reads (read-index is a log index).
+    index_tx: Arc<watch::Sender<u64>>,
+    /// The metadata revision the current snapshot holds.
+    snapshot_revision: Arc<AtomicU64>,
     history: History,
     guard: OpenGuard,
 }
@@ -64,6 +68,8 @@ impl StateMachineStore {
                 .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?;
         }
         let (revision_tx, _) = watch::channel(applied.metadata.revision);
+        let (index_tx, _) = watch::channel(applied.last_applied.map_or(0, |l| l.index));
+        let snapshot_revision = Arc::new(AtomicU64::new(applied.metadata.revision));
         let history = History::new(history_capacity, applied.metadata.revision);
         Ok(Self {
             guard,
@@ -73,6 +79,8 @@ impl StateMachineStore {
             snapshots,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             revision_tx: Arc::new(revision_tx),
+            index_tx: Arc::new(index_tx),
+            snapshot_revision,
         })
     }
 
@@ -84,6 +92,16 @@ impl StateMachineStore {
     /// Follows the last applied revision.
     pub fn revisions(&self) -> watch::Receiver<u64> {
         self.revision_tx.subscribe()
+    }
+
+    /// Follows the last applied log index.
+    pub fn applied_indexes(&self) -> watch::Receiver<u64> {
+        self.index_tx.subscribe()
+    }
+
+    /// The metadata revision the current snapshot holds.
+    pub fn snapshot_revision(&self) -> Arc<AtomicU64> {
+        self.snapshot_revision.clone()
     }
 
     /// Observes whether any handle to the storage is still open.
@@ -122,10 +140,15 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (data, last_applied, last_membership) = {
+        let (data, last_applied, last_membership, revision) = {
             let applied = self.applied.read().await;
             let data = serde_json::to_vec(&*applied).map_err(sm_read)?;
-            (data, applied.last_applied, applied.last_membership.clone())
+            (
+                data,
+                applied.last_applied,
+                applied.last_membership.clone(),
+                applied.metadata.revision,
+            )
         };
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
@@ -142,6 +165,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             data: data.clone(),
         })
         .await?;
+        self.snapshot_revision.store(revision, Ordering::Release);
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -157,7 +181,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((applied.last_applied, applied.last_membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Outcome>>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -166,32 +190,34 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut outcomes = Vec::new();
         let mut changes = Vec::new();
         for entry in entries {
-            let revision = entry.log_id.index;
             applied.last_applied = Some(entry.log_id);
             let outcome = match entry.payload {
-                EntryPayload::Blank => {
-                    applied.metadata.advance(revision);
-                    Outcome::Unchanged { revision }
-                }
-                EntryPayload::Normal(proposal) => {
-                    let outcome = applied.metadata.apply(revision, &proposal);
-                    if matches!(outcome, Outcome::Applied { revision: r } if r == revision) {
-                        changes.extend(applied.metadata.changes_at(revision, &proposal.command));
+                EntryPayload::Blank => Vec::new(),
+                EntryPayload::Normal(batch) => {
+                    let mut batch_outcomes = Vec::with_capacity(batch.0.len());
+                    for proposal in &batch.0 {
+                        let (revision, outcome) = applied.metadata.apply_next(proposal);
+                        if matches!(outcome, Outcome::Applied { revision: r } if r == revision) {
+                            changes
+                                .extend(applied.metadata.changes_at(revision, &proposal.command));
+                        }
+                        batch_outcomes.push(outcome);
                     }
-                    outcome
+                    batch_outcomes
                 }
                 EntryPayload::Membership(membership) => {
                     applied.last_membership = StoredMembership::new(Some(entry.log_id), membership);
-                    applied.metadata.advance(revision);
-                    Outcome::Unchanged { revision }
+                    Vec::new()
                 }
             };
             outcomes.push(outcome);
         }
         let revision = applied.metadata.revision;
+        let index = applied.last_applied.map_or(0, |l| l.index);
         drop(applied);
         self.history.record(changes);
         self.revision_tx.send_replace(revision);
+        self.index_tx.send_replace(index);
         Ok(outcomes)
     }
 
@@ -220,9 +246,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             data,
         })
         .await?;
+        let index = restored.last_applied.map_or(0, |l| l.index);
         *self.applied.write().await = restored;
+        self.snapshot_revision.store(revision, Ordering::Release);
         self.history.reset(revision);
         self.revision_tx.send_replace(revision);
+        self.index_tx.send_replace(index);
         Ok(())
     }
 

@@ -100,6 +100,7 @@ struct NodeView {
     reachable: bool,
     role: Option<String>,
     applied_revision: Option<u64>,
+    applied_index: Option<u64>,
     term: Option<u64>,
 }
 
@@ -203,6 +204,7 @@ async fn status(args: &StatusArgs) -> Result<(), CliError> {
             reachable: remote.is_some(),
             role: remote.as_ref().map(|r| r.role.clone()),
             applied_revision: remote.as_ref().map(|r| r.applied_revision),
+            applied_index: remote.as_ref().map(|r| r.applied_index),
             term: remote.as_ref().map(|r| r.term),
         });
     }

@@ -244,6 +244,9 @@ impl Admin for AdminService {
                 .iter()
                 .map(|(id, addr)| member(*id, addr))
                 .collect(),
+            applied_index: status.applied_index,
+            snapshot_index: status.snapshot_index,
+            purged_index: status.purged_index,
         }))
     }
 

@@ -275,7 +275,7 @@ impl Store {
                     leader: status.leader,
                     term: status.term,
                     last_index: status.last_log_index,
-                    applied_index: status.applied_revision,
+                    applied_index: status.applied_index,
                 })
             }
             Conn::Etcd {
