@@ -23,7 +23,7 @@ const MAX_BATCH_PROPOSALS: usize = 256;
 const MAX_BATCH_BYTES: usize = 512 * 1024;
 /// Batches submitted to Raft and not yet answered, at most. More in flight only queue inside
 /// openraft; fewer leave the disk idle while a batch replicates.
-const MAX_IN_FLIGHT: usize = 4;
+const MAX_IN_FLIGHT: usize = 1;
 /// Proposals waiting for a batch, at most; a writer beyond this waits for room.
 const QUEUE: usize = 16 * 1024;
 

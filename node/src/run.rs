@@ -83,7 +83,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let peer_task = tokio::spawn(async move {
         Server::builder()
             .add_service(peer_service)
-            .serve_with_incoming_shutdown(TcpIncoming::from(peer_listener), async {
+            .serve_with_incoming_shutdown(TcpIncoming::from(peer_listener).with_nodelay(Some(true)), async {
                 let _ = peer_stopped.await;
             })
             .await
@@ -94,7 +94,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let api_task = tokio::spawn(async move {
         Server::builder()
             .add_service(admin)
-            .serve_with_incoming_shutdown(TcpIncoming::from(api_listener), async {
+            .serve_with_incoming_shutdown(TcpIncoming::from(api_listener).with_nodelay(Some(true)), async {
                 let _ = api_stopped.await;
             })
             .await

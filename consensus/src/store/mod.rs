@@ -22,6 +22,11 @@ const LOG_TREE: &str = "raft_log";
 const META_TREE: &str = "raft_meta";
 const SNAPSHOT_TREE: &str = "raft_snapshot";
 
+/// sled's segment size. sled writes any tree node larger than a quarter segment as a separate
+/// blob file (create, write, fsync). Log entries carry batches of proposals, so the leaves of the
+/// log tree are large; with sled's default 512 KiB segments most log writes became blobs.
+const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+
 /// Changes kept for watches to replay, by default.
 pub const DEFAULT_WATCH_HISTORY: usize = 10_000;
 
@@ -38,6 +43,7 @@ pub fn open_with_history(
     let db = sled::Config::new()
         .path(dir)
         .mode(sled::Mode::HighThroughput)
+        .segment_size(SEGMENT_BYTES)
         .open()
         .map_err(|e| openraft::StorageIOError::read(&e))?;
     let guard = OpenGuard::default();

@@ -18,7 +18,10 @@ use super::{blocking, OpenGuard, SNAPSHOT_TREE};
 use crate::metadata::{MetadataState, Outcome};
 use crate::types::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
-const CURRENT_SNAPSHOT_KEY: &[u8] = b"current";
+/// The current snapshot: its meta as JSON and its data as raw bytes, written together in one
+/// atomic batch.
+const SNAPSHOT_META_KEY: &[u8] = b"current_meta";
+const SNAPSHOT_DATA_KEY: &[u8] = b"current_data";
 
 /// Everything the state machine has applied.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,7 +31,6 @@ pub struct Applied {
     pub metadata: MetadataState,
 }
 
-#[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta,
     /// `Applied` as JSON, exactly the bytes sent to followers.
@@ -115,20 +117,37 @@ impl StateMachineStore {
     }
 
     fn read_stored(snapshots: &sled::Tree) -> Result<Option<StoredSnapshot>, StorageError> {
-        match snapshots.get(CURRENT_SNAPSHOT_KEY).map_err(sm_read)? {
-            None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(sm_read),
-        }
+        let Some(meta) = snapshots.get(SNAPSHOT_META_KEY).map_err(sm_read)? else {
+            return Ok(None);
+        };
+        let meta: SnapshotMeta = serde_json::from_slice(&meta).map_err(sm_read)?;
+        let data = snapshots
+            .get(SNAPSHOT_DATA_KEY)
+            .map_err(sm_read)?
+            .ok_or_else(|| {
+                let missing = std::io::Error::other(format!(
+                    "snapshot {} has its meta but no data: the data dir is damaged; remove it and let the node rejoin from the leader",
+                    meta.snapshot_id
+                ));
+                StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &missing))
+            })?;
+        Ok(Some(StoredSnapshot {
+            meta,
+            data: data.to_vec(),
+        }))
     }
 
     async fn store_snapshot(&self, stored: StoredSnapshot) -> Result<(), StorageError> {
         let signature = stored.meta.signature();
-        let bytes = serde_json::to_vec(&stored)
+        let meta = serde_json::to_vec(&stored.meta)
             .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
         let (db, snapshots) = (self.db.clone(), self.snapshots.clone());
         blocking(&self.guard, move || {
+            let mut batch = sled::Batch::default();
+            batch.insert(SNAPSHOT_META_KEY, meta);
+            batch.insert(SNAPSHOT_DATA_KEY, stored.data);
             snapshots
-                .insert(CURRENT_SNAPSHOT_KEY, bytes)
+                .apply_batch(batch)
                 .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
             db.flush()
                 .map_err(|e| StorageIOError::write_snapshot(Some(signature), &e))?;
@@ -140,16 +159,14 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (data, last_applied, last_membership, revision) = {
-            let applied = self.applied.read().await;
-            let data = serde_json::to_vec(&*applied).map_err(sm_read)?;
-            (
-                data,
-                applied.last_applied,
-                applied.last_membership.clone(),
-                applied.metadata.revision,
-            )
-        };
+        // Copy under the lock, serialise outside it: applying goes on meanwhile.
+        let copy = self.applied.read().await.clone();
+        let (last_applied, last_membership, revision) = (
+            copy.last_applied,
+            copy.last_membership.clone(),
+            copy.metadata.revision,
+        );
+        let data = blocking(&self.guard, move || serde_json::to_vec(&copy).map_err(sm_read)).await?;
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
             Some(log_id) => format!("{}-{}-{seq}", log_id.leader_id, log_id.index),

@@ -15,8 +15,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs an async CLI command on a small runtime.
 pub fn block_on<T>(future: impl Future<Output = Result<T, CliError>>) -> Result<T, CliError> {
+    // One worker per core, or TOKIO_WORKER_THREADS.
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| CliError::Runtime(e.to_string()))?
