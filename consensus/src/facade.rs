@@ -24,8 +24,10 @@ use crate::store::{self, Applied};
 use crate::types::{NodeAddr, NodeId, TypeConfig};
 use crate::watch::{ResyncingWatch, Watch, WatchError};
 
-/// Timings and sizes of one node's Raft. Defaults follow openraft's (heartbeat 50 ms,
-/// election 150-300 ms).
+/// Timings and sizes of one node's Raft. Defaults: heartbeat 100 ms, election timeout
+/// 300-600 ms. openraft 0.9 gives each AppendEntries RPC one heartbeat interval to answer, so a
+/// 50 ms heartbeat timed out replication under load on a busy 2-core machine and set off
+/// elections; 100 ms did not.
 #[derive(Debug, Clone)]
 pub struct MetadataConfig {
     pub node_id: NodeId,
@@ -52,9 +54,9 @@ impl MetadataConfig {
             api_addr,
             peer_addr,
             data_dir,
-            heartbeat_interval: Duration::from_millis(50),
-            election_timeout_min: Duration::from_millis(150),
-            election_timeout_max: Duration::from_millis(300),
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(300),
+            election_timeout_max: Duration::from_millis(600),
             snapshot_every_entries: 10_000,
             keep_entries_after_snapshot: 1_000,
             forward_timeout: Duration::from_secs(5),

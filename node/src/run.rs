@@ -83,9 +83,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let peer_task = tokio::spawn(async move {
         Server::builder()
             .add_service(peer_service)
-            .serve_with_incoming_shutdown(TcpIncoming::from(peer_listener).with_nodelay(Some(true)), async {
-                let _ = peer_stopped.await;
-            })
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(peer_listener).with_nodelay(Some(true)),
+                async {
+                    let _ = peer_stopped.await;
+                },
+            )
             .await
     });
     let (api_stop, api_stopped) = oneshot::channel::<()>();
@@ -94,9 +97,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let api_task = tokio::spawn(async move {
         Server::builder()
             .add_service(admin)
-            .serve_with_incoming_shutdown(TcpIncoming::from(api_listener).with_nodelay(Some(true)), async {
-                let _ = api_stopped.await;
-            })
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(api_listener).with_nodelay(Some(true)),
+                async {
+                    let _ = api_stopped.await;
+                },
+            )
             .await
     });
     Ok(RunningNode {

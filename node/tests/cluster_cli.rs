@@ -141,14 +141,16 @@ async fn a_three_node_cluster_through_the_cli() {
     ]))
     .await;
 
-    // A CAS against a stale revision loses: exit 3, and the message names the current one.
+    // A CAS against a revision that is not the task's (here: the later write to "batch")
+    // loses: exit 3, and the message names the task's current one.
+    let not_current = (revision + 1).to_string();
     let stale = troupe(args(&[
         "priorities",
         "set",
         "search",
         "20",
         "--expected-revision",
-        "1",
+        &not_current,
         "--addr",
         &api[0],
     ]))

@@ -35,6 +35,65 @@ pub struct LogStore {
     meta: sled::Tree,
     guard: OpenGuard,
     flusher: Arc<Flusher>,
+    /// The most recently appended entries, so replication reads them without going through
+    /// sled and JSON again.
+    recent: Arc<std::sync::Mutex<RecentEntries>>,
+}
+
+/// Entries kept in memory behind the tail of the log.
+const RECENT_ENTRIES: usize = 1024;
+
+/// A contiguous run of the newest entries of the log.
+#[derive(Debug, Default)]
+struct RecentEntries {
+    entries: std::collections::VecDeque<Entry>,
+}
+
+impl RecentEntries {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.log_id.index)
+    }
+
+    fn push(&mut self, entry: Entry) {
+        // Only a contiguous run is kept; anything else starts it afresh.
+        let contiguous = self
+            .entries
+            .back()
+            .is_some_and(|last| last.log_id.index.checked_add(1) == Some(entry.log_id.index));
+        if !contiguous {
+            self.entries.clear();
+        }
+        self.entries.push_back(entry);
+        while self.entries.len() > RECENT_ENTRIES {
+            self.entries.pop_front();
+        }
+    }
+
+    /// Forgets entries at `from` and after (a truncation).
+    fn truncate(&mut self, from: u64) {
+        while self.entries.back().is_some_and(|e| e.log_id.index >= from) {
+            self.entries.pop_back();
+        }
+    }
+
+    /// Forgets entries up to `upto` (a purge).
+    fn purge(&mut self, upto: u64) {
+        while self.entries.front().is_some_and(|e| e.log_id.index <= upto) {
+            self.entries.pop_front();
+        }
+    }
+
+    /// `[start, end)`, if every entry of it is here.
+    fn range(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+        let first = self.first_index()?;
+        let last = self.entries.back()?.log_id.index;
+        if start < first || end > last.checked_add(1)? || end <= start {
+            return None;
+        }
+        let from = usize::try_from(start - first).ok()?;
+        let count = usize::try_from(end - start).ok()?;
+        Some(self.entries.range(from..from + count).cloned().collect())
+    }
 }
 
 /// The flusher thread and its queue of appends written to sled and waiting for a flush.
@@ -101,10 +160,19 @@ impl LogStore {
         Ok(Self {
             guard,
             flusher,
+            recent: Arc::default(),
             db: db.clone(),
             log: db.open_tree(LOG_TREE).map_err(read_io)?,
             meta: db.open_tree(META_TREE).map_err(read_io)?,
         })
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentEntries> {
+        // The cache holds no invariant a panic could break halfway, so a poisoned lock is
+        // still usable.
+        self.recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn read_range(
@@ -177,6 +245,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => Some(i),
             Bound::Unbounded => None,
         };
+        if let Some(end) = end {
+            if end <= start {
+                return Ok(Vec::new());
+            }
+            if let Some(entries) = self.recent().range(start, end) {
+                return Ok(entries);
+            }
+        }
         let log = self.log.clone();
         match end {
             Some(end) if end.saturating_sub(start) <= INLINE_READ_ENTRIES => {
@@ -255,12 +331,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
-        for entry in entries {
-            let bytes = serde_json::to_vec(&entry).map_err(write_io)?;
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        for entry in &entries {
+            let bytes = serde_json::to_vec(entry).map_err(write_io)?;
             batch.insert(&index_key(entry.log_id.index), bytes);
         }
         // Into sled's memory now (so reads see it), onto disk by the flusher.
         self.log.apply_batch(batch).map_err(write_io)?;
+        {
+            let mut recent = self.recent();
+            for entry in entries {
+                recent.push(entry);
+            }
+        }
         let stopped = || std::io::Error::other("the raft log flusher has stopped");
         let Some(queue) = &self.flusher.queue else {
             callback.log_io_completed(Err(stopped()));
@@ -274,6 +357,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.recent().truncate(log_id.index);
         let (db, log) = (self.db.clone(), self.log.clone());
         blocking(&self.guard, move || {
             Self::remove_range(&log, log_id.index, None)?;
@@ -284,15 +368,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let (db, log, meta) = (self.db.clone(), self.log.clone(), self.meta.clone());
-        blocking(&self.guard, move || {
-            // Record the purge point first: a crash in between leaves extra entries, which
-            // openraft tolerates, never a gap it cannot explain.
-            Self::write_meta(&db, &meta, LAST_PURGED_KEY, &log_id)?;
-            Self::remove_range(&log, 0, Some(log_id.index.saturating_add(1)))?;
-            db.flush().map_err(write_io)?;
-            Ok(())
-        })
-        .await
+        self.recent().purge(log_id.index);
+        // Record the purge point now; delete the entries in the background, off openraft's
+        // core loop (a purge after a snapshot removes thousands of entries). Both reach disk
+        // with the next flush. A crash before that leaves extra entries below the recorded
+        // purge point, which openraft tolerates, never a gap it cannot explain.
+        let bytes = serde_json::to_vec(&log_id).map_err(write_io)?;
+        self.meta.insert(LAST_PURGED_KEY, bytes).map_err(write_io)?;
+        let (log, guard) = (self.log.clone(), self.guard.clone());
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            if let Err(error) = Self::remove_range(&log, 0, Some(log_id.index.saturating_add(1))) {
+                tracing::warn!(%error, upto = log_id.index, "deleting purged raft log entries failed; they stay on disk until the next purge");
+            }
+        });
+        Ok(())
     }
 }

@@ -48,7 +48,7 @@ pub fn open_with_history(
         .map_err(|e| openraft::StorageIOError::read(&e))?;
     let guard = OpenGuard::default();
     let log_store = LogStore::new(&db, guard.clone())?;
-    let state_machine = StateMachineStore::new(&db, watch_history, guard)?;
+    let state_machine = StateMachineStore::new(&db, dir.join("snapshots"), watch_history, guard)?;
     Ok((log_store, state_machine))
 }
 

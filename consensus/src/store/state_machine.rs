@@ -18,10 +18,46 @@ use super::{blocking, OpenGuard, SNAPSHOT_TREE};
 use crate::metadata::{MetadataState, Outcome};
 use crate::types::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
-/// The current snapshot: its meta as JSON and its data as raw bytes, written together in one
-/// atomic batch.
-const SNAPSHOT_META_KEY: &[u8] = b"current_meta";
-const SNAPSHOT_DATA_KEY: &[u8] = b"current_data";
+/// The current snapshot's meta and file name, as JSON. The data (megabytes: the whole state)
+/// lives in its own file beside sled: written through sled it would make every log flush wait
+/// for it.
+const SNAPSHOT_META_KEY: &[u8] = b"current_snapshot";
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotRecord {
+    meta: SnapshotMeta,
+    /// File name under the snapshot directory.
+    file: String,
+}
+
+/// A file name for a snapshot id: letters, digits, '-' and '_' only.
+fn snapshot_file(snapshot_id: &str) -> String {
+    let safe: String = snapshot_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{safe}.snapshot")
+}
+
+/// Writes `data` to `dir/name` so that it is complete on disk or absent: a temporary file,
+/// fsync, rename, fsync of the directory.
+fn write_file_durably(dir: &std::path::Path, name: &str, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(data)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
 
 /// Everything the state machine has applied.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +78,8 @@ pub struct StateMachineStore {
     applied: Arc<RwLock<Applied>>,
     db: sled::Db,
     snapshots: sled::Tree,
+    /// Where snapshot data files live.
+    snapshot_dir: Arc<std::path::PathBuf>,
     snapshot_seq: Arc<AtomicU64>,
     /// The last applied revision, for readers that wait for "at least revision R".
     revision_tx: Arc<watch::Sender<u64>>,
@@ -60,12 +98,13 @@ fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
 impl StateMachineStore {
     pub(super) fn new(
         db: &sled::Db,
+        snapshot_dir: std::path::PathBuf,
         history_capacity: usize,
         guard: OpenGuard,
     ) -> Result<Self, StorageError> {
         let snapshots = db.open_tree(SNAPSHOT_TREE).map_err(sm_read)?;
         let mut applied = Applied::default();
-        if let Some(stored) = Self::read_stored(&snapshots)? {
+        if let Some(stored) = Self::read_stored(&snapshots, &snapshot_dir)? {
             applied = serde_json::from_slice(&stored.data)
                 .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?;
         }
@@ -79,6 +118,7 @@ impl StateMachineStore {
             applied: Arc::new(RwLock::new(applied)),
             db: db.clone(),
             snapshots,
+            snapshot_dir: Arc::new(snapshot_dir),
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             revision_tx: Arc::new(revision_tx),
             index_tx: Arc::new(index_tx),
@@ -116,41 +156,62 @@ impl StateMachineStore {
         self.history.clone()
     }
 
-    fn read_stored(snapshots: &sled::Tree) -> Result<Option<StoredSnapshot>, StorageError> {
-        let Some(meta) = snapshots.get(SNAPSHOT_META_KEY).map_err(sm_read)? else {
+    fn read_stored(
+        snapshots: &sled::Tree,
+        dir: &std::path::Path,
+    ) -> Result<Option<StoredSnapshot>, StorageError> {
+        let Some(record) = snapshots.get(SNAPSHOT_META_KEY).map_err(sm_read)? else {
             return Ok(None);
         };
-        let meta: SnapshotMeta = serde_json::from_slice(&meta).map_err(sm_read)?;
-        let data = snapshots
-            .get(SNAPSHOT_DATA_KEY)
-            .map_err(sm_read)?
-            .ok_or_else(|| {
-                let missing = std::io::Error::other(format!(
-                    "snapshot {} has its meta but no data: the data dir is damaged; remove it and let the node rejoin from the leader",
-                    meta.snapshot_id
-                ));
-                StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &missing))
-            })?;
+        let record: SnapshotRecord = serde_json::from_slice(&record).map_err(sm_read)?;
+        let path = dir.join(&record.file);
+        let data = std::fs::read(&path).map_err(|e| {
+            let damaged = std::io::Error::other(format!(
+                "snapshot {} cannot be read from {}: {e}; the data dir is damaged: remove it and let the node rejoin from the leader",
+                record.meta.snapshot_id,
+                path.display()
+            ));
+            StorageError::from(StorageIOError::read_snapshot(Some(record.meta.signature()), &damaged))
+        })?;
         Ok(Some(StoredSnapshot {
-            meta,
-            data: data.to_vec(),
+            meta: record.meta,
+            data,
         }))
     }
 
     async fn store_snapshot(&self, stored: StoredSnapshot) -> Result<(), StorageError> {
         let signature = stored.meta.signature();
-        let meta = serde_json::to_vec(&stored.meta)
-            .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
-        let (db, snapshots) = (self.db.clone(), self.snapshots.clone());
+        let write_error = move |e: &dyn std::fmt::Display| -> StorageError {
+            let error = std::io::Error::other(e.to_string());
+            StorageIOError::write_snapshot(Some(signature.clone()), &error).into()
+        };
+        let file = snapshot_file(&stored.meta.snapshot_id);
+        let record = serde_json::to_vec(&SnapshotRecord {
+            meta: stored.meta,
+            file: file.clone(),
+        })
+        .map_err(|e| write_error(&e))?;
+        let (db, snapshots, dir) = (
+            self.db.clone(),
+            self.snapshots.clone(),
+            self.snapshot_dir.clone(),
+        );
         blocking(&self.guard, move || {
-            let mut batch = sled::Batch::default();
-            batch.insert(SNAPSHOT_META_KEY, meta);
-            batch.insert(SNAPSHOT_DATA_KEY, stored.data);
+            // The data first, then the record naming it: a crash in between leaves the previous
+            // snapshot current and an unreferenced file, never a record without its data.
+            write_file_durably(&dir, &file, &stored.data).map_err(|e| write_error(&e))?;
             snapshots
-                .apply_batch(batch)
-                .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), &e))?;
-            db.flush()
-                .map_err(|e| StorageIOError::write_snapshot(Some(signature), &e))?;
+                .insert(SNAPSHOT_META_KEY, record)
+                .map_err(|e| write_error(&e))?;
+            db.flush().map_err(|e| write_error(&e))?;
+            // Older snapshot files are no longer referenced.
+            if let Ok(listing) = std::fs::read_dir(&*dir) {
+                for old in listing.flatten() {
+                    if old.file_name().to_str() != Some(file.as_str()) {
+                        let _ = std::fs::remove_file(old.path());
+                    }
+                }
+            }
             Ok(())
         })
         .await
@@ -166,7 +227,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             copy.last_membership.clone(),
             copy.metadata.revision,
         );
-        let data = blocking(&self.guard, move || serde_json::to_vec(&copy).map_err(sm_read)).await?;
+        let data = blocking(&self.guard, move || {
+            serde_json::to_vec(&copy).map_err(sm_read)
+        })
+        .await?;
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
             Some(log_id) => format!("{}-{}-{seq}", log_id.leader_id, log_id.index),
@@ -274,7 +338,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let snapshots = self.snapshots.clone();
-        let stored = blocking(&self.guard, move || Self::read_stored(&snapshots)).await?;
+        let dir = self.snapshot_dir.clone();
+        let stored = blocking(&self.guard, move || Self::read_stored(&snapshots, &dir)).await?;
         Ok(stored.map(|stored| Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
