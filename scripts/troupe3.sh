@@ -106,7 +106,7 @@ cmd_start() {
   local dir n; dir=$(mktemp -d /tmp/troupe3.XXXXXX)
   echo "$dir" >"$POINTER"
   for n in 1 2 3; do write_config "$dir" "$n"; start_node "$dir" "$n"; done
-  "$BIN" cluster init --addr "$(api 1)" --members "1=$(peer 1),2=$(peer 2),3=$(peer 3)" >/dev/null
+  "$BIN" cluster init --addr "$(api 1)" --members "1=$(peer 1)@$(api 1),2=$(peer 2)@$(api 2),3=$(peer 3)@$(api 3)" >/dev/null
   echo "troupe3: run dir $dir (logs n1.log..n3.log)"
   wait_leader 30
 }
