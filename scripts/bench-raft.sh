@@ -8,9 +8,11 @@
 # Two runs, each with a fresh 3-node troupe (scripts/troupe3.sh) and a fresh 3-member etcd
 # (shared/peers/etcd3.sh) on 127.0.0.1:
 #   1. defaults: each store at its own default timings (etcd: heartbeat 100 ms, election
-#      1000 ms; troupe: heartbeat 100 ms, election 300-600 ms): put, cas, failover;
-#   2. same election timeout: etcd --heartbeat-interval=100 --election-timeout=300 (etcd draws
-#      its timeout from [300, 600) ms) and troupe at 300-600 ms: failover only.
+#      1000 ms; troupe: heartbeat 100 ms, election 150-300 ms): put, cas, failover;
+#   2. same election timeout, 300 ms: etcd --heartbeat-interval=60 --election-timeout=300
+#      (etcd wants the timeout >= 5 heartbeats; it draws each timeout from [300, 600) ms) and
+#      troupe with heartbeat 60 ms and election_timeout_max_ms 300 (a follower of a live leader
+#      waits the 300 ms lease plus its own timeout, drawn from [150, 300) ms): failover only.
 # JSON reports go to OUT_DIR (default target/bench-raft); the tables are printed.
 # Env: SECONDS_PER_POINT (default 10), PEERS (default ../shared/peers from the repo root).
 set -euo pipefail
@@ -86,7 +88,7 @@ EOF
 }
 
 run defaults put,cas,failover "" ""
-run same-election-timeout failover "--heartbeat-interval=100 --election-timeout=300" \
-  "heartbeat_interval_ms = 100
-election_timeout_min_ms = 300
-election_timeout_max_ms = 600"
+run same-election-timeout failover "--heartbeat-interval=60 --election-timeout=300" \
+  "heartbeat_interval_ms = 60
+election_timeout_min_ms = 150
+election_timeout_max_ms = 300"

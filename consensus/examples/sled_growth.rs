@@ -5,6 +5,7 @@
 //! number to watch.
 //!
 //! usage: cargo run --release -p troupe-consensus --example sled_growth -- [WRITES] [CLIENTS]
+//!        [SNAPSHOT_EVERY_ENTRIES (default 10 000; a tenth of it is kept behind each snapshot)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -53,7 +54,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let peer = listener.local_addr()?.to_string();
-    let config = MetadataConfig::new(1, "127.0.0.1:0".into(), peer.clone(), dir.path().to_owned());
+    let mut config =
+        MetadataConfig::new(1, "127.0.0.1:0".into(), peer.clone(), dir.path().to_owned());
+    if let Some(every) = args.next().map(|a| a.parse()).transpose()? {
+        config.snapshot_every_entries = every;
+        config.keep_entries_after_snapshot = every / 10;
+    }
     let metadata = Arc::new(Metadata::start(config).await?);
     let service = metadata.peer_service();
     tokio::spawn(

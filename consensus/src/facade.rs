@@ -25,9 +25,11 @@ use crate::types::{NodeAddr, NodeId, TypeConfig};
 use crate::watch::{ResyncingWatch, Watch, WatchError};
 
 /// Timings and sizes of one node's Raft. Defaults: heartbeat 100 ms, election timeout
-/// 300-600 ms. openraft 0.9 gives each AppendEntries RPC one heartbeat interval to answer, so a
+/// 150-300 ms. openraft 0.9 gives each AppendEntries RPC one heartbeat interval to answer, so a
 /// 50 ms heartbeat timed out replication under load on a busy 2-core machine and set off
-/// elections; 100 ms did not.
+/// elections; 100 ms did not. A follower that knows a leader waits for the leader's lease
+/// (`election_timeout_max`) plus its own election timeout before it stands, so the time to a
+/// new leader after a crash is about 300 ms + 150-300 ms at these defaults.
 #[derive(Debug, Clone)]
 pub struct MetadataConfig {
     pub node_id: NodeId,
@@ -55,8 +57,8 @@ impl MetadataConfig {
             peer_addr,
             data_dir,
             heartbeat_interval: Duration::from_millis(100),
-            election_timeout_min: Duration::from_millis(300),
-            election_timeout_max: Duration::from_millis(600),
+            election_timeout_min: Duration::from_millis(150),
+            election_timeout_max: Duration::from_millis(300),
             snapshot_every_entries: 10_000,
             keep_entries_after_snapshot: 1_000,
             forward_timeout: Duration::from_secs(5),

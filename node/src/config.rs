@@ -44,8 +44,8 @@ impl Default for RaftSettings {
     fn default() -> Self {
         Self {
             heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
             snapshot_every_entries: 10_000,
             keep_entries_after_snapshot: 1_000,
             forward_timeout_ms: 5_000,
