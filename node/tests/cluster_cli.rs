@@ -2,23 +2,14 @@
 //! 127.0.0.1), driven through the real `troupe` CLI: init, membership, priorities with CAS,
 //! models, status.
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
+use common::{args, start_node, text, troupe};
 use troupe::config::NodeConfig;
 use troupe::RunningNode;
 
-async fn start_node(id: u64, dir: &tempfile::TempDir) -> RunningNode {
-    let config = NodeConfig {
-        id,
-        api: "127.0.0.1:0".into(),
-        peer: "127.0.0.1:0".into(),
-        metrics: "127.0.0.1:1".into(),
-        data_dir: dir.path().join(format!("node{id}")),
-        ..NodeConfig::default()
-    };
-    troupe::start(config).await.unwrap()
-}
+mod common;
 
 /// Forms a one-node cluster through the CLI and waits for it to lead; returns its API address.
 async fn init_single(node: &RunningNode) -> String {
@@ -39,28 +30,6 @@ async fn init_single(node: &RunningNode) -> String {
         .await
         .unwrap();
     api
-}
-
-async fn troupe(args: Vec<String>) -> Output {
-    tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_troupe"))
-            .args(&args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
-}
-
-fn text(output: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| (*s).to_owned()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

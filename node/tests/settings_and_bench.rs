@@ -2,41 +2,15 @@
 //! (`troupe::start`, real gRPC on 127.0.0.1): the benchmark's puts and CAS really reach the
 //! store, and its lost-update check holds.
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
-use troupe::config::NodeConfig;
+use common::{args, start_node, text};
 use troupe::RunningNode;
 
-async fn start_node(id: u64, dir: &tempfile::TempDir) -> RunningNode {
-    let config = NodeConfig {
-        id,
-        api: "127.0.0.1:0".into(),
-        peer: "127.0.0.1:0".into(),
-        metrics: "127.0.0.1:1".into(),
-        data_dir: dir.path().join(format!("node{id}")),
-        ..NodeConfig::default()
-    };
-    troupe::start(config).await.unwrap()
-}
+mod common;
 
-async fn troupe(args: &[&str]) -> Output {
-    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_troupe"))
-            .args(&args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
-}
-
-fn text(output: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+async fn troupe(list: &[&str]) -> std::process::Output {
+    common::troupe(args(list)).await
 }
 
 async fn three_nodes(dir: &tempfile::TempDir) -> (Vec<RunningNode>, Vec<String>) {

@@ -53,7 +53,7 @@ impl From<SettingEntry> for SettingView {
 }
 
 fn print_table(settings: &[SettingView]) {
-    println!("{:<32} {:>12} {}", "key", "mod_revision", "value");
+    println!("{:<32} {:>12} value", "key", "mod_revision");
     for setting in settings {
         println!(
             "{:<32} {:>12} {}",
