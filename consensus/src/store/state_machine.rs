@@ -80,6 +80,9 @@ pub struct StateMachineStore {
     snapshots: sled::Tree,
     /// Where snapshot data files live.
     snapshot_dir: Arc<std::path::PathBuf>,
+    /// Serialises snapshot writes: a snapshot being built and one being installed may finish
+    /// at the same time.
+    snapshot_write: Arc<std::sync::Mutex<()>>,
     snapshot_seq: Arc<AtomicU64>,
     /// The last applied revision, for readers that wait for "at least revision R".
     revision_tx: Arc<watch::Sender<u64>>,
@@ -119,6 +122,7 @@ impl StateMachineStore {
             db: db.clone(),
             snapshots,
             snapshot_dir: Arc::new(snapshot_dir),
+            snapshot_write: Arc::default(),
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             revision_tx: Arc::new(revision_tx),
             index_tx: Arc::new(index_tx),
@@ -179,8 +183,11 @@ impl StateMachineStore {
         }))
     }
 
-    async fn store_snapshot(&self, stored: StoredSnapshot) -> Result<(), StorageError> {
+    /// Makes `stored` the current snapshot unless the current one already covers more of the
+    /// log; returns whether it did.
+    async fn store_snapshot(&self, stored: StoredSnapshot) -> Result<bool, StorageError> {
         let signature = stored.meta.signature();
+        let covers = stored.meta.last_log_id;
         let write_error = move |e: &dyn std::fmt::Display| -> StorageError {
             let error = std::io::Error::other(e.to_string());
             StorageIOError::write_snapshot(Some(signature.clone()), &error).into()
@@ -191,12 +198,26 @@ impl StateMachineStore {
             file: file.clone(),
         })
         .map_err(|e| write_error(&e))?;
-        let (db, snapshots, dir) = (
+        let (db, snapshots, dir, lock) = (
             self.db.clone(),
             self.snapshots.clone(),
             self.snapshot_dir.clone(),
+            self.snapshot_write.clone(),
         );
         blocking(&self.guard, move || {
+            let _writing = lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(current) = snapshots
+                .get(SNAPSHOT_META_KEY)
+                .map_err(|e| write_error(&e))?
+            {
+                let current: SnapshotRecord =
+                    serde_json::from_slice(&current).map_err(|e| write_error(&e))?;
+                if current.meta.last_log_id > covers {
+                    return Ok(false);
+                }
+            }
             // The data first, then the record naming it: a crash in between leaves the previous
             // snapshot current and an unreferenced file, never a record without its data.
             write_file_durably(&dir, &file, &stored.data).map_err(|e| write_error(&e))?;
@@ -212,7 +233,7 @@ impl StateMachineStore {
                     }
                 }
             }
-            Ok(())
+            Ok(true)
         })
         .await
     }
@@ -241,12 +262,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             last_membership,
             snapshot_id,
         };
-        self.store_snapshot(StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        })
-        .await?;
-        self.snapshot_revision.store(revision, Ordering::Release);
+        let stored = self
+            .store_snapshot(StoredSnapshot {
+                meta: meta.clone(),
+                data: data.clone(),
+            })
+            .await?;
+        if stored {
+            self.snapshot_revision.store(revision, Ordering::Release);
+        }
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -322,6 +346,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         restored.last_applied = meta.last_log_id;
         restored.last_membership = meta.last_membership.clone();
         let revision = restored.metadata.revision;
+        // openraft installs only snapshots ahead of what is applied, so this one is stored.
         self.store_snapshot(StoredSnapshot {
             meta: meta.clone(),
             data,
