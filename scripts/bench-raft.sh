@@ -13,7 +13,7 @@
 #      (etcd wants the timeout >= 5 heartbeats; it draws each timeout from [300, 600) ms) and
 #      troupe with heartbeat 60 ms and election_timeout_max_ms 300 (a follower of a live leader
 #      waits the 300 ms lease plus its own timeout, drawn from [150, 300) ms): failover only.
-# JSON reports go to OUT_DIR (default target/bench-raft); the tables are printed.
+# The tables (Markdown) are printed; the JSON reports go to OUT_DIR (default target/bench-raft).
 # Env: SECONDS_PER_POINT (default 10), PEERS (default ../shared/peers from the repo root).
 set -euo pipefail
 
@@ -54,37 +54,7 @@ run() { # NAME PHASES ETCD_EXTRA TROUPE_RAFT
     --restart-cmd "bash $ROOT/scripts/troupe3.sh restart {n}" \
     --etcd-kill-cmd "bash $PEERS/etcd3.sh kill9 {n}" \
     --etcd-restart-cmd "bash $PEERS/etcd3.sh restart {n}" \
-    --json >"$OUT/$name.json"
-  python3 - "$OUT/$name.json" <<'EOF'
-import json, sys
-report = json.load(open(sys.argv[1]))
-stores = {s["store"]: s for s in report["stores"]}
-t, e = stores.get("troupe"), stores.get("etcd")
-rows = []
-for p in (t or {}).get("put", []):
-    q = next((x for x in (e or {}).get("put", []) if x["clients"] == p["clients"]), None)
-    c = p["clients"]
-    rows.append((f"put {c} clients: ops/s", p["ops_per_s"], q and q["ops_per_s"]))
-    rows.append((f"put {c} clients: p50 ms", p["latency"]["p50_ms"], q and q["latency"]["p50_ms"]))
-    rows.append((f"put {c} clients: p99 ms", p["latency"]["p99_ms"], q and q["latency"]["p99_ms"]))
-if t and t.get("cas"):
-    rows.append(("cas: successes/s", t["cas"]["cas_ok_per_s"], e and e["cas"] and e["cas"]["cas_ok_per_s"]))
-    rows.append(("cas: conflict rate", t["cas"]["conflict_rate"], e and e["cas"] and e["cas"]["conflict_rate"]))
-if t and t.get("failover"):
-    rows.append(("failover: median s", t["failover"]["median_s"], e and e["failover"] and e["failover"]["median_s"]))
-    rows.append(("failover: max s", t["failover"]["max_s"], e and e["failover"] and e["failover"]["max_s"]))
-print(f"| test | troupe | etcd | troupe / etcd |\n|---|---:|---:|---:|")
-for name, a, b in rows:
-    ratio = f"{a / b:.2f}x" if a is not None and b else "-"
-    fa = "-" if a is None else f"{a:.3f}" if a < 100 else f"{a:.0f}"
-    fb = "-" if b is None else f"{b:.3f}" if b < 100 else f"{b:.0f}"
-    print(f"| {name} | {fa} | {fb} | {ratio} |")
-for s in report["stores"]:
-    if s.get("cas") and not s["cas"]["lost_update_check_ok"]:
-        print(f"{s['store']}: LOST UPDATE in the CAS phase")
-    if s.get("failover"):
-        print(f"{s['store']} failover rounds (s): {[r['unavailable_s'] for r in s['failover']['rounds']]}")
-EOF
+    --json-out "$OUT/$name.json"
 }
 
 run defaults put,cas,failover "" ""

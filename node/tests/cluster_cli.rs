@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use common::{args, start_node, text, troupe};
+use common::{args, assert_lost_cas, members_arg, start_node, text, troupe};
 use troupe::config::NodeConfig;
 use troupe::RunningNode;
 
@@ -40,12 +40,7 @@ async fn a_three_node_cluster_through_the_cli() {
         nodes.push(start_node(id, &dir).await);
     }
     let api: Vec<String> = nodes.iter().map(|n| n.api_addr.to_string()).collect();
-    let members: Vec<String> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| format!("{}={}@{}", i + 1, n.peer_addr, n.api_addr))
-        .collect();
-    let members = members.join(",");
+    let members = members_arg(&nodes);
 
     let init = troupe(args(&[
         "cluster",
@@ -124,12 +119,7 @@ async fn a_three_node_cluster_through_the_cli() {
         &api[0],
     ]))
     .await;
-    let (_, stderr) = text(&stale);
-    assert_eq!(stale.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.starts_with("error: ABORTED: ") && stderr.contains(&format!("revision {revision}")),
-        "{stderr}"
-    );
+    assert_lost_cas(&stale, revision);
     let fresh = troupe(args(&[
         "priorities",
         "set",

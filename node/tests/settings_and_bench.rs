@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use common::{args, start_node, text};
+use common::{args, assert_lost_cas, members_arg, start_node, text};
 use troupe::RunningNode;
 
 mod common;
@@ -19,20 +19,8 @@ async fn three_nodes(dir: &tempfile::TempDir) -> (Vec<RunningNode>, Vec<String>)
         nodes.push(start_node(id, dir).await);
     }
     let api: Vec<String> = nodes.iter().map(|n| n.api_addr.to_string()).collect();
-    let members: Vec<String> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| format!("{}={}@{}", i + 1, n.peer_addr, n.api_addr))
-        .collect();
-    let init = troupe(&[
-        "cluster",
-        "init",
-        "--addr",
-        &api[0],
-        "--members",
-        &members.join(","),
-    ])
-    .await;
+    let members = members_arg(&nodes);
+    let init = troupe(&["cluster", "init", "--addr", &api[0], "--members", &members]).await;
     assert!(init.status.success(), "{:?}", text(&init));
     for node in &nodes {
         node.metadata
@@ -72,12 +60,7 @@ async fn settings_are_set_read_and_compared_through_any_node() {
         &api[0],
     ])
     .await;
-    let (_, stderr) = text(&lost);
-    assert_eq!(lost.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.starts_with("error: ABORTED: ") && stderr.contains(&format!("revision {revision}")),
-        "{stderr}"
-    );
+    assert_lost_cas(&lost, revision);
     let won = troupe(&[
         "settings",
         "set",

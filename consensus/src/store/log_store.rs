@@ -3,12 +3,15 @@
 //! Entries live in one tree keyed by the big-endian log index, so sled's ordering is the
 //! log's. Every write is flushed before openraft hears it is done.
 //!
-//! Appends are group-committed. openraft calls `append` from its core loop, one call per client
-//! write, and waits for the call to return before it looks at the next write. So `append` only
-//! puts the entries into sled (memory) and hands the completion callback to a flusher thread;
-//! the flusher makes one `flush` cover every append queued behind it and then reports each of
-//! them done, in order. openraft counts an entry as stored (and the leader counts its own vote
+//! `append` puts the entries into sled (memory) and hands the completion callback to a flusher
+//! thread, which flushes and then fires it; one flush covers every append queued behind it,
+//! completed in order. openraft counts an entry as stored (and the leader counts its own vote
 //! for it) only when that callback fires, so nothing is acknowledged before it is on disk.
+//! openraft 0.9 itself waits for each append's callback inside its core loop before it takes
+//! the next write, so at most one append is queued in practice; concurrent writes are batched
+//! one level up, by the proposer (`crate::proposer`). The thread keeps the blocking flush off
+//! the async workers: 3 211 writes/s against 2 752 with `spawn_blocking` per append (one
+//! node, 16 writers, measured before the proposer existed).
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};

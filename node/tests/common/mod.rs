@@ -44,3 +44,24 @@ pub fn text(output: &Output) -> (String, String) {
 pub fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| (*s).to_owned()).collect()
 }
+
+/// `--members` for `cluster init`: `1=PEER@API,...` in the order given.
+pub fn members_arg(nodes: &[RunningNode]) -> String {
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{}={}@{}", i + 1, n.peer_addr, n.api_addr))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A lost compare-and-set: exit 3, and the message names the key's current revision.
+pub fn assert_lost_cas(output: &Output, current_revision: u64) {
+    let (_, stderr) = text(output);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ABORTED: ")
+            && stderr.contains(&format!("revision {current_revision}")),
+        "{stderr}"
+    );
+}

@@ -83,9 +83,12 @@ pub struct RaftArgs {
     /// Seconds before each kill and after each restart.
     #[arg(long, default_value_t = 2.0)]
     pub settle: f64,
-    /// Print one JSON document instead of tables.
+    /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also write the JSON document to this file (the table still goes to stdout).
+    #[arg(long, value_name = "FILE")]
+    pub json_out: Option<std::path::PathBuf>,
 }
 
 /// Everything measured against one store.
@@ -185,6 +188,7 @@ pub fn run(args: RaftArgs) -> Result<(), CliError> {
         ));
     }
     let json = args.json;
+    let json_out = args.json_out.clone();
     let report = super::remote::block_on(async move {
         let mut stores = Vec::new();
         for (kind, endpoints, kill_cmd, restart_cmd) in targets {
@@ -246,6 +250,13 @@ pub fn run(args: RaftArgs) -> Result<(), CliError> {
             stores: stores.into_iter().map(|t| t.report).collect(),
         })
     })?;
+    if let Some(path) = &json_out {
+        let text = serde_json::to_vec_pretty(&report)
+            .map_err(|e| CliError::Output(std::io::Error::other(e)))?;
+        std::fs::write(path, text).map_err(|e| {
+            CliError::Output(std::io::Error::other(format!("{}: {e}", path.display())))
+        })?;
+    }
     if json {
         return print_json(&report);
     }
@@ -259,114 +270,89 @@ fn progress(json: bool, line: &str) {
     }
 }
 
-/// One row per figure: each store's value, then troupe / etcd when both ran.
+/// A Markdown table, one row per figure: each store's value, then troupe / etcd when both
+/// ran; then each store's failover rounds and anything that went wrong or did not run.
 fn print_table(report: &Report) {
-    let mut rows: Vec<(String, Vec<Option<f64>>)> = Vec::new();
-    let mut row = |label: String, values: Vec<Option<f64>>| rows.push((label, values));
     let stores = &report.stores;
-    let clients: Vec<usize> = stores
-        .iter()
-        .flat_map(|s| s.put.iter().map(|p| p.clients))
-        .fold(Vec::new(), |mut seen, c| {
-            if !seen.contains(&c) {
-                seen.push(c);
-            }
-            seen
-        });
-    for c in clients {
-        fn find(s: &StoreReport, c: usize) -> Option<&PutResult> {
-            s.put.iter().find(|p| p.clients == c)
+    let mut rows: Vec<(String, Vec<Option<f64>>)> = Vec::new();
+    let mut row = |label: String, value: &dyn Fn(&StoreReport) -> Option<f64>| {
+        rows.push((label, stores.iter().map(value).collect()));
+    };
+    let mut clients: Vec<usize> = Vec::new();
+    for put in stores.iter().flat_map(|s| &s.put) {
+        if !clients.contains(&put.clients) {
+            clients.push(put.clients);
         }
-        row(
-            format!("put {c} clients: ops/s"),
-            stores
-                .iter()
-                .map(|s| find(s, c).map(|p| p.ops_per_s))
-                .collect(),
-        );
-        row(
-            format!("put {c} clients: p50 ms"),
-            stores
-                .iter()
-                .map(|s| find(s, c).map(|p| p.latency.p50_ms))
-                .collect(),
-        );
-        row(
-            format!("put {c} clients: p99 ms"),
-            stores
-                .iter()
-                .map(|s| find(s, c).map(|p| p.latency.p99_ms))
-                .collect(),
-        );
+    }
+    for c in clients {
+        let put = |s: &StoreReport| s.put.iter().find(|p| p.clients == c).cloned();
+        row(format!("put {c} clients: ops/s"), &|s| {
+            put(s).map(|p| p.ops_per_s)
+        });
+        row(format!("put {c} clients: p50 ms"), &|s| {
+            put(s).map(|p| p.latency.p50_ms)
+        });
+        row(format!("put {c} clients: p99 ms"), &|s| {
+            put(s).map(|p| p.latency.p99_ms)
+        });
     }
     if stores.iter().any(|s| s.cas.is_some()) {
-        row(
-            "cas: successes/s".into(),
-            stores
-                .iter()
-                .map(|s| s.cas.as_ref().map(|c| c.cas_ok_per_s))
-                .collect(),
-        );
-        row(
-            "cas: conflict rate".into(),
-            stores
-                .iter()
-                .map(|s| s.cas.as_ref().and_then(|c| c.conflict_rate))
-                .collect(),
-        );
+        row("cas: successes/s".into(), &|s| {
+            s.cas.as_ref().map(|c| c.cas_ok_per_s)
+        });
+        row("cas: conflict rate".into(), &|s| {
+            s.cas.as_ref().and_then(|c| c.conflict_rate)
+        });
     }
     if stores.iter().any(|s| s.failover.is_some()) {
-        row(
-            "failover: median s".into(),
-            stores
-                .iter()
-                .map(|s| s.failover.as_ref().and_then(|f| f.median_s))
-                .collect(),
-        );
-        row(
-            "failover: max s".into(),
-            stores
-                .iter()
-                .map(|s| s.failover.as_ref().and_then(|f| f.max_s))
-                .collect(),
-        );
+        row("failover: median s".into(), &|s| {
+            s.failover.as_ref().and_then(|f| f.median_s)
+        });
+        row("failover: max s".into(), &|s| {
+            s.failover.as_ref().and_then(|f| f.max_s)
+        });
     }
     let ratio = stores.len() == 2;
-    print!("{:<26}", "test");
-    for store in stores {
-        print!(" {:>12}", store.store.name());
-    }
-    if ratio {
-        print!(" {:>12}", "troupe/etcd");
-    }
-    println!();
-    let cell = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+    let names: Vec<&str> = stores.iter().map(|s| s.store.name()).collect();
+    print!("| test | {} |", names.join(" | "));
+    println!("{}", if ratio { " troupe / etcd |" } else { "" });
+    print!("|---|{}", "---:|".repeat(stores.len()));
+    println!("{}", if ratio { "---:|" } else { "" });
+    let cell = |v: Option<f64>| match v {
+        None => "-".to_owned(),
+        Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
+        Some(v) => format!("{v:.3}"),
+    };
     for (label, values) in rows {
-        print!("{label:<26}");
-        for value in &values {
-            print!(" {:>12}", cell(*value));
-        }
+        let cells: Vec<String> = values.iter().map(|v| cell(*v)).collect();
+        print!("| {label} | {} |", cells.join(" | "));
         if ratio {
             let r = match (values[0], values[1]) {
-                (Some(a), Some(b)) if b != 0.0 => Some(a / b),
-                _ => None,
+                (Some(a), Some(b)) if b != 0.0 => format!("{:.2}x", a / b),
+                _ => "-".to_owned(),
             };
-            print!(
-                " {:>12}",
-                r.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x"))
-            );
+            print!(" {r} |");
         }
         println!();
     }
     for store in stores {
+        let name = store.store.name();
+        if let Some(failover) = &store.failover {
+            let rounds: Vec<String> = failover
+                .rounds
+                .iter()
+                .map(|r| {
+                    r.unavailable_s
+                        .map_or("-".to_owned(), |s| format!("{s:.3}"))
+                })
+                .collect();
+            println!("{name} failover rounds (s): {}", rounds.join(", "));
+        }
         if store.cas.as_ref().is_some_and(|c| !c.lost_update_check_ok) {
-            println!(
-                "{}: LOST UPDATE: the counters do not add up to the successful CAS",
-                store.store.name()
-            );
+            println!("{name}: LOST UPDATE: the counters do not add up to the successful CAS");
         }
         for skipped in &store.skipped {
-            println!("{}: not run: {skipped}", store.store.name());
+            println!("{name}: not run: {skipped}");
         }
     }
 }
