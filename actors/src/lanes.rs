@@ -123,6 +123,43 @@ impl<T> Lanes<T> {
     }
 }
 
+/// Items with a size: a batch is bounded by the sum of its items' weights (texts, for the
+/// batcher), not by their count.
+pub trait Weighted {
+    fn weight(&self) -> usize;
+}
+
+impl<T: Weighted> Lanes<T> {
+    /// Sum of the queued items' weights.
+    pub fn total_weight(&self) -> usize {
+        self.lanes
+            .iter()
+            .flat_map(|q| q.iter())
+            .map(|e| e.item.weight())
+            .sum()
+    }
+
+    /// Items, highest-priority lane first and FIFO within a lane, while their weights fit in
+    /// `max`. The first item is always taken, however heavy, so nothing waits forever.
+    pub fn take_batch_weighted(&mut self, max: usize) -> Vec<T> {
+        let mut batch = Vec::new();
+        let mut weight = 0usize;
+        for queue in &mut self.lanes {
+            while let Some(front) = queue.front() {
+                let next = front.item.weight();
+                if !batch.is_empty() && weight.saturating_add(next) > max {
+                    return batch;
+                }
+                weight = weight.saturating_add(next);
+                if let Some(entry) = queue.pop_front() {
+                    batch.push(entry.item);
+                }
+            }
+        }
+        batch
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +212,25 @@ mod tests {
             ["late"]
         );
         assert_eq!(lanes.take_batch(10), ["fine", "none"]);
+    }
+
+    impl Weighted for (char, usize) {
+        fn weight(&self) -> usize {
+            self.1
+        }
+    }
+
+    #[test]
+    fn weighted_batches_stop_before_the_limit_but_take_one_heavy_item() {
+        let now = Instant::now();
+        let mut lanes = Lanes::new(2, 10);
+        for (lane, item) in [(1, ('a', 3)), (0, ('b', 2)), (0, ('c', 2)), (1, ('d', 1))] {
+            lanes.push(lane, item, now, None).unwrap();
+        }
+        assert_eq!(lanes.total_weight(), 8);
+        assert_eq!(lanes.take_batch_weighted(5), [('b', 2), ('c', 2)]);
+        assert_eq!(lanes.take_batch_weighted(2), [('a', 3)]);
+        assert_eq!(lanes.take_batch_weighted(usize::MAX), [('d', 1)]);
     }
 
     #[test]

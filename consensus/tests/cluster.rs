@@ -417,6 +417,7 @@ async fn concurrent_conflicting_writers_leave_every_node_with_identical_state() 
                         digest: format!("{:064x}", client),
                         size_bytes: u64::from(client),
                         format: "safetensors".into(),
+                        source: None,
                     },
                 };
                 propose_retrying(&metadata, Proposal::new(command)).await;

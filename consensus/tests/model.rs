@@ -46,6 +46,7 @@ fn command() -> impl Strategy<Value = Command> {
             digest: digest(d),
             size_bytes: u64::from(d),
             format: "safetensors".into(),
+            source: None,
         }),
         (0..3u8, 0..4u8).prop_map(|(v, s)| Command::SetModelState {
             name: "m".into(),

@@ -134,6 +134,39 @@ impl<B: EncoderBackend> Embedder<B> {
     }
 }
 
+/// What a server needs from a loaded model, object safe so the actor tree does not depend on
+/// the compute backend. Calls block for the length of a forward pass: make them on a
+/// dedicated thread.
+pub trait SentenceEmbedder: Send + Sync + 'static {
+    /// Token ids per text, with `[CLS]`/`[SEP]`, truncated to the model's `max_seq_length`.
+    fn tokenize(&self, texts: &[String]) -> Result<Vec<Vec<u32>>, ModelError>;
+    /// One embedding per sequence, in input order, in forward passes of at most `batch_size`.
+    fn embed_token_ids(&self, ids: &[Vec<u32>], batch_size: usize)
+        -> Result<Vec<Vec<f32>>, ModelError>;
+    fn dimension(&self) -> usize;
+}
+
+impl<B: EncoderBackend> SentenceEmbedder for Embedder<B>
+where
+    Embedder<B>: Send + Sync,
+{
+    fn tokenize(&self, texts: &[String]) -> Result<Vec<Vec<u32>>, ModelError> {
+        self.tokenizer.encode(texts)
+    }
+
+    fn embed_token_ids(
+        &self,
+        ids: &[Vec<u32>],
+        batch_size: usize,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        Embedder::embed_token_ids(self, ids, batch_size)
+    }
+
+    fn dimension(&self) -> usize {
+        Embedder::dimension(self)
+    }
+}
+
 fn check_batch_size(batch_size: usize) -> Result<(), ModelError> {
     if batch_size == 0 || batch_size > MAX_BATCH_SIZE {
         return Err(ModelError::BatchSize {

@@ -43,6 +43,13 @@ pub enum ModelError {
     #[error("weights {path} do not match config.json: {reason}")]
     WeightsMismatch { path: PathBuf, reason: String },
 
+    #[error("model directory {path} does not match the registered version: its manifest digest is {actual}, the version's is {expected} (the files changed after registration: register them as a new version)")]
+    ArtifactMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+
     #[error("empty input: give at least one text")]
     EmptyInput,
 

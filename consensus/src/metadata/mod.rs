@@ -6,7 +6,7 @@ pub mod state;
 
 pub use change::{Change, ChangeValue};
 pub use command::{Command, ModelState, Outcome, Proposal, ProposalBatch, Rejection};
-pub use state::{MetadataState, ModelVersionRecord, SettingRecord, TaskRecord};
+pub use state::{KeyRevisions, MetadataState, ModelVersionRecord, SettingRecord, TaskRecord};
 
 #[cfg(test)]
 mod tests;

@@ -34,6 +34,9 @@ pub struct ModelVersionRecord {
     pub digest: String,
     pub size_bytes: u64,
     pub format: String,
+    /// Directory the version was registered from, if it was (see `Command::RegisterModelVersion`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     pub state: ModelState,
     pub traffic_weight: u32,
     pub revisions: KeyRevisions,
@@ -215,6 +218,7 @@ impl MetadataState {
                 digest,
                 size_bytes,
                 format,
+                source,
             } => {
                 let versions = self.models.entry(name.clone()).or_default();
                 if let Some(existing) = versions.get(version) {
@@ -238,6 +242,7 @@ impl MetadataState {
                         digest: digest.clone(),
                         size_bytes: *size_bytes,
                         format: format.clone(),
+                        source: source.clone(),
                         state: ModelState::Loading,
                         traffic_weight: 100,
                         revisions: KeyRevisions {

@@ -12,6 +12,7 @@ fn register(version: &str, digest: &str) -> Proposal {
         digest: digest.into(),
         size_bytes: 10,
         format: "safetensors".into(),
+        source: None,
     })
 }
 

@@ -1,0 +1,68 @@
+//! What a batcher is sent. Commands are one-way; queries carry an `RpcReplyPort`.
+
+use std::time::Instant;
+
+use ractor::RpcReplyPort;
+use tokio::sync::oneshot;
+
+use crate::error::ServeError;
+
+/// Embeddings for one request, in its text order.
+pub type JobResult = Result<Vec<Vec<f32>>, ServeError>;
+
+/// One Embed request waiting for a batch.
+#[derive(Debug)]
+pub struct EmbedJob {
+    pub texts: Vec<String>,
+    pub request_id: String,
+    pub task: String,
+    pub lane: usize,
+    pub deadline: Option<Instant>,
+    pub received: Instant,
+    pub reply: oneshot::Sender<JobResult>,
+}
+
+/// A batch on its way to a worker.
+#[derive(Debug)]
+pub struct Batch {
+    pub id: u64,
+    pub jobs: Vec<EmbedJob>,
+}
+
+/// A batcher's counters, read without messaging it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatcherCounters {
+    pub batches: u64,
+    /// Texts computed.
+    pub rows: u64,
+    /// Requests computed.
+    pub jobs: u64,
+    /// Requests refused because their lane was full.
+    pub rejected_full: u64,
+    /// Requests dropped because their deadline passed before compute.
+    pub expired: u64,
+    /// Requests answered UNAVAILABLE because their worker failed.
+    pub failed: u64,
+    /// Requests waiting now.
+    pub queued: u64,
+    /// Batches being computed now.
+    pub in_flight: u64,
+    pub worker_restarts: u64,
+}
+
+#[derive(Debug)]
+pub enum BatcherMsg {
+    Submit(EmbedJob),
+    /// A flush timer fired: dispatch what has waited `max_queue_delay`.
+    Flush,
+    /// Worker `worker` finished a batch and can take another.
+    WorkerIdle { worker: usize },
+    /// Answer once every queued and in-flight request is answered; refuse new ones.
+    Drain(RpcReplyPort<()>),
+}
+
+impl crate::lanes::Weighted for EmbedJob {
+    fn weight(&self) -> usize {
+        self.texts.len()
+    }
+}

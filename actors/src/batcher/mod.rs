@@ -1,0 +1,507 @@
+//! Batcher: one per loaded model version. It queues requests in bounded priority lanes and
+//! hands batches to its inference workers, which it supervises.
+//!
+//! A batch goes to a free worker when the queue holds `max_batch_size` texts, when the oldest
+//! request has waited `max_queue_delay`, or when as many requests wait as the previous batch
+//! carried (closed-loop clients come back at that rate, so waiting longer only adds latency).
+//! While every worker is busy, requests accumulate, which is where large batches come from.
+//! A full lane refuses at once with `RESOURCE_EXHAUSTED`; a request whose deadline passed is
+//! answered `DEADLINE_EXCEEDED` and never reaches the model.
+
+pub mod messages;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use troupe_models::SentenceEmbedder;
+
+pub use messages::{Batch, BatcherCounters, BatcherMsg, EmbedJob, JobResult};
+
+use crate::config::ServingConfig;
+use crate::error::ServeError;
+use crate::lanes::Lanes;
+use crate::restart::RestartBudget;
+use crate::stats::{ActorDirectory, ActorStats};
+use crate::table::ModelKey;
+use crate::worker::{InferenceWorker, WorkerArgs, WorkerCrashed, WorkerMsg};
+
+/// Restart latencies kept for inspection (newest last).
+const RESTART_HISTORY: usize = 1024;
+
+/// Shared counters of one batcher; readable by the node without a message round trip.
+#[derive(Debug, Default)]
+pub struct BatcherShared {
+    batches: AtomicU64,
+    rows: AtomicU64,
+    jobs: AtomicU64,
+    rejected_full: AtomicU64,
+    expired: AtomicU64,
+    failed: AtomicU64,
+    queued: AtomicU64,
+    in_flight: AtomicU64,
+    worker_restarts: AtomicU64,
+    lane_depths: Mutex<Vec<usize>>,
+    restart_latencies: Mutex<Vec<Duration>>,
+    /// Batch sizes seen (texts per batch), for the mean and the histogram.
+    batch_rows: Mutex<Vec<u64>>,
+}
+
+impl BatcherShared {
+    pub fn counters(&self) -> BatcherCounters {
+        BatcherCounters {
+            batches: self.batches.load(Ordering::Relaxed),
+            rows: self.rows.load(Ordering::Relaxed),
+            jobs: self.jobs.load(Ordering::Relaxed),
+            rejected_full: self.rejected_full.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            queued: self.queued.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            worker_restarts: self.worker_restarts.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Time from a worker's crash to its replacement being ready, newest last.
+    pub fn restart_latencies(&self) -> Vec<Duration> {
+        lock(&self.restart_latencies).clone()
+    }
+
+    pub fn lane_depths(&self) -> Vec<usize> {
+        lock(&self.lane_depths).clone()
+    }
+
+    pub(crate) fn computed(&self, jobs: u64, rows: u64) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.jobs.fetch_add(jobs, Ordering::Relaxed);
+        self.rows.fetch_add(rows, Ordering::Relaxed);
+        let mut sizes = lock(&self.batch_rows);
+        if sizes.len() >= 65_536 {
+            sizes.drain(..32_768);
+        }
+        sizes.push(rows);
+    }
+
+    pub(crate) fn failed_batch(&self, jobs: u64) {
+        self.failed.fetch_add(jobs, Ordering::Relaxed);
+    }
+
+    /// Mean texts per batch over the last `last` batches (all kept ones when 0).
+    pub fn mean_batch_rows(&self, last: usize) -> f64 {
+        let sizes = lock(&self.batch_rows);
+        let take = if last == 0 { sizes.len() } else { last.min(sizes.len()) };
+        if take == 0 {
+            return 0.0;
+        }
+        sizes[sizes.len() - take..].iter().sum::<u64>() as f64 / take as f64
+    }
+
+    pub(crate) fn expired_at_worker(&self) {
+        self.expired.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How the rest of the node talks to a batcher.
+#[derive(Debug, Clone)]
+pub struct BatcherHandle {
+    pub key: ModelKey,
+    actor: ActorRef<BatcherMsg>,
+    stats: Arc<ActorStats>,
+    shared: Arc<BatcherShared>,
+}
+
+impl BatcherHandle {
+    /// Queues a job; the answer comes on the job's reply channel. A batcher that is gone
+    /// answers `UNAVAILABLE` through the dropped channel.
+    pub fn submit(&self, job: EmbedJob) {
+        self.stats.sent();
+        if let Err(error) = self.actor.cast(BatcherMsg::Submit(job)) {
+            self.stats.handled();
+            if let ractor::MessagingErr::SendErr(BatcherMsg::Submit(job)) = error {
+                let _ = job.reply.send(Err(ServeError::Unavailable {
+                    model: self.key.name.clone(),
+                    version: self.key.version.clone(),
+                    reason: "its batcher has stopped".into(),
+                }));
+            }
+        }
+    }
+
+    /// Waits until every queued request has been answered (or `timeout` passes).
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        self.stats.sent();
+        matches!(
+            self.actor
+                .call(BatcherMsg::Drain, Some(timeout))
+                .await,
+            Ok(ractor::rpc::CallResult::Success(()))
+        )
+    }
+
+    pub fn shared(&self) -> &Arc<BatcherShared> {
+        &self.shared
+    }
+
+    pub fn actor(&self) -> &ActorRef<BatcherMsg> {
+        &self.actor
+    }
+}
+
+pub struct BatcherArgs {
+    pub key: ModelKey,
+    pub path: String,
+    pub model: Arc<dyn SentenceEmbedder>,
+    pub config: ServingConfig,
+    pub budget: Arc<RestartBudget>,
+    pub directory: ActorDirectory,
+    pub shared: Arc<BatcherShared>,
+    pub stats: Arc<ActorStats>,
+}
+
+struct WorkerSlot {
+    actor: Option<ActorRef<WorkerMsg>>,
+    busy: bool,
+}
+
+pub struct BatcherState {
+    args: BatcherArgs,
+    lanes: Lanes<EmbedJob>,
+    workers: Vec<WorkerSlot>,
+    /// Requests the previous batch carried: the batch size the load has been producing.
+    target_jobs: usize,
+    flush_at: Option<Instant>,
+    next_batch_id: u64,
+    drain_waiters: Vec<ractor::RpcReplyPort<()>>,
+    /// Set when restarts are exhausted: every request is refused with this reason.
+    broken: Option<String>,
+}
+
+pub struct Batcher;
+
+impl Batcher {
+    /// Starts a batcher linked to `supervisor`, returning the handle the node uses.
+    pub async fn start(
+        args: BatcherArgs,
+        supervisor: ractor::ActorCell,
+    ) -> Result<BatcherHandle, ractor::SpawnErr> {
+        let key = args.key.clone();
+        let stats = args.stats.clone();
+        let shared = args.shared.clone();
+        let path = args.path.clone();
+        let directory = args.directory.clone();
+        let (actor, _) = Actor::spawn_linked(None, Batcher, args, supervisor).await?;
+        directory.attach(&path, actor.get_cell());
+        Ok(BatcherHandle {
+            key,
+            actor,
+            stats,
+            shared,
+        })
+    }
+}
+
+fn worker_path(batcher: &str, index: usize) -> String {
+    format!("{batcher}/worker-{index}")
+}
+
+impl BatcherState {
+    fn unavailable(&self, reason: &str) -> ServeError {
+        ServeError::Unavailable {
+            model: self.args.key.name.clone(),
+            version: self.args.key.version.clone(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn publish_depths(&self) {
+        let shared = &self.args.shared;
+        shared.queued.store(self.lanes.len() as u64, Ordering::Relaxed);
+        *lock(&shared.lane_depths) = self.lanes.depths();
+    }
+
+    fn submit(&mut self, job: EmbedJob) {
+        if let Some(reason) = &self.broken {
+            let _ = job.reply.send(Err(self.unavailable(reason)));
+            return;
+        }
+        if !self.drain_waiters.is_empty() {
+            let _ = job.reply.send(Err(ServeError::ShuttingDown));
+            return;
+        }
+        let now = Instant::now();
+        let (lane, deadline) = (job.lane, job.deadline);
+        if let Err((full, job)) = self.lanes.push(lane, job, now, deadline) {
+            self.args
+                .shared
+                .rejected_full
+                .fetch_add(1, Ordering::Relaxed);
+            let _ = job.reply.send(Err(ServeError::QueueFull {
+                model: self.args.key.name.clone(),
+                version: self.args.key.version.clone(),
+                lane: full.lane,
+                capacity: full.capacity,
+            }));
+        }
+    }
+
+    fn drop_expired(&mut self, now: Instant) {
+        for job in self.lanes.take_expired(now) {
+            self.args.shared.expired.fetch_add(1, Ordering::Relaxed);
+            let waited_ms = now.duration_since(job.received).as_millis() as u64;
+            tracing::debug!(request_id = %job.request_id, waited_ms, "deadline passed in the queue");
+            let _ = job.reply.send(Err(ServeError::DeadlineExceeded { waited_ms }));
+        }
+    }
+
+    /// Hands batches to free workers while the flush rule allows; arms the flush timer when
+    /// requests wait for a batch to fill.
+    fn dispatch(&mut self, myself: &ActorRef<BatcherMsg>) {
+        let now = Instant::now();
+        self.drop_expired(now);
+        let config = &self.args.config;
+        while !self.lanes.is_empty() {
+            let Some(worker) = self
+                .workers
+                .iter()
+                .position(|slot| !slot.busy && slot.actor.is_some())
+            else {
+                break;
+            };
+            let waited = self
+                .lanes
+                .oldest_enqueued()
+                .map_or(Duration::ZERO, |oldest| now.duration_since(oldest));
+            let flush = self.lanes.total_weight() >= config.max_batch_size
+                || waited >= config.max_queue_delay
+                || self.lanes.len() >= self.target_jobs.max(1)
+                || !self.drain_waiters.is_empty();
+            if !flush {
+                let due = now + (config.max_queue_delay - waited);
+                if self.flush_at.is_none_or(|at| at > due || at < now) {
+                    self.flush_at = Some(due);
+                    // The timer task runs on its own; its handle is not needed.
+                    drop(myself.send_after(config.max_queue_delay - waited, || {
+                        BatcherMsg::Flush
+                    }));
+                }
+                break;
+            }
+            let jobs = self.lanes.take_batch_weighted(config.max_batch_size);
+            self.target_jobs = jobs.len();
+            let id = self.next_batch_id;
+            self.next_batch_id += 1;
+            let slot = &mut self.workers[worker];
+            slot.busy = true;
+            self.args.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+            if let Some(actor) = &slot.actor {
+                if let Err(ractor::MessagingErr::SendErr(WorkerMsg::Run(batch))) =
+                    actor.cast(WorkerMsg::Run(Batch { id, jobs }))
+                {
+                    slot.busy = false;
+                    self.args.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    for job in batch.jobs {
+                        let _ = job
+                            .reply
+                            .send(Err(self.unavailable("its worker has stopped")));
+                    }
+                }
+            }
+        }
+        self.publish_depths();
+        self.answer_drain_waiters();
+    }
+
+    fn answer_drain_waiters(&mut self) {
+        let idle = self.workers.iter().all(|slot| !slot.busy);
+        if !self.drain_waiters.is_empty() && self.lanes.is_empty() && idle {
+            for waiter in self.drain_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    async fn spawn_worker(
+        &mut self,
+        index: usize,
+        myself: &ActorRef<BatcherMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        let path = worker_path(&self.args.path, index);
+        let stats = self.args.directory.stats(&path, "inference_worker");
+        stats.reset_mailbox();
+        let args = WorkerArgs {
+            index,
+            key: self.args.key.clone(),
+            model: self.args.model.clone(),
+            max_batch_size: self.args.config.max_batch_size,
+            batcher: myself.clone(),
+            shared: self.args.shared.clone(),
+        };
+        let (actor, _) =
+            Actor::spawn_linked(None, InferenceWorker, args, myself.get_cell()).await?;
+        self.args.directory.attach(&path, actor.get_cell());
+        self.workers[index] = WorkerSlot {
+            actor: Some(actor),
+            busy: false,
+        };
+        Ok(())
+    }
+}
+
+impl Actor for Batcher {
+    type Msg = BatcherMsg;
+    type State = BatcherState;
+    type Arguments = BatcherArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: BatcherArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let count = args.config.workers_per_model.max(1);
+        let mut state = BatcherState {
+            lanes: Lanes::new(args.config.lanes, args.config.queue_capacity),
+            workers: (0..count)
+                .map(|_| WorkerSlot {
+                    actor: None,
+                    busy: false,
+                })
+                .collect(),
+            target_jobs: 0,
+            flush_at: None,
+            next_batch_id: 0,
+            drain_waiters: Vec::new(),
+            broken: None,
+            args,
+        };
+        for index in 0..count {
+            state.spawn_worker(index, &myself).await?;
+        }
+        let shared = state.args.shared.clone();
+        state.args.directory.set_detail(
+            &state.args.path,
+            Arc::new(move || {
+                let c = shared.counters();
+                format!(
+                    "lanes {:?}, in flight {}, batches {}, rows {}",
+                    shared.lane_depths(),
+                    c.in_flight,
+                    c.batches,
+                    c.rows
+                )
+            }),
+        );
+        tracing::info!(model = %state.args.key, workers = count, "batcher started");
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.args.stats.handled();
+        match message {
+            BatcherMsg::Submit(job) => state.submit(job),
+            BatcherMsg::Flush => state.flush_at = None,
+            BatcherMsg::WorkerIdle { worker } => {
+                if let Some(slot) = state.workers.get_mut(worker) {
+                    if slot.busy {
+                        slot.busy = false;
+                        state.args.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            BatcherMsg::Drain(reply) => state.drain_waiters.push(reply),
+        }
+        state.dispatch(&myself);
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, crash) = match event {
+            SupervisionEvent::ActorFailed(cell, error) => {
+                let crash = error.downcast_ref::<WorkerCrashed>().cloned();
+                let reason = error.to_string();
+                (cell, crash.map(|c| (c.at, c.reason)).or(Some((Instant::now(), reason))))
+            }
+            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
+            _ => return Ok(()),
+        };
+        let Some(index) = state.workers.iter().position(|slot| {
+            slot.actor
+                .as_ref()
+                .is_some_and(|actor| actor.get_id() == cell.get_id())
+        }) else {
+            return Ok(());
+        };
+        let was_busy = state.workers[index].busy;
+        state.workers[index] = WorkerSlot {
+            actor: None,
+            busy: false,
+        };
+        if was_busy {
+            state.args.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        let Some((died_at, reason)) = crash else {
+            // A worker stopped on purpose (we are stopping): nothing to restart.
+            return Ok(());
+        };
+        let path = worker_path(&state.args.path, index);
+        tracing::warn!(model = %state.args.key, worker = index, %reason, "inference worker failed");
+        match state.args.budget.try_restart(&path, Instant::now()) {
+            Ok(()) => {
+                state.spawn_worker(index, &myself).await?;
+                let latency = died_at.elapsed();
+                state.args.directory.stats(&path, "inference_worker").restarted();
+                state
+                    .args
+                    .shared
+                    .worker_restarts
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut latencies = lock(&state.args.shared.restart_latencies);
+                if latencies.len() >= RESTART_HISTORY {
+                    latencies.remove(0);
+                }
+                latencies.push(latency);
+                drop(latencies);
+                tracing::info!(model = %state.args.key, worker = index, restart_ms = latency.as_secs_f64() * 1e3, "inference worker restarted");
+            }
+            Err(escalation) => {
+                tracing::error!(model = %state.args.key, worker = index, %escalation, "not restarting the inference worker");
+                if state.workers.iter().all(|slot| slot.actor.is_none()) {
+                    state.broken = Some(escalation);
+                    for job in state.lanes.take_batch_weighted(usize::MAX) {
+                        let error = state.unavailable(state.broken.as_deref().unwrap_or_default());
+                        let _ = job.reply.send(Err(error));
+                    }
+                }
+            }
+        }
+        state.dispatch(&myself);
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for job in state.lanes.take_batch_weighted(usize::MAX) {
+            let _ = job.reply.send(Err(ServeError::ShuttingDown));
+        }
+        state.publish_depths();
+        tracing::info!(model = %state.args.key, "batcher stopped");
+        Ok(())
+    }
+}

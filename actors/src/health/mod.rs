@@ -1,0 +1,122 @@
+//! Health: decides whether this node is SERVING. It is when Raft has a leader this node can
+//! reach, every version Raft marks active is loaded and warm here, and no supervisor has
+//! escalated. It re-checks on a timer and whenever the serving table changes, and publishes
+//! the result on a watch channel that the node maps onto grpc.health.v1.
+
+pub mod messages;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::watch;
+use troupe_consensus::Metadata;
+
+pub use messages::{HealthMsg, NodeHealth};
+
+use crate::restart::RestartBudget;
+use crate::stats::ActorStats;
+use crate::table::ServingTable;
+
+#[derive(Clone)]
+pub struct HealthArgs {
+    pub metadata: Arc<Metadata>,
+    pub table: Arc<ServingTable>,
+    pub budget: Arc<RestartBudget>,
+    pub published: watch::Sender<NodeHealth>,
+    pub interval: Duration,
+    pub stats: Arc<ActorStats>,
+}
+
+pub struct HealthState {
+    args: HealthArgs,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+pub struct Health;
+
+/// Sends `Check` through the stats-counting path.
+pub fn check(actor: &ActorRef<HealthMsg>, stats: &ActorStats) {
+    stats.sent();
+    if actor.cast(HealthMsg::Check).is_err() {
+        stats.handled();
+    }
+}
+
+impl Actor for Health {
+    type Msg = HealthMsg;
+    type State = HealthState;
+    type Arguments = HealthArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: HealthArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mut changes = args.table.subscribe();
+        let mut revisions = args.metadata.revisions();
+        let interval = args.interval;
+        let stats = args.stats.clone();
+        let ticker = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = changes.changed() => if changed.is_err() { return },
+                    changed = revisions.changed() => if changed.is_err() { return },
+                }
+                check(&myself, &stats);
+            }
+        });
+        Ok(HealthState { args, ticker })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.args.stats.handled();
+        let HealthMsg::Check = message;
+        let args = &state.args;
+        let mut reasons = Vec::new();
+        if args.metadata.status().leader.is_none() {
+            reasons.push(
+                "raft has no leader: this node cannot reach a quorum (or the cluster is not initialised: run `troupe cluster init`)"
+                    .to_owned(),
+            );
+        }
+        reasons.extend(args.table.unready_reasons());
+        if let Some(escalation) = args.budget.escalation() {
+            reasons.push(escalation);
+        }
+        let health = NodeHealth {
+            serving: reasons.is_empty(),
+            reasons,
+        };
+        args.published.send_if_modified(|current| {
+            if *current == health {
+                return false;
+            }
+            if health.serving {
+                tracing::info!("node is serving");
+            } else {
+                tracing::warn!(reasons = ?health.reasons, "node is not serving");
+            }
+            *current = health;
+            true
+        });
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.ticker.abort();
+        Ok(())
+    }
+}

@@ -1,0 +1,461 @@
+//! NodeSupervisor: the root of a node's actor tree.
+//!
+//! ```text
+//! NodeSupervisor (one for one; restart intensity N in T, then escalate)
+//! ├── MetadataSync
+//! ├── Health
+//! └── Batcher per loaded model version ── InferenceWorker × workers_per_model
+//! ```
+//!
+//! It restarts a failed child alone (one for one). Batchers supervise their own workers the
+//! same way. All restarts draw on one [`RestartBudget`]: past the intensity the supervisor
+//! stops restarting, Health reports NOT_SERVING with the reason, and the node stays up for
+//! an operator to look at instead of crash-looping.
+
+pub mod messages;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::watch;
+use troupe_consensus::Metadata;
+use troupe_models::artifact::ArtifactStore;
+use troupe_models::{ModelError, SentenceEmbedder};
+
+pub use messages::SupervisorMsg;
+
+use crate::batcher::{Batcher, BatcherArgs, BatcherHandle, BatcherShared};
+use crate::config::ServingConfig;
+use crate::health::{self, Health, HealthArgs, HealthMsg, NodeHealth};
+use crate::restart::RestartBudget;
+use crate::stats::{ActorDirectory, ActorInfo, ActorStats};
+use crate::sync::{MetadataSync, SyncArgs, SyncMsg};
+use crate::table::{LocalState, ModelKey, ServingTable};
+
+/// Loads a model directory onto the node's compute backend. The node provides it, so this
+/// crate does not depend on a backend.
+pub trait ModelLoader: Send + Sync + 'static {
+    fn load(&self, dir: &Path) -> Result<Arc<dyn SentenceEmbedder>, ModelError>;
+}
+
+const ROOT: &str = "node";
+const SYNC_PATH: &str = "node/metadata_sync";
+const HEALTH_PATH: &str = "node/health";
+
+fn batcher_path(key: &ModelKey) -> String {
+    format!("{ROOT}/batcher:{key}")
+}
+
+/// Everything the tree needs from the node.
+#[derive(Clone)]
+pub struct TreeArgs {
+    pub node_id: u64,
+    pub config: ServingConfig,
+    pub metadata: Arc<Metadata>,
+    pub loader: Arc<dyn ModelLoader>,
+    pub store: ArtifactStore,
+}
+
+/// How the node talks to its supervisor.
+#[derive(Debug, Clone)]
+pub struct SupervisorHandle {
+    actor: ActorRef<SupervisorMsg>,
+    stats: Arc<ActorStats>,
+}
+
+/// Generous bound for supervisor calls that only touch in-memory state.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl SupervisorHandle {
+    pub async fn start_model(
+        &self,
+        key: ModelKey,
+        model: Arc<dyn SentenceEmbedder>,
+    ) -> Result<BatcherHandle, String> {
+        self.stats.sent();
+        match self
+            .actor
+            .call(
+                |reply| SupervisorMsg::StartModel { key, model, reply },
+                Some(CALL_TIMEOUT),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(result)) => result,
+            Ok(_) => Err("the supervisor did not answer".into()),
+            Err(error) => Err(format!("the supervisor is gone: {error}")),
+        }
+    }
+
+    pub async fn stop_model(&self, key: ModelKey) {
+        self.stats.sent();
+        let _ = self
+            .actor
+            .call(
+                |reply| SupervisorMsg::StopModel { key, reply },
+                Some(CALL_TIMEOUT),
+            )
+            .await;
+    }
+}
+
+enum Child {
+    Sync,
+    Health,
+    Batcher(ModelKey),
+}
+
+struct LoadedModel {
+    handle: BatcherHandle,
+    model: Arc<dyn SentenceEmbedder>,
+}
+
+pub struct SupervisorState {
+    args: TreeArgs,
+    table: Arc<ServingTable>,
+    budget: Arc<RestartBudget>,
+    directory: ActorDirectory,
+    published: watch::Sender<NodeHealth>,
+    stats: Arc<ActorStats>,
+    sync: Option<ActorRef<SyncMsg>>,
+    health: Option<ActorRef<HealthMsg>>,
+    batchers: HashMap<ModelKey, LoadedModel>,
+}
+
+pub struct NodeSupervisor;
+
+pub struct SupervisorStart {
+    args: TreeArgs,
+    table: Arc<ServingTable>,
+    budget: Arc<RestartBudget>,
+    directory: ActorDirectory,
+    published: watch::Sender<NodeHealth>,
+    stats: Arc<ActorStats>,
+}
+
+impl SupervisorState {
+    fn handle(&self, myself: &ActorRef<SupervisorMsg>) -> SupervisorHandle {
+        SupervisorHandle {
+            actor: myself.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+
+    async fn start_sync(&mut self, myself: &ActorRef<SupervisorMsg>) -> Result<(), ActorProcessingErr> {
+        let stats = self.directory.stats(SYNC_PATH, "metadata_sync");
+        stats.reset_mailbox();
+        // Loads started by a previous incarnation report to it, not to us: start them over.
+        self.table.clear_loading();
+        let args = SyncArgs {
+            metadata: self.args.metadata.clone(),
+            table: self.table.clone(),
+            supervisor: self.handle(myself),
+            loader: self.args.loader.clone(),
+            store: self.args.store.clone(),
+            lanes: self.args.config.lanes,
+            max_batch_size: self.args.config.max_batch_size,
+            stats,
+        };
+        let (actor, _) =
+            Actor::spawn_linked(None, MetadataSync, args, myself.get_cell()).await?;
+        self.directory.attach(SYNC_PATH, actor.get_cell());
+        self.sync = Some(actor);
+        Ok(())
+    }
+
+    async fn start_health(&mut self, myself: &ActorRef<SupervisorMsg>) -> Result<(), ActorProcessingErr> {
+        let stats = self.directory.stats(HEALTH_PATH, "health");
+        stats.reset_mailbox();
+        let args = HealthArgs {
+            metadata: self.args.metadata.clone(),
+            table: self.table.clone(),
+            budget: self.budget.clone(),
+            published: self.published.clone(),
+            interval: self.args.config.health_interval,
+            stats,
+        };
+        let (actor, _) = Actor::spawn_linked(None, Health, args, myself.get_cell()).await?;
+        self.directory.attach(HEALTH_PATH, actor.get_cell());
+        self.health = Some(actor);
+        Ok(())
+    }
+
+    async fn start_batcher(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        key: ModelKey,
+        model: Arc<dyn SentenceEmbedder>,
+    ) -> Result<BatcherHandle, String> {
+        let path = batcher_path(&key);
+        let stats = self.directory.stats(&path, "batcher");
+        stats.reset_mailbox();
+        let args = BatcherArgs {
+            key: key.clone(),
+            path,
+            model: model.clone(),
+            config: self.args.config.clone(),
+            budget: self.budget.clone(),
+            directory: self.directory.clone(),
+            shared: Arc::new(BatcherShared::default()),
+            stats,
+        };
+        let handle = Batcher::start(args, myself.get_cell())
+            .await
+            .map_err(|e| format!("cannot start the batcher: {e}"))?;
+        self.batchers.insert(
+            key,
+            LoadedModel {
+                handle: handle.clone(),
+                model,
+            },
+        );
+        Ok(handle)
+    }
+
+    fn child_of(&self, cell: &ActorCell) -> Option<Child> {
+        let id = cell.get_id();
+        if self.sync.as_ref().is_some_and(|a| a.get_id() == id) {
+            return Some(Child::Sync);
+        }
+        if self.health.as_ref().is_some_and(|a| a.get_id() == id) {
+            return Some(Child::Health);
+        }
+        self.batchers
+            .iter()
+            .find(|(_, loaded)| loaded.handle.actor().get_id() == id)
+            .map(|(key, _)| Child::Batcher(key.clone()))
+    }
+
+    fn recheck_health(&self) {
+        if let Some(health) = &self.health {
+            health::check(health, &self.directory.stats(HEALTH_PATH, "health"));
+        }
+    }
+
+    async fn restart(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        child: Child,
+        reason: String,
+    ) -> Result<(), ActorProcessingErr> {
+        let path = match &child {
+            Child::Sync => SYNC_PATH.to_owned(),
+            Child::Health => HEALTH_PATH.to_owned(),
+            Child::Batcher(key) => batcher_path(key),
+        };
+        tracing::warn!(actor = %path, %reason, "actor failed");
+        if let Err(escalation) = self.budget.try_restart(&path, Instant::now()) {
+            tracing::error!(actor = %path, %escalation, "escalating: not restarting");
+            if let Child::Batcher(key) = &child {
+                if let Some(loaded) = self.batchers.remove(key) {
+                    drop(loaded);
+                    self.table
+                        .set_local(key.clone(), LocalState::Failed(escalation.clone()));
+                }
+            }
+            self.recheck_health();
+            return Ok(());
+        }
+        self.directory.stats(&path, "actor").restarted();
+        match child {
+            Child::Sync => self.start_sync(myself).await?,
+            Child::Health => self.start_health(myself).await?,
+            Child::Batcher(key) => {
+                if let Some(loaded) = self.batchers.remove(&key) {
+                    match self.start_batcher(myself, key.clone(), loaded.model).await {
+                        Ok(handle) => self.table.set_local(key, LocalState::Ready(handle)),
+                        Err(error) => self.table.set_local(key, LocalState::Failed(error)),
+                    }
+                }
+            }
+        }
+        self.recheck_health();
+        Ok(())
+    }
+}
+
+impl Actor for NodeSupervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorStart;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        start: SupervisorStart,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mut state = SupervisorState {
+            args: start.args,
+            table: start.table,
+            budget: start.budget,
+            directory: start.directory,
+            published: start.published,
+            stats: start.stats,
+            sync: None,
+            health: None,
+            batchers: HashMap::new(),
+        };
+        state.start_health(&myself).await?;
+        state.start_sync(&myself).await?;
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.stats.handled();
+        match message {
+            SupervisorMsg::StartModel { key, model, reply } => {
+                if let Some(old) = state.batchers.remove(&key) {
+                    old.handle.actor().stop(Some("replaced".into()));
+                }
+                let result = state.start_batcher(&myself, key, model).await;
+                let _ = reply.send(result);
+            }
+            SupervisorMsg::StopModel { key, reply } => {
+                let path = batcher_path(&key);
+                if let Some(loaded) = state.batchers.remove(&key) {
+                    let timeout = state.args.config.drain_timeout;
+                    let directory = state.directory.clone();
+                    // Draining can take a while; it must not hold up supervision.
+                    tokio::spawn(async move {
+                        loaded.handle.drain(timeout).await;
+                        let _ = loaded
+                            .handle
+                            .actor()
+                            .stop_and_wait(Some("unloaded".into()), Some(timeout))
+                            .await;
+                        directory.remove_tree(&path);
+                        let _ = reply.send(());
+                    });
+                } else {
+                    let _ = reply.send(());
+                }
+            }
+            SupervisorMsg::DrainAll(reply) => {
+                let handles: Vec<BatcherHandle> =
+                    state.batchers.values().map(|l| l.handle.clone()).collect();
+                let timeout = state.args.config.drain_timeout;
+                tokio::spawn(async move {
+                    for handle in handles {
+                        handle.drain(timeout).await;
+                    }
+                    let _ = reply.send(());
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, reason) = match event {
+            SupervisionEvent::ActorFailed(cell, error) => (cell, error.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                // A child that stops by itself while we run is a failure too; one we stopped
+                // (unload, replace) is no longer in our books and is ignored below.
+                (cell, reason.unwrap_or_else(|| "stopped".into()))
+            }
+            _ => return Ok(()),
+        };
+        if let Some(child) = state.child_of(&cell) {
+            state.restart(&myself, child, reason).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A running actor tree, as the node holds it.
+pub struct ActorTree {
+    supervisor: ActorRef<SupervisorMsg>,
+    join: tokio::task::JoinHandle<()>,
+    pub table: Arc<ServingTable>,
+    pub directory: ActorDirectory,
+    pub budget: Arc<RestartBudget>,
+    pub health: watch::Receiver<NodeHealth>,
+    stats: Arc<ActorStats>,
+    node_id: u64,
+}
+
+impl ActorTree {
+    pub async fn start(args: TreeArgs) -> Result<Self, ractor::SpawnErr> {
+        let table = Arc::new(ServingTable::default());
+        let directory = ActorDirectory::default();
+        let budget = Arc::new(RestartBudget::new(
+            args.config.max_restarts,
+            args.config.restart_window,
+        ));
+        let (published, health) = watch::channel(NodeHealth {
+            serving: false,
+            reasons: vec!["starting".into()],
+        });
+        let stats = directory.stats(ROOT, "node_supervisor");
+        let node_id = args.node_id;
+        let start = SupervisorStart {
+            args,
+            table: table.clone(),
+            budget: budget.clone(),
+            directory: directory.clone(),
+            published,
+            stats: stats.clone(),
+        };
+        let (supervisor, join) = Actor::spawn(None, NodeSupervisor, start).await?;
+        directory.attach(ROOT, supervisor.get_cell());
+        tracing::info!(node_id, "actor tree started");
+        Ok(Self {
+            supervisor,
+            join,
+            table,
+            directory,
+            budget,
+            health,
+            stats,
+            node_id,
+        })
+    }
+
+    pub fn actors(&self) -> Vec<ActorInfo> {
+        self.directory.snapshot()
+    }
+
+    /// Every loaded version's batcher.
+    pub fn batchers(&self) -> Vec<BatcherHandle> {
+        self.table
+            .local_keys()
+            .into_iter()
+            .filter_map(|key| match self.table.local(&key) {
+                Some(LocalState::Ready(handle)) => Some(handle),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Lets every queued request finish (graceful shutdown, step 2).
+    pub async fn drain(&self, timeout: Duration) {
+        self.stats.sent();
+        let _ = self
+            .supervisor
+            .call(SupervisorMsg::DrainAll, Some(timeout))
+            .await;
+    }
+
+    /// Stops the whole tree and waits for it (graceful shutdown, step 3).
+    pub async fn stop(self, timeout: Duration) {
+        let _ = self
+            .supervisor
+            .stop_and_wait(Some("node shutdown".into()), Some(timeout))
+            .await;
+        let _ = self.join.await;
+        tracing::info!(node_id = self.node_id, "actor tree stopped");
+    }
+}

@@ -1,0 +1,255 @@
+//! MetadataSync: follows the Raft watch and makes this node serve what the metadata says.
+//!
+//! On every model or task change (or a resync after compaction) it copies the models and task
+//! priorities into the serving table, then reconciles: a version that became active is
+//! imported into the artifact store, loaded and warmed up off the actor (on a blocking
+//! thread), then handed to the supervisor, which starts its batcher; only then is it ready.
+//! A version that is no longer active is unloaded once its replacement serves, so requests
+//! never see a gap. A failed load is recorded with its reason and retried when the version's
+//! record changes again.
+
+pub mod messages;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use troupe_consensus::metadata::{ChangeValue, ModelVersionRecord};
+use troupe_consensus::{Metadata, ReadConsistency, WatchEvent};
+use troupe_models::artifact::ArtifactStore;
+use troupe_models::SentenceEmbedder;
+
+pub use messages::SyncMsg;
+
+use crate::stats::ActorStats;
+use crate::supervisor::{ModelLoader, SupervisorHandle};
+use crate::table::{LocalState, ModelKey, ServingTable, TaskLanes};
+
+/// Sentences run through a freshly loaded model before it takes traffic.
+const WARMUP_TEXTS: [&str; 4] = [
+    "warm up",
+    "the quick brown fox jumps over the lazy dog",
+    "a short sentence to touch every kernel before the first real request",
+    "troupe",
+];
+
+#[derive(Clone)]
+pub struct SyncArgs {
+    pub metadata: Arc<Metadata>,
+    pub table: Arc<ServingTable>,
+    pub supervisor: SupervisorHandle,
+    pub loader: Arc<dyn ModelLoader>,
+    pub store: ArtifactStore,
+    pub lanes: usize,
+    pub max_batch_size: usize,
+    pub stats: Arc<ActorStats>,
+}
+
+pub struct SyncState {
+    args: SyncArgs,
+    watcher: tokio::task::JoinHandle<()>,
+    pending: Arc<AtomicBool>,
+    /// Failed loads, by the version record's mod_revision at the time: retried only when the
+    /// record changes.
+    failed_at: HashMap<ModelKey, u64>,
+}
+
+pub struct MetadataSync;
+
+fn notify_changed(actor: &ActorRef<SyncMsg>, stats: &ActorStats, pending: &AtomicBool) {
+    if !pending.swap(true, Ordering::AcqRel) {
+        stats.sent();
+        if actor.cast(SyncMsg::Changed).is_err() {
+            stats.handled();
+        }
+    }
+}
+
+/// Imports (if needed), loads and warms up a version. Blocking.
+fn load_version(
+    store: &ArtifactStore,
+    loader: &dyn ModelLoader,
+    record: &ModelVersionRecord,
+    max_batch_size: usize,
+) -> Result<Arc<dyn SentenceEmbedder>, String> {
+    let dir = match (store.get(&record.digest), &record.source) {
+        (Some(dir), _) => dir,
+        (None, Some(source)) => store
+            .import(Path::new(source), &record.digest)
+            .map_err(|e| e.to_string())?,
+        (None, None) => {
+            return Err(format!(
+                "this node has no copy of artifact {} and the version names no source directory: register it with --dir on a path this node can read",
+                record.digest
+            ))
+        }
+    };
+    let model = loader.load(&dir).map_err(|e| e.to_string())?;
+    let texts: Vec<String> = WARMUP_TEXTS.iter().map(|t| (*t).to_owned()).collect();
+    let ids = model.tokenize(&texts).map_err(|e| e.to_string())?;
+    model
+        .embed_token_ids(&ids[..1], 1)
+        .and_then(|_| model.embed_token_ids(&ids, max_batch_size.max(1)))
+        .map_err(|e| format!("warm-up failed: {e}"))?;
+    Ok(model)
+}
+
+impl SyncState {
+    async fn reconcile(&mut self, myself: &ActorRef<SyncMsg>) -> Result<(), ActorProcessingErr> {
+        let args = &self.args;
+        let (models, tasks, revision) = args
+            .metadata
+            .read(ReadConsistency::Stale, |state| {
+                (state.models.clone(), state.tasks.clone(), state.revision)
+            })
+            .await?;
+        args.table
+            .set_metadata(revision, models, TaskLanes::new(&tasks, args.lanes));
+        let wanted = args.table.wanted();
+        for (key, record) in &wanted {
+            let retry = match args.table.local(key) {
+                None => true,
+                Some(LocalState::Failed(_)) => self
+                    .failed_at
+                    .get(key)
+                    .is_none_or(|&at| record.revisions.mod_revision > at),
+                Some(_) => false,
+            };
+            if !retry {
+                continue;
+            }
+            self.failed_at.remove(key);
+            tracing::info!(model = %key, digest = %record.digest, "loading model version");
+            args.table.set_local(key.clone(), LocalState::Loading);
+            let (store, loader, record, key, actor, stats) = (
+                args.store.clone(),
+                args.loader.clone(),
+                record.clone(),
+                key.clone(),
+                myself.clone(),
+                args.stats.clone(),
+            );
+            let max_batch_size = args.max_batch_size;
+            tokio::task::spawn_blocking(move || {
+                let result = load_version(&store, loader.as_ref(), &record, max_batch_size);
+                stats.sent();
+                if actor.cast(SyncMsg::Loaded { key, result }).is_err() {
+                    stats.handled();
+                }
+            });
+        }
+        for key in args.table.local_keys() {
+            let still_wanted = wanted.iter().any(|(k, _)| *k == key);
+            let serving = args.table.serving_version(&key.name);
+            if still_wanted || serving.as_deref() == Some(key.version.as_str()) {
+                continue;
+            }
+            match args.table.local(&key) {
+                Some(LocalState::Loading) | None => {}
+                Some(_) => {
+                    tracing::info!(model = %key, "unloading model version");
+                    args.table.remove_local(&key);
+                    self.failed_at.remove(&key);
+                    args.supervisor.stop_model(key).await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Actor for MetadataSync {
+    type Msg = SyncMsg;
+    type State = SyncState;
+    type Arguments = SyncArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SyncArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let pending = Arc::new(AtomicBool::new(false));
+        let (metadata, stats, flag) = (args.metadata.clone(), args.stats.clone(), pending.clone());
+        let from = metadata.status().applied_revision + 1;
+        let actor = myself.clone();
+        let watcher = tokio::spawn(async move {
+            let mut watch = metadata.watch_resyncing(from);
+            loop {
+                match watch.next().await {
+                    Ok(WatchEvent::Change(change))
+                        if matches!(change.value, ChangeValue::Setting { .. }) => {}
+                    Ok(_) => notify_changed(&actor, &stats, &flag),
+                    Err(error) => {
+                        tracing::debug!(%error, "metadata watch ended");
+                        return;
+                    }
+                }
+            }
+        });
+        notify_changed(&myself, &args.stats, &pending);
+        Ok(SyncState {
+            args,
+            watcher,
+            pending,
+            failed_at: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.args.stats.handled();
+        match message {
+            SyncMsg::Changed => {
+                state.pending.store(false, Ordering::Release);
+                state.reconcile(&myself).await?;
+            }
+            SyncMsg::Loaded { key, result } => {
+                let wanted = state.args.table.wanted();
+                let record = wanted.iter().find(|(k, _)| *k == key).map(|(_, r)| r);
+                match (result, record) {
+                    (Ok(model), Some(_)) => {
+                        match state.args.supervisor.start_model(key.clone(), model).await {
+                            Ok(batcher) => {
+                                tracing::info!(model = %key, "model version ready");
+                                state.args.table.set_local(key, LocalState::Ready(batcher));
+                            }
+                            Err(reason) => {
+                                state.args.table.set_local(key, LocalState::Failed(reason));
+                            }
+                        }
+                    }
+                    (Err(reason), record) => {
+                        tracing::error!(model = %key, %reason, "model version failed to load");
+                        if let Some(record) = record {
+                            state
+                                .failed_at
+                                .insert(key.clone(), record.revisions.mod_revision);
+                        }
+                        state.args.table.set_local(key, LocalState::Failed(reason));
+                    }
+                    (Ok(_), None) => {
+                        // Retired while it loaded: drop it.
+                        state.args.table.remove_local(&key);
+                    }
+                }
+                state.reconcile(&myself).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.watcher.abort();
+        Ok(())
+    }
+}

@@ -1,0 +1,208 @@
+//! InferenceWorker: owns a model and runs forward passes on a dedicated OS thread, never in
+//! `handle`. The actor forwards batches to the thread; the thread answers each request and
+//! tells the batcher when it is free. A panic during a batch fails that batch with
+//! `UNAVAILABLE`, ends the thread and fails the actor, so the batcher restarts it with a
+//! fresh thread; the model's weights are shared, so a restart does not reload them.
+
+pub mod messages;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use troupe_models::SentenceEmbedder;
+
+pub use messages::{WorkerCrashed, WorkerMsg};
+
+use crate::batcher::{Batch, BatcherMsg, BatcherShared, JobResult};
+use crate::error::ServeError;
+use crate::table::ModelKey;
+
+pub struct WorkerArgs {
+    pub index: usize,
+    pub key: ModelKey,
+    pub model: Arc<dyn SentenceEmbedder>,
+    pub max_batch_size: usize,
+    pub batcher: ActorRef<BatcherMsg>,
+    pub shared: Arc<BatcherShared>,
+}
+
+pub struct WorkerState {
+    batches: Option<mpsc::Sender<Batch>>,
+}
+
+pub struct InferenceWorker;
+
+impl Actor for InferenceWorker {
+    type Msg = WorkerMsg;
+    type State = WorkerState;
+    type Arguments = WorkerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: WorkerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let (sender, receiver) = mpsc::channel::<Batch>();
+        let name = format!("infer-{}-{}", args.key, args.index);
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || thread_main(args, receiver, myself))?;
+        Ok(WorkerState {
+            batches: Some(sender),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            WorkerMsg::Run(batch) => {
+                let sent = state.batches.as_ref().map(|s| s.send(batch));
+                match sent {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(mpsc::SendError(batch))) => {
+                        for job in batch.jobs {
+                            let _ = job.reply.send(Err(ServeError::WorkerFailed {
+                                model: String::new(),
+                                version: String::new(),
+                                reason: "the inference thread is gone".into(),
+                            }));
+                        }
+                        Err(Box::new(WorkerCrashed {
+                            at: Instant::now(),
+                            reason: "the inference thread is gone".into(),
+                        }))
+                    }
+                    None => Ok(()),
+                }
+            }
+            WorkerMsg::ThreadDied { at, reason } => {
+                state.batches = None;
+                Err(Box::new(WorkerCrashed { at, reason }))
+            }
+        }
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Closing the channel ends the thread after the batch it is computing.
+        state.batches = None;
+        Ok(())
+    }
+}
+
+fn panic_reason(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "panic".to_owned())
+}
+
+fn thread_main(args: WorkerArgs, batches: mpsc::Receiver<Batch>, actor: ActorRef<WorkerMsg>) {
+    while let Ok(batch) = batches.recv() {
+        let span = tracing::info_span!("batch", model = %args.key, batch_id = batch.id, worker = args.index, jobs = batch.jobs.len());
+        let _entered = span.enter();
+        let (inputs, replies): (Vec<_>, Vec<_>) = batch
+            .jobs
+            .into_iter()
+            .map(|job| {
+                (
+                    (job.texts, job.deadline, job.request_id, job.received),
+                    job.reply,
+                )
+            })
+            .unzip();
+        let outcome = catch_unwind(AssertUnwindSafe(|| compute(&args, &inputs)));
+        let reason = match outcome {
+            Ok(Ok(results)) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+                let _ = args.batcher.cast(BatcherMsg::WorkerIdle { worker: args.index });
+                continue;
+            }
+            Ok(Err(reason)) => reason,
+            Err(panic) => panic_reason(panic),
+        };
+        let at = Instant::now();
+        tracing::error!(%reason, "inference batch failed; the worker restarts");
+        let failed = replies.len() as u64;
+        for reply in replies {
+            let _ = reply.send(Err(ServeError::WorkerFailed {
+                model: args.key.name.clone(),
+                version: args.key.version.clone(),
+                reason: reason.clone(),
+            }));
+        }
+        args.shared.failed_batch(failed);
+        let _ = actor.cast(WorkerMsg::ThreadDied { at, reason });
+        return;
+    }
+}
+
+type Input = (Vec<String>, Option<Instant>, String, Instant);
+
+/// One batch: requests past their deadline are answered without compute; texts are
+/// tokenised per request, so one bad text fails only its own request. `Err` means the
+/// model itself failed: the batch fails and the worker restarts.
+fn compute(args: &WorkerArgs, inputs: &[Input]) -> Result<Vec<JobResult>, String> {
+    crate::failpoints::before_batch();
+    let now = Instant::now();
+    let mut results: Vec<Option<JobResult>> = Vec::with_capacity(inputs.len());
+    let mut ids: Vec<Vec<u32>> = Vec::new();
+    let mut spans = Vec::with_capacity(inputs.len());
+    for (texts, deadline, request_id, received) in inputs {
+        if deadline.is_some_and(|d| d <= now) {
+            args.shared.expired_at_worker();
+            tracing::debug!(%request_id, "deadline passed before compute");
+            results.push(Some(Err(ServeError::DeadlineExceeded {
+                waited_ms: now.duration_since(*received).as_millis() as u64,
+            })));
+            spans.push(None);
+            continue;
+        }
+        match args.model.tokenize(texts) {
+            Ok(tokens) => {
+                spans.push(Some((ids.len(), tokens.len())));
+                ids.extend(tokens);
+                results.push(None);
+            }
+            Err(error) => {
+                let (index, reason) = match error {
+                    troupe_models::ModelError::Tokenize { index, reason } => (index, reason),
+                    other => (0, other.to_string()),
+                };
+                results.push(Some(Err(ServeError::InvalidText { index, reason })));
+                spans.push(None);
+            }
+        }
+    }
+    if !ids.is_empty() {
+        crate::failpoints::during_batch();
+        let embeddings = args
+            .model
+            .embed_token_ids(&ids, args.max_batch_size.max(1))
+            .map_err(|e| e.to_string())?;
+        let computed = spans.iter().flatten().count() as u64;
+        args.shared.computed(computed, ids.len() as u64);
+        for (slot, span) in results.iter_mut().zip(&spans) {
+            if let Some((start, len)) = span {
+                *slot = Some(Ok(embeddings[*start..*start + *len].to_vec()));
+            }
+        }
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.unwrap_or(Err(ServeError::ShuttingDown)))
+        .collect())
+}
