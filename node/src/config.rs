@@ -21,7 +21,89 @@ pub struct NodeConfig {
     pub metrics: String,
     /// Raft log, snapshots and model blobs live here.
     pub data_dir: PathBuf,
+    /// Verified copies of model versions, by digest. Default: `<data_dir>/models`. When set,
+    /// the directory must exist.
+    pub model_dir: Option<PathBuf>,
     pub raft: RaftSettings,
+    pub serving: ServingSettings,
+    pub limits: LimitSettings,
+}
+
+/// Batching, workers and supervision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServingSettings {
+    /// `cpu`, or `cuda` (needs a build with `--features cuda`).
+    pub device: String,
+    /// Threads of the compute pool (0: one per core).
+    pub compute_threads: usize,
+    /// Most texts one forward pass takes.
+    pub max_batch_size: usize,
+    /// Longest a request waits for its batch to fill while a worker is free, in µs.
+    pub max_queue_delay_us: u64,
+    /// Requests each priority lane holds before refusing with RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+    /// Priority lanes per batcher.
+    pub lanes: usize,
+    /// Inference workers per loaded model version.
+    pub workers_per_model: usize,
+    /// Restart intensity: at most `max_restarts` restarts within `restart_window_s` seconds.
+    pub max_restarts: usize,
+    pub restart_window_s: u64,
+    pub health_interval_ms: u64,
+    /// Longest graceful shutdown waits for queued requests.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ServingSettings {
+    fn default() -> Self {
+        let actors = troupe_actors::ServingConfig::default();
+        Self {
+            device: "cpu".into(),
+            compute_threads: 0,
+            max_batch_size: actors.max_batch_size,
+            max_queue_delay_us: actors.max_queue_delay.as_micros() as u64,
+            queue_capacity: actors.queue_capacity,
+            lanes: actors.lanes,
+            workers_per_model: actors.workers_per_model,
+            max_restarts: actors.max_restarts,
+            restart_window_s: actors.restart_window.as_secs(),
+            health_interval_ms: actors.health_interval.as_millis() as u64,
+            drain_timeout_ms: actors.drain_timeout.as_millis() as u64,
+        }
+    }
+}
+
+/// Limits of the public API. Each refusal names the limit and this setting.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    /// Largest request message accepted, in bytes.
+    pub max_message_bytes: usize,
+    pub max_texts_per_request: usize,
+    /// Longest text accepted, in characters (Unicode scalar values).
+    pub max_chars_per_text: usize,
+    /// HTTP/2 streams one connection may have open.
+    pub max_concurrent_streams: u32,
+    /// Longest a request may take; a shorter `grpc-timeout` from the client wins.
+    pub request_timeout_ms: u64,
+    /// HTTP/2 keepalive pings on idle connections, and how long to wait for the answer.
+    pub keepalive_interval_s: u64,
+    pub keepalive_timeout_s: u64,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_texts_per_request: 256,
+            max_chars_per_text: 10_000,
+            max_concurrent_streams: 1024,
+            request_timeout_ms: 30_000,
+            keepalive_interval_s: 30,
+            keepalive_timeout_s: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,7 +144,10 @@ impl Default for NodeConfig {
             peer: "127.0.0.1:7701".into(),
             metrics: "127.0.0.1:7702".into(),
             data_dir: PathBuf::from("troupe-data"),
+            model_dir: None,
             raft: RaftSettings::default(),
+            serving: ServingSettings::default(),
+            limits: LimitSettings::default(),
         }
     }
 }
@@ -114,30 +199,92 @@ impl NodeConfig {
         })
     }
 
-    /// Applies `TROUPE_ID`, `TROUPE_API`, `TROUPE_PEER`, `TROUPE_METRICS`, `TROUPE_DATA_DIR`.
+    /// Applies `TROUPE_<KEY>` for top-level keys (`TROUPE_ID`, `TROUPE_API`,
+    /// `TROUPE_DATA_DIR`...) and `TROUPE_<SECTION>_<KEY>` for keys of `[raft]`, `[serving]`
+    /// and `[limits]` (`TROUPE_SERVING_MAX_BATCH_SIZE=64`). Other `TROUPE_*` variables belong
+    /// to other commands and are left alone.
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        if let Some(value) = env("TROUPE_ID") {
-            self.id = value
-                .parse()
-                .map_err(|e: std::num::ParseIntError| ConfigError::Env {
-                    name: "TROUPE_ID".into(),
-                    value: value.clone(),
-                    reason: e.to_string(),
-                })?;
-        }
-        for (name, slot) in [
-            ("TROUPE_API", &mut self.api),
-            ("TROUPE_PEER", &mut self.peer),
-            ("TROUPE_METRICS", &mut self.metrics),
-        ] {
-            if let Some(value) = env(name) {
-                *slot = value;
+        let invalid = |name: &str, value: &str, reason: String| ConfigError::Env {
+            name: name.to_owned(),
+            value: value.to_owned(),
+            reason,
+        };
+        let mut tree = toml::Table::try_from(&*self)
+            .map_err(|e| invalid("TROUPE_*", "", e.to_string()))?;
+        // `model_dir` is absent from the tree while unset, so list the keys by hand.
+        let top = ["id", "api", "peer", "metrics", "data_dir", "model_dir"];
+        let mut names: Vec<(String, Option<String>, String)> = top
+            .iter()
+            .map(|key| (format!("TROUPE_{}", key.to_uppercase()), None, (*key).to_owned()))
+            .collect();
+        for (section, value) in &tree {
+            if let toml::Value::Table(table) = value {
+                for key in table.keys() {
+                    names.push((
+                        format!("TROUPE_{}_{}", section.to_uppercase(), key.to_uppercase()),
+                        Some(section.clone()),
+                        key.clone(),
+                    ));
+                }
             }
         }
-        if let Some(value) = env("TROUPE_DATA_DIR") {
-            self.data_dir = PathBuf::from(value);
+        let mut changed = false;
+        for (name, section, key) in names {
+            let Some(raw) = env(&name) else { continue };
+            let slot = match &section {
+                None => &mut tree,
+                Some(section) => match tree.get_mut(section) {
+                    Some(toml::Value::Table(table)) => table,
+                    _ => continue,
+                },
+            };
+            let value = match slot.get(&key) {
+                Some(toml::Value::Integer(_)) => raw
+                    .parse::<i64>()
+                    .map(toml::Value::Integer)
+                    .map_err(|e| invalid(&name, &raw, format!("expected an integer: {e}")))?,
+                Some(toml::Value::Float(_)) => raw
+                    .parse::<f64>()
+                    .map(toml::Value::Float)
+                    .map_err(|e| invalid(&name, &raw, format!("expected a number: {e}")))?,
+                Some(toml::Value::Boolean(_)) => raw
+                    .parse::<bool>()
+                    .map(toml::Value::Boolean)
+                    .map_err(|e| invalid(&name, &raw, format!("expected true or false: {e}")))?,
+                _ => toml::Value::String(raw.clone()),
+            };
+            slot.insert(key, value);
+            changed = true;
+        }
+        if changed {
+            *self = tree
+                .try_into()
+                .map_err(|e: toml::de::Error| invalid("TROUPE_*", "", e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// Where verified model artifacts are kept.
+    pub fn model_store_dir(&self) -> PathBuf {
+        self.model_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("models"))
+    }
+
+    /// The actor tree's settings.
+    pub fn serving_config(&self) -> troupe_actors::ServingConfig {
+        let s = &self.serving;
+        troupe_actors::ServingConfig {
+            max_batch_size: s.max_batch_size,
+            max_queue_delay: Duration::from_micros(s.max_queue_delay_us),
+            queue_capacity: s.queue_capacity,
+            lanes: s.lanes,
+            workers_per_model: s.workers_per_model,
+            max_restarts: s.max_restarts,
+            restart_window: Duration::from_secs(s.restart_window_s),
+            health_interval: Duration::from_millis(s.health_interval_ms),
+            drain_timeout: Duration::from_millis(s.drain_timeout_ms),
+        }
     }
 
     /// Every problem in the configuration, empty when it is usable.
@@ -232,6 +379,62 @@ impl NodeConfig {
                 "must be positive".into(),
                 "use e.g. 5000",
             );
+        }
+        if let Some(dir) = &self.model_dir {
+            if !dir.is_dir() {
+                problem(
+                    "model_dir",
+                    format!("{} does not exist or is not a directory", dir.display()),
+                    "create it, or remove model_dir to keep models under data_dir/models",
+                );
+            }
+        }
+        let serving = &self.serving;
+        match serving.device.as_str() {
+            "cpu" => {}
+            "cuda" if cfg!(feature = "cuda") => {}
+            "cuda" => problem(
+                "serving.device",
+                "this troupe was built without CUDA support".into(),
+                "use \"cpu\", or rebuild with `cargo build --release --features cuda`",
+            ),
+            other => problem(
+                "serving.device",
+                format!("{other:?} is not a device"),
+                "use \"cpu\" or \"cuda\"",
+            ),
+        }
+        let max_batch = troupe_models::MAX_BATCH_SIZE;
+        for (field, value, fix) in [
+            ("serving.max_batch_size", serving.max_batch_size as u64, "use 1..=1024, e.g. 32"),
+            ("serving.queue_capacity", serving.queue_capacity as u64, "use e.g. 256"),
+            ("serving.lanes", serving.lanes as u64, "use e.g. 4"),
+            ("serving.workers_per_model", serving.workers_per_model as u64, "use e.g. 1 (each worker computes with the whole thread pool)"),
+            ("serving.max_restarts", serving.max_restarts as u64, "use e.g. 10"),
+            ("serving.restart_window_s", serving.restart_window_s, "use e.g. 60"),
+            ("serving.health_interval_ms", serving.health_interval_ms, "use e.g. 500"),
+            ("serving.drain_timeout_ms", serving.drain_timeout_ms, "use e.g. 30000"),
+            ("limits.max_message_bytes", self.limits.max_message_bytes as u64, "use e.g. 4194304"),
+            ("limits.max_texts_per_request", self.limits.max_texts_per_request as u64, "use e.g. 256"),
+            ("limits.max_chars_per_text", self.limits.max_chars_per_text as u64, "use e.g. 10000"),
+            ("limits.max_concurrent_streams", u64::from(self.limits.max_concurrent_streams), "use e.g. 1024"),
+            ("limits.request_timeout_ms", self.limits.request_timeout_ms, "use e.g. 30000"),
+            ("limits.keepalive_interval_s", self.limits.keepalive_interval_s, "use e.g. 30"),
+            ("limits.keepalive_timeout_s", self.limits.keepalive_timeout_s, "use e.g. 10"),
+        ] {
+            if value == 0 {
+                problem(field, "must be positive".into(), fix);
+            }
+        }
+        if serving.max_batch_size > max_batch {
+            problem(
+                "serving.max_batch_size",
+                format!("{} is above the engine's limit of {max_batch}", serving.max_batch_size),
+                "use 1..=1024, e.g. 32",
+            );
+        }
+        if serving.lanes > 64 {
+            problem("serving.lanes", format!("{} lanes is too many", serving.lanes), "use 1..=64");
         }
         problems
     }

@@ -3,7 +3,8 @@
 //! - [`cli`]: the `troupe` command line: argument parsing and one module per command group.
 //! - [`config`]: node configuration (TOML, then `TROUPE_*` environment, then flags).
 //! - [`run`]: [`run()`] and [`start`], how a node starts and stops.
-//! - [`server`]: the gRPC services and the one error-to-status table.
+//! - [`server`]: the gRPC services (Inference, Admin) and the one error-to-status table.
+//! - [`loader`]: loads model directories onto the configured compute backend.
 //! - [`error`]: the CLI's error type; every command fails with one line that names the
 //!   problem and the fix.
 //!
@@ -12,6 +13,7 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod loader;
 pub mod run;
 pub mod server;
 

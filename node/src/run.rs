@@ -5,16 +5,26 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use troupe_actors::{ActorTree, NodeHealth, TreeArgs, TreeView};
 use troupe_consensus::Metadata;
+use troupe_models::artifact::ArtifactStore;
 use troupe_proto::v1::admin_server::AdminServer;
+use troupe_proto::v1::inference_server::InferenceServer;
 
 use crate::config::{ConfigError, NodeConfig};
 use crate::server::admin::AdminService;
+use crate::server::inference::InferenceService;
+
+/// The service name grpc.health.v1 reports inference readiness under ("" is the node).
+pub const INFERENCE_SERVICE: &str = "troupe.v1.Inference";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -31,6 +41,8 @@ pub enum NodeError {
     Metadata(#[from] troupe_consensus::MetadataError),
     #[error("{what} server failed: {reason}")]
     Server { what: &'static str, reason: String },
+    #[error("cannot start the actor tree: {0}")]
+    Actors(String),
 }
 
 /// A started node. Dropping it does not stop it; call [`RunningNode::shutdown`].
@@ -38,6 +50,11 @@ pub struct RunningNode {
     pub api_addr: SocketAddr,
     pub peer_addr: SocketAddr,
     pub metadata: Arc<Metadata>,
+    /// The actor tree as request handlers see it (serving table, actors, health).
+    pub tree: TreeView,
+    actors: ActorTree,
+    drain_timeout: Duration,
+    health_task: JoinHandle<()>,
     api_stop: oneshot::Sender<()>,
     stopping: tokio::sync::watch::Sender<bool>,
     api_task: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -91,12 +108,59 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             )
             .await
     });
+    if config.serving.compute_threads > 0 {
+        // The pool is process-wide: the first node of a process sizes it.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.serving.compute_threads)
+            .build_global();
+    }
+    let actors = ActorTree::start(TreeArgs {
+        node_id: config.id,
+        config: config.serving_config(),
+        metadata: metadata.clone(),
+        loader: crate::loader::for_device(&config.serving.device),
+        store: ArtifactStore::new(config.model_store_dir()),
+    })
+    .await
+    .map_err(|e| NodeError::Actors(e.to_string()))?;
+    let tree = actors.view();
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(publish_health(tree.health.clone(), health_reporter));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(troupe_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| NodeError::Server {
+            what: "reflection",
+            reason: e.to_string(),
+        })?;
+
+    let limits = config.limits.clone();
     let (api_stop, api_stopped) = oneshot::channel::<()>();
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let admin = AdminServer::new(AdminService::new(metadata.clone(), stopping));
+    let admin = AdminServer::new(AdminService::new(
+        metadata.clone(),
+        stopping,
+        tree.clone(),
+    ))
+    .max_decoding_message_size(limits.max_message_bytes);
+    let inference = InferenceServer::new(InferenceService::new(
+        config.id,
+        tree.clone(),
+        limits.clone(),
+    ))
+    .max_decoding_message_size(limits.max_message_bytes);
     let api_task = tokio::spawn(async move {
         Server::builder()
+            .max_concurrent_streams(Some(limits.max_concurrent_streams))
+            .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_s)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_s)))
+            .tcp_keepalive(Some(Duration::from_secs(limits.keepalive_interval_s)))
+            .add_service(inference)
             .add_service(admin)
+            .add_service(health_service)
+            .add_service(reflection)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(api_listener).with_nodelay(Some(true)),
                 async {
@@ -109,6 +173,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         api_addr,
         peer_addr,
         metadata,
+        tree,
+        actors,
+        drain_timeout: Duration::from_millis(config.serving.drain_timeout_ms),
+        health_task,
         api_stop,
         stopping: stopping_tx,
         api_task,
@@ -135,12 +203,16 @@ async fn join(
 }
 
 impl RunningNode {
-    /// Stops in a fixed order: stop accepting client RPCs, shut Raft down (every
-    /// acknowledged write is already flushed), then close the peer port.
+    /// Stops in a fixed order: stop accepting client RPCs (those in flight finish), drain
+    /// the batchers, stop the actor tree, shut Raft down (every acknowledged write is
+    /// already flushed, and sled is closed), then close the peer port.
     pub async fn shutdown(self) -> Result<(), NodeError> {
         self.stopping.send_replace(true);
         let _ = self.api_stop.send(());
         join("api", self.api_task).await?;
+        self.actors.drain(self.drain_timeout).await;
+        self.actors.stop(self.drain_timeout).await;
+        self.health_task.abort();
         self.metadata.shutdown().await?;
         let _ = self.peer_stop.send(());
         join("peer", self.peer_task).await?;
@@ -154,4 +226,23 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     let node = start(config).await?;
     shutdown.await;
     node.shutdown().await
+}
+
+/// Mirrors Health's verdict onto grpc.health.v1, for the node ("") and for inference.
+async fn publish_health(
+    mut health: tokio::sync::watch::Receiver<NodeHealth>,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    loop {
+        let status = if health.borrow_and_update().serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status(INFERENCE_SERVICE, status).await;
+        if health.changed().await.is_err() {
+            return;
+        }
+    }
 }

@@ -375,6 +375,32 @@ impl Actor for NodeSupervisor {
     }
 }
 
+/// What request handlers and Admin read of the tree; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TreeView {
+    pub table: Arc<ServingTable>,
+    pub directory: ActorDirectory,
+    pub health: watch::Receiver<NodeHealth>,
+}
+
+impl TreeView {
+    pub fn actors(&self) -> Vec<ActorInfo> {
+        self.directory.snapshot()
+    }
+
+    /// Every loaded version's batcher.
+    pub fn batchers(&self) -> Vec<BatcherHandle> {
+        self.table
+            .local_keys()
+            .into_iter()
+            .filter_map(|key| match self.table.local(&key) {
+                Some(LocalState::Ready(handle)) => Some(handle),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// A running actor tree, as the node holds it.
 pub struct ActorTree {
     supervisor: ActorRef<SupervisorMsg>,
@@ -424,20 +450,12 @@ impl ActorTree {
         })
     }
 
-    pub fn actors(&self) -> Vec<ActorInfo> {
-        self.directory.snapshot()
-    }
-
-    /// Every loaded version's batcher.
-    pub fn batchers(&self) -> Vec<BatcherHandle> {
-        self.table
-            .local_keys()
-            .into_iter()
-            .filter_map(|key| match self.table.local(&key) {
-                Some(LocalState::Ready(handle)) => Some(handle),
-                _ => None,
-            })
-            .collect()
+    pub fn view(&self) -> TreeView {
+        TreeView {
+            table: self.table.clone(),
+            directory: self.directory.clone(),
+            health: self.health.clone(),
+        }
     }
 
     /// Lets every queued request finish (graceful shutdown, step 2).

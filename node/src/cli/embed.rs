@@ -1,4 +1,5 @@
-//! `troupe embed`: local embedding, no cluster.
+//! `troupe embed`: embed texts locally (no cluster), or with `--addr` on a running node over
+//! gRPC. Both print one JSON array per text, in input order.
 
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -6,6 +7,11 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use troupe_models::{Embedder, DEFAULT_BATCH_SIZE};
 
+use std::time::Duration;
+
+use troupe_proto::v1::EmbedRequest;
+
+use super::remote::{block_on, inference};
 use super::{init_threads, with_backend, DeviceKind, ModelSource};
 use crate::error::CliError;
 
@@ -13,6 +19,19 @@ use crate::error::CliError;
 pub struct EmbedArgs {
     #[command(flatten)]
     pub source: ModelSource,
+    /// Embed on the node at this API address instead of locally; --model is then the
+    /// registered model name.
+    #[arg(long, value_name = "API")]
+    pub addr: Option<String>,
+    /// With --addr: a specific version (default: the active one).
+    #[arg(long, requires = "addr")]
+    pub version: Option<String>,
+    /// With --addr: the task whose priority picks the queue lane.
+    #[arg(long, requires = "addr")]
+    pub task: Option<String>,
+    /// With --addr: how long to wait for the answer, in milliseconds.
+    #[arg(long, requires = "addr", default_value_t = 30_000)]
+    pub timeout_ms: u64,
     /// Read texts from FILE, one per line ('-' for stdin).
     #[arg(long, value_name = "FILE", conflicts_with = "texts")]
     pub input: Option<PathBuf>,
@@ -61,7 +80,6 @@ fn read_input(path: &Path) -> Result<Vec<String>, CliError> {
 }
 
 pub fn run(args: EmbedArgs) -> Result<(), CliError> {
-    init_threads(args.threads)?;
     let texts = match &args.input {
         Some(path) => read_input(path)?,
         None => args.texts.clone(),
@@ -71,11 +89,17 @@ pub fn run(args: EmbedArgs) -> Result<(), CliError> {
             "no texts to embed: pass TEXT arguments or --input FILE with one text per line".into(),
         ));
     }
-    args.device.check_available()?;
-    let dir = args.source.resolve()?;
-    let embeddings = with_backend!(args.device, |Backend, device| {
-        Embedder::<Backend>::load(&dir, &device)?.embed(&texts, args.batch_size)?
-    });
+    let embeddings = match &args.addr {
+        Some(addr) => block_on(embed_remote(&args, addr, texts))?,
+        None => {
+            init_threads(args.threads)?;
+            args.device.check_available()?;
+            let dir = args.source.resolve()?;
+            with_backend!(args.device, |Backend, device| {
+                Embedder::<Backend>::load(&dir, &device)?.embed(&texts, args.batch_size)?
+            })
+        }
+    };
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     for embedding in &embeddings {
@@ -84,4 +108,31 @@ pub fn run(args: EmbedArgs) -> Result<(), CliError> {
         out.write_all(b"\n").map_err(CliError::Output)?;
     }
     out.flush().map_err(CliError::Output)
+}
+
+async fn embed_remote(
+    args: &EmbedArgs,
+    addr: &str,
+    texts: Vec<String>,
+) -> Result<Vec<Vec<f32>>, CliError> {
+    let model = match (&args.source.model, &args.source.model_dir) {
+        (Some(model), None) => model.clone(),
+        _ => {
+            return Err(CliError::Usage(
+                "with --addr, name the registered model with --model NAME (--model-dir is for local embedding)".into(),
+            ))
+        }
+    };
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let mut client = inference(addr, timeout).await?;
+    let mut request = tonic::Request::new(EmbedRequest {
+        model,
+        version: args.version.clone().unwrap_or_default(),
+        texts,
+        task: args.task.clone().unwrap_or_default(),
+        request_id: String::new(),
+    });
+    request.set_timeout(timeout);
+    let reply = client.embed(request).await?.into_inner();
+    Ok(reply.embeddings.into_iter().map(|e| e.values).collect())
 }

@@ -50,7 +50,8 @@ pub enum Command {
     /// Check a node config file: names each bad field and the fix.
     #[command(subcommand)]
     Config(config_check::ConfigCommand),
-    /// Embed texts locally (no cluster): one text per line in, one JSON array per line out.
+    /// Embed texts locally, or on a node with --addr: one text per line in, one JSON array
+    /// per line out.
     Embed(embed::EmbedArgs),
     /// Benchmarks: `troupe bench engine` times the inference engine; `troupe bench raft` the
     /// metadata store, side by side with etcd.
@@ -58,7 +59,8 @@ pub enum Command {
     Bench(bench::BenchCommand),
 }
 
-/// Where the model comes from: a directory, or a name resolved in the cache.
+/// Where the model comes from: a directory, or a name resolved in the cache (or, for
+/// commands that talk to a node, the registered model name).
 #[derive(Debug, Clone, Args)]
 #[group(required = true, multiple = false)]
 pub struct ModelSource {

@@ -1,11 +1,13 @@
-//! `troupe models`: fetch weights into the cache; register and list versions in the cluster.
+//! `troupe models`: fetch weights into the cache; register, activate, retire and list versions
+//! in the cluster.
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use troupe_models::fetch::{self, FetchOptions};
-use troupe_proto::v1::{ReadRequest, RegisterModelRequest};
+use troupe_models::artifact::Manifest;
+use troupe_proto::v1::{ReadRequest, RegisterModelRequest, SetModelStateRequest};
 
 use super::remote::{admin, block_on, print_json, print_write, ListArgs, WriteOptions};
 use crate::error::CliError;
@@ -15,8 +17,14 @@ pub enum ModelsCommand {
     /// Fetch a model's weights into the cache ($TROUPE_HOME, default ~/.cache/troupe) and
     /// print its directory as the last line. Returns at once when it is already there.
     Fetch(FetchArgs),
-    /// Record a model version in the cluster metadata (name, version, digest, size).
+    /// Record a model version in the cluster metadata. With --dir the digest and size are
+    /// computed from the directory, and nodes on this machine load the files from it.
     Register(RegisterArgs),
+    /// Make VERSION the version served for NAME (the previous active version is retired
+    /// once this one is loaded).
+    Activate(StateArgs),
+    /// Stop serving VERSION of NAME.
+    Retire(StateArgs),
     /// Registered model versions and their state.
     List(ListArgs),
 }
@@ -26,14 +34,26 @@ pub struct RegisterArgs {
     pub name: String,
     #[arg(long)]
     pub version: String,
-    /// sha256 of the artifact manifest (64 hex characters).
-    #[arg(long)]
-    pub digest: String,
-    /// Artifact size in bytes.
-    #[arg(long)]
-    pub size: u64,
+    /// Model directory (config.json, tokenizer.json, model.safetensors): digest and size are
+    /// computed from it.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["digest", "size"], required_unless_present = "digest")]
+    pub dir: Option<PathBuf>,
+    /// sha256 of the artifact manifest (64 hex characters), when there is no --dir.
+    #[arg(long, requires = "size")]
+    pub digest: Option<String>,
+    /// Artifact size in bytes, with --digest.
+    #[arg(long, requires = "digest")]
+    pub size: Option<u64>,
     #[arg(long, default_value = "safetensors")]
     pub format: String,
+    #[command(flatten)]
+    pub write: WriteOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct StateArgs {
+    pub name: String,
+    pub version: String,
     #[command(flatten)]
     pub write: WriteOptions,
 }
@@ -48,6 +68,8 @@ struct ModelView {
     format: String,
     traffic_weight: u32,
     mod_revision: u64,
+    /// On the node asked: loading, ready, failed: REASON, or empty.
+    local_state: String,
 }
 
 #[derive(Debug, Args)]
@@ -72,20 +94,63 @@ pub fn run(command: ModelsCommand) -> Result<(), CliError> {
     match command {
         ModelsCommand::Fetch(args) => fetch_model(args),
         ModelsCommand::Register(args) => block_on(register(args)),
+        ModelsCommand::Activate(args) => block_on(set_state(args, "active")),
+        ModelsCommand::Retire(args) => block_on(set_state(args, "retired")),
         ModelsCommand::List(args) => block_on(list(args)),
     }
 }
 
 async fn register(args: RegisterArgs) -> Result<(), CliError> {
     let write = args.write;
+    let (digest, size_bytes, source_dir) = match (&args.dir, args.digest, args.size) {
+        (Some(dir), _, _) => {
+            let dir = std::fs::canonicalize(dir).map_err(|source| CliError::Input {
+                path: dir.clone(),
+                source,
+            })?;
+            let hashed = dir.clone();
+            let manifest = tokio::task::spawn_blocking(move || Manifest::of_dir(&hashed))
+                .await
+                .map_err(|e| CliError::Runtime(e.to_string()))??;
+            (
+                manifest.digest(),
+                manifest.total_bytes(),
+                dir.to_string_lossy().into_owned(),
+            )
+        }
+        (None, Some(digest), Some(size)) => (digest.to_lowercase(), size, String::new()),
+        _ => {
+            return Err(CliError::Usage(
+                "give --dir DIR, or --digest and --size".into(),
+            ))
+        }
+    };
     let reply = admin(&write.addr)
         .await?
         .register_model(RegisterModelRequest {
             name: args.name,
             version: args.version,
-            digest: args.digest.to_lowercase(),
-            size_bytes: args.size,
+            digest,
+            size_bytes,
             format: args.format,
+            expected_revision: write.expected_revision,
+            request_id: write.request_id.unwrap_or_default(),
+            source_dir,
+        })
+        .await?
+        .into_inner();
+    print_write(&reply, write.json)
+}
+
+async fn set_state(args: StateArgs, state: &str) -> Result<(), CliError> {
+    let write = args.write;
+    let reply = admin(&write.addr)
+        .await?
+        .set_model_state(SetModelStateRequest {
+            name: args.name,
+            version: args.version,
+            state: state.to_owned(),
+            traffic_weight: None,
             expected_revision: write.expected_revision,
             request_id: write.request_id.unwrap_or_default(),
         })
@@ -115,23 +180,25 @@ async fn list(args: ListArgs) -> Result<(), CliError> {
             format: m.format,
             traffic_weight: m.traffic_weight,
             mod_revision: m.mod_revision,
+            local_state: m.local_state,
         })
         .collect();
     if args.json {
         return print_json(&models);
     }
     println!(
-        "{:<24} {:<10} {:<8} {:>12} {:<16}",
-        "model", "version", "state", "bytes", "digest"
+        "{:<24} {:<10} {:<8} {:>12} {:<16} {}",
+        "model", "version", "state", "bytes", "digest", "this node"
     );
     for m in models {
         println!(
-            "{:<24} {:<10} {:<8} {:>12} {:<16}",
+            "{:<24} {:<10} {:<8} {:>12} {:<16} {}",
             m.name,
             m.version,
             m.state,
             m.size_bytes,
-            &m.digest[..m.digest.len().min(16)]
+            &m.digest[..m.digest.len().min(16)],
+            if m.local_state.is_empty() { "-" } else { &m.local_state }
         );
     }
     Ok(())

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 use troupe_proto::v1::admin_client::AdminClient;
+use troupe_proto::v1::inference_client::InferenceClient;
 use troupe_proto::v1::{NodeStatusRequest, NodeStatusResponse};
 
 use crate::error::CliError;
@@ -23,20 +24,32 @@ pub fn block_on<T>(future: impl Future<Output = Result<T, CliError>>) -> Result<
         .block_on(future)
 }
 
-pub async fn admin(addr: &str) -> Result<AdminClient<Channel>, CliError> {
+/// A channel to a node's API address; every call on it times out after `timeout`.
+pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, CliError> {
     let connect = |reason: String| CliError::Connect {
         addr: addr.to_owned(),
         reason,
     };
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+    Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| connect(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))
-        .timeout(CALL_TIMEOUT);
-    let channel = endpoint
+        .timeout(timeout)
+        .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| connect(e.to_string()))?;
-    Ok(AdminClient::new(channel))
+        .map_err(|e| connect(e.to_string()))
+}
+
+pub async fn admin(addr: &str) -> Result<AdminClient<Channel>, CliError> {
+    Ok(AdminClient::new(channel(addr, CALL_TIMEOUT).await?))
+}
+
+/// An Inference client that accepts replies as large as a node may send.
+pub async fn inference(
+    addr: &str,
+    timeout: Duration,
+) -> Result<InferenceClient<Channel>, CliError> {
+    Ok(InferenceClient::new(channel(addr, timeout).await?).max_decoding_message_size(usize::MAX))
 }
 
 pub async fn node_status(addr: &str) -> Result<NodeStatusResponse, CliError> {

@@ -7,10 +7,14 @@ use tonic::{Request, Response, Status};
 use troupe_consensus::metadata::SettingRecord;
 use troupe_consensus::metadata::{Command, Proposal};
 use troupe_consensus::types::NodeAddr;
+use troupe_actors::table::LocalState;
+use troupe_actors::{ModelKey, TreeView};
+use troupe_consensus::metadata::ModelState;
 use troupe_consensus::{Metadata, ReadConsistency};
 use troupe_proto::v1::admin_server::Admin;
 use troupe_proto::v1::{
-    AddLearnerRequest, ClusterInitRequest, ClusterInitResponse, GetSettingRequest,
+    ActorEntry, ActorTreeRequest, ActorTreeResponse, AddLearnerRequest, BatcherEntry,
+    ClusterInitRequest, SetModelStateRequest, ClusterInitResponse, GetSettingRequest,
     GetSettingResponse, ListModelsResponse, ListPrioritiesResponse, ListSettingsResponse, Member,
     MembershipResponse, ModelVersionEntry, NodeRef, NodeStatusRequest, NodeStatusResponse,
     ReadRequest, RegisterModelRequest, SetPriorityRequest, SetSettingRequest, SettingEntry,
@@ -24,14 +28,37 @@ const WATCH_STREAM_BUFFER: usize = 256;
 
 pub struct AdminService {
     metadata: Arc<Metadata>,
+    tree: TreeView,
     /// Becomes true when the node stops; open watch streams end then, so they do not hold
     /// graceful shutdown open.
     stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AdminService {
-    pub fn new(metadata: Arc<Metadata>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
-        Self { metadata, stopping }
+    pub fn new(
+        metadata: Arc<Metadata>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+        tree: TreeView,
+    ) -> Self {
+        Self {
+            metadata,
+            tree,
+            stopping,
+        }
+    }
+
+    /// This node's view of a version: loading, ready, failed: REASON, or "" when not loaded.
+    fn local_state(&self, name: &str, version: &str) -> String {
+        let key = ModelKey {
+            name: name.to_owned(),
+            version: version.to_owned(),
+        };
+        match self.tree.table.local(&key) {
+            None => String::new(),
+            Some(LocalState::Loading) => "loading".into(),
+            Some(LocalState::Ready(_)) => "ready".into(),
+            Some(LocalState::Failed(reason)) => format!("failed: {reason}"),
+        }
     }
 
     fn membership(&self) -> MembershipResponse {
@@ -304,9 +331,87 @@ impl Admin for AdminService {
             digest: request.digest,
             size_bytes: request.size_bytes,
             format: request.format,
+            source: (!request.source_dir.is_empty()).then_some(request.source_dir),
         };
         self.write(command, request.expected_revision, request.request_id)
             .await
+    }
+
+    #[tracing::instrument(skip_all, fields(node_id = self.metadata.node_id()))]
+    async fn set_model_state(
+        &self,
+        request: Request<SetModelStateRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let request = request.into_inner();
+        let state = match request.state.as_str() {
+            "loading" => ModelState::Loading,
+            "ready" => ModelState::Ready,
+            "active" => ModelState::Active,
+            "retired" => ModelState::Retired,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "state {other:?} is not a model state: use loading, ready, active or retired"
+                )))
+            }
+        };
+        let command = Command::SetModelState {
+            name: request.name,
+            version: request.version,
+            state,
+            traffic_weight: request.traffic_weight,
+        };
+        self.write(command, request.expected_revision, request.request_id)
+            .await
+    }
+
+    async fn actor_tree(
+        &self,
+        _request: Request<ActorTreeRequest>,
+    ) -> Result<Response<ActorTreeResponse>, Status> {
+        let actors = self
+            .tree
+            .actors()
+            .into_iter()
+            .map(|a| ActorEntry {
+                path: a.path,
+                kind: a.kind,
+                status: a.status,
+                mailbox_depth: a.mailbox_depth,
+                restarts: a.restarts,
+                detail: a.detail,
+            })
+            .collect();
+        let mut batchers: Vec<BatcherEntry> = self
+            .tree
+            .batchers()
+            .into_iter()
+            .map(|b| {
+                let c = b.shared().counters();
+                BatcherEntry {
+                    model: b.key.name.clone(),
+                    version: b.key.version.clone(),
+                    batches: c.batches,
+                    rows: c.rows,
+                    requests: c.jobs,
+                    rejected_full: c.rejected_full,
+                    expired: c.expired,
+                    failed: c.failed,
+                    queued: c.queued,
+                    in_flight: c.in_flight,
+                    worker_restarts: c.worker_restarts,
+                    lane_depths: b.shared().lane_depths().into_iter().map(|d| d as u64).collect(),
+                }
+            })
+            .collect();
+        batchers.sort_by(|a, b| (&a.model, &a.version).cmp(&(&b.model, &b.version)));
+        let health = self.tree.health.borrow().clone();
+        Ok(Response::new(ActorTreeResponse {
+            actors,
+            batchers,
+            serving: health.serving,
+            not_serving_reasons: health.reasons,
+            revision: self.tree.table.revision(),
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(node_id = self.metadata.node_id()))]
@@ -384,6 +489,7 @@ impl Admin for AdminService {
                             traffic_weight: record.traffic_weight,
                             create_revision: record.revisions.create_revision,
                             mod_revision: record.revisions.mod_revision,
+                            local_state: String::new(),
                         });
                     }
                 }
@@ -391,6 +497,13 @@ impl Admin for AdminService {
             })
             .await
             .map_err(metadata_error)?;
+        let models = models
+            .into_iter()
+            .map(|mut entry| {
+                entry.local_state = self.local_state(&entry.name, &entry.version);
+                entry
+            })
+            .collect();
         Ok(Response::new(ListModelsResponse { models, revision }))
     }
 }

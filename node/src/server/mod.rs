@@ -1,4 +1,5 @@
-//! The node's gRPC services and the error-to-status table.
+//! The node's gRPC services (Admin, Inference) and the error-to-status table.
 
 pub mod admin;
+pub mod inference;
 pub mod status;

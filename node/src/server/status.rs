@@ -66,3 +66,23 @@ pub fn watch_error(error: WatchError) -> Status {
         WatchError::Closed => Status::unavailable(error.to_string()),
     }
 }
+
+/// A request the actor tree could not serve.
+pub fn serve_error(error: troupe_actors::ServeError) -> Status {
+    use troupe_actors::ServeError as E;
+    let code = match &error {
+        E::UnknownModel { .. } | E::UnknownVersion { .. } | E::UnknownTask { .. } => {
+            Code::NotFound
+        }
+        E::NoActiveVersion { .. } | E::VersionNotServed { .. } => Code::FailedPrecondition,
+        E::LoadFailed { .. } => Code::FailedPrecondition,
+        E::Loading { .. }
+        | E::WorkerFailed { .. }
+        | E::Unavailable { .. }
+        | E::ShuttingDown => Code::Unavailable,
+        E::QueueFull { .. } => Code::ResourceExhausted,
+        E::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+        E::InvalidText { .. } => Code::InvalidArgument,
+    };
+    Status::new(code, error.to_string())
+}
