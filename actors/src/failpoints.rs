@@ -5,6 +5,8 @@
 //!   the model code would.
 //! - [`hold_batches`]: workers block before computing until the returned guard is dropped,
 //!   so tests can fill queues and let deadlines pass deterministically.
+//! - [`set_batch_delay`]: every batch takes at least this long, as a slow model would, so
+//!   tests can create contention with the tiny model.
 
 #[cfg(feature = "failpoints")]
 mod enabled {
@@ -12,11 +14,16 @@ mod enabled {
     use std::sync::{Condvar, Mutex};
 
     static PANICS: AtomicUsize = AtomicUsize::new(0);
+    static DELAY_MICROS: AtomicUsize = AtomicUsize::new(0);
     static HOLD: Mutex<bool> = Mutex::new(false);
     static RELEASED: Condvar = Condvar::new();
 
     pub fn panic_next_batches(count: usize) {
         PANICS.store(count, Ordering::SeqCst);
+    }
+
+    pub fn set_batch_delay(delay: std::time::Duration) {
+        DELAY_MICROS.store(delay.as_micros() as usize, Ordering::SeqCst);
     }
 
     /// Blocks workers at the start of their next batches until the guard is dropped.
@@ -39,6 +46,11 @@ mod enabled {
         while *held {
             held = RELEASED.wait(held).unwrap_or_else(|p| p.into_inner());
         }
+        drop(held);
+        let delay = DELAY_MICROS.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(delay as u64));
+        }
     }
 
     pub(crate) fn during_batch() {
@@ -52,7 +64,7 @@ mod enabled {
 }
 
 #[cfg(feature = "failpoints")]
-pub use enabled::{hold_batches, panic_next_batches, HoldGuard};
+pub use enabled::{hold_batches, panic_next_batches, set_batch_delay, HoldGuard};
 #[cfg(feature = "failpoints")]
 pub(crate) use enabled::{before_batch, during_batch};
 

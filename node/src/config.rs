@@ -23,7 +23,7 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Verified copies of model versions, by digest. Default: `<data_dir>/models`. When set,
     /// the directory must exist.
-    pub model_dir: Option<PathBuf>,
+    pub artifact_dir: Option<PathBuf>,
     pub raft: RaftSettings,
     pub serving: ServingSettings,
     pub limits: LimitSettings,
@@ -144,7 +144,7 @@ impl Default for NodeConfig {
             peer: "127.0.0.1:7701".into(),
             metrics: "127.0.0.1:7702".into(),
             data_dir: PathBuf::from("troupe-data"),
-            model_dir: None,
+            artifact_dir: None,
             raft: RaftSettings::default(),
             serving: ServingSettings::default(),
             limits: LimitSettings::default(),
@@ -211,8 +211,8 @@ impl NodeConfig {
         };
         let mut tree = toml::Table::try_from(&*self)
             .map_err(|e| invalid("TROUPE_*", "", e.to_string()))?;
-        // `model_dir` is absent from the tree while unset, so list the keys by hand.
-        let top = ["id", "api", "peer", "metrics", "data_dir", "model_dir"];
+        // `artifact_dir` is absent from the tree while unset, so list the keys by hand.
+        let top = ["id", "api", "peer", "metrics", "data_dir", "artifact_dir"];
         let mut names: Vec<(String, Option<String>, String)> = top
             .iter()
             .map(|key| (format!("TROUPE_{}", key.to_uppercase()), None, (*key).to_owned()))
@@ -266,7 +266,7 @@ impl NodeConfig {
 
     /// Where verified model artifacts are kept.
     pub fn model_store_dir(&self) -> PathBuf {
-        self.model_dir
+        self.artifact_dir
             .clone()
             .unwrap_or_else(|| self.data_dir.join("models"))
     }
@@ -380,12 +380,12 @@ impl NodeConfig {
                 "use e.g. 5000",
             );
         }
-        if let Some(dir) = &self.model_dir {
+        if let Some(dir) = &self.artifact_dir {
             if !dir.is_dir() {
                 problem(
-                    "model_dir",
-                    format!("{} does not exist or is not a directory", dir.display()),
-                    "create it, or remove model_dir to keep models under data_dir/models",
+                    "artifact_dir",
+                    format!("model directory {} does not exist or is not a directory", dir.display()),
+                    "create it, or remove artifact_dir to keep models under data_dir/models",
                 );
             }
         }
@@ -495,6 +495,32 @@ mod tests {
         let problems = config.problems();
         let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["id", "api"]);
+
+        let config = NodeConfig {
+            data_dir: dir.path().join("data"),
+            artifact_dir: Some(dir.path().join("missing")),
+            serving: ServingSettings {
+                max_batch_size: 5000,
+                device: "tpu".into(),
+                ..ServingSettings::default()
+            },
+            limits: LimitSettings {
+                max_texts_per_request: 0,
+                ..LimitSettings::default()
+            },
+            ..NodeConfig::default()
+        };
+        let problems = config.problems();
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "artifact_dir",
+                "serving.device",
+                "limits.max_texts_per_request",
+                "serving.max_batch_size"
+            ]
+        );
         assert!(problems[1].fix.contains("IP:PORT"));
     }
 
@@ -511,5 +537,25 @@ mod tests {
         assert_eq!((config.id, config.api.as_str()), (7, "127.0.0.1:9000"));
         let error = config.apply_env(|name| (name == "TROUPE_ID").then(|| "x".to_owned()));
         assert!(error.unwrap_err().to_string().contains("TROUPE_ID"));
+
+        // Section keys: TROUPE_<SECTION>_<KEY>; other TROUPE_* variables are not ours.
+        let mut config = NodeConfig::default();
+        config
+            .apply_env(|name| match name {
+                "TROUPE_SERVING_MAX_BATCH_SIZE" => Some("64".into()),
+                "TROUPE_LIMITS_MAX_TEXTS_PER_REQUEST" => Some("9".into()),
+                "TROUPE_ARTIFACT_DIR" => Some("/srv/models".into()),
+                "TROUPE_HOME" | "TROUPE_MODEL_DIR" => Some("/elsewhere".into()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(config.serving.max_batch_size, 64);
+        assert_eq!(config.limits.max_texts_per_request, 9);
+        assert_eq!(config.artifact_dir, Some(PathBuf::from("/srv/models")));
+        let error = config
+            .apply_env(|name| (name == "TROUPE_SERVING_LANES").then(|| "many".to_owned()))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("TROUPE_SERVING_LANES") && error.contains("integer"), "{error}");
     }
 }

@@ -294,6 +294,7 @@ async fn the_watch_stream_replays_in_order_and_refuses_compacted_revisions() {
             watch_history: 5,
             ..Default::default()
         },
+        ..NodeConfig::default()
     };
     let node = troupe::start(config).await.unwrap();
     let api = init_single(&node).await;

@@ -65,3 +65,129 @@ pub fn assert_lost_cas(output: &Output, current_revision: u64) {
         "{stderr}"
     );
 }
+
+/// Polls `condition` until it yields `Some`, failing with `what` after `timeout`. Waits on a
+/// condition, never a fixed sleep.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: std::time::Duration, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(5));
+    loop {
+        if let Some(value) = condition().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tick.tick().await;
+    }
+}
+
+/// A one-node cluster on 127.0.0.1 serving `model_dir` as `name` version `1`: registered
+/// from the directory, activated, loaded and SERVING on grpc.health.v1.
+pub async fn serving_node(
+    dir: &tempfile::TempDir,
+    model_dir: &std::path::Path,
+    name: &str,
+    tweak: impl FnOnce(&mut NodeConfig),
+) -> RunningNode {
+    let mut config = NodeConfig {
+        id: 1,
+        api: "127.0.0.1:0".into(),
+        peer: "127.0.0.1:0".into(),
+        metrics: "127.0.0.1:1".into(),
+        data_dir: dir.path().join("node1"),
+        ..NodeConfig::default()
+    };
+    tweak(&mut config);
+    let node = troupe::start(config).await.unwrap();
+    node.metadata.initialize(Default::default()).await.unwrap();
+    node.metadata
+        .wait_for_leader(std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    register_and_activate(&node, model_dir, name, "1").await;
+    wait_serving(&node).await;
+    node
+}
+
+/// `troupe models register NAME --version V --dir DIR` then `models activate`, through the
+/// real CLI.
+pub async fn register_and_activate(
+    node: &RunningNode,
+    model_dir: &std::path::Path,
+    name: &str,
+    version: &str,
+) {
+    let addr = node.api_addr.to_string();
+    let dir = model_dir.to_string_lossy().into_owned();
+    let registered = troupe(args(&[
+        "models", "register", name, "--version", version, "--dir", &dir, "--addr", &addr,
+    ]))
+    .await;
+    assert!(registered.status.success(), "{:?}", text(&registered));
+    let activated = troupe(args(&["models", "activate", name, version, "--addr", &addr])).await;
+    assert!(activated.status.success(), "{:?}", text(&activated));
+}
+
+pub async fn health_status(node: &RunningNode, service: &str) -> i32 {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.api_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    client
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+}
+
+pub const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+pub const NOT_SERVING: i32 =
+    tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
+/// Waits until grpc.health.v1 says the node (and inference) is SERVING.
+pub async fn wait_serving(node: &RunningNode) {
+    wait_for("the node to report SERVING", std::time::Duration::from_secs(60), || async {
+        (health_status(node, "").await == SERVING
+            && health_status(node, "troupe.v1.Inference").await == SERVING)
+            .then_some(())
+    })
+    .await;
+}
+
+pub type InferenceClient =
+    troupe_proto::v1::inference_client::InferenceClient<tonic::transport::Channel>;
+
+pub async fn inference_client(node: &RunningNode) -> InferenceClient {
+    InferenceClient::connect(format!("http://{}", node.api_addr))
+        .await
+        .unwrap()
+}
+
+pub fn embed_request(model: &str, texts: &[&str], task: &str) -> troupe_proto::v1::EmbedRequest {
+    troupe_proto::v1::EmbedRequest {
+        model: model.to_owned(),
+        version: String::new(),
+        texts: texts.iter().map(|t| (*t).to_owned()).collect(),
+        task: task.to_owned(),
+        request_id: String::new(),
+    }
+}
+
+/// The tiny seeded model in `dir/tiny`.
+pub fn tiny_model_dir(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    let path = dir.path().join("tiny");
+    troupe_models::write_tiny_model_dir(&path, 7).unwrap();
+    path
+}
