@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_raft;
+mod bench_serve;
 mod cluster;
 mod config_check;
 mod embed;
@@ -53,8 +54,8 @@ pub enum Command {
     /// Embed texts locally, or on a node with --addr: one text per line in, one JSON array
     /// per line out.
     Embed(embed::EmbedArgs),
-    /// Benchmarks: `troupe bench engine` times the inference engine; `troupe bench raft` the
-    /// metadata store, side by side with etcd.
+    /// Benchmarks: `troupe bench engine` times the inference engine, `troupe bench raft` the
+    /// metadata store side by side with etcd, `troupe bench serve` a serving node.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
