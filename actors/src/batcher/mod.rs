@@ -153,6 +153,7 @@ impl BatcherHandle {
 }
 
 pub struct BatcherArgs {
+    pub node_id: u64,
     pub key: ModelKey,
     pub path: String,
     pub model: Arc<dyn SentenceEmbedder>,
@@ -164,16 +165,39 @@ pub struct BatcherArgs {
 }
 
 struct WorkerSlot {
+    /// The worker actor, which its thread reports a crash to.
     actor: Option<ActorRef<WorkerMsg>>,
+    /// Straight to the worker's thread: a batch does not pass through the actor's mailbox.
+    thread: Option<std::sync::mpsc::Sender<Batch>>,
     busy: bool,
+    /// Requests in the batch this worker computes.
+    jobs: usize,
 }
+
+impl WorkerSlot {
+    fn empty() -> Self {
+        Self {
+            actor: None,
+            thread: None,
+            busy: false,
+            jobs: 0,
+        }
+    }
+}
+
+/// Dispatches whose peak load is remembered for the flush rule.
+const PEAK_HISTORY: usize = 8;
 
 pub struct BatcherState {
     args: BatcherArgs,
     lanes: Lanes<EmbedJob>,
     workers: Vec<WorkerSlot>,
-    /// Requests the previous batch carried: the batch size the load has been producing.
-    target_jobs: usize,
+    /// Requests queued or computing now.
+    in_flight_jobs: usize,
+    /// Most requests queued or computing at once since the last dispatch, and over the
+    /// dispatches before it: how many requests the load keeps outstanding.
+    peak_outstanding: usize,
+    recent_peaks: std::collections::VecDeque<usize>,
     flush_at: Option<Instant>,
     next_batch_id: u64,
     drain_waiters: Vec<ractor::RpcReplyPort<()>>,
@@ -235,7 +259,11 @@ impl BatcherState {
         }
         let now = Instant::now();
         let (lane, deadline) = (job.lane, job.deadline);
-        if let Err((full, job)) = self.lanes.push(lane, job, now, deadline) {
+        let pushed = self.lanes.push(lane, job, now, deadline);
+        self.peak_outstanding = self
+            .peak_outstanding
+            .max(self.lanes.len() + self.in_flight_jobs);
+        if let Err((full, job)) = pushed {
             self.args
                 .shared
                 .rejected_full
@@ -268,7 +296,7 @@ impl BatcherState {
             let Some(worker) = self
                 .workers
                 .iter()
-                .position(|slot| !slot.busy && slot.actor.is_some())
+                .position(|slot| !slot.busy && slot.thread.is_some())
             else {
                 break;
             };
@@ -278,7 +306,7 @@ impl BatcherState {
                 .map_or(Duration::ZERO, |oldest| now.duration_since(oldest));
             let flush = self.lanes.total_weight() >= config.max_batch_size
                 || waited >= config.max_queue_delay
-                || self.lanes.len() >= self.target_jobs.max(1)
+                || self.lanes.len() >= self.target_jobs()
                 || !self.drain_waiters.is_empty();
             if !flush {
                 let due = now + (config.max_queue_delay - waited);
@@ -292,18 +320,28 @@ impl BatcherState {
                 break;
             }
             let jobs = self.lanes.take_batch_weighted(config.max_batch_size);
-            self.target_jobs = jobs.len();
+            self.recent_peaks.push_back(self.peak_outstanding);
+            if self.recent_peaks.len() > PEAK_HISTORY {
+                self.recent_peaks.pop_front();
+            }
             let id = self.next_batch_id;
             self.next_batch_id += 1;
+            let count = jobs.len();
             let slot = &mut self.workers[worker];
-            slot.busy = true;
-            self.args.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-            if let Some(actor) = &slot.actor {
-                if let Err(ractor::MessagingErr::SendErr(WorkerMsg::Run(batch))) =
-                    actor.cast(WorkerMsg::Run(Batch { id, jobs }))
-                {
-                    slot.busy = false;
-                    self.args.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let sent = match &slot.thread {
+                Some(thread) => thread.send(Batch { id, jobs }),
+                None => Err(std::sync::mpsc::SendError(Batch { id, jobs })),
+            };
+            match sent {
+                Ok(()) => {
+                    slot.busy = true;
+                    slot.jobs = count;
+                    self.in_flight_jobs += count;
+                    self.args.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(std::sync::mpsc::SendError(batch)) => {
+                    // The thread is gone; its actor is failing and will be restarted.
+                    slot.thread = None;
                     for job in batch.jobs {
                         let _ = job
                             .reply
@@ -311,9 +349,35 @@ impl BatcherState {
                     }
                 }
             }
+            self.peak_outstanding = self.lanes.len() + self.in_flight_jobs;
         }
         self.publish_depths();
         self.answer_drain_waiters();
+    }
+
+    /// Requests a batch waits for while a worker is free: as many as the load has kept
+    /// outstanding lately (closed-loop clients come back together), capped by the batch size.
+    fn target_jobs(&self) -> usize {
+        let peak = self
+            .recent_peaks
+            .iter()
+            .copied()
+            .chain([self.peak_outstanding])
+            .max()
+            .unwrap_or(1);
+        peak.clamp(1, self.args.config.max_batch_size.max(1))
+    }
+
+    /// A worker finished (or lost) its batch.
+    fn worker_done(&mut self, worker: usize) {
+        if let Some(slot) = self.workers.get_mut(worker) {
+            if slot.busy {
+                slot.busy = false;
+                self.in_flight_jobs = self.in_flight_jobs.saturating_sub(slot.jobs);
+                slot.jobs = 0;
+                self.args.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     fn answer_drain_waiters(&mut self) {
@@ -333,20 +397,25 @@ impl BatcherState {
         let path = worker_path(&self.args.path, index);
         let stats = self.args.directory.stats(&path, "inference_worker");
         stats.reset_mailbox();
+        let (thread, batches) = std::sync::mpsc::channel();
         let args = WorkerArgs {
             index,
+            node_id: self.args.node_id,
             key: self.args.key.clone(),
             model: self.args.model.clone(),
             max_batch_size: self.args.config.max_batch_size,
             batcher: myself.clone(),
             shared: self.args.shared.clone(),
+            batches,
         };
         let (actor, _) =
             Actor::spawn_linked(None, InferenceWorker, args, myself.get_cell()).await?;
         self.args.directory.attach(&path, actor.get_cell());
         self.workers[index] = WorkerSlot {
             actor: Some(actor),
+            thread: Some(thread),
             busy: false,
+            jobs: 0,
         };
         Ok(())
     }
@@ -365,13 +434,10 @@ impl Actor for Batcher {
         let count = args.config.workers_per_model.max(1);
         let mut state = BatcherState {
             lanes: Lanes::new(args.config.lanes, args.config.queue_capacity),
-            workers: (0..count)
-                .map(|_| WorkerSlot {
-                    actor: None,
-                    busy: false,
-                })
-                .collect(),
-            target_jobs: 0,
+            workers: (0..count).map(|_| WorkerSlot::empty()).collect(),
+            in_flight_jobs: 0,
+            peak_outstanding: 0,
+            recent_peaks: std::collections::VecDeque::new(),
             flush_at: None,
             next_batch_id: 0,
             drain_waiters: Vec::new(),
@@ -409,14 +475,7 @@ impl Actor for Batcher {
         match message {
             BatcherMsg::Submit(job) => state.submit(job),
             BatcherMsg::Flush => state.flush_at = None,
-            BatcherMsg::WorkerIdle { worker } => {
-                if let Some(slot) = state.workers.get_mut(worker) {
-                    if slot.busy {
-                        slot.busy = false;
-                        state.args.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-                    }
-                }
-            }
+            BatcherMsg::WorkerIdle { worker } => state.worker_done(worker),
             BatcherMsg::Drain(reply) => state.drain_waiters.push(reply),
         }
         state.dispatch(&myself);
@@ -445,14 +504,8 @@ impl Actor for Batcher {
         }) else {
             return Ok(());
         };
-        let was_busy = state.workers[index].busy;
-        state.workers[index] = WorkerSlot {
-            actor: None,
-            busy: false,
-        };
-        if was_busy {
-            state.args.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-        }
+        state.worker_done(index);
+        state.workers[index] = WorkerSlot::empty();
         let Some((died_at, reason)) = crash else {
             // A worker stopped on purpose (we are stopping): nothing to restart.
             return Ok(());

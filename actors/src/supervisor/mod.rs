@@ -193,6 +193,7 @@ impl SupervisorState {
         let stats = self.directory.stats(&path, "batcher");
         stats.reset_mailbox();
         let args = BatcherArgs {
+            node_id: self.args.node_id,
             key: key.clone(),
             path,
             model: model.clone(),

@@ -2,12 +2,8 @@
 
 use std::time::Instant;
 
-use crate::batcher::Batch;
-
 #[derive(Debug)]
 pub enum WorkerMsg {
-    /// Compute this batch on the worker's thread.
-    Run(Batch),
     /// The worker's thread died at `at`: the actor fails so its supervisor restarts it.
     ThreadDied { at: Instant, reason: String },
 }

@@ -1,6 +1,7 @@
 //! InferenceWorker: owns a model and runs forward passes on a dedicated OS thread, never in
-//! `handle`. The actor forwards batches to the thread; the thread answers each request and
-//! tells the batcher when it is free. A panic during a batch fails that batch with
+//! `handle`. The batcher sends batches straight to the thread (one hop less per request);
+//! the thread answers each request and tells the batcher when it is free. The actor is the
+//! thread's supervised face: the thread reports its death to it, and it fails. A panic during a batch fails that batch with
 //! `UNAVAILABLE`, ends the thread and fails the actor, so the batcher restarts it with a
 //! fresh thread; the model's weights are shared, so a restart does not reload them.
 
@@ -22,16 +23,17 @@ use crate::table::ModelKey;
 
 pub struct WorkerArgs {
     pub index: usize,
+    pub node_id: u64,
     pub key: ModelKey,
     pub model: Arc<dyn SentenceEmbedder>,
     pub max_batch_size: usize,
     pub batcher: ActorRef<BatcherMsg>,
     pub shared: Arc<BatcherShared>,
+    /// Batches from the batcher, straight to the thread.
+    pub batches: mpsc::Receiver<Batch>,
 }
 
-pub struct WorkerState {
-    batches: Option<mpsc::Sender<Batch>>,
-}
+pub struct WorkerState;
 
 pub struct InferenceWorker;
 
@@ -45,58 +47,21 @@ impl Actor for InferenceWorker {
         myself: ActorRef<Self::Msg>,
         args: WorkerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let (sender, receiver) = mpsc::channel::<Batch>();
         let name = format!("infer-{}-{}", args.key, args.index);
         std::thread::Builder::new()
             .name(name)
-            .spawn(move || thread_main(args, receiver, myself))?;
-        Ok(WorkerState {
-            batches: Some(sender),
-        })
+            .spawn(move || thread_main(args, myself))?;
+        Ok(WorkerState)
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         message: Self::Msg,
-        state: &mut Self::State,
+        _state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match message {
-            WorkerMsg::Run(batch) => {
-                let sent = state.batches.as_ref().map(|s| s.send(batch));
-                match sent {
-                    Some(Ok(())) => Ok(()),
-                    Some(Err(mpsc::SendError(batch))) => {
-                        for job in batch.jobs {
-                            let _ = job.reply.send(Err(ServeError::WorkerFailed {
-                                model: String::new(),
-                                version: String::new(),
-                                reason: "the inference thread is gone".into(),
-                            }));
-                        }
-                        Err(Box::new(WorkerCrashed {
-                            at: Instant::now(),
-                            reason: "the inference thread is gone".into(),
-                        }))
-                    }
-                    None => Ok(()),
-                }
-            }
-            WorkerMsg::ThreadDied { at, reason } => {
-                state.batches = None;
-                Err(Box::new(WorkerCrashed { at, reason }))
-            }
-        }
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        // Closing the channel ends the thread after the batch it is computing.
-        state.batches = None;
-        Ok(())
+        let WorkerMsg::ThreadDied { at, reason } = message;
+        Err(Box::new(WorkerCrashed { at, reason }))
     }
 }
 
@@ -108,9 +73,10 @@ fn panic_reason(panic: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panic".to_owned())
 }
 
-fn thread_main(args: WorkerArgs, batches: mpsc::Receiver<Batch>, actor: ActorRef<WorkerMsg>) {
-    while let Ok(batch) = batches.recv() {
-        let span = tracing::info_span!("batch", model = %args.key, batch_id = batch.id, worker = args.index, jobs = batch.jobs.len());
+/// Computes batches until the batcher drops its sender (stop or restart) or a batch fails.
+fn thread_main(args: WorkerArgs, actor: ActorRef<WorkerMsg>) {
+    while let Ok(batch) = args.batches.recv() {
+        let span = tracing::info_span!("batch", node_id = args.node_id, model = %args.key, batch_id = batch.id, worker = args.index, jobs = batch.jobs.len());
         let _entered = span.enter();
         let (inputs, replies): (Vec<_>, Vec<_>) = batch
             .jobs
