@@ -1,10 +1,11 @@
 //! Batcher: one per loaded model version. It queues requests in bounded priority lanes and
 //! hands batches to its inference workers, which it supervises.
 //!
-//! A batch goes to a free worker when the queue holds `max_batch_size` texts, when the oldest
-//! request has waited `max_queue_delay`, or when as many requests wait as the previous batch
-//! carried (closed-loop clients come back at that rate, so waiting longer only adds latency).
-//! While every worker is busy, requests accumulate, which is where large batches come from.
+//! A batch goes to a free worker when the queue holds `max_batch_size` texts, when as many
+//! requests wait as the load has lately kept outstanding (queued plus computing: closed-loop
+//! clients come back together, so their requests leave together), or when the oldest request
+//! has waited `max_queue_delay` with a worker free. While every worker is busy, requests
+//! accumulate, which is where large batches come from; with one client nothing ever waits.
 //! A full lane refuses at once with `RESOURCE_EXHAUSTED`; a request whose deadline passed is
 //! answered `DEADLINE_EXCEEDED` and never reaches the model.
 
@@ -172,6 +173,9 @@ struct WorkerSlot {
     busy: bool,
     /// Requests in the batch this worker computes.
     jobs: usize,
+    /// When it last became free: requests wait for a fuller batch only while a worker is
+    /// free, so time spent queued behind a computing batch does not count.
+    free_since: Instant,
 }
 
 impl WorkerSlot {
@@ -181,6 +185,7 @@ impl WorkerSlot {
             thread: None,
             busy: false,
             jobs: 0,
+            free_since: Instant::now(),
         }
     }
 }
@@ -300,10 +305,11 @@ impl BatcherState {
             else {
                 break;
             };
+            let free_since = self.workers[worker].free_since;
             let waited = self
                 .lanes
                 .oldest_enqueued()
-                .map_or(Duration::ZERO, |oldest| now.duration_since(oldest));
+                .map_or(Duration::ZERO, |oldest| now.duration_since(oldest.max(free_since)));
             let flush = self.lanes.total_weight() >= config.max_batch_size
                 || waited >= config.max_queue_delay
                 || self.lanes.len() >= self.target_jobs()
@@ -373,6 +379,7 @@ impl BatcherState {
         if let Some(slot) = self.workers.get_mut(worker) {
             if slot.busy {
                 slot.busy = false;
+                slot.free_since = Instant::now();
                 self.in_flight_jobs = self.in_flight_jobs.saturating_sub(slot.jobs);
                 slot.jobs = 0;
                 self.args.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -416,6 +423,7 @@ impl BatcherState {
             thread: Some(thread),
             busy: false,
             jobs: 0,
+            free_since: Instant::now(),
         };
         Ok(())
     }
