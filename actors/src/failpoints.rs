@@ -64,9 +64,9 @@ mod enabled {
 }
 
 #[cfg(feature = "failpoints")]
-pub use enabled::{hold_batches, panic_next_batches, set_batch_delay, HoldGuard};
-#[cfg(feature = "failpoints")]
 pub(crate) use enabled::{before_batch, during_batch};
+#[cfg(feature = "failpoints")]
+pub use enabled::{hold_batches, panic_next_batches, set_batch_delay, HoldGuard};
 
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]

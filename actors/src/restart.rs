@@ -30,7 +30,9 @@ impl RestartBudget {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, BudgetState> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Records a restart of `what` at `now`. `Err` carries the escalation reason when the
@@ -100,7 +102,9 @@ mod tests {
         let budget = RestartBudget::new(2, Duration::from_secs(10));
         let start = Instant::now();
         budget.try_restart("a", start).unwrap();
-        budget.try_restart("a", start + Duration::from_secs(1)).unwrap();
+        budget
+            .try_restart("a", start + Duration::from_secs(1))
+            .unwrap();
         budget
             .try_restart("a", start + Duration::from_secs(12))
             .unwrap();

@@ -178,7 +178,9 @@ impl ServingTable {
     pub fn clear_loading(&self) {
         {
             let mut inner = self.write();
-            inner.local.retain(|_, state| !matches!(state, LocalState::Loading));
+            inner
+                .local
+                .retain(|_, state| !matches!(state, LocalState::Loading));
         }
         self.bump();
     }

@@ -207,6 +207,9 @@ mod tests {
         // Changed bytes are a different version: importing them under the old digest fails.
         std::fs::write(source.join("extra.txt"), b"changed").unwrap();
         let error = store.import(&source, &"0".repeat(64)).unwrap_err();
-        assert!(matches!(error, ModelError::ArtifactMismatch { .. }), "{error}");
+        assert!(
+            matches!(error, ModelError::ArtifactMismatch { .. }),
+            "{error}"
+        );
     }
 }

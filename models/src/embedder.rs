@@ -141,8 +141,11 @@ pub trait SentenceEmbedder: Send + Sync + 'static {
     /// Token ids per text, with `[CLS]`/`[SEP]`, truncated to the model's `max_seq_length`.
     fn tokenize(&self, texts: &[String]) -> Result<Vec<Vec<u32>>, ModelError>;
     /// One embedding per sequence, in input order, in forward passes of at most `batch_size`.
-    fn embed_token_ids(&self, ids: &[Vec<u32>], batch_size: usize)
-        -> Result<Vec<Vec<f32>>, ModelError>;
+    fn embed_token_ids(
+        &self,
+        ids: &[Vec<u32>],
+        batch_size: usize,
+    ) -> Result<Vec<Vec<f32>>, ModelError>;
     fn dimension(&self) -> usize;
 }
 

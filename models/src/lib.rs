@@ -25,7 +25,9 @@ pub mod weights;
 pub use backend::{cpu_device, CpuBackend, CpuDevice};
 pub use bert::{Encoder, PaddedBatch};
 pub use config::BertConfig;
-pub use embedder::{write_tiny_model_dir, Embedder, SentenceEmbedder, DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE};
+pub use embedder::{
+    write_tiny_model_dir, Embedder, SentenceEmbedder, DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE,
+};
 pub use error::{FetchError, ModelError};
 pub use kernels::EncoderBackend;
 pub use tokenizer::SentenceTokenizer;

@@ -209,13 +209,19 @@ impl NodeConfig {
             value: value.to_owned(),
             reason,
         };
-        let mut tree = toml::Table::try_from(&*self)
-            .map_err(|e| invalid("TROUPE_*", "", e.to_string()))?;
+        let mut tree =
+            toml::Table::try_from(&*self).map_err(|e| invalid("TROUPE_*", "", e.to_string()))?;
         // `artifact_dir` is absent from the tree while unset, so list the keys by hand.
         let top = ["id", "api", "peer", "metrics", "data_dir", "artifact_dir"];
         let mut names: Vec<(String, Option<String>, String)> = top
             .iter()
-            .map(|key| (format!("TROUPE_{}", key.to_uppercase()), None, (*key).to_owned()))
+            .map(|key| {
+                (
+                    format!("TROUPE_{}", key.to_uppercase()),
+                    None,
+                    (*key).to_owned(),
+                )
+            })
             .collect();
         for (section, value) in &tree {
             if let toml::Value::Table(table) = value {
@@ -384,7 +390,10 @@ impl NodeConfig {
             if !dir.is_dir() {
                 problem(
                     "artifact_dir",
-                    format!("model directory {} does not exist or is not a directory", dir.display()),
+                    format!(
+                        "model directory {} does not exist or is not a directory",
+                        dir.display()
+                    ),
                     "create it, or remove artifact_dir to keep models under data_dir/models",
                 );
             }
@@ -406,21 +415,77 @@ impl NodeConfig {
         }
         let max_batch = troupe_models::MAX_BATCH_SIZE;
         for (field, value, fix) in [
-            ("serving.max_batch_size", serving.max_batch_size as u64, "use 1..=1024, e.g. 32"),
-            ("serving.queue_capacity", serving.queue_capacity as u64, "use e.g. 256"),
+            (
+                "serving.max_batch_size",
+                serving.max_batch_size as u64,
+                "use 1..=1024, e.g. 32",
+            ),
+            (
+                "serving.queue_capacity",
+                serving.queue_capacity as u64,
+                "use e.g. 256",
+            ),
             ("serving.lanes", serving.lanes as u64, "use e.g. 4"),
-            ("serving.workers_per_model", serving.workers_per_model as u64, "use e.g. 1 (each worker computes with the whole thread pool)"),
-            ("serving.max_restarts", serving.max_restarts as u64, "use e.g. 10"),
-            ("serving.restart_window_s", serving.restart_window_s, "use e.g. 60"),
-            ("serving.health_interval_ms", serving.health_interval_ms, "use e.g. 500"),
-            ("serving.drain_timeout_ms", serving.drain_timeout_ms, "use e.g. 30000"),
-            ("limits.max_message_bytes", self.limits.max_message_bytes as u64, "use e.g. 4194304"),
-            ("limits.max_texts_per_request", self.limits.max_texts_per_request as u64, "use e.g. 256"),
-            ("limits.max_chars_per_text", self.limits.max_chars_per_text as u64, "use e.g. 10000"),
-            ("limits.max_concurrent_streams", u64::from(self.limits.max_concurrent_streams), "use e.g. 1024"),
-            ("limits.request_timeout_ms", self.limits.request_timeout_ms, "use e.g. 30000"),
-            ("limits.keepalive_interval_s", self.limits.keepalive_interval_s, "use e.g. 30"),
-            ("limits.keepalive_timeout_s", self.limits.keepalive_timeout_s, "use e.g. 10"),
+            (
+                "serving.workers_per_model",
+                serving.workers_per_model as u64,
+                "use e.g. 1 (each worker computes with the whole thread pool)",
+            ),
+            (
+                "serving.max_restarts",
+                serving.max_restarts as u64,
+                "use e.g. 10",
+            ),
+            (
+                "serving.restart_window_s",
+                serving.restart_window_s,
+                "use e.g. 60",
+            ),
+            (
+                "serving.health_interval_ms",
+                serving.health_interval_ms,
+                "use e.g. 500",
+            ),
+            (
+                "serving.drain_timeout_ms",
+                serving.drain_timeout_ms,
+                "use e.g. 30000",
+            ),
+            (
+                "limits.max_message_bytes",
+                self.limits.max_message_bytes as u64,
+                "use e.g. 4194304",
+            ),
+            (
+                "limits.max_texts_per_request",
+                self.limits.max_texts_per_request as u64,
+                "use e.g. 256",
+            ),
+            (
+                "limits.max_chars_per_text",
+                self.limits.max_chars_per_text as u64,
+                "use e.g. 10000",
+            ),
+            (
+                "limits.max_concurrent_streams",
+                u64::from(self.limits.max_concurrent_streams),
+                "use e.g. 1024",
+            ),
+            (
+                "limits.request_timeout_ms",
+                self.limits.request_timeout_ms,
+                "use e.g. 30000",
+            ),
+            (
+                "limits.keepalive_interval_s",
+                self.limits.keepalive_interval_s,
+                "use e.g. 30",
+            ),
+            (
+                "limits.keepalive_timeout_s",
+                self.limits.keepalive_timeout_s,
+                "use e.g. 10",
+            ),
         ] {
             if value == 0 {
                 problem(field, "must be positive".into(), fix);
@@ -429,12 +494,19 @@ impl NodeConfig {
         if serving.max_batch_size > max_batch {
             problem(
                 "serving.max_batch_size",
-                format!("{} is above the engine's limit of {max_batch}", serving.max_batch_size),
+                format!(
+                    "{} is above the engine's limit of {max_batch}",
+                    serving.max_batch_size
+                ),
                 "use 1..=1024, e.g. 32",
             );
         }
         if serving.lanes > 64 {
-            problem("serving.lanes", format!("{} lanes is too many", serving.lanes), "use 1..=64");
+            problem(
+                "serving.lanes",
+                format!("{} lanes is too many", serving.lanes),
+                "use 1..=64",
+            );
         }
         problems
     }
@@ -556,6 +628,9 @@ mod tests {
             .apply_env(|name| (name == "TROUPE_SERVING_LANES").then(|| "many".to_owned()))
             .unwrap_err()
             .to_string();
-        assert!(error.contains("TROUPE_SERVING_LANES") && error.contains("integer"), "{error}");
+        assert!(
+            error.contains("TROUPE_SERVING_LANES") && error.contains("integer"),
+            "{error}"
+        );
     }
 }

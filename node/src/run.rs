@@ -139,12 +139,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let limits = config.limits.clone();
     let (api_stop, api_stopped) = oneshot::channel::<()>();
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let admin = AdminServer::new(AdminService::new(
-        metadata.clone(),
-        stopping,
-        tree.clone(),
-    ))
-    .max_decoding_message_size(limits.max_message_bytes);
+    let admin = AdminServer::new(AdminService::new(metadata.clone(), stopping, tree.clone()))
+        .max_decoding_message_size(limits.max_message_bytes);
     let inference = InferenceServer::new(InferenceService::new(
         config.id,
         tree.clone(),

@@ -77,14 +77,28 @@ async fn a_node_started_by_run_serves_embed_equal_to_the_local_engine() {
     }));
     let addr = format!("127.0.0.1:{api}");
     let members = format!("1=127.0.0.1:{peer}@{addr}");
-    wait_for("the node to accept cluster init", Duration::from_secs(30), || {
-        let command = args(&["cluster", "init", "--addr", &addr, "--members", &members]);
-        async move { troupe(command).await.status.success().then_some(()) }
-    })
+    wait_for(
+        "the node to accept cluster init",
+        Duration::from_secs(30),
+        || {
+            let command = args(&["cluster", "init", "--addr", &addr, "--members", &members]);
+            async move { troupe(command).await.status.success().then_some(()) }
+        },
+    )
     .await;
     let dir_arg = model_dir.to_string_lossy().into_owned();
     for command in [
-        vec!["models", "register", name, "--version", "1", "--dir", &dir_arg, "--addr", &addr],
+        vec![
+            "models",
+            "register",
+            name,
+            "--version",
+            "1",
+            "--dir",
+            &dir_arg,
+            "--addr",
+            &addr,
+        ],
         vec!["models", "activate", name, "1", "--addr", &addr],
     ] {
         let output = troupe(args(&command)).await;
@@ -123,7 +137,9 @@ async fn a_node_started_by_run_serves_embed_equal_to_the_local_engine() {
     assert_close(&remote, &expected);
 
     // A raw gRPC client sees the version and the revision it was served at.
-    let mut client = InferenceClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut client = InferenceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
     let reply = client
         .embed(embed_request(name, &texts, ""))
         .await
@@ -174,7 +190,10 @@ async fn bad_input_gets_its_own_code_and_a_message_that_says_what_to_change() {
 
     let (code, message) = failure(call(embed_request("tiny", &["a"; 5], "")).await);
     assert_eq!(code, Code::InvalidArgument);
-    assert!(message.contains("limit is 4") && message.contains("max_texts_per_request"), "{message}");
+    assert!(
+        message.contains("limit is 4") && message.contains("max_texts_per_request"),
+        "{message}"
+    );
 
     let long = "x".repeat(51);
     let (code, message) = failure(call(embed_request("tiny", &["ok", &long], "")).await);
@@ -187,7 +206,10 @@ async fn bad_input_gets_its_own_code_and_a_message_that_says_what_to_change() {
 
     let (code, message) = failure(call(embed_request("nope", &["a"], "")).await);
     assert_eq!(code, Code::NotFound);
-    assert!(message.contains("model 'nope' is not registered"), "{message}");
+    assert!(
+        message.contains("model 'nope' is not registered"),
+        "{message}"
+    );
 
     let (code, message) = failure(call(embed_request("", &["a"], "")).await);
     assert_eq!(code, Code::InvalidArgument);
@@ -201,7 +223,10 @@ async fn bad_input_gets_its_own_code_and_a_message_that_says_what_to_change() {
 
     let (code, message) = failure(call(embed_request("tiny", &["a"], "unknown-task")).await);
     assert_eq!(code, Code::NotFound);
-    assert!(message.contains("troupe priorities set unknown-task"), "{message}");
+    assert!(
+        message.contains("troupe priorities set unknown-task"),
+        "{message}"
+    );
     call(embed_request("tiny", &["a"], "search")).await.unwrap();
 
     let mut wrong_version = tonic::Request::new(embed_request("tiny", &["a"], ""));
@@ -225,10 +250,15 @@ async fn bad_input_gets_its_own_code_and_a_message_that_says_what_to_change() {
     let output = troupe(args(&["embed", "--addr", &addr, "--model", "x", "hello"])).await;
     let (_, stderr) = text(&output);
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr.starts_with("error: NOT_FOUND: model 'x' is not registered"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: NOT_FOUND: model 'x' is not registered"),
+        "{stderr}"
+    );
 
     // None of it hurt the node.
-    let reply = call(embed_request("tiny", &["still fine"], "")).await.unwrap();
+    let reply = call(embed_request("tiny", &["still fine"], ""))
+        .await
+        .unwrap();
     assert_eq!(reply.embeddings.len(), 1);
     assert_eq!(health_status(&node, "").await, SERVING);
     node.shutdown().await.unwrap();
@@ -279,10 +309,14 @@ async fn activating_a_new_version_switches_without_errors_and_unloads_the_old_on
     })
     .await;
     assert_eq!(served.embeddings.len(), 1);
-    wait_for("version 1 to be unloaded", Duration::from_secs(30), || async {
-        let actors = node.tree.actors();
-        (!actors.iter().any(|a| a.path.contains("tiny@1"))).then_some(())
-    })
+    wait_for(
+        "version 1 to be unloaded",
+        Duration::from_secs(30),
+        || async {
+            let actors = node.tree.actors();
+            (!actors.iter().any(|a| a.path.contains("tiny@1"))).then_some(())
+        },
+    )
     .await;
     // The retired version is refused with a message that says how to use it again.
     let mut request = embed_request("tiny", &["old"], "");

@@ -37,8 +37,16 @@ async fn a_panicking_worker_fails_only_its_batch_and_restarts_within_100ms() {
             .embed(embed_request("tiny", &["this batch panics"], ""))
             .await
             .unwrap_err();
-        assert_eq!(status.code(), Code::Unavailable, "round {round}: {status:?}");
-        assert!(status.message().contains("restarted"), "{}", status.message());
+        assert_eq!(
+            status.code(),
+            Code::Unavailable,
+            "round {round}: {status:?}"
+        );
+        assert!(
+            status.message().contains("restarted"),
+            "{}",
+            status.message()
+        );
         // The next batch is served by the restarted worker (or waits for it in the queue).
         let reply = client
             .embed(embed_request("tiny", &["the next batch is fine"], ""))
@@ -59,7 +67,10 @@ async fn a_panicking_worker_fails_only_its_batch_and_restarts_within_100ms() {
     );
     assert!(p99 < Duration::from_millis(100), "p99 restart {p99:?}");
     let c = counters(&node);
-    assert_eq!((c.worker_restarts, c.failed), (PANICS as u64, PANICS as u64));
+    assert_eq!(
+        (c.worker_restarts, c.failed),
+        (PANICS as u64, PANICS as u64)
+    );
     // The tree shows the restarts on the worker's path.
     let worker = node
         .tree
@@ -93,11 +104,16 @@ async fn exceeding_the_restart_intensity_turns_health_to_not_serving_without_a_c
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     }
     failpoints::panic_next_batches(0);
-    wait_for("health to turn NOT_SERVING", Duration::from_secs(10), || async {
-        (health_status(&node, "").await == NOT_SERVING).then_some(())
-    })
+    wait_for(
+        "health to turn NOT_SERVING",
+        Duration::from_secs(10),
+        || async { (health_status(&node, "").await == NOT_SERVING).then_some(()) },
+    )
     .await;
-    assert_eq!(health_status(&node, "troupe.v1.Inference").await, NOT_SERVING);
+    assert_eq!(
+        health_status(&node, "troupe.v1.Inference").await,
+        NOT_SERVING
+    );
     let reasons = node.tree.health.borrow().reasons.join("; ");
     assert!(reasons.contains("restart intensity exceeded"), "{reasons}");
     // No crash loop: nothing restarts any more, and requests are refused at once.
@@ -106,12 +122,33 @@ async fn exceeding_the_restart_intensity_turns_health_to_not_serving_without_a_c
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(status.message().contains("restart intensity"), "{}", status.message());
+    assert!(
+        status.message().contains("restart intensity"),
+        "{}",
+        status.message()
+    );
     assert_eq!(counters(&node).worker_restarts, 3);
-    // The node itself is up: Admin still answers.
+    // The node itself is up: Admin still answers, and says why it is not serving.
     let addr = node.api_addr.to_string();
-    let status = troupe(args(&["cluster", "status", "--addr", &addr])).await;
-    assert!(status.status.success(), "{:?}", text(&status));
+    let tree = troupe(args(&["cluster", "actors", "--addr", &addr, "--json"])).await;
+    assert!(tree.status.success(), "{:?}", text(&tree));
+    let tree: serde_json::Value = serde_json::from_str(&text(&tree).0).unwrap();
+    assert_eq!(tree["serving"], false);
+    assert!(
+        tree["not_serving_reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("restart intensity exceeded"),
+        "{tree}"
+    );
+    let worker = tree["actors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["path"] == "node/batcher:tiny@1/worker-0")
+        .unwrap();
+    assert_eq!(worker["restarts"], 3);
+    assert_eq!(tree["batchers"][0]["worker_restarts"], 3);
     node.shutdown().await.unwrap();
 }
 
@@ -165,7 +202,11 @@ async fn concurrent_requests_coalesce_full_queues_refuse_at_once_and_expired_req
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(status.message().contains("full (40 waiting)"), "{}", status.message());
+    assert!(
+        status.message().contains("full (40 waiting)"),
+        "{}",
+        status.message()
+    );
     assert_eq!(counters(&node).rejected_full - base.rejected_full, 1);
     drop(hold);
     for call in calls.into_iter().chain(fillers) {
@@ -174,7 +215,10 @@ async fn concurrent_requests_coalesce_full_queues_refuse_at_once_and_expired_req
     let after = counters(&node);
     let batches = after.batches - base.batches;
     assert_eq!(after.jobs - base.jobs, 41);
-    assert!(batches < 41 && batches >= 2, "{batches} batches for 41 requests");
+    assert!(
+        batches < 41 && batches >= 2,
+        "{batches} batches for 41 requests"
+    );
 
     // Deadlines: hold the worker with one request, queue five with a 300 ms deadline.
     let base = counters(&node);
@@ -183,9 +227,11 @@ async fn concurrent_requests_coalesce_full_queues_refuse_at_once_and_expired_req
         let mut client = client.clone();
         tokio::spawn(async move { client.embed(embed_request("tiny", &["blocker"], "")).await })
     };
-    wait_for("the blocker in the worker", Duration::from_secs(10), || async {
-        (counters(&node).in_flight == 1).then_some(())
-    })
+    wait_for(
+        "the blocker in the worker",
+        Duration::from_secs(10),
+        || async { (counters(&node).in_flight == 1).then_some(()) },
+    )
     .await;
     let mut late = Vec::new();
     for _ in 0..5 {
@@ -205,10 +251,14 @@ async fn concurrent_requests_coalesce_full_queues_refuse_at_once_and_expired_req
     }
     drop(hold);
     blocker.await.unwrap().unwrap();
-    wait_for("the expired requests to be dropped", Duration::from_secs(10), || async {
-        let c = counters(&node);
-        (c.expired - base.expired == 5).then_some(c)
-    })
+    wait_for(
+        "the expired requests to be dropped",
+        Duration::from_secs(10),
+        || async {
+            let c = counters(&node);
+            (c.expired - base.expired == 5).then_some(c)
+        },
+    )
     .await;
     let c = counters(&node);
     // Only the blocker's one text was computed.
@@ -232,7 +282,15 @@ async fn under_contention_a_high_priority_task_waits_less_than_a_low_priority_on
     .await;
     let addr = node.api_addr.to_string();
     for (task, priority) in [("interactive", "10"), ("backfill", "-10")] {
-        let set = troupe(args(&["priorities", "set", task, priority, "--addr", &addr])).await;
+        let set = troupe(args(&[
+            "priorities",
+            "set",
+            task,
+            priority,
+            "--addr",
+            &addr,
+        ]))
+        .await;
         assert!(set.status.success(), "{:?}", text(&set));
     }
     // Every batch costs 4 ms, as a real model's would, so 16 clients contend for 4 slots.

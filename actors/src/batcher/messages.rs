@@ -56,7 +56,9 @@ pub enum BatcherMsg {
     /// A flush timer fired: dispatch what has waited `max_queue_delay`.
     Flush,
     /// Worker `worker` finished a batch and can take another.
-    WorkerIdle { worker: usize },
+    WorkerIdle {
+        worker: usize,
+    },
     /// Answer once every queued and in-flight request is answered; refuse new ones.
     Drain(RpcReplyPort<()>),
 }

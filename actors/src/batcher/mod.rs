@@ -91,7 +91,11 @@ impl BatcherShared {
     /// Mean texts per batch over the last `last` batches (all kept ones when 0).
     pub fn mean_batch_rows(&self, last: usize) -> f64 {
         let sizes = lock(&self.batch_rows);
-        let take = if last == 0 { sizes.len() } else { last.min(sizes.len()) };
+        let take = if last == 0 {
+            sizes.len()
+        } else {
+            last.min(sizes.len())
+        };
         if take == 0 {
             return 0.0;
         }
@@ -137,9 +141,7 @@ impl BatcherHandle {
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.stats.sent();
         matches!(
-            self.actor
-                .call(BatcherMsg::Drain, Some(timeout))
-                .await,
+            self.actor.call(BatcherMsg::Drain, Some(timeout)).await,
             Ok(ractor::rpc::CallResult::Success(()))
         )
     }
@@ -249,7 +251,9 @@ impl BatcherState {
 
     fn publish_depths(&self) {
         let shared = &self.args.shared;
-        shared.queued.store(self.lanes.len() as u64, Ordering::Relaxed);
+        shared
+            .queued
+            .store(self.lanes.len() as u64, Ordering::Relaxed);
         *lock(&shared.lane_depths) = self.lanes.depths();
     }
 
@@ -287,7 +291,9 @@ impl BatcherState {
             self.args.shared.expired.fetch_add(1, Ordering::Relaxed);
             let waited_ms = now.duration_since(job.received).as_millis() as u64;
             tracing::debug!(request_id = %job.request_id, waited_ms, "deadline passed in the queue");
-            let _ = job.reply.send(Err(ServeError::DeadlineExceeded { waited_ms }));
+            let _ = job
+                .reply
+                .send(Err(ServeError::DeadlineExceeded { waited_ms }));
         }
     }
 
@@ -309,7 +315,9 @@ impl BatcherState {
             let waited = self
                 .lanes
                 .oldest_enqueued()
-                .map_or(Duration::ZERO, |oldest| now.duration_since(oldest.max(free_since)));
+                .map_or(Duration::ZERO, |oldest| {
+                    now.duration_since(oldest.max(free_since))
+                });
             let flush = self.lanes.total_weight() >= config.max_batch_size
                 || waited >= config.max_queue_delay
                 || self.lanes.len() >= self.target_jobs()
@@ -319,9 +327,7 @@ impl BatcherState {
                 if self.flush_at.is_none_or(|at| at > due || at < now) {
                     self.flush_at = Some(due);
                     // The timer task runs on its own; its handle is not needed.
-                    drop(myself.send_after(config.max_queue_delay - waited, || {
-                        BatcherMsg::Flush
-                    }));
+                    drop(myself.send_after(config.max_queue_delay - waited, || BatcherMsg::Flush));
                 }
                 break;
             }
@@ -500,7 +506,12 @@ impl Actor for Batcher {
             SupervisionEvent::ActorFailed(cell, error) => {
                 let crash = error.downcast_ref::<WorkerCrashed>().cloned();
                 let reason = error.to_string();
-                (cell, crash.map(|c| (c.at, c.reason)).or(Some((Instant::now(), reason))))
+                (
+                    cell,
+                    crash
+                        .map(|c| (c.at, c.reason))
+                        .or(Some((Instant::now(), reason))),
+                )
             }
             SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
             _ => return Ok(()),
@@ -524,7 +535,11 @@ impl Actor for Batcher {
             Ok(()) => {
                 state.spawn_worker(index, &myself).await?;
                 let latency = died_at.elapsed();
-                state.args.directory.stats(&path, "inference_worker").restarted();
+                state
+                    .args
+                    .directory
+                    .stats(&path, "inference_worker")
+                    .restarted();
                 state
                     .args
                     .shared

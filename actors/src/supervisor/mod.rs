@@ -144,7 +144,10 @@ impl SupervisorState {
         }
     }
 
-    async fn start_sync(&mut self, myself: &ActorRef<SupervisorMsg>) -> Result<(), ActorProcessingErr> {
+    async fn start_sync(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+    ) -> Result<(), ActorProcessingErr> {
         let stats = self.directory.stats(SYNC_PATH, "metadata_sync");
         stats.reset_mailbox();
         // Loads started by a previous incarnation report to it, not to us: start them over.
@@ -159,14 +162,16 @@ impl SupervisorState {
             max_batch_size: self.args.config.max_batch_size,
             stats,
         };
-        let (actor, _) =
-            Actor::spawn_linked(None, MetadataSync, args, myself.get_cell()).await?;
+        let (actor, _) = Actor::spawn_linked(None, MetadataSync, args, myself.get_cell()).await?;
         self.directory.attach(SYNC_PATH, actor.get_cell());
         self.sync = Some(actor);
         Ok(())
     }
 
-    async fn start_health(&mut self, myself: &ActorRef<SupervisorMsg>) -> Result<(), ActorProcessingErr> {
+    async fn start_health(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+    ) -> Result<(), ActorProcessingErr> {
         let stats = self.directory.stats(HEALTH_PATH, "health");
         stats.reset_mailbox();
         let args = HealthArgs {

@@ -94,7 +94,9 @@ fn thread_main(args: WorkerArgs, actor: ActorRef<WorkerMsg>) {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }
-                let _ = args.batcher.cast(BatcherMsg::WorkerIdle { worker: args.index });
+                let _ = args
+                    .batcher
+                    .cast(BatcherMsg::WorkerIdle { worker: args.index });
                 continue;
             }
             Ok(Err(reason)) => reason,

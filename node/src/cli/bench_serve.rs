@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// Tokens per sentence ([CLS]/[SEP] included).
     #[arg(long, default_value_t = 16)]
     pub tokens: usize,
+    /// Repeat the whole sequence (every concurrency, then the raw engine) this many times and
+    /// report medians: on a shared machine one round can land in a noisy minute.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Skip the raw engine runs (no efficiency figure).
     #[arg(long)]
     pub no_engine: bool,
@@ -178,9 +182,7 @@ async fn load_point(
     let mut latencies = Vec::new();
     let mut errors = 0;
     for task in tasks {
-        let (mut l, e) = task
-            .await
-            .map_err(|e| CliError::Runtime(e.to_string()))?;
+        let (mut l, e) = task.await.map_err(|e| CliError::Runtime(e.to_string()))?;
         latencies.append(&mut l);
         errors += e;
     }
@@ -234,14 +236,22 @@ fn engine_point(
     })
 }
 
-fn point<'a>(points: &'a [ServePoint], concurrency: usize) -> Option<&'a ServePoint> {
+fn point(points: &[ServePoint], concurrency: usize) -> Option<&ServePoint> {
     points.iter().find(|p| p.concurrency == concurrency)
 }
 
-fn render(report: &ServeReport) -> String {
+fn render(report: &ServeReport, rounds: usize) -> String {
     let mut out = format!(
-        "troupe bench serve: {} at {}, {}-token sentences, {} s per point\n\n",
-        report.model, report.addr, report.tokens, report.seconds
+        "troupe bench serve: {} at {}, {}-token sentences, {} s per point{}\n\n",
+        report.model,
+        report.addr,
+        report.tokens,
+        report.seconds,
+        if rounds > 1 {
+            format!(", medians of {rounds} rounds (each ratio taken within its round)")
+        } else {
+            String::new()
+        }
     );
     out.push_str("| clients | req/s | p50 ms | p95 ms | p99 ms | mean batch | errors |\n");
     out.push_str("|---|---|---|---|---|---|---|\n");
@@ -253,7 +263,10 @@ fn render(report: &ServeReport) -> String {
     }
     for (label, engine) in [
         ("raw engine, batch 1", &report.engine_batch1),
-        ("raw engine at the saturation batch", &report.engine_at_saturation),
+        (
+            "raw engine at the saturation batch size",
+            &report.engine_at_saturation,
+        ),
     ] {
         if let Some(e) = engine {
             out.push_str(&format!(
@@ -267,8 +280,16 @@ fn render(report: &ServeReport) -> String {
         Some(v) => format!("\n{name}: {v:.2} ({goal})"),
         None => format!("\n{name}: not measured ({goal})"),
     };
-    out.push_str(&ratio("serving efficiency", report.serving_efficiency, "goal >= 0.9"));
-    out.push_str(&ratio("batching gain c16/c1", report.batching_gain, "goal >= 3"));
+    out.push_str(&ratio(
+        "serving efficiency",
+        report.serving_efficiency,
+        "goal >= 0.9",
+    ));
+    out.push_str(&ratio(
+        "batching gain c16/c1",
+        report.batching_gain,
+        "goal >= 3",
+    ));
     out.push_str(&ratio(
         "p95 at 1 client / raw batch-1 p95",
         report.p95_ratio_1_client_to_engine_batch1,
@@ -280,7 +301,11 @@ fn render(report: &ServeReport) -> String {
 }
 
 pub fn run(args: ServeArgs) -> Result<(), CliError> {
-    if !(args.seconds.is_finite() && args.seconds > 0.0 && args.warmup.is_finite() && args.warmup >= 0.0) {
+    if !(args.seconds.is_finite()
+        && args.seconds > 0.0
+        && args.warmup.is_finite()
+        && args.warmup >= 0.0)
+    {
         return Err(CliError::Usage(
             "--seconds must be positive and --warmup not negative".into(),
         ));
@@ -301,10 +326,57 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         troupe_models::BertConfig::from_model_dir(&dir)?.max_seq_length,
     )?;
     let sentence = sentence_with_tokens(&tokenizer, args.tokens)?;
+    let embedder = if args.no_engine {
+        None
+    } else {
+        Some(Embedder::<CpuBackend>::load(
+            &dir,
+            &troupe_models::cpu_device(),
+        )?)
+    };
+    let mut rounds = Vec::with_capacity(args.rounds);
+    for round in 0..args.rounds.max(1) {
+        if !args.json && args.rounds > 1 {
+            eprintln!("round {}/{}", round + 1, args.rounds);
+        }
+        rounds.push(one_round(&args, &sentence, embedder.as_ref())?);
+    }
+    let report = if rounds.len() == 1 {
+        rounds.remove(0)
+    } else {
+        median_report(&rounds)
+    };
+    let report = ServeRounds { report, rounds };
+    let json = serde_json::to_string_pretty(&report)
+        .map_err(|e| CliError::Output(std::io::Error::other(e)))?;
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, &json).map_err(CliError::Output)?;
+    }
+    if args.json {
+        println!("{json}");
+    } else {
+        print!("{}", render(&report.report, report.rounds.len()));
+    }
+    Ok(())
+}
+
+/// Every round, and the medians the table shows.
+#[derive(Debug, Serialize)]
+pub struct ServeRounds {
+    #[serde(flatten)]
+    pub report: ServeReport,
+    pub rounds: Vec<ServeReport>,
+}
+
+fn one_round(
+    args: &ServeArgs,
+    sentence: &str,
+    embedder: Option<&Embedder<CpuBackend>>,
+) -> Result<ServeReport, CliError> {
     let points = block_on(async {
         let mut points = Vec::new();
         for &concurrency in &args.concurrency {
-            let point = load_point(&args, &sentence, concurrency).await?;
+            let point = load_point(args, sentence, concurrency).await?;
             if !args.json {
                 eprintln!(
                     "clients={:3} req/s={:8.1} p50={:7.2} ms p95={:7.2} ms mean batch={:5.1} errors={}",
@@ -319,24 +391,24 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         .iter()
         .max_by(|a, b| a.throughput.total_cmp(&b.throughput))
         .cloned();
-    let (engine_batch1, engine_at_saturation) = if args.no_engine {
-        (None, None)
-    } else {
-        let embedder = Embedder::<CpuBackend>::load(&dir, &troupe_models::cpu_device())?;
-        let min_time = Duration::from_secs_f64(args.seconds.min(5.0));
-        let batch1 = engine_point(&embedder, &sentence, 1, min_time)?;
-        let at = match &saturation {
-            Some(s) if s.mean_batch.is_finite() => {
-                let batch = (s.mean_batch.round() as usize).max(1);
-                Some(engine_point(&embedder, &sentence, batch, min_time)?)
-            }
-            _ => None,
-        };
-        (Some(batch1), at)
+    let (engine_batch1, engine_at_saturation) = match embedder {
+        None => (None, None),
+        Some(embedder) => {
+            let min_time = Duration::from_secs_f64(args.seconds.min(5.0));
+            let batch1 = engine_point(embedder, sentence, 1, min_time)?;
+            let at = match &saturation {
+                Some(s) if s.mean_batch.is_finite() => {
+                    let batch = (s.mean_batch.round() as usize).max(1);
+                    Some(engine_point(embedder, sentence, batch, min_time)?)
+                }
+                _ => None,
+            };
+            (Some(batch1), at)
+        }
     };
     let c1 = point(&points, 1);
     let c16 = point(&points, 16);
-    let report = ServeReport {
+    Ok(ServeReport {
         addr: args.addr.clone(),
         model: args.model.clone(),
         tokens: args.tokens,
@@ -353,16 +425,73 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         points,
         engine_batch1,
         engine_at_saturation,
-    };
-    let json = serde_json::to_string_pretty(&report)
-        .map_err(|e| CliError::Output(std::io::Error::other(e)))?;
-    if let Some(path) = &args.json_out {
-        std::fs::write(path, &json).map_err(CliError::Output)?;
+    })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return f64::NAN;
     }
-    if args.json {
-        println!("{json}");
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
     } else {
-        print!("{}", render(&report));
+        (values[mid - 1] + values[mid]) / 2.0
     }
-    Ok(())
+}
+
+/// Per-point medians over rounds; each ratio is the median of the rounds' ratios (each
+/// taken within one round, so both sides of it saw the same machine).
+fn median_report(rounds: &[ServeReport]) -> ServeReport {
+    let first = &rounds[0];
+    let points = first
+        .points
+        .iter()
+        .map(|p| {
+            let same: Vec<&ServePoint> = rounds
+                .iter()
+                .filter_map(|r| point(&r.points, p.concurrency))
+                .collect();
+            let m = |f: fn(&ServePoint) -> f64| median(same.iter().map(|p| f(p)).collect());
+            ServePoint {
+                concurrency: p.concurrency,
+                requests: same.iter().map(|p| p.requests).sum(),
+                errors: same.iter().map(|p| p.errors).sum(),
+                throughput: m(|p| p.throughput),
+                p50_ms: m(|p| p.p50_ms),
+                p95_ms: m(|p| p.p95_ms),
+                p99_ms: m(|p| p.p99_ms),
+                mean_batch: m(|p| p.mean_batch),
+            }
+        })
+        .collect();
+    let engine = |pick: fn(&ServeReport) -> &Option<EnginePoint>| {
+        let all: Vec<&EnginePoint> = rounds.iter().filter_map(|r| pick(r).as_ref()).collect();
+        let first = all.first()?;
+        Some(EnginePoint {
+            batch: first.batch,
+            sentences_per_sec: median(all.iter().map(|e| e.sentences_per_sec).collect()),
+            p50_ms: median(all.iter().map(|e| e.p50_ms).collect()),
+            p95_ms: median(all.iter().map(|e| e.p95_ms).collect()),
+        })
+    };
+    let ratio = |pick: fn(&ServeReport) -> Option<f64>| {
+        let all: Vec<f64> = rounds.iter().filter_map(pick).collect();
+        (!all.is_empty()).then(|| median(all))
+    };
+    ServeReport {
+        addr: first.addr.clone(),
+        model: first.model.clone(),
+        tokens: first.tokens,
+        seconds: first.seconds,
+        points,
+        engine_batch1: engine(|r| &r.engine_batch1),
+        engine_at_saturation: engine(|r| &r.engine_at_saturation),
+        serving_efficiency: ratio(|r| r.serving_efficiency),
+        batching_gain: ratio(|r| r.batching_gain),
+        p95_ratio_16_to_1: ratio(|r| r.p95_ratio_16_to_1),
+        p95_ratio_1_client_to_engine_batch1: ratio(|r| r.p95_ratio_1_client_to_engine_batch1),
+    }
 }

@@ -2,7 +2,7 @@
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use troupe_proto::v1::{AddLearnerRequest, ClusterInitRequest, Member, NodeRef};
+use troupe_proto::v1::{ActorTreeRequest, AddLearnerRequest, ClusterInitRequest, Member, NodeRef};
 
 use super::remote::{admin, block_on, leader_api, node_status, print_json};
 use crate::error::CliError;
@@ -19,6 +19,115 @@ pub enum ClusterCommand {
     Remove(NodeArgs),
     /// Leader, term, voters, learners and each node's applied revision.
     Status(StatusArgs),
+    /// One node's actor tree: each actor's status, mailbox depth and restarts, its batchers'
+    /// counters, and whether it is serving (and if not, why).
+    Actors(ActorsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ActorsArgs {
+    /// API address of the node.
+    #[arg(long)]
+    pub addr: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct ActorView {
+    path: String,
+    kind: String,
+    status: String,
+    mailbox_depth: u64,
+    restarts: u64,
+    detail: String,
+}
+
+#[derive(Serialize)]
+struct BatcherView {
+    model: String,
+    version: String,
+    batches: u64,
+    rows: u64,
+    requests: u64,
+    rejected_full: u64,
+    expired: u64,
+    failed: u64,
+    queued: u64,
+    in_flight: u64,
+    worker_restarts: u64,
+    lane_depths: Vec<u64>,
+}
+
+#[derive(Serialize)]
+struct TreeView {
+    serving: bool,
+    not_serving_reasons: Vec<String>,
+    revision: u64,
+    actors: Vec<ActorView>,
+    batchers: Vec<BatcherView>,
+}
+
+async fn actors(args: &ActorsArgs) -> Result<(), CliError> {
+    let tree = admin(&args.addr)
+        .await?
+        .actor_tree(ActorTreeRequest {})
+        .await?
+        .into_inner();
+    let view = TreeView {
+        serving: tree.serving,
+        not_serving_reasons: tree.not_serving_reasons,
+        revision: tree.revision,
+        actors: tree
+            .actors
+            .into_iter()
+            .map(|a| ActorView {
+                path: a.path,
+                kind: a.kind,
+                status: a.status,
+                mailbox_depth: a.mailbox_depth,
+                restarts: a.restarts,
+                detail: a.detail,
+            })
+            .collect(),
+        batchers: tree
+            .batchers
+            .into_iter()
+            .map(|b| BatcherView {
+                model: b.model,
+                version: b.version,
+                batches: b.batches,
+                rows: b.rows,
+                requests: b.requests,
+                rejected_full: b.rejected_full,
+                expired: b.expired,
+                failed: b.failed,
+                queued: b.queued,
+                in_flight: b.in_flight,
+                worker_restarts: b.worker_restarts,
+                lane_depths: b.lane_depths,
+            })
+            .collect(),
+    };
+    if args.json {
+        return print_json(&view);
+    }
+    if view.serving {
+        println!("serving (metadata revision {})", view.revision);
+    } else {
+        println!("NOT SERVING: {}", view.not_serving_reasons.join("; "));
+    }
+    println!(
+        "\n{:<48} {:<16} {:<10} {:>7} {:>8}  detail",
+        "actor", "kind", "status", "mailbox", "restarts"
+    );
+    for a in &view.actors {
+        println!(
+            "{:<48} {:<16} {:<10} {:>7} {:>8}  {}",
+            a.path, a.kind, a.status, a.mailbox_depth, a.restarts, a.detail
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -174,6 +283,7 @@ pub fn run(command: ClusterCommand) -> Result<(), CliError> {
                 print_membership(reply.voters, reply.learners, args.json)
             }
             ClusterCommand::Status(args) => status(&args).await,
+            ClusterCommand::Actors(args) => actors(&args).await,
         }
     })
 }

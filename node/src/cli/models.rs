@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use troupe_models::fetch::{self, FetchOptions};
 use troupe_models::artifact::Manifest;
+use troupe_models::fetch::{self, FetchOptions};
 use troupe_proto::v1::{ReadRequest, RegisterModelRequest, SetModelStateRequest};
 
 use super::remote::{admin, block_on, print_json, print_write, ListArgs, WriteOptions};
@@ -187,8 +187,8 @@ async fn list(args: ListArgs) -> Result<(), CliError> {
         return print_json(&models);
     }
     println!(
-        "{:<24} {:<10} {:<8} {:>12} {:<16} {}",
-        "model", "version", "state", "bytes", "digest", "this node"
+        "{:<24} {:<10} {:<8} {:>12} {:<16} this node",
+        "model", "version", "state", "bytes", "digest"
     );
     for m in models {
         println!(
@@ -198,7 +198,11 @@ async fn list(args: ListArgs) -> Result<(), CliError> {
             m.state,
             m.size_bytes,
             &m.digest[..m.digest.len().min(16)],
-            if m.local_state.is_empty() { "-" } else { &m.local_state }
+            if m.local_state.is_empty() {
+                "-"
+            } else {
+                &m.local_state
+            }
         );
     }
     Ok(())

@@ -4,21 +4,21 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use troupe_consensus::metadata::SettingRecord;
-use troupe_consensus::metadata::{Command, Proposal};
-use troupe_consensus::types::NodeAddr;
 use troupe_actors::table::LocalState;
 use troupe_actors::{ModelKey, TreeView};
 use troupe_consensus::metadata::ModelState;
+use troupe_consensus::metadata::SettingRecord;
+use troupe_consensus::metadata::{Command, Proposal};
+use troupe_consensus::types::NodeAddr;
 use troupe_consensus::{Metadata, ReadConsistency};
 use troupe_proto::v1::admin_server::Admin;
 use troupe_proto::v1::{
     ActorEntry, ActorTreeRequest, ActorTreeResponse, AddLearnerRequest, BatcherEntry,
-    ClusterInitRequest, SetModelStateRequest, ClusterInitResponse, GetSettingRequest,
-    GetSettingResponse, ListModelsResponse, ListPrioritiesResponse, ListSettingsResponse, Member,
-    MembershipResponse, ModelVersionEntry, NodeRef, NodeStatusRequest, NodeStatusResponse,
-    ReadRequest, RegisterModelRequest, SetPriorityRequest, SetSettingRequest, SettingEntry,
-    TaskPriorityEntry, WatchRequest, WatchResponse, WriteResponse,
+    ClusterInitRequest, ClusterInitResponse, GetSettingRequest, GetSettingResponse,
+    ListModelsResponse, ListPrioritiesResponse, ListSettingsResponse, Member, MembershipResponse,
+    ModelVersionEntry, NodeRef, NodeStatusRequest, NodeStatusResponse, ReadRequest,
+    RegisterModelRequest, SetModelStateRequest, SetPriorityRequest, SetSettingRequest,
+    SettingEntry, TaskPriorityEntry, WatchRequest, WatchResponse, WriteResponse,
 };
 
 use super::status::{metadata_error, watch_error, write_outcome};
@@ -399,7 +399,12 @@ impl Admin for AdminService {
                     queued: c.queued,
                     in_flight: c.in_flight,
                     worker_restarts: c.worker_restarts,
-                    lane_depths: b.shared().lane_depths().into_iter().map(|d| d as u64).collect(),
+                    lane_depths: b
+                        .shared()
+                        .lane_depths()
+                        .into_iter()
+                        .map(|d| d as u64)
+                        .collect(),
                 }
             })
             .collect();

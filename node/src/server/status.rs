@@ -71,15 +71,12 @@ pub fn watch_error(error: WatchError) -> Status {
 pub fn serve_error(error: troupe_actors::ServeError) -> Status {
     use troupe_actors::ServeError as E;
     let code = match &error {
-        E::UnknownModel { .. } | E::UnknownVersion { .. } | E::UnknownTask { .. } => {
-            Code::NotFound
-        }
+        E::UnknownModel { .. } | E::UnknownVersion { .. } | E::UnknownTask { .. } => Code::NotFound,
         E::NoActiveVersion { .. } | E::VersionNotServed { .. } => Code::FailedPrecondition,
         E::LoadFailed { .. } => Code::FailedPrecondition,
-        E::Loading { .. }
-        | E::WorkerFailed { .. }
-        | E::Unavailable { .. }
-        | E::ShuttingDown => Code::Unavailable,
+        E::Loading { .. } | E::WorkerFailed { .. } | E::Unavailable { .. } | E::ShuttingDown => {
+            Code::Unavailable
+        }
         E::QueueFull { .. } => Code::ResourceExhausted,
         E::DeadlineExceeded { .. } => Code::DeadlineExceeded,
         E::InvalidText { .. } => Code::InvalidArgument,

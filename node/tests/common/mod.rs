@@ -126,11 +126,22 @@ pub async fn register_and_activate(
     let addr = node.api_addr.to_string();
     let dir = model_dir.to_string_lossy().into_owned();
     let registered = troupe(args(&[
-        "models", "register", name, "--version", version, "--dir", &dir, "--addr", &addr,
+        "models",
+        "register",
+        name,
+        "--version",
+        version,
+        "--dir",
+        &dir,
+        "--addr",
+        &addr,
     ]))
     .await;
     assert!(registered.status.success(), "{:?}", text(&registered));
-    let activated = troupe(args(&["models", "activate", name, version, "--addr", &addr])).await;
+    let activated = troupe(args(&[
+        "models", "activate", name, version, "--addr", &addr,
+    ]))
+    .await;
     assert!(activated.status.success(), "{:?}", text(&activated));
 }
 
@@ -158,11 +169,15 @@ pub const NOT_SERVING: i32 =
 
 /// Waits until grpc.health.v1 says the node (and inference) is SERVING.
 pub async fn wait_serving(node: &RunningNode) {
-    wait_for("the node to report SERVING", std::time::Duration::from_secs(60), || async {
-        (health_status(node, "").await == SERVING
-            && health_status(node, "troupe.v1.Inference").await == SERVING)
-            .then_some(())
-    })
+    wait_for(
+        "the node to report SERVING",
+        std::time::Duration::from_secs(60),
+        || async {
+            (health_status(node, "").await == SERVING
+                && health_status(node, "troupe.v1.Inference").await == SERVING)
+                .then_some(())
+        },
+    )
     .await;
 }
 
