@@ -136,3 +136,17 @@ impl ActorDirectory {
             .collect()
     }
 }
+
+/// Spawns `actor` linked to `supervisor` and records it under `path`, as every supervisor in
+/// the tree does for its children.
+pub async fn spawn_child<A: ractor::Actor>(
+    directory: &ActorDirectory,
+    path: &str,
+    actor: A,
+    args: A::Arguments,
+    supervisor: ActorCell,
+) -> Result<ractor::ActorRef<A::Msg>, ractor::SpawnErr> {
+    let (actor, _) = ractor::Actor::spawn_linked(None, actor, args, supervisor).await?;
+    directory.attach(path, actor.get_cell());
+    Ok(actor)
+}

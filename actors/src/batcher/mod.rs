@@ -24,7 +24,7 @@ use crate::config::ServingConfig;
 use crate::error::ServeError;
 use crate::lanes::Lanes;
 use crate::restart::RestartBudget;
-use crate::stats::{ActorDirectory, ActorStats};
+use crate::stats::{spawn_child, ActorDirectory, ActorStats};
 use crate::table::ModelKey;
 use crate::worker::{InferenceWorker, WorkerArgs, WorkerCrashed, WorkerMsg};
 
@@ -225,8 +225,7 @@ impl Batcher {
         let shared = args.shared.clone();
         let path = args.path.clone();
         let directory = args.directory.clone();
-        let (actor, _) = Actor::spawn_linked(None, Batcher, args, supervisor).await?;
-        directory.attach(&path, actor.get_cell());
+        let actor = spawn_child(&directory, &path, Batcher, args, supervisor).await?;
         Ok(BatcherHandle {
             key,
             actor,
@@ -421,9 +420,14 @@ impl BatcherState {
             shared: self.args.shared.clone(),
             batches,
         };
-        let (actor, _) =
-            Actor::spawn_linked(None, InferenceWorker, args, myself.get_cell()).await?;
-        self.args.directory.attach(&path, actor.get_cell());
+        let actor = spawn_child(
+            &self.args.directory,
+            &path,
+            InferenceWorker,
+            args,
+            myself.get_cell(),
+        )
+        .await?;
         self.workers[index] = WorkerSlot {
             actor: Some(actor),
             thread: Some(thread),
@@ -570,9 +574,19 @@ impl Actor for Batcher {
 
     async fn post_stop(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        // Dropping the senders ends each worker thread after its current batch.
+        for slot in &mut state.workers {
+            slot.thread = None;
+        }
+        myself
+            .stop_children_and_wait(
+                Some("batcher stopped".into()),
+                Some(state.args.config.drain_timeout),
+            )
+            .await;
         for job in state.lanes.take_batch_weighted(usize::MAX) {
             let _ = job.reply.send(Err(ServeError::ShuttingDown));
         }

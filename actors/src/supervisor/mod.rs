@@ -31,7 +31,7 @@ use crate::batcher::{Batcher, BatcherArgs, BatcherHandle, BatcherShared};
 use crate::config::ServingConfig;
 use crate::health::{self, Health, HealthArgs, HealthMsg, NodeHealth};
 use crate::restart::RestartBudget;
-use crate::stats::{ActorDirectory, ActorInfo, ActorStats};
+use crate::stats::{spawn_child, ActorDirectory, ActorInfo, ActorStats};
 use crate::sync::{MetadataSync, SyncArgs, SyncMsg};
 use crate::table::{LocalState, ModelKey, ServingTable};
 
@@ -162,8 +162,14 @@ impl SupervisorState {
             max_batch_size: self.args.config.max_batch_size,
             stats,
         };
-        let (actor, _) = Actor::spawn_linked(None, MetadataSync, args, myself.get_cell()).await?;
-        self.directory.attach(SYNC_PATH, actor.get_cell());
+        let actor = spawn_child(
+            &self.directory,
+            SYNC_PATH,
+            MetadataSync,
+            args,
+            myself.get_cell(),
+        )
+        .await?;
         self.sync = Some(actor);
         Ok(())
     }
@@ -182,8 +188,14 @@ impl SupervisorState {
             interval: self.args.config.health_interval,
             stats,
         };
-        let (actor, _) = Actor::spawn_linked(None, Health, args, myself.get_cell()).await?;
-        self.directory.attach(HEALTH_PATH, actor.get_cell());
+        let actor = spawn_child(
+            &self.directory,
+            HEALTH_PATH,
+            Health,
+            args,
+            myself.get_cell(),
+        )
+        .await?;
         self.health = Some(actor);
         Ok(())
     }
@@ -356,6 +368,21 @@ impl Actor for NodeSupervisor {
                 });
             }
         }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Children stop with us, batchers (and through them their workers) included.
+        myself
+            .stop_children_and_wait(
+                Some("node shutdown".into()),
+                Some(state.args.config.drain_timeout),
+            )
+            .await;
         Ok(())
     }
 

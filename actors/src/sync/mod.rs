@@ -152,7 +152,9 @@ impl SyncState {
                     tracing::info!(model = %key, "unloading model version");
                     args.table.remove_local(&key);
                     self.failed_at.remove(&key);
-                    args.supervisor.stop_model(key).await;
+                    // Draining can take a while; reconciling must not wait for it.
+                    let supervisor = args.supervisor.clone();
+                    tokio::spawn(async move { supervisor.stop_model(key).await });
                 }
             }
         }

@@ -78,6 +78,10 @@ fn thread_main(args: WorkerArgs, actor: ActorRef<WorkerMsg>) {
     while let Ok(batch) = args.batches.recv() {
         let span = tracing::info_span!("batch", node_id = args.node_id, model = %args.key, batch_id = batch.id, worker = args.index, jobs = batch.jobs.len());
         let _entered = span.enter();
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let ids: Vec<&str> = batch.jobs.iter().map(|j| j.request_id.as_str()).collect();
+            tracing::debug!(request_ids = ?ids, "batch started");
+        }
         let (inputs, replies): (Vec<_>, Vec<_>) = batch
             .jobs
             .into_iter()

@@ -469,9 +469,14 @@ fn median_report(rounds: &[ServeReport]) -> ServeReport {
         .collect();
     let engine = |pick: fn(&ServeReport) -> &Option<EnginePoint>| {
         let all: Vec<&EnginePoint> = rounds.iter().filter_map(|r| pick(r).as_ref()).collect();
-        let first = all.first()?;
+        // Rounds may saturate at different batch sizes: summarise the most common one.
+        let batch = all
+            .iter()
+            .map(|e| e.batch)
+            .max_by_key(|b| all.iter().filter(|e| e.batch == *b).count())?;
+        let all: Vec<&EnginePoint> = all.into_iter().filter(|e| e.batch == batch).collect();
         Some(EnginePoint {
-            batch: first.batch,
+            batch,
             sentences_per_sec: median(all.iter().map(|e| e.sentences_per_sec).collect()),
             p50_ms: median(all.iter().map(|e| e.p50_ms).collect()),
             p95_ms: median(all.iter().map(|e| e.p95_ms).collect()),
