@@ -567,6 +567,7 @@ mod tests {
         let problems = config.problems();
         let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["id", "api"]);
+        assert!(problems[1].fix.contains("IP:PORT"));
 
         let config = NodeConfig {
             data_dir: dir.path().join("data"),
@@ -593,7 +594,7 @@ mod tests {
                 "serving.max_batch_size"
             ]
         );
-        assert!(problems[1].fix.contains("IP:PORT"));
+        assert!(problems[1].fix.contains("--features cuda") || problems[1].fix.contains("\"cpu\""));
     }
 
     #[test]
