@@ -331,3 +331,49 @@ async fn under_contention_a_high_priority_task_waits_less_than_a_low_priority_on
     assert!(high_p50 < low_p50, "high {high_p50:?} vs low {low_p50:?}");
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_accepting_then_finishes_the_requests_already_queued() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(&dir);
+    let node = serving_node(&dir, &model, "tiny", |_| {}).await;
+    let client = inference_client(&node).await;
+    let hold = failpoints::hold_batches();
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let mut client = client.clone();
+        calls.push(tokio::spawn(async move {
+            let text = format!("in flight {i}");
+            client.embed(embed_request("tiny", &[&text], "")).await
+        }));
+    }
+    wait_for(
+        "5 queued and 1 computing",
+        Duration::from_secs(10),
+        || async {
+            let c = counters(&node);
+            (c.queued == 5 && c.in_flight == 1).then_some(())
+        },
+    )
+    .await;
+    let api = node.api_addr;
+    let stopping = tokio::spawn(node.shutdown());
+    // New connections are refused while the queued requests are still being served.
+    wait_for("the API port to close", Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(api)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    drop(hold);
+    for call in calls {
+        let reply = call
+            .await
+            .unwrap()
+            .expect("a queued request finishes during shutdown");
+        assert_eq!(reply.into_inner().embeddings.len(), 1);
+    }
+    stopping.await.unwrap().unwrap();
+}
