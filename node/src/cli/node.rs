@@ -10,13 +10,14 @@ use crate::error::CliError;
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// TOML config; environment (TROUPE_*) and flags override it.
+    /// TOML config ([raft], [serving], [limits]); environment (TROUPE_KEY,
+    /// TROUPE_SECTION_KEY) and flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Raft node id (> 0, unique in the cluster).
     #[arg(long)]
     pub id: Option<u64>,
-    /// Public gRPC address (Admin; Inference joins later).
+    /// Public gRPC address: Inference, Admin, grpc.health.v1 and server reflection.
     #[arg(long, value_name = "ADDR")]
     pub api: Option<String>,
     /// Peer gRPC address (Raft).
