@@ -93,19 +93,25 @@ impl<T> Lanes<T> {
 
     /// Removes and returns every entry whose deadline is at or before `now`.
     pub fn take_expired(&mut self, now: Instant) -> Vec<T> {
-        let mut expired = Vec::new();
+        self.take_where(|_, deadline| deadline.is_some_and(|d| d <= now))
+    }
+
+    /// Removes and returns every entry `remove(item, deadline)` picks, keeping the order of
+    /// the rest.
+    pub fn take_where(&mut self, mut remove: impl FnMut(&T, Option<Instant>) -> bool) -> Vec<T> {
+        let mut taken = Vec::new();
         for queue in &mut self.lanes {
             let mut kept = VecDeque::with_capacity(queue.len());
             for entry in queue.drain(..) {
-                if entry.deadline.is_some_and(|d| d <= now) {
-                    expired.push(entry.item);
+                if remove(&entry.item, entry.deadline) {
+                    taken.push(entry.item);
                 } else {
                     kept.push_back(entry);
                 }
             }
             *queue = kept;
         }
-        expired
+        taken
     }
 
     /// Up to `max` entries, highest-priority lane first, FIFO within a lane.

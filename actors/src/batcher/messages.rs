@@ -41,6 +41,9 @@ pub struct BatcherCounters {
     pub rejected_full: u64,
     /// Requests dropped because their deadline passed before compute.
     pub expired: u64,
+    /// Requests dropped before compute because their caller had gone (cancelled or timed out
+    /// on its side).
+    pub cancelled: u64,
     /// Requests answered UNAVAILABLE because their worker failed.
     pub failed: u64,
     /// Requests waiting now.

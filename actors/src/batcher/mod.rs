@@ -39,6 +39,7 @@ pub struct BatcherShared {
     jobs: AtomicU64,
     rejected_full: AtomicU64,
     expired: AtomicU64,
+    cancelled: AtomicU64,
     failed: AtomicU64,
     queued: AtomicU64,
     in_flight: AtomicU64,
@@ -57,6 +58,7 @@ impl BatcherShared {
             jobs: self.jobs.load(Ordering::Relaxed),
             rejected_full: self.rejected_full.load(Ordering::Relaxed),
             expired: self.expired.load(Ordering::Relaxed),
+            cancelled: self.cancelled.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             queued: self.queued.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
@@ -285,8 +287,18 @@ impl BatcherState {
         }
     }
 
+    /// Answers requests whose deadline passed and forgets those whose caller is gone
+    /// (cancelled, or timed out on its side): neither reaches the model.
     fn drop_expired(&mut self, now: Instant) {
-        for job in self.lanes.take_expired(now) {
+        let dropped = self.lanes.take_where(|job, deadline| {
+            deadline.is_some_and(|d| d <= now) || job.reply.is_closed()
+        });
+        for job in dropped {
+            if job.reply.is_closed() {
+                self.args.shared.cancelled.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(request_id = %job.request_id, "caller gone before compute");
+                continue;
+            }
             self.args.shared.expired.fetch_add(1, Ordering::Relaxed);
             let waited_ms = now.duration_since(job.received).as_millis() as u64;
             tracing::debug!(request_id = %job.request_id, waited_ms, "deadline passed in the queue");

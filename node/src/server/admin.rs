@@ -395,6 +395,7 @@ impl Admin for AdminService {
                     requests: c.jobs,
                     rejected_full: c.rejected_full,
                     expired: c.expired,
+                    cancelled: c.cancelled,
                     failed: c.failed,
                     queued: c.queued,
                     in_flight: c.in_flight,
