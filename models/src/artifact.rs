@@ -152,11 +152,7 @@ impl ArtifactStore {
                 actual,
             });
         }
-        std::fs::create_dir_all(&self.root).map_err(ModelError::io(&self.root))?;
-        let staging = self.root.join(format!(".{digest}.partial"));
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(ModelError::io(&staging))?;
-        }
+        let staging = self.staging_dir(digest)?;
         for file in &manifest.files {
             let from = source.join(&file.path);
             let to = staging.join(&file.path);
@@ -164,10 +160,41 @@ impl ArtifactStore {
                 std::fs::create_dir_all(parent).map_err(ModelError::io(parent))?;
             }
             std::fs::copy(&from, &to).map_err(ModelError::io(&from))?;
-            let (size, sha256) = hash_file(&to)?;
+        }
+        self.commit(&staging, &manifest)
+    }
+
+    /// A fresh, empty directory of its own to assemble `digest` in; concurrent uploads or
+    /// imports of the same digest do not share one.
+    pub fn staging_dir(&self, digest: &str) -> Result<PathBuf, ModelError> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        std::fs::create_dir_all(&self.root).map_err(ModelError::io(&self.root))?;
+        let unique = format!(
+            ".{digest}.{}-{}.partial",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let staging = self.root.join(unique);
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(ModelError::io(&staging))?;
+        }
+        std::fs::create_dir_all(&staging).map_err(ModelError::io(&staging))?;
+        Ok(staging)
+    }
+
+    /// Verifies every file in `staging` against `manifest` (size and sha256) and moves it
+    /// into the store under the manifest's digest. A mismatch leaves the store untouched.
+    /// Blocking: it reads every byte.
+    pub fn commit(&self, staging: &Path, manifest: &Manifest) -> Result<PathBuf, ModelError> {
+        let digest = manifest.digest();
+        for file in &manifest.files {
+            let path = staging.join(&file.path);
+            let (size, sha256) = hash_file(&path)?;
             if size != file.size_bytes || sha256 != file.sha256 {
+                let _ = std::fs::remove_dir_all(staging);
                 return Err(ModelError::ArtifactMismatch {
-                    path: from,
+                    path,
                     expected: file.sha256.clone(),
                     actual: sha256,
                 });
@@ -177,11 +204,34 @@ impl ArtifactStore {
         std::fs::write(&manifest_path, manifest.canonical_json())
             .map_err(ModelError::io(&manifest_path))?;
         let marker = staging.join(COMPLETE_MARKER);
-        std::fs::write(&marker, digest).map_err(ModelError::io(&marker))?;
-        let target = self.path_of(digest);
-        std::fs::rename(&staging, &target).map_err(ModelError::io(&target))?;
+        std::fs::write(&marker, &digest).map_err(ModelError::io(&marker))?;
+        let target = self.path_of(&digest);
+        if self.get(&digest).is_some() {
+            let _ = std::fs::remove_dir_all(staging);
+            return Ok(target);
+        }
+        if target.exists() {
+            std::fs::remove_dir_all(&target).map_err(ModelError::io(&target))?;
+        }
+        std::fs::rename(staging, &target).map_err(ModelError::io(&target))?;
         Ok(target)
     }
+}
+
+/// Checks a manifest path is a plain relative path inside the version directory.
+pub fn check_manifest_path(path: &str) -> Result<(), String> {
+    let bad = path.is_empty()
+        || path.starts_with('/')
+        || path.contains('\\')
+        || path
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == ".." || part.starts_with('.'));
+    if bad {
+        return Err(format!(
+            "file path {path:?} must be relative, '/'-separated, without '.', '..' or hidden parts"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -114,12 +114,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             .num_threads(config.serving.compute_threads)
             .build_global();
     }
+    let store = ArtifactStore::new(config.model_store_dir());
     let actors = ActorTree::start(TreeArgs {
         node_id: config.id,
         config: config.serving_config(),
         metadata: metadata.clone(),
         loader: crate::loader::for_device(&config.serving.device),
-        store: ArtifactStore::new(config.model_store_dir()),
+        store: store.clone(),
     })
     .await
     .map_err(|e| NodeError::Actors(e.to_string()))?;
@@ -139,8 +140,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let limits = config.limits.clone();
     let (api_stop, api_stopped) = oneshot::channel::<()>();
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let admin = AdminServer::new(AdminService::new(metadata.clone(), stopping, tree.clone()))
-        .max_decoding_message_size(limits.max_message_bytes);
+    let admin = AdminServer::new(AdminService::new(
+        metadata.clone(),
+        stopping,
+        tree.clone(),
+        store,
+    ))
+    .max_decoding_message_size(limits.max_message_bytes);
     let inference = InferenceServer::new(InferenceService::new(
         config.id,
         tree.clone(),

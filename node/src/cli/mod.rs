@@ -11,6 +11,7 @@ mod embed;
 mod models;
 mod node;
 mod priorities;
+mod push;
 mod remote;
 mod settings;
 

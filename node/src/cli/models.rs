@@ -20,6 +20,9 @@ pub enum ModelsCommand {
     /// Record a model version in the cluster metadata. With --dir the digest and size are
     /// computed from the directory, and nodes on this machine load the files from it.
     Register(RegisterArgs),
+    /// Upload a model directory to a node: the node verifies every file, stores it
+    /// content-addressed and records the version. The same bytes again change nothing.
+    Push(PushArgs),
     /// Make VERSION the version served for NAME (the previous active version is retired
     /// once this one is loaded).
     Activate(StateArgs),
@@ -48,6 +51,29 @@ pub struct RegisterArgs {
     pub format: String,
     #[command(flatten)]
     pub write: WriteOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// Model directory (config.json, tokenizer.json, model.safetensors, ...).
+    pub dir: PathBuf,
+    /// Model name, e.g. all-MiniLM-L6-v2.
+    #[arg(long)]
+    pub name: String,
+    /// Version (default: the first 12 hex characters of the manifest digest).
+    #[arg(long)]
+    pub version: Option<String>,
+    #[arg(long, default_value = "safetensors")]
+    pub format: String,
+    /// API address of the node to upload to.
+    #[arg(long)]
+    pub addr: String,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +120,7 @@ pub fn run(command: ModelsCommand) -> Result<(), CliError> {
     match command {
         ModelsCommand::Fetch(args) => fetch_model(args),
         ModelsCommand::Register(args) => block_on(register(args)),
+        ModelsCommand::Push(args) => block_on(super::push::push(args)),
         ModelsCommand::Activate(args) => block_on(set_state(args, "active")),
         ModelsCommand::Retire(args) => block_on(set_state(args, "retired")),
         ModelsCommand::List(args) => block_on(list(args)),

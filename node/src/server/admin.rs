@@ -11,14 +11,15 @@ use troupe_consensus::metadata::SettingRecord;
 use troupe_consensus::metadata::{Command, Proposal};
 use troupe_consensus::types::NodeAddr;
 use troupe_consensus::{Metadata, ReadConsistency};
+use troupe_models::artifact::ArtifactStore;
 use troupe_proto::v1::admin_server::Admin;
 use troupe_proto::v1::{
     ActorEntry, ActorTreeRequest, ActorTreeResponse, AddLearnerRequest, BatcherEntry,
     ClusterInitRequest, ClusterInitResponse, GetSettingRequest, GetSettingResponse,
     ListModelsResponse, ListPrioritiesResponse, ListSettingsResponse, Member, MembershipResponse,
-    ModelVersionEntry, NodeRef, NodeStatusRequest, NodeStatusResponse, ReadRequest,
-    RegisterModelRequest, SetModelStateRequest, SetPriorityRequest, SetSettingRequest,
-    SettingEntry, TaskPriorityEntry, WatchRequest, WatchResponse, WriteResponse,
+    ModelVersionEntry, NodeRef, NodeStatusRequest, NodeStatusResponse, PushModelChunk,
+    PushModelResponse, ReadRequest, RegisterModelRequest, SetModelStateRequest, SetPriorityRequest,
+    SetSettingRequest, SettingEntry, TaskPriorityEntry, WatchRequest, WatchResponse, WriteResponse,
 };
 
 use super::status::{metadata_error, watch_error, write_outcome};
@@ -29,6 +30,7 @@ const WATCH_STREAM_BUFFER: usize = 256;
 pub struct AdminService {
     metadata: Arc<Metadata>,
     tree: TreeView,
+    store: ArtifactStore,
     /// Becomes true when the node stops; open watch streams end then, so they do not hold
     /// graceful shutdown open.
     stopping: tokio::sync::watch::Receiver<bool>,
@@ -39,10 +41,12 @@ impl AdminService {
         metadata: Arc<Metadata>,
         stopping: tokio::sync::watch::Receiver<bool>,
         tree: TreeView,
+        store: ArtifactStore,
     ) -> Self {
         Self {
             metadata,
             tree,
+            store,
             stopping,
         }
     }
@@ -362,6 +366,16 @@ impl Admin for AdminService {
         };
         self.write(command, request.expected_revision, request.request_id)
             .await
+    }
+
+    #[tracing::instrument(skip_all, fields(node_id = self.metadata.node_id()))]
+    async fn push_model(
+        &self,
+        request: Request<tonic::Streaming<PushModelChunk>>,
+    ) -> Result<Response<PushModelResponse>, Status> {
+        super::push::receive(&self.metadata, &self.store, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn actor_tree(

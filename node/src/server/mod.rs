@@ -2,4 +2,5 @@
 
 pub mod admin;
 pub mod inference;
+pub mod push;
 pub mod status;
