@@ -37,7 +37,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a cluster node until SIGINT or SIGTERM.
     Node(node::NodeArgs),
-    /// Cluster membership and status.
+    /// Cluster membership, status and a node's actor tree.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
     /// Task priorities (Raft-ordered).
@@ -46,7 +46,8 @@ pub enum Command {
     /// Cluster settings (Raft-ordered).
     #[command(subcommand)]
     Settings(settings::SettingsCommand),
-    /// Models: fetch weights into the local cache; register and list versions in the cluster.
+    /// Models: fetch weights into the local cache; push, register, activate, retire and list
+    /// versions in the cluster.
     #[command(subcommand)]
     Models(models::ModelsCommand),
     /// Check a node config file: names each bad field and the fix.
