@@ -201,6 +201,26 @@ impl ServingTable {
             .collect()
     }
 
+    /// Every registered version with its record.
+    pub fn versions(&self) -> Vec<(ModelKey, ModelVersionRecord)> {
+        let inner = self.read();
+        inner
+            .models
+            .iter()
+            .flat_map(|(name, versions)| {
+                versions.iter().map(move |(version, record)| {
+                    (
+                        ModelKey {
+                            name: name.clone(),
+                            version: version.clone(),
+                        },
+                        record.clone(),
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// The version each model's unversioned requests go to.
     pub fn serving_version(&self, model: &str) -> Option<String> {
         self.read().serving.get(model).cloned()

@@ -72,6 +72,12 @@ fn estimated_bytes(proposal: &Proposal) -> usize {
         Command::SetModelState { name, version, .. } => name.len() + version.len(),
         Command::SetTaskPriority { name, .. } => name.len(),
         Command::SetSetting { key, value } => key.len() + value.len(),
+        Command::ReportModelReadiness {
+            name,
+            version,
+            reason,
+            ..
+        } => name.len() + version.len() + reason.len(),
     };
     command + proposal.request_id.as_ref().map_or(0, String::len) + 96
 }

@@ -88,7 +88,8 @@ impl Reference {
             Command::SetTaskPriority { name, .. } => self.tasks.get(name).map_or(0, |t| t.2),
             Command::SetSetting { key, .. } => self.settings.get(key).map_or(0, |s| s.2),
             Command::RegisterModelVersion { version, .. }
-            | Command::SetModelState { version, .. } => {
+            | Command::SetModelState { version, .. }
+            | Command::ReportModelReadiness { version, .. } => {
                 self.versions.get(version).map_or(0, |v| v.3)
             }
         }
@@ -185,6 +186,9 @@ impl Reference {
                 v.1 = *state;
                 v.3 = rev;
                 Outcome::Applied { revision: rev }
+            }
+            Command::ReportModelReadiness { .. } => {
+                unreachable!("the generated commands include no readiness reports")
             }
         }
     }

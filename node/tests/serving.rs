@@ -358,6 +358,32 @@ async fn activating_a_new_version_switches_without_errors_and_unloads_the_old_on
         },
     )
     .await;
+    // Each version's record says, through Raft, where this node is with it.
+    let addr = node.api_addr.to_string();
+    wait_for(
+        "readiness reports in the metadata",
+        Duration::from_secs(30),
+        || {
+            let addr = addr.clone();
+            async move {
+                let listed = troupe(args(&["models", "list", "--addr", &addr, "--json"])).await;
+                let listed: serde_json::Value = serde_json::from_str(&text(&listed).0).ok()?;
+                let nodes = |version: &str| {
+                    listed
+                        .as_array()?
+                        .iter()
+                        .find(|m| m["version"] == version)
+                        .map(|m| m["nodes"].clone())
+                };
+                let v1 = nodes("1")?;
+                let v2 = nodes("2")?;
+                (v1 == serde_json::json!([{"node_id": 1, "state": "unloaded"}])
+                    && v2 == serde_json::json!([{"node_id": 1, "state": "ready"}]))
+                .then_some(())
+            }
+        },
+    )
+    .await;
     // The retired version is refused with a message that says how to use it again.
     let mut request = embed_request("tiny", &["old"], "");
     request.version = "1".into();

@@ -153,6 +153,7 @@ impl SupervisorState {
         // Loads started by a previous incarnation report to it, not to us: start them over.
         self.table.clear_loading();
         let args = SyncArgs {
+            node_id: self.args.node_id,
             metadata: self.args.metadata.clone(),
             table: self.table.clone(),
             supervisor: self.handle(myself),

@@ -14,9 +14,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use troupe_consensus::metadata::{ChangeValue, ModelVersionRecord};
+use troupe_consensus::metadata::{
+    ChangeValue, Command, ModelVersionRecord, NodeModelState, Proposal, MAX_REASON_BYTES,
+};
 use troupe_consensus::{Metadata, ReadConsistency, WatchEvent};
 use troupe_models::artifact::ArtifactStore;
 use troupe_models::SentenceEmbedder;
@@ -37,6 +40,7 @@ const WARMUP_TEXTS: [&str; 4] = [
 
 #[derive(Clone)]
 pub struct SyncArgs {
+    pub node_id: u64,
     pub metadata: Arc<Metadata>,
     pub table: Arc<ServingTable>,
     pub supervisor: SupervisorHandle,
@@ -54,7 +58,13 @@ pub struct SyncState {
     /// Failed loads, by the version record's mod_revision at the time: retried only when the
     /// record changes.
     failed_at: HashMap<ModelKey, u64>,
+    /// The readiness last proposed per version, and when: not proposed again while it is
+    /// on its way through Raft.
+    reported: HashMap<ModelKey, (NodeModelState, String, Instant)>,
 }
+
+/// How long a readiness report may take to show in the metadata before it is sent again.
+const REPORT_RETRY: Duration = Duration::from_secs(5);
 
 pub struct MetadataSync;
 
@@ -158,7 +168,69 @@ impl SyncState {
                 }
             }
         }
+        self.report_readiness(myself);
         Ok(())
+    }
+}
+
+impl SyncState {
+    /// Tells the cluster, through Raft, where this node is with each version, wherever that
+    /// differs from what the metadata says: loading, ready, failed (with the reason), or
+    /// unloaded for a version it reported before and no longer has.
+    fn report_readiness(&mut self, myself: &ActorRef<SyncMsg>) {
+        let node_id = self.args.node_id;
+        for (key, record) in self.args.table.versions() {
+            let current = record.nodes.get(&node_id);
+            let desired = match self.args.table.local(&key) {
+                Some(LocalState::Loading) => Some((NodeModelState::Loading, String::new())),
+                Some(LocalState::Ready(_)) => Some((NodeModelState::Ready, String::new())),
+                Some(LocalState::Failed(reason)) => {
+                    let mut reason = reason;
+                    if reason.len() > MAX_REASON_BYTES {
+                        let mut cut = MAX_REASON_BYTES;
+                        while !reason.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        reason.truncate(cut);
+                    }
+                    Some((NodeModelState::Failed, reason))
+                }
+                None => current
+                    .filter(|r| r.state != NodeModelState::Unloaded)
+                    .map(|_| (NodeModelState::Unloaded, String::new())),
+            };
+            let Some((state, reason)) = desired else {
+                continue;
+            };
+            if current.is_some_and(|r| r.state == state && r.reason == reason) {
+                self.reported.remove(&key);
+                continue;
+            }
+            let pending = self.reported.get(&key).is_some_and(|(s, r, at)| {
+                *s == state && *r == reason && at.elapsed() < REPORT_RETRY
+            });
+            if pending {
+                continue;
+            }
+            self.reported
+                .insert(key.clone(), (state, reason.clone(), Instant::now()));
+            let metadata = self.args.metadata.clone();
+            let actor = myself.clone();
+            let proposal = Proposal::new(Command::ReportModelReadiness {
+                name: key.name.clone(),
+                version: key.version.clone(),
+                node_id,
+                state,
+                reason,
+            });
+            tokio::spawn(async move {
+                if let Err(error) = metadata.propose(proposal).await {
+                    tracing::warn!(model = %key, %error, "cannot report readiness; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let _ = actor.cast(SyncMsg::Changed);
+                }
+            });
+        }
     }
 }
 
@@ -196,6 +268,7 @@ impl Actor for MetadataSync {
             watcher,
             pending,
             failed_at: HashMap::new(),
+            reported: HashMap::new(),
         })
     }
 

@@ -53,6 +53,33 @@ impl MetadataState {
                     })
                     .collect()
             }
+            // Status reports leave mod_revision alone; the report itself carries the revision.
+            Command::ReportModelReadiness {
+                name,
+                version,
+                node_id,
+                ..
+            } => self
+                .models
+                .get(name)
+                .and_then(|versions| versions.get(version))
+                .filter(|record| {
+                    record
+                        .nodes
+                        .get(node_id)
+                        .is_some_and(|r| r.revision == revision)
+                })
+                .map(|record| Change {
+                    revision,
+                    key: command.key(),
+                    value: ChangeValue::ModelVersion {
+                        name: name.clone(),
+                        version: version.clone(),
+                        record: record.clone(),
+                    },
+                })
+                .into_iter()
+                .collect(),
             Command::SetTaskPriority { name, .. } => self
                 .tasks
                 .get(name)

@@ -27,6 +27,28 @@ impl ModelState {
     }
 }
 
+/// Where a model version is on one node, as that node reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeModelState {
+    Loading,
+    /// Loaded, warmed up and taking requests.
+    Ready,
+    Failed,
+    Unloaded,
+}
+
+impl NodeModelState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeModelState::Loading => "loading",
+            NodeModelState::Ready => "ready",
+            NodeModelState::Failed => "failed",
+            NodeModelState::Unloaded => "unloaded",
+        }
+    }
+}
+
 /// One metadata write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
@@ -58,6 +80,17 @@ pub enum Command {
         key: String,
         value: String,
     },
+    /// A node's report of where it is with a version. It is status, not intent: it does not
+    /// move the version's `mod_revision`, so it never makes an operator's CAS fail.
+    ReportModelReadiness {
+        name: String,
+        version: String,
+        node_id: u64,
+        state: NodeModelState,
+        /// Why, for `failed`; empty otherwise.
+        #[serde(default)]
+        reason: String,
+    },
 }
 
 impl Command {
@@ -65,7 +98,10 @@ impl Command {
     pub fn key(&self) -> String {
         match self {
             Command::RegisterModelVersion { name, version, .. }
-            | Command::SetModelState { name, version, .. } => format!("models/{name}/{version}"),
+            | Command::SetModelState { name, version, .. }
+            | Command::ReportModelReadiness { name, version, .. } => {
+                format!("models/{name}/{version}")
+            }
             Command::SetTaskPriority { name, .. } => format!("tasks/{name}"),
             Command::SetSetting { key, .. } => format!("settings/{key}"),
         }

@@ -5,8 +5,13 @@ pub mod command;
 pub mod state;
 
 pub use change::{Change, ChangeValue};
-pub use command::{Command, ModelState, Outcome, Proposal, ProposalBatch, Rejection};
-pub use state::{KeyRevisions, MetadataState, ModelVersionRecord, SettingRecord, TaskRecord};
+pub use command::{
+    Command, ModelState, NodeModelState, Outcome, Proposal, ProposalBatch, Rejection,
+};
+pub use state::{
+    KeyRevisions, MetadataState, ModelVersionRecord, NodeReadiness, SettingRecord, TaskRecord,
+    MAX_REASON_BYTES,
+};
 
 #[cfg(test)]
 mod tests;

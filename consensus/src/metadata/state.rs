@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{Command, ModelState, Outcome, Proposal, Rejection};
+use super::command::{Command, ModelState, NodeModelState, Outcome, Proposal, Rejection};
 use crate::tasks::TaskPriority;
 
 /// Request ids remembered for idempotent retries; the oldest is forgotten first.
@@ -40,7 +40,23 @@ pub struct ModelVersionRecord {
     pub state: ModelState,
     pub traffic_weight: u32,
     pub revisions: KeyRevisions,
+    /// Each node's report of where it is with this version, by node id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<u64, NodeReadiness>,
 }
+
+/// A node's last report on a version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReadiness {
+    pub state: NodeModelState,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// The revision of the report.
+    pub revision: u64,
+}
+
+/// Longest failure reason a readiness report keeps.
+pub const MAX_REASON_BYTES: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskRecord {
@@ -132,6 +148,29 @@ fn check_command(command: &Command) -> Result<(), Rejection> {
             Ok(())
         }
         Command::SetTaskPriority { name, .. } => check_name("task name", name),
+        Command::ReportModelReadiness {
+            name,
+            version,
+            node_id,
+            reason,
+            ..
+        } => {
+            check_name("model name", name)?;
+            check_name("version", version)?;
+            if *node_id == 0 {
+                return Err(Rejection::Invalid {
+                    field: "node_id".into(),
+                    reason: "must be positive".into(),
+                });
+            }
+            if reason.len() > MAX_REASON_BYTES {
+                return Err(Rejection::Invalid {
+                    field: "reason".into(),
+                    reason: format!("{} bytes, the limit is {MAX_REASON_BYTES}", reason.len()),
+                });
+            }
+            Ok(())
+        }
         Command::SetSetting { key, value } => {
             check_name("setting key", key)?;
             if value.len() > MAX_SETTING_BYTES {
@@ -150,7 +189,8 @@ impl MetadataState {
     pub fn key_revision(&self, command: &Command) -> u64 {
         match command {
             Command::RegisterModelVersion { name, version, .. }
-            | Command::SetModelState { name, version, .. } => self
+            | Command::SetModelState { name, version, .. }
+            | Command::ReportModelReadiness { name, version, .. } => self
                 .models
                 .get(name)
                 .and_then(|versions| versions.get(version))
@@ -249,6 +289,7 @@ impl MetadataState {
                             create_revision: revision,
                             mod_revision: revision,
                         },
+                        nodes: BTreeMap::new(),
                     },
                 );
                 Outcome::Applied { revision }
@@ -283,6 +324,37 @@ impl MetadataState {
                     record.traffic_weight = weight;
                     record.revisions.mod_revision = revision;
                 }
+                Outcome::Applied { revision }
+            }
+            Command::ReportModelReadiness {
+                name,
+                version,
+                node_id,
+                state,
+                reason,
+            } => {
+                let Some(record) = self
+                    .models
+                    .get_mut(name)
+                    .and_then(|versions| versions.get_mut(version))
+                else {
+                    return unknown_version(name, version);
+                };
+                let unchanged = record
+                    .nodes
+                    .get(node_id)
+                    .is_some_and(|r| r.state == *state && r.reason == *reason);
+                if unchanged {
+                    return Outcome::Unchanged { revision };
+                }
+                record.nodes.insert(
+                    *node_id,
+                    NodeReadiness {
+                        state: *state,
+                        reason: reason.clone(),
+                        revision,
+                    },
+                );
                 Outcome::Applied { revision }
             }
             Command::SetTaskPriority { name, priority } => {

@@ -149,3 +149,51 @@ fn task_order_breaks_ties_by_older_write_then_name() {
     let names: Vec<String> = state.task_order().into_iter().map(|t| t.name).collect();
     assert_eq!(names, ["c", "b", "a"]);
 }
+
+fn report(version: &str, node_id: u64, state: NodeModelState, reason: &str) -> Proposal {
+    Proposal::new(Command::ReportModelReadiness {
+        name: "minilm".into(),
+        version: version.into(),
+        node_id,
+        state,
+        reason: reason.into(),
+    })
+}
+
+#[test]
+fn readiness_reports_are_status_they_keep_the_versions_mod_revision() {
+    let mut state = MetadataState::default();
+    assert!(matches!(
+        state.apply(1, &report("1", 1, NodeModelState::Ready, "")),
+        Outcome::Rejected {
+            reason: Rejection::UnknownModelVersion { .. }
+        }
+    ));
+    state.apply(2, &register("1", DIGEST_A));
+    let mut cas = set_state("1", ModelState::Active);
+    cas.expected_revision = Some(2);
+    assert_eq!(
+        state.apply(3, &report("1", 2, NodeModelState::Loading, "")),
+        Outcome::Applied { revision: 3 }
+    );
+    let command = report("1", 2, NodeModelState::Failed, "out of memory");
+    assert_eq!(state.apply(4, &command), Outcome::Applied { revision: 4 });
+    assert_eq!(
+        state.apply(5, &report("1", 2, NodeModelState::Failed, "out of memory")),
+        Outcome::Unchanged { revision: 5 }
+    );
+    let record = &state.models["minilm"]["1"];
+    assert_eq!(record.revisions.mod_revision, 2);
+    assert_eq!(record.nodes[&2].state, NodeModelState::Failed);
+    assert_eq!(record.nodes[&2].reason, "out of memory");
+    // A watcher sees the report; an operator's CAS on the version still holds.
+    let changes = state.changes_at(4, &command.command);
+    assert_eq!(changes.len(), 1);
+    assert_eq!(state.apply(6, &cas), Outcome::Applied { revision: 6 });
+    assert!(matches!(
+        state.apply(7, &report("1", 0, NodeModelState::Ready, "")),
+        Outcome::Rejected {
+            reason: Rejection::Invalid { .. }
+        }
+    ));
+}

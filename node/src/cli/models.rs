@@ -96,6 +96,16 @@ struct ModelView {
     mod_revision: u64,
     /// On the node asked: loading, ready, failed: REASON, or empty.
     local_state: String,
+    /// Every node's last report, through Raft.
+    nodes: Vec<NodeView>,
+}
+
+#[derive(Serialize)]
+struct NodeView {
+    node_id: u64,
+    state: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    reason: String,
 }
 
 #[derive(Debug, Args)]
@@ -208,16 +218,30 @@ async fn list(args: ListArgs) -> Result<(), CliError> {
             traffic_weight: m.traffic_weight,
             mod_revision: m.mod_revision,
             local_state: m.local_state,
+            nodes: m
+                .nodes
+                .into_iter()
+                .map(|n| NodeView {
+                    node_id: n.node_id,
+                    state: n.state,
+                    reason: n.reason,
+                })
+                .collect(),
         })
         .collect();
     if args.json {
         return print_json(&models);
     }
     println!(
-        "{:<24} {:<10} {:<8} {:>12} {:<16} this node",
+        "{:<24} {:<10} {:<8} {:>12} {:<16} nodes",
         "model", "version", "state", "bytes", "digest"
     );
     for m in models {
+        let nodes: Vec<String> = m
+            .nodes
+            .iter()
+            .map(|n| format!("{}:{}", n.node_id, n.state))
+            .collect();
         println!(
             "{:<24} {:<10} {:<8} {:>12} {:<16} {}",
             m.name,
@@ -225,12 +249,15 @@ async fn list(args: ListArgs) -> Result<(), CliError> {
             m.state,
             m.size_bytes,
             &m.digest[..m.digest.len().min(16)],
-            if m.local_state.is_empty() {
-                "-"
+            if nodes.is_empty() {
+                "-".to_owned()
             } else {
-                &m.local_state
+                nodes.join(" ")
             }
         );
+        for failed in m.nodes.iter().filter(|n| !n.reason.is_empty()) {
+            println!("    node {} failed: {}", failed.node_id, failed.reason);
+        }
     }
     Ok(())
 }

@@ -17,9 +17,10 @@ use troupe_proto::v1::{
     ActorEntry, ActorTreeRequest, ActorTreeResponse, AddLearnerRequest, BatcherEntry,
     ClusterInitRequest, ClusterInitResponse, GetSettingRequest, GetSettingResponse,
     ListModelsResponse, ListPrioritiesResponse, ListSettingsResponse, Member, MembershipResponse,
-    ModelVersionEntry, NodeRef, NodeStatusRequest, NodeStatusResponse, PushModelChunk,
-    PushModelResponse, ReadRequest, RegisterModelRequest, SetModelStateRequest, SetPriorityRequest,
-    SetSettingRequest, SettingEntry, TaskPriorityEntry, WatchRequest, WatchResponse, WriteResponse,
+    ModelVersionEntry, NodeReadinessEntry, NodeRef, NodeStatusRequest, NodeStatusResponse,
+    PushModelChunk, PushModelResponse, ReadRequest, RegisterModelRequest, SetModelStateRequest,
+    SetPriorityRequest, SetSettingRequest, SettingEntry, TaskPriorityEntry, WatchRequest,
+    WatchResponse, WriteResponse,
 };
 
 use super::status::{metadata_error, watch_error, write_outcome};
@@ -510,6 +511,16 @@ impl Admin for AdminService {
                             create_revision: record.revisions.create_revision,
                             mod_revision: record.revisions.mod_revision,
                             local_state: String::new(),
+                            nodes: record
+                                .nodes
+                                .iter()
+                                .map(|(node_id, report)| NodeReadinessEntry {
+                                    node_id: *node_id,
+                                    state: report.state.as_str().to_owned(),
+                                    reason: report.reason.clone(),
+                                    revision: report.revision,
+                                })
+                                .collect(),
                         });
                     }
                 }
