@@ -128,14 +128,20 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let health_task = tokio::spawn(publish_health(tree.health.clone(), health_reporter));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(troupe_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| NodeError::Server {
-            what: "reflection",
-            reason: e.to_string(),
-        })?;
+    // Both reflection versions: grpcurl and other tools still ask for v1alpha.
+    let reflection_error = |e: tonic_reflection::server::Error| NodeError::Server {
+        what: "reflection",
+        reason: e.to_string(),
+    };
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(troupe_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder().build_v1().map_err(reflection_error)?;
+    let reflection_alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(reflection_error)?;
 
     let limits = config.limits.clone();
     let (api_stop, api_stopped) = oneshot::channel::<()>();
@@ -163,6 +169,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             .add_service(admin)
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_alpha)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(api_listener).with_nodelay(Some(true)),
                 async {

@@ -55,35 +55,38 @@ fn assert_close(actual: &[Vec<f32>], expected: &[Vec<f32>]) {
     }
 }
 
-/// The services a node names through grpc.reflection.v1.
-async fn reflected_services(addr: &str) -> Vec<String> {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
+/// The services a node names through server reflection, asked with the given protocol
+/// version's generated client (`v1` or `v1alpha`).
+macro_rules! reflected_services {
+    ($version:ident, $addr:expr) => {{
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
 
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut replies = client
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let reply = replies.message().await.unwrap().unwrap();
-    match reply.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", $addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        match replies.message().await.unwrap().unwrap().message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => list
+                .service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>(),
+            other => panic!("unexpected reflection reply {other:?}"),
         }
-        other => panic!("unexpected reflection reply {other:?}"),
-    }
+    }};
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,14 +185,19 @@ async fn a_node_started_by_run_serves_embed_equal_to_the_local_engine() {
     let rows: Vec<Vec<f32>> = reply.embeddings.into_iter().map(|e| e.values).collect();
     assert_close(&rows, &expected);
 
-    // Server reflection lists every service, so grpcurl works without proto files.
-    let services = reflected_services(&addr).await;
-    for service in [
-        "troupe.v1.Inference",
-        "troupe.v1.Admin",
-        "grpc.health.v1.Health",
+    // Server reflection (both protocol versions) lists every service, so grpcurl works
+    // without proto files.
+    for services in [
+        reflected_services!(v1, addr),
+        reflected_services!(v1alpha, addr),
     ] {
-        assert!(services.iter().any(|s| s == service), "{services:?}");
+        for service in [
+            "troupe.v1.Inference",
+            "troupe.v1.Admin",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(services.iter().any(|s| s == service), "{services:?}");
+        }
     }
 
     let status = troupe(args(&["models", "list", "--addr", &addr, "--json"])).await;
