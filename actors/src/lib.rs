@@ -28,5 +28,5 @@ pub use config::ServingConfig;
 pub use error::ServeError;
 pub use health::NodeHealth;
 pub use stats::ActorInfo;
-pub use supervisor::{ActorTree, ModelLoader, TreeArgs, TreeView};
+pub use supervisor::{ActorTree, ArtifactFetcher, ModelLoader, TreeArgs, TreeView};
 pub use table::{ModelKey, Route, ServingTable};

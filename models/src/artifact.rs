@@ -131,6 +131,46 @@ impl ArtifactStore {
         self.root.join(digest)
     }
 
+    /// The manifest of a complete stored copy.
+    pub fn manifest(&self, digest: &str) -> Option<Manifest> {
+        let dir = self.get(digest)?;
+        let bytes = std::fs::read(dir.join(".troupe-manifest.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Re-hashes a stored copy against its manifest before it is used. A copy that no
+    /// longer matches (disk corruption, a hand edit) is removed, so it is fetched again.
+    /// Blocking: it reads every byte.
+    pub fn verify(&self, digest: &str) -> Result<PathBuf, ModelError> {
+        let dir = self.path_of(digest);
+        let manifest = self
+            .manifest(digest)
+            .filter(|m| m.digest() == digest)
+            .ok_or_else(|| ModelError::ArtifactMismatch {
+                path: dir.clone(),
+                expected: digest.to_owned(),
+                actual: "an unreadable or foreign manifest".into(),
+            });
+        let check = manifest.and_then(|manifest| {
+            for file in &manifest.files {
+                let path = dir.join(&file.path);
+                let (size, sha256) = hash_file(&path)?;
+                if size != file.size_bytes || sha256 != file.sha256 {
+                    return Err(ModelError::ArtifactMismatch {
+                        path,
+                        expected: file.sha256.clone(),
+                        actual: sha256,
+                    });
+                }
+            }
+            Ok(dir.clone())
+        });
+        if check.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        check
+    }
+
     /// The stored copy of `digest`, if it is complete.
     pub fn get(&self, digest: &str) -> Option<PathBuf> {
         let dir = self.path_of(digest);

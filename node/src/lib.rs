@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod loader;
+pub mod pull;
 pub mod run;
 pub mod server;
 

@@ -21,7 +21,9 @@ use troupe_proto::v1::inference_server::InferenceServer;
 
 use crate::config::{ConfigError, NodeConfig};
 use crate::server::admin::AdminService;
+use crate::server::artifacts::ArtifactService;
 use crate::server::inference::InferenceService;
+use troupe_proto::v1::artifacts_server::ArtifactsServer;
 
 /// The service name grpc.health.v1 reports inference readiness under ("" is the node).
 pub const INFERENCE_SERVICE: &str = "troupe.v1.Inference";
@@ -97,9 +99,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
 
     let (peer_stop, peer_stopped) = oneshot::channel::<()>();
     let peer_service = metadata.peer_service();
+    let artifact_service = ArtifactsServer::new(ArtifactService::new(ArtifactStore::new(
+        config.model_store_dir(),
+    )));
     let peer_task = tokio::spawn(async move {
         Server::builder()
             .add_service(peer_service)
+            .add_service(artifact_service)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(peer_listener).with_nodelay(Some(true)),
                 async {
@@ -120,6 +126,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         config: config.serving_config(),
         metadata: metadata.clone(),
         loader: crate::loader::for_device(&config.serving.device),
+        fetcher: Arc::new(crate::pull::PeerPuller {
+            node_id: config.id,
+            metadata: metadata.clone(),
+            store: store.clone(),
+        }),
         store: store.clone(),
     })
     .await

@@ -41,6 +41,17 @@ pub trait ModelLoader: Send + Sync + 'static {
     fn load(&self, dir: &Path) -> Result<Arc<dyn SentenceEmbedder>, ModelError>;
 }
 
+/// Gets a version's files from a peer into the node's artifact store (the node provides it;
+/// it speaks the peer protocol). Returns the stored directory, or why no peer could.
+pub trait ArtifactFetcher: Send + Sync + 'static {
+    fn fetch(
+        &self,
+        digest: String,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<std::path::PathBuf, String>> + Send>,
+    >;
+}
+
 const ROOT: &str = "node";
 const SYNC_PATH: &str = "node/metadata_sync";
 const HEALTH_PATH: &str = "node/health";
@@ -56,6 +67,7 @@ pub struct TreeArgs {
     pub config: ServingConfig,
     pub metadata: Arc<Metadata>,
     pub loader: Arc<dyn ModelLoader>,
+    pub fetcher: Arc<dyn ArtifactFetcher>,
     pub store: ArtifactStore,
 }
 
@@ -158,6 +170,7 @@ impl SupervisorState {
             table: self.table.clone(),
             supervisor: self.handle(myself),
             loader: self.args.loader.clone(),
+            fetcher: self.args.fetcher.clone(),
             store: self.args.store.clone(),
             lanes: self.args.config.lanes,
             max_batch_size: self.args.config.max_batch_size,

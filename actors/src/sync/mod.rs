@@ -27,7 +27,7 @@ use troupe_models::SentenceEmbedder;
 pub use messages::SyncMsg;
 
 use crate::stats::ActorStats;
-use crate::supervisor::{ModelLoader, SupervisorHandle};
+use crate::supervisor::{ArtifactFetcher, ModelLoader, SupervisorHandle};
 use crate::table::{LocalState, ModelKey, ServingTable, TaskLanes};
 
 /// Sentences run through a freshly loaded model before it takes traffic.
@@ -45,6 +45,7 @@ pub struct SyncArgs {
     pub table: Arc<ServingTable>,
     pub supervisor: SupervisorHandle,
     pub loader: Arc<dyn ModelLoader>,
+    pub fetcher: Arc<dyn ArtifactFetcher>,
     pub store: ArtifactStore,
     pub lanes: usize,
     pub max_batch_size: usize,
@@ -77,26 +78,54 @@ fn notify_changed(actor: &ActorRef<SyncMsg>, stats: &ActorStats, pending: &Atomi
     }
 }
 
-/// Imports (if needed), loads and warms up a version. Blocking.
-fn load_version(
+/// The version's files in the store: already there, imported from its registered source
+/// directory when this machine has it, or else pulled from a peer.
+async fn artifact_dir(
     store: &ArtifactStore,
-    loader: &dyn ModelLoader,
+    fetcher: &dyn ArtifactFetcher,
     record: &ModelVersionRecord,
+) -> Result<std::path::PathBuf, String> {
+    if store.get(&record.digest).is_some() {
+        // Verified again before use: a copy damaged on disk is dropped and fetched again.
+        let (checked, digest) = (store.clone(), record.digest.clone());
+        let verified = tokio::task::spawn_blocking(move || checked.verify(&digest))
+            .await
+            .map_err(|e| e.to_string())?;
+        match verified {
+            Ok(dir) => return Ok(dir),
+            Err(error) => {
+                tracing::warn!(digest = %record.digest, %error, "stored copy is damaged; fetching it again")
+            }
+        }
+    }
+    let mut import_failed = None;
+    if let Some(source) = record.source.clone().filter(|s| Path::new(s).is_dir()) {
+        let (store, digest) = (store.clone(), record.digest.clone());
+        let imported =
+            tokio::task::spawn_blocking(move || store.import(Path::new(&source), &digest))
+                .await
+                .map_err(|e| e.to_string())?;
+        match imported {
+            Ok(dir) => return Ok(dir),
+            Err(error) => import_failed = Some(error.to_string()),
+        }
+    }
+    fetcher
+        .fetch(record.digest.clone())
+        .await
+        .map_err(|pull| match import_failed {
+            Some(import) => format!("{import}; and {pull}"),
+            None => pull,
+        })
+}
+
+/// Loads and warms up a version from its directory. Blocking.
+fn load_and_warm(
+    loader: &dyn ModelLoader,
+    dir: &Path,
     max_batch_size: usize,
 ) -> Result<Arc<dyn SentenceEmbedder>, String> {
-    let dir = match (store.get(&record.digest), &record.source) {
-        (Some(dir), _) => dir,
-        (None, Some(source)) => store
-            .import(Path::new(source), &record.digest)
-            .map_err(|e| e.to_string())?,
-        (None, None) => {
-            return Err(format!(
-                "this node has no copy of artifact {} and the version names no source directory: register it with --dir on a path this node can read",
-                record.digest
-            ))
-        }
-    };
-    let model = loader.load(&dir).map_err(|e| e.to_string())?;
+    let model = loader.load(dir).map_err(|e| e.to_string())?;
     let texts: Vec<String> = WARMUP_TEXTS.iter().map(|t| (*t).to_owned()).collect();
     let ids = model.tokenize(&texts).map_err(|e| e.to_string())?;
     model
@@ -133,17 +162,25 @@ impl SyncState {
             self.failed_at.remove(key);
             tracing::info!(model = %key, digest = %record.digest, "loading model version");
             args.table.set_local(key.clone(), LocalState::Loading);
-            let (store, loader, record, key, actor, stats) = (
+            let (store, loader, fetcher, record, key, actor, stats) = (
                 args.store.clone(),
                 args.loader.clone(),
+                args.fetcher.clone(),
                 record.clone(),
                 key.clone(),
                 myself.clone(),
                 args.stats.clone(),
             );
             let max_batch_size = args.max_batch_size;
-            tokio::task::spawn_blocking(move || {
-                let result = load_version(&store, loader.as_ref(), &record, max_batch_size);
+            tokio::spawn(async move {
+                let result = match artifact_dir(&store, fetcher.as_ref(), &record).await {
+                    Ok(dir) => tokio::task::spawn_blocking(move || {
+                        load_and_warm(loader.as_ref(), &dir, max_batch_size)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the load task failed: {e}"))),
+                    Err(reason) => Err(reason),
+                };
                 stats.sent();
                 if actor.cast(SyncMsg::Loaded { key, result }).is_err() {
                     stats.handled();

@@ -1,0 +1,194 @@
+//! Pulling a model version from a peer: a node that must serve a version it has no copy of
+//! reads the manifest and then each file from a peer that holds it (`troupe.v1.Artifacts` on
+//! the peer port), resuming a file from the bytes it has after a broken stream, and moves on
+//! to the next peer if one fails. Every file is verified against the manifest before the copy
+//! is used; a corrupt or partial copy is never stored.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tonic::transport::Endpoint;
+use troupe_actors::supervisor::ArtifactFetcher;
+use troupe_consensus::Metadata;
+use troupe_models::artifact::{check_manifest_path, ArtifactStore, Manifest, ManifestFile};
+use troupe_proto::v1::artifacts_client::ArtifactsClient;
+use troupe_proto::v1::{GetManifestRequest, ReadFileRequest};
+
+/// Broken streams tolerated per file and peer before trying the next peer.
+const RESUMES_PER_FILE: usize = 3;
+
+pub struct PeerPuller {
+    pub node_id: u64,
+    pub metadata: Arc<Metadata>,
+    pub store: ArtifactStore,
+}
+
+impl ArtifactFetcher for PeerPuller {
+    fn fetch(
+        &self,
+        digest: String,
+    ) -> Pin<Box<dyn Future<Output = Result<PathBuf, String>> + Send>> {
+        let peers: Vec<(u64, String)> = self
+            .metadata
+            .status()
+            .nodes
+            .into_iter()
+            .filter(|(id, _)| *id != self.node_id)
+            .map(|(id, addr)| (id, addr.peer_addr))
+            .collect();
+        let store = self.store.clone();
+        Box::pin(async move {
+            let mut failures = Vec::new();
+            for (id, addr) in peers {
+                match pull_from(&store, &addr, &digest).await {
+                    Ok(dir) => {
+                        tracing::info!(%digest, peer = id, "artifact pulled from a peer");
+                        return Ok(dir);
+                    }
+                    Err(reason) => failures.push(format!("node {id}: {reason}")),
+                }
+            }
+            Err(if failures.is_empty() {
+                format!("no copy of artifact {digest} on this node and no peer to pull it from: push it here with `troupe models push`")
+            } else {
+                format!(
+                    "no peer could provide artifact {digest} ({})",
+                    failures.join("; ")
+                )
+            })
+        })
+    }
+}
+
+async fn pull_from(store: &ArtifactStore, addr: &str, digest: &str) -> Result<PathBuf, String> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let mut client = ArtifactsClient::new(channel).max_decoding_message_size(usize::MAX);
+    let files = client
+        .get_manifest(GetManifestRequest {
+            digest: digest.to_owned(),
+        })
+        .await
+        .map_err(|s| s.message().to_owned())?
+        .into_inner()
+        .files;
+    let mut files: Vec<ManifestFile> = files
+        .into_iter()
+        .map(|f| ManifestFile {
+            path: f.path,
+            size_bytes: f.size_bytes,
+            sha256: f.sha256,
+        })
+        .collect();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let manifest = Manifest { files };
+    if manifest.digest() != digest {
+        return Err(format!(
+            "its manifest has digest {}, not the one asked for",
+            manifest.digest()
+        ));
+    }
+    for file in &manifest.files {
+        check_manifest_path(&file.path)?;
+    }
+    let staging = {
+        let (store, digest) = (store.clone(), digest.to_owned());
+        tokio::task::spawn_blocking(move || store.staging_dir(&digest))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
+    let result = async {
+        for file in &manifest.files {
+            pull_file(&mut client, digest, file, &staging).await?;
+        }
+        let (store, manifest, staging) = (store.clone(), manifest.clone(), staging.clone());
+        tokio::task::spawn_blocking(move || store.commit(&staging, &manifest))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("the copy failed verification: {e}"))
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_dir_all(&staging).await;
+    }
+    result
+}
+
+/// Streams one file into `staging`, resuming from what it has after a broken stream.
+async fn pull_file(
+    client: &mut ArtifactsClient<tonic::transport::Channel>,
+    digest: &str,
+    file: &ManifestFile,
+    staging: &std::path::Path,
+) -> Result<(), String> {
+    let path = staging.join(&file.path);
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let mut out = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .await
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let mut written = 0u64;
+    let mut resumes = 0;
+    while written < file.size_bytes {
+        let stream = client
+            .read_file(ReadFileRequest {
+                digest: digest.to_owned(),
+                path: file.path.clone(),
+                offset: written,
+            })
+            .await;
+        let broken = match stream {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(chunk)) => {
+                            if written + chunk.data.len() as u64 > file.size_bytes {
+                                return Err(format!(
+                                    "{:?} is longer than its manifest says",
+                                    file.path
+                                ));
+                            }
+                            out.write_all(&chunk.data)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            written += chunk.data.len() as u64;
+                        }
+                        Ok(None) => break None,
+                        Err(status) => break Some(status.message().to_owned()),
+                    }
+                }
+            }
+            Err(status) => Some(status.message().to_owned()),
+        };
+        if let Some(reason) = broken {
+            resumes += 1;
+            if resumes > RESUMES_PER_FILE {
+                return Err(format!("{:?}: {reason}", file.path));
+            }
+            tracing::warn!(file = %file.path, written, %reason, "artifact stream broke; resuming");
+        } else if written < file.size_bytes {
+            return Err(format!(
+                "{:?} ended after {written} of {} bytes",
+                file.path, file.size_bytes
+            ));
+        }
+    }
+    out.flush().await.map_err(|e| e.to_string())
+}

@@ -1,0 +1,138 @@
+//! Three nodes in one process on 127.0.0.1: a version pushed to one node is pulled by the
+//! others from it over the peer port, verified, loaded, and served by every node with the
+//! same output; every node reports its readiness through Raft. A copy damaged on disk is
+//! never loaded: it is dropped and pulled again from a peer with a good one.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_pushed_to_one_node_is_pulled_by_the_others_and_served_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(&dir);
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start_node(id, &dir).await);
+    }
+    let first = nodes[0].api_addr.to_string();
+    let init = troupe(args(&[
+        "cluster",
+        "init",
+        "--addr",
+        &first,
+        "--members",
+        &members_arg(&nodes),
+    ]))
+    .await;
+    assert!(init.status.success(), "{:?}", text(&init));
+    nodes[0]
+        .metadata
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let model_arg = model.to_string_lossy().into_owned();
+    let pushed = troupe(args(&[
+        "models",
+        "push",
+        &model_arg,
+        "--name",
+        "tiny",
+        "--version",
+        "1",
+        "--addr",
+        &first,
+        "--quiet",
+    ]))
+    .await;
+    assert!(pushed.status.success(), "{:?}", text(&pushed));
+    // Node 2 gets the same bytes too; then node 1's copy is damaged on disk. The files
+    // exist nowhere else (push sends no source directory).
+    let to_second = troupe(args(&[
+        "models",
+        "push",
+        &model_arg,
+        "--name",
+        "tiny",
+        "--version",
+        "1",
+        "--addr",
+        &nodes[1].api_addr.to_string(),
+        "--quiet",
+    ]))
+    .await;
+    assert!(to_second.status.success(), "{:?}", text(&to_second));
+    let digest = troupe_models::artifact::Manifest::of_dir(&model)
+        .unwrap()
+        .digest();
+    let damaged = dir
+        .path()
+        .join(format!("node1/models/{digest}/model.safetensors"));
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&damaged, bytes).unwrap();
+    std::fs::rename(&model, dir.path().join("elsewhere")).unwrap();
+    let second = nodes[1].api_addr.to_string();
+    let activated = troupe(args(&[
+        "models", "activate", "tiny", "1", "--addr", &second,
+    ]))
+    .await;
+    assert!(activated.status.success(), "{:?}", text(&activated));
+    for node in &nodes {
+        wait_serving(node).await;
+    }
+
+    let texts = ["served by every node", "the same bytes everywhere"];
+    let mut outputs = Vec::new();
+    for node in &nodes {
+        let reply = inference_client(node)
+            .await
+            .embed(embed_request("tiny", &texts, ""))
+            .await
+            .unwrap()
+            .into_inner();
+        outputs.push(
+            reply
+                .embeddings
+                .into_iter()
+                .map(|e| e.values)
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(outputs[0], outputs[1]);
+    assert_eq!(outputs[0], outputs[2]);
+
+    // Every node holds a verified copy of its own, node 1's pulled again.
+    for id in 1..=3 {
+        let stored = dir.path().join(format!("node{id}/models"));
+        let store = troupe_models::artifact::ArtifactStore::new(stored);
+        store.verify(&digest).unwrap();
+    }
+    for id in 2..=3 {
+        let copy = dir.path().join(format!("node{id}/models/{digest}"));
+        assert!(copy.join("model.safetensors").is_file(), "node {id}");
+    }
+    // Every node's readiness is in the metadata.
+    let third = nodes[2].api_addr.to_string();
+    wait_for("three ready reports", Duration::from_secs(30), || {
+        let third = third.clone();
+        async move {
+            let listed = troupe(args(&["models", "list", "--addr", &third, "--json"])).await;
+            let listed: serde_json::Value = serde_json::from_str(&text(&listed).0).ok()?;
+            let ready = listed[0]["nodes"]
+                .as_array()?
+                .iter()
+                .filter(|n| n["state"] == "ready")
+                .count();
+            (ready == 3).then_some(())
+        }
+    })
+    .await;
+    for node in nodes {
+        node.shutdown().await.unwrap();
+    }
+}
