@@ -53,6 +53,9 @@ pub struct ServingSettings {
     pub health_interval_ms: u64,
     /// Longest graceful shutdown waits for queued requests.
     pub drain_timeout_ms: u64,
+    /// Cap on pulling model files from peers, in megabytes (10^6 bytes) per second, shared by
+    /// all of this node's pulls; 0 means no cap.
+    pub blob_bandwidth_mbps: f64,
 }
 
 impl Default for ServingSettings {
@@ -70,6 +73,7 @@ impl Default for ServingSettings {
             restart_window_s: actors.restart_window.as_secs(),
             health_interval_ms: actors.health_interval.as_millis() as u64,
             drain_timeout_ms: actors.drain_timeout.as_millis() as u64,
+            blob_bandwidth_mbps: 0.0,
         }
     }
 }
@@ -499,6 +503,13 @@ impl NodeConfig {
                     serving.max_batch_size
                 ),
                 "use 1..=1024, e.g. 32",
+            );
+        }
+        if !(serving.blob_bandwidth_mbps.is_finite() && serving.blob_bandwidth_mbps >= 0.0) {
+            problem(
+                "serving.blob_bandwidth_mbps",
+                format!("{} is not a rate", serving.blob_bandwidth_mbps),
+                "use megabytes per second, e.g. 100, or 0 for no cap",
             );
         }
         if serving.lanes > 64 {

@@ -2,7 +2,9 @@
 //! reads the manifest and then each file from a peer that holds it (`troupe.v1.Artifacts` on
 //! the peer port), resuming a file from the bytes it has after a broken stream, and moves on
 //! to the next peer if one fails. Every file is verified against the manifest before the copy
-//! is used; a corrupt or partial copy is never stored.
+//! is used; a corrupt or partial copy is never stored. Pulls share one token bucket per node
+//! (`serving.blob_bandwidth_mbps`), on their own connections, so Raft and client traffic do
+//! not queue behind them.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -25,6 +27,46 @@ pub struct PeerPuller {
     pub node_id: u64,
     pub metadata: Arc<Metadata>,
     pub store: ArtifactStore,
+    /// Shared by every pull of this node; `None` pulls at full speed.
+    pub bandwidth: Option<Arc<tokio::sync::Mutex<TokenBucket>>>,
+}
+
+/// A token bucket over bytes: on average at most `rate` bytes a second. It starts empty and
+/// keeps at most `burst` seconds of unused allowance, so a transfer's rate is the cap from its
+/// first chunk on.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: tokio::time::Instant,
+}
+
+impl TokenBucket {
+    /// `bytes_per_second` > 0.
+    pub fn new(bytes_per_second: f64) -> Self {
+        Self {
+            rate: bytes_per_second,
+            burst: bytes_per_second * 0.05,
+            tokens: 0.0,
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Waits until `bytes` may go.
+    pub async fn take(&mut self, bytes: usize) {
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        self.tokens -= bytes as f64;
+        if self.tokens < 0.0 {
+            let wait = Duration::from_secs_f64(-self.tokens / self.rate);
+            tokio::time::sleep(wait).await;
+            self.tokens = 0.0;
+            self.last = tokio::time::Instant::now();
+        }
+    }
 }
 
 impl ArtifactFetcher for PeerPuller {
@@ -41,10 +83,11 @@ impl ArtifactFetcher for PeerPuller {
             .map(|(id, addr)| (id, addr.peer_addr))
             .collect();
         let store = self.store.clone();
+        let bandwidth = self.bandwidth.clone();
         Box::pin(async move {
             let mut failures = Vec::new();
             for (id, addr) in peers {
-                match pull_from(&store, &addr, &digest).await {
+                match pull_from(&store, &addr, &digest, bandwidth.as_deref()).await {
                     Ok(dir) => {
                         tracing::info!(%digest, peer = id, "artifact pulled from a peer");
                         return Ok(dir);
@@ -64,7 +107,12 @@ impl ArtifactFetcher for PeerPuller {
     }
 }
 
-async fn pull_from(store: &ArtifactStore, addr: &str, digest: &str) -> Result<PathBuf, String> {
+async fn pull_from(
+    store: &ArtifactStore,
+    addr: &str,
+    digest: &str,
+    bandwidth: Option<&tokio::sync::Mutex<TokenBucket>>,
+) -> Result<PathBuf, String> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(3))
@@ -109,7 +157,7 @@ async fn pull_from(store: &ArtifactStore, addr: &str, digest: &str) -> Result<Pa
     };
     let result = async {
         for file in &manifest.files {
-            pull_file(&mut client, digest, file, &staging).await?;
+            pull_file(&mut client, digest, file, &staging, bandwidth).await?;
         }
         let (store, manifest, staging) = (store.clone(), manifest.clone(), staging.clone());
         tokio::task::spawn_blocking(move || store.commit(&staging, &manifest))
@@ -130,6 +178,7 @@ async fn pull_file(
     digest: &str,
     file: &ManifestFile,
     staging: &std::path::Path,
+    bandwidth: Option<&tokio::sync::Mutex<TokenBucket>>,
 ) -> Result<(), String> {
     let path = staging.join(&file.path);
     if let Some(parent) = path.parent() {
@@ -164,6 +213,9 @@ async fn pull_file(
                                     "{:?} is longer than its manifest says",
                                     file.path
                                 ));
+                            }
+                            if let Some(bucket) = bandwidth {
+                                bucket.lock().await.take(chunk.data.len()).await;
                             }
                             out.write_all(&chunk.data)
                                 .await

@@ -130,6 +130,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             node_id: config.id,
             metadata: metadata.clone(),
             store: store.clone(),
+            bandwidth: (config.serving.blob_bandwidth_mbps > 0.0).then(|| {
+                Arc::new(tokio::sync::Mutex::new(crate::pull::TokenBucket::new(
+                    config.serving.blob_bandwidth_mbps * 1e6,
+                )))
+            }),
         }),
         store: store.clone(),
     })

@@ -136,3 +136,65 @@ async fn a_version_pushed_to_one_node_is_pulled_by_the_others_and_served_everywh
         node.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_keep_to_the_bandwidth_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(&dir);
+    // 4 MB of extra weight, so the transfer lasts long enough to measure.
+    let extra: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(model.join("extra.bin"), extra).unwrap();
+    let nodes = vec![start_node(1, &dir).await, start_node(2, &dir).await];
+    let first = nodes[0].api_addr.to_string();
+    let init = troupe(args(&[
+        "cluster",
+        "init",
+        "--addr",
+        &first,
+        "--members",
+        &members_arg(&nodes),
+    ]))
+    .await;
+    assert!(init.status.success(), "{:?}", text(&init));
+    nodes[0]
+        .metadata
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let model_arg = model.to_string_lossy().into_owned();
+    let pushed = troupe(args(&[
+        "models", "push", &model_arg, "--name", "big", "--addr", &first, "--quiet",
+    ]))
+    .await;
+    assert!(pushed.status.success(), "{:?}", text(&pushed));
+    let manifest = troupe_models::artifact::Manifest::of_dir(&model).unwrap();
+
+    // Node 2's puller, with a 2 MB/s cap, into a store of its own.
+    const CAP: f64 = 2e6;
+    let puller = troupe::pull::PeerPuller {
+        node_id: 2,
+        metadata: nodes[1].metadata.clone(),
+        store: troupe_models::artifact::ArtifactStore::new(dir.path().join("pulled")),
+        bandwidth: Some(std::sync::Arc::new(tokio::sync::Mutex::new(
+            troupe::pull::TokenBucket::new(CAP),
+        ))),
+    };
+    let started = std::time::Instant::now();
+    let pulled = troupe_actors::ArtifactFetcher::fetch(&puller, manifest.digest())
+        .await
+        .unwrap();
+    let rate = manifest.total_bytes() as f64 / started.elapsed().as_secs_f64();
+    eprintln!(
+        "pulled {} bytes at {:.2} MB/s (cap 2 MB/s)",
+        manifest.total_bytes(),
+        rate / 1e6
+    );
+    assert!(
+        (rate - CAP).abs() / CAP <= 0.10,
+        "rate {rate:.0} B/s, cap {CAP}"
+    );
+    assert!(pulled.join("extra.bin").is_file());
+    for node in nodes {
+        node.shutdown().await.unwrap();
+    }
+}
