@@ -73,8 +73,9 @@ impl ArtifactFetcher for PeerPuller {
     fn fetch(
         &self,
         digest: String,
+        holders: Vec<u64>,
     ) -> Pin<Box<dyn Future<Output = Result<PathBuf, String>> + Send>> {
-        let peers: Vec<(u64, String)> = self
+        let mut peers: Vec<(u64, String)> = self
             .metadata
             .status()
             .nodes
@@ -82,6 +83,8 @@ impl ArtifactFetcher for PeerPuller {
             .filter(|(id, _)| *id != self.node_id)
             .map(|(id, addr)| (id, addr.peer_addr))
             .collect();
+        // Nodes that reported the version ready first, then the others, each in id order.
+        peers.sort_by_key(|(id, _)| (!holders.contains(id), *id));
         let store = self.store.clone();
         let bandwidth = self.bandwidth.clone();
         Box::pin(async move {

@@ -180,7 +180,7 @@ async fn pulls_keep_to_the_bandwidth_cap() {
         ))),
     };
     let started = std::time::Instant::now();
-    let pulled = troupe_actors::ArtifactFetcher::fetch(&puller, manifest.digest())
+    let pulled = troupe_actors::ArtifactFetcher::fetch(&puller, manifest.digest(), vec![1])
         .await
         .unwrap();
     let rate = manifest.total_bytes() as f64 / started.elapsed().as_secs_f64();

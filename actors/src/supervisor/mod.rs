@@ -42,11 +42,13 @@ pub trait ModelLoader: Send + Sync + 'static {
 }
 
 /// Gets a version's files from a peer into the node's artifact store (the node provides it;
-/// it speaks the peer protocol). Returns the stored directory, or why no peer could.
+/// it speaks the peer protocol). `holders` are the nodes that reported the version ready, to
+/// be asked first. Returns the stored directory, or why no peer could.
 pub trait ArtifactFetcher: Send + Sync + 'static {
     fn fetch(
         &self,
         digest: String,
+        holders: Vec<u64>,
     ) -> std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<std::path::PathBuf, String>> + Send>,
     >;

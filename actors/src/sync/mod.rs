@@ -110,8 +110,14 @@ async fn artifact_dir(
             Err(error) => import_failed = Some(error.to_string()),
         }
     }
+    let holders = record
+        .nodes
+        .iter()
+        .filter(|(_, report)| report.state == NodeModelState::Ready)
+        .map(|(id, _)| *id)
+        .collect();
     fetcher
-        .fetch(record.digest.clone())
+        .fetch(record.digest.clone(), holders)
         .await
         .map_err(|pull| match import_failed {
             Some(import) => format!("{import}; and {pull}"),
