@@ -63,17 +63,3 @@ pub enum ServeError {
     #[error("the node is shutting down: retry on another node")]
     ShuttingDown,
 }
-
-impl ServeError {
-    /// True when the same request may succeed if retried here or elsewhere.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            ServeError::Loading { .. }
-                | ServeError::QueueFull { .. }
-                | ServeError::WorkerFailed { .. }
-                | ServeError::Unavailable { .. }
-                | ServeError::ShuttingDown
-        )
-    }
-}

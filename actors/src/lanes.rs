@@ -97,10 +97,17 @@ impl<T> Lanes<T> {
     }
 
     /// Removes and returns every entry `remove(item, deadline)` picks, keeping the order of
-    /// the rest.
+    /// the rest. A lane with nothing to remove is left as it is: the batcher runs this on
+    /// every message. `remove` must give the same answer when asked twice.
     pub fn take_where(&mut self, mut remove: impl FnMut(&T, Option<Instant>) -> bool) -> Vec<T> {
         let mut taken = Vec::new();
         for queue in &mut self.lanes {
+            if !queue
+                .iter()
+                .any(|entry| remove(&entry.item, entry.deadline))
+            {
+                continue;
+            }
             let mut kept = VecDeque::with_capacity(queue.len());
             for entry in queue.drain(..) {
                 if remove(&entry.item, entry.deadline) {

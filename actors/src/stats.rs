@@ -38,7 +38,7 @@ impl ActorStats {
     }
 
     /// A restarted actor starts with an empty mailbox.
-    pub fn reset_mailbox(&self) {
+    fn reset_mailbox(&self) {
         self.mailbox.store(0, Ordering::Relaxed);
     }
 }
@@ -96,6 +96,14 @@ impl ActorDirectory {
             })
             .stats
             .clone()
+    }
+
+    /// The stats of `path` for an actor about to (re)start: its restart count carries over,
+    /// its mailbox starts empty.
+    pub fn fresh_stats(&self, path: &str, kind: &'static str) -> Arc<ActorStats> {
+        let stats = self.stats(path, kind);
+        stats.reset_mailbox();
+        stats
     }
 
     /// Records the live actor behind `path` (after a start or restart).

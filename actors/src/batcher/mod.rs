@@ -46,8 +46,6 @@ pub struct BatcherShared {
     worker_restarts: AtomicU64,
     lane_depths: Mutex<Vec<usize>>,
     restart_latencies: Mutex<Vec<Duration>>,
-    /// Batch sizes seen (texts per batch), for the mean and the histogram.
-    batch_rows: Mutex<Vec<u64>>,
 }
 
 impl BatcherShared {
@@ -79,29 +77,10 @@ impl BatcherShared {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.jobs.fetch_add(jobs, Ordering::Relaxed);
         self.rows.fetch_add(rows, Ordering::Relaxed);
-        let mut sizes = lock(&self.batch_rows);
-        if sizes.len() >= 65_536 {
-            sizes.drain(..32_768);
-        }
-        sizes.push(rows);
     }
 
     pub(crate) fn failed_batch(&self, jobs: u64) {
         self.failed.fetch_add(jobs, Ordering::Relaxed);
-    }
-
-    /// Mean texts per batch over the last `last` batches (all kept ones when 0).
-    pub fn mean_batch_rows(&self, last: usize) -> f64 {
-        let sizes = lock(&self.batch_rows);
-        let take = if last == 0 {
-            sizes.len()
-        } else {
-            last.min(sizes.len())
-        };
-        if take == 0 {
-            return 0.0;
-        }
-        sizes[sizes.len() - take..].iter().sum::<u64>() as f64 / take as f64
     }
 
     pub(crate) fn expired_at_worker(&self) {
@@ -419,8 +398,7 @@ impl BatcherState {
         myself: &ActorRef<BatcherMsg>,
     ) -> Result<(), ActorProcessingErr> {
         let path = worker_path(&self.args.path, index);
-        let stats = self.args.directory.stats(&path, "inference_worker");
-        stats.reset_mailbox();
+        self.args.directory.fresh_stats(&path, "inference_worker");
         let (thread, batches) = std::sync::mpsc::channel();
         let args = WorkerArgs {
             index,

@@ -162,8 +162,7 @@ impl SupervisorState {
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
     ) -> Result<(), ActorProcessingErr> {
-        let stats = self.directory.stats(SYNC_PATH, "metadata_sync");
-        stats.reset_mailbox();
+        let stats = self.directory.fresh_stats(SYNC_PATH, "metadata_sync");
         // Loads started by a previous incarnation report to it, not to us: start them over.
         self.table.clear_loading();
         let args = SyncArgs {
@@ -194,8 +193,7 @@ impl SupervisorState {
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
     ) -> Result<(), ActorProcessingErr> {
-        let stats = self.directory.stats(HEALTH_PATH, "health");
-        stats.reset_mailbox();
+        let stats = self.directory.fresh_stats(HEALTH_PATH, "health");
         let args = HealthArgs {
             metadata: self.args.metadata.clone(),
             table: self.table.clone(),
@@ -223,8 +221,7 @@ impl SupervisorState {
         model: Arc<dyn SentenceEmbedder>,
     ) -> Result<BatcherHandle, String> {
         let path = batcher_path(&key);
-        let stats = self.directory.stats(&path, "batcher");
-        stats.reset_mailbox();
+        let stats = self.directory.fresh_stats(&path, "batcher");
         let args = BatcherArgs {
             node_id: self.args.node_id,
             key: key.clone(),
