@@ -13,26 +13,8 @@ use common::*;
 async fn a_version_pushed_to_one_node_is_pulled_by_the_others_and_served_everywhere() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model_dir(&dir);
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        nodes.push(start_node(id, &dir).await);
-    }
+    let nodes = start_cluster(&dir, 3).await;
     let first = nodes[0].api_addr.to_string();
-    let init = troupe(args(&[
-        "cluster",
-        "init",
-        "--addr",
-        &first,
-        "--members",
-        &members_arg(&nodes),
-    ]))
-    .await;
-    assert!(init.status.success(), "{:?}", text(&init));
-    nodes[0]
-        .metadata
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
 
     let model_arg = model.to_string_lossy().into_owned();
     let pushed = troupe(args(&[
@@ -144,23 +126,8 @@ async fn pulls_keep_to_the_bandwidth_cap() {
     // 4 MB of extra weight, so the transfer lasts long enough to measure.
     let extra: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(model.join("extra.bin"), extra).unwrap();
-    let nodes = vec![start_node(1, &dir).await, start_node(2, &dir).await];
+    let nodes = start_cluster(&dir, 2).await;
     let first = nodes[0].api_addr.to_string();
-    let init = troupe(args(&[
-        "cluster",
-        "init",
-        "--addr",
-        &first,
-        "--members",
-        &members_arg(&nodes),
-    ]))
-    .await;
-    assert!(init.status.success(), "{:?}", text(&init));
-    nodes[0]
-        .metadata
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
     let model_arg = model.to_string_lossy().into_owned();
     let pushed = troupe(args(&[
         "models", "push", &model_arg, "--name", "big", "--addr", &first, "--quiet",

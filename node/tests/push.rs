@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use tonic::Code;
 use troupe_models::artifact::Manifest;
@@ -15,13 +13,7 @@ use troupe_proto::v1::push_model_chunk::Part;
 use troupe_proto::v1::{FileChunk, ManifestFileEntry, PushModelChunk, PushModelHeader};
 
 async fn started(dir: &tempfile::TempDir) -> troupe::RunningNode {
-    let node = start_node(1, dir).await;
-    node.metadata.initialize(Default::default()).await.unwrap();
-    node.metadata
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
-    node
+    start_cluster(dir, 1).await.remove(0)
 }
 
 /// A push with these chunks after a header for `model_dir`'s real manifest.

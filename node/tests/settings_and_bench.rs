@@ -2,9 +2,7 @@
 //! (`troupe::start`, real gRPC on 127.0.0.1): the benchmark's puts and CAS really reach the
 //! store, and its lost-update check holds.
 
-use std::time::Duration;
-
-use common::{args, assert_lost_cas, members_arg, start_node, text};
+use common::{args, assert_lost_cas, start_cluster, text};
 use troupe::RunningNode;
 
 mod common;
@@ -14,20 +12,8 @@ async fn troupe(list: &[&str]) -> std::process::Output {
 }
 
 async fn three_nodes(dir: &tempfile::TempDir) -> (Vec<RunningNode>, Vec<String>) {
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        nodes.push(start_node(id, dir).await);
-    }
-    let api: Vec<String> = nodes.iter().map(|n| n.api_addr.to_string()).collect();
-    let members = members_arg(&nodes);
-    let init = troupe(&["cluster", "init", "--addr", &api[0], "--members", &members]).await;
-    assert!(init.status.success(), "{:?}", text(&init));
-    for node in &nodes {
-        node.metadata
-            .wait_for_leader(Duration::from_secs(10))
-            .await
-            .unwrap();
-    }
+    let nodes = start_cluster(dir, 3).await;
+    let api = nodes.iter().map(|n| n.api_addr.to_string()).collect();
     (nodes, api)
 }
 

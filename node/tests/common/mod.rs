@@ -55,6 +55,34 @@ pub fn members_arg(nodes: &[RunningNode]) -> String {
         .join(",")
 }
 
+/// `count` nodes (ids 1..=count) formed into one cluster through `troupe cluster init`, each
+/// knowing the leader before this returns.
+pub async fn start_cluster(dir: &tempfile::TempDir, count: u64) -> Vec<RunningNode> {
+    let mut nodes = Vec::new();
+    for id in 1..=count {
+        nodes.push(start_node(id, dir).await);
+    }
+    let first = nodes[0].api_addr.to_string();
+    let members = members_arg(&nodes);
+    let init = troupe(args(&[
+        "cluster",
+        "init",
+        "--addr",
+        &first,
+        "--members",
+        &members,
+    ]))
+    .await;
+    assert!(init.status.success(), "{:?}", text(&init));
+    for node in &nodes {
+        node.metadata
+            .wait_for_leader(std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    nodes
+}
+
 /// A lost compare-and-set: exit 3, and the message names the key's current revision.
 pub fn assert_lost_cas(output: &Output, current_revision: u64) {
     let (_, stderr) = text(output);
