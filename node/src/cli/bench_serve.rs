@@ -103,7 +103,9 @@ pub struct ServeReport {
     pub p95_ratio_1_client_to_engine_batch1: Option<f64>,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// Nearest-rank percentile of sorted samples (NaN when there are none), as the peers'
+/// scripts compute it.
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

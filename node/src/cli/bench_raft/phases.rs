@@ -44,13 +44,7 @@ impl Latency {
     /// Nearest-rank percentiles over seconds, reported in ms (etcd_bench.py's method).
     fn of(mut seconds: Vec<f64>) -> Self {
         seconds.sort_by(f64::total_cmp);
-        let pick = |p: f64| {
-            if seconds.is_empty() {
-                return f64::NAN;
-            }
-            let k = (p / 100.0 * (seconds.len() - 1) as f64).round() as usize;
-            seconds[k.min(seconds.len() - 1)] * 1e3
-        };
+        let pick = |p: f64| crate::cli::bench_serve::percentile(&seconds, p) * 1e3;
         Self {
             p50_ms: pick(50.0),
             p99_ms: pick(99.0),
