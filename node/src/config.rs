@@ -27,6 +27,7 @@ pub struct NodeConfig {
     pub raft: RaftSettings,
     pub serving: ServingSettings,
     pub limits: LimitSettings,
+    pub routing: RoutingSettings,
 }
 
 /// Batching, workers and supervision.
@@ -53,6 +54,12 @@ pub struct ServingSettings {
     pub health_interval_ms: u64,
     /// Longest graceful shutdown waits for queued requests.
     pub drain_timeout_ms: u64,
+    /// A rollout (`models activate`) not complete on every live node after this many seconds
+    /// fails, and the active version stays.
+    pub rollout_timeout_s: u64,
+    /// Scheduling priority of the compute threads (Linux nice, 0..=19; 0 leaves it alone).
+    /// Above 0 they yield the CPU to Raft, heartbeats and routing when every core is busy.
+    pub compute_nice: i32,
     /// Cap on pulling model files from peers, in megabytes (10^6 bytes) per second, shared by
     /// all of this node's pulls; 0 means no cap.
     pub blob_bandwidth_mbps: f64,
@@ -73,6 +80,8 @@ impl Default for ServingSettings {
             restart_window_s: actors.restart_window.as_secs(),
             health_interval_ms: actors.health_interval.as_millis() as u64,
             drain_timeout_ms: actors.drain_timeout.as_millis() as u64,
+            rollout_timeout_s: actors.rollout_timeout.as_secs(),
+            compute_nice: actors.compute_nice,
             blob_bandwidth_mbps: 0.0,
         }
     }
@@ -109,6 +118,40 @@ impl Default for LimitSettings {
         }
     }
 }
+
+/// How a node chooses where a request is served: here, or forwarded to a peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingSettings {
+    /// `least_outstanding`, `round_robin`, `weighted` or `consistent_hash`.
+    pub strategy: String,
+    /// For `weighted`: node id -> weight (`weights = { 1 = 3, 2 = 1 }`); unlisted nodes weigh
+    /// 1, weight 0 only takes traffic when no other node can.
+    pub weights: std::collections::BTreeMap<String, u32>,
+    /// Nodes tried per request (this one included) before the client gets the last error.
+    pub max_attempts: usize,
+    /// Longest a connection to a peer for forwarding may take to open.
+    pub forward_connect_timeout_ms: u64,
+}
+
+impl Default for RoutingSettings {
+    fn default() -> Self {
+        Self {
+            strategy: "least_outstanding".into(),
+            weights: Default::default(),
+            max_attempts: 3,
+            forward_connect_timeout_ms: 1_000,
+        }
+    }
+}
+
+/// The routing strategies `routing.strategy` accepts.
+pub const ROUTING_STRATEGIES: [&str; 4] = [
+    "least_outstanding",
+    "round_robin",
+    "weighted",
+    "consistent_hash",
+];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -152,6 +195,7 @@ impl Default for NodeConfig {
             raft: RaftSettings::default(),
             serving: ServingSettings::default(),
             limits: LimitSettings::default(),
+            routing: RoutingSettings::default(),
         }
     }
 }
@@ -294,6 +338,8 @@ impl NodeConfig {
             restart_window: Duration::from_secs(s.restart_window_s),
             health_interval: Duration::from_millis(s.health_interval_ms),
             drain_timeout: Duration::from_millis(s.drain_timeout_ms),
+            rollout_timeout: Duration::from_secs(s.rollout_timeout_s),
+            compute_nice: s.compute_nice,
         }
     }
 
@@ -456,6 +502,11 @@ impl NodeConfig {
                 "use e.g. 30000",
             ),
             (
+                "serving.rollout_timeout_s",
+                serving.rollout_timeout_s,
+                "use e.g. 300",
+            ),
+            (
                 "limits.max_message_bytes",
                 self.limits.max_message_bytes as u64,
                 "use e.g. 4194304",
@@ -519,7 +570,62 @@ impl NodeConfig {
                 "use 1..=64",
             );
         }
+        if !(0..=19).contains(&serving.compute_nice) {
+            problem(
+                "serving.compute_nice",
+                format!("{} is not a nice value", serving.compute_nice),
+                "use 0..=19 (0: the default priority; 10: yield to Raft and heartbeats)",
+            );
+        }
+        let routing = &self.routing;
+        if !ROUTING_STRATEGIES.contains(&routing.strategy.as_str()) {
+            problem(
+                "routing.strategy",
+                format!("{:?} is not a routing strategy", routing.strategy),
+                "use least_outstanding, round_robin, weighted or consistent_hash",
+            );
+        }
+        for node in routing.weights.keys() {
+            if node.parse::<u64>().map_or(true, |id| id == 0) {
+                problem(
+                    "routing.weights",
+                    format!("{node:?} is not a node id"),
+                    "key each weight by a node id, e.g. weights = { 1 = 3, 2 = 1 }",
+                );
+            }
+        }
+        if routing.max_attempts == 0 {
+            problem(
+                "routing.max_attempts",
+                "must be positive".into(),
+                "use e.g. 3 (this node and two peers)",
+            );
+        }
+        if routing.forward_connect_timeout_ms == 0 {
+            problem(
+                "routing.forward_connect_timeout_ms",
+                "must be positive".into(),
+                "use e.g. 1000",
+            );
+        }
         problems
+    }
+
+    /// The router's strategy (the config must be valid).
+    pub fn routing_strategy(&self) -> troupe_actors::Strategy {
+        use troupe_actors::Strategy;
+        match self.routing.strategy.as_str() {
+            "round_robin" => Strategy::RoundRobin,
+            "weighted" => Strategy::Weighted(
+                self.routing
+                    .weights
+                    .iter()
+                    .filter_map(|(node, weight)| Some((node.parse().ok()?, *weight)))
+                    .collect(),
+            ),
+            "consistent_hash" => Strategy::ConsistentHash,
+            _ => Strategy::LeastOutstanding,
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

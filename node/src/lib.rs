@@ -4,6 +4,7 @@
 //! - [`config`]: node configuration (TOML, then `TROUPE_*` environment, then flags).
 //! - [`run`]: [`run()`] and [`start`], how a node starts and stops.
 //! - [`server`]: the gRPC services (Inference, Admin) and the one error-to-status table.
+//! - [`forward`]: forwarding requests to peers (their connections, trace context).
 //! - [`loader`]: loads model directories onto the configured compute backend.
 //! - [`error`]: the CLI's error type; every command fails with one line that names the
 //!   problem and the fix.
@@ -13,6 +14,7 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod forward;
 pub mod loader;
 pub mod pull;
 pub mod run;

@@ -20,10 +20,14 @@ use troupe_proto::v1::admin_server::AdminServer;
 use troupe_proto::v1::inference_server::InferenceServer;
 
 use crate::config::{ConfigError, NodeConfig};
+use crate::forward::Forwarder;
 use crate::server::admin::AdminService;
 use crate::server::artifacts::ArtifactService;
-use crate::server::inference::InferenceService;
+use crate::server::inference::{InferenceCore, InferenceService, RoutingParts};
+use crate::server::peer::PeerService;
+use troupe_actors::Router;
 use troupe_proto::v1::artifacts_server::ArtifactsServer;
+use troupe_proto::v1::peer_server::PeerServer;
 
 /// The service name grpc.health.v1 reports inference readiness under ("" is the node).
 pub const INFERENCE_SERVICE: &str = "troupe.v1.Inference";
@@ -97,29 +101,18 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let metadata = Arc::new(Metadata::start(config.metadata_config()).await?);
     tracing::info!(node_id = config.id, %api_addr, %peer_addr, data_dir = %config.data_dir.display(), "node started");
 
-    let (peer_stop, peer_stopped) = oneshot::channel::<()>();
-    let peer_service = metadata.peer_service();
-    let artifact_service = ArtifactsServer::new(ArtifactService::new(ArtifactStore::new(
-        config.model_store_dir(),
-    )));
-    let peer_task = tokio::spawn(async move {
-        Server::builder()
-            .add_service(peer_service)
-            .add_service(artifact_service)
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(peer_listener).with_nodelay(Some(true)),
-                async {
-                    let _ = peer_stopped.await;
-                },
-            )
-            .await
-    });
-    if config.serving.compute_threads > 0 {
-        // The pool is process-wide: the first node of a process sizes it.
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(config.serving.compute_threads)
-            .build_global();
-    }
+    // The pool is process-wide: the first node of a process sizes it. Its threads run at a
+    // lower priority than the async runtime's, so Raft and heartbeats never wait behind a
+    // forward pass.
+    let nice = config.serving.compute_nice;
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(config.serving.compute_threads)
+        .start_handler(move |_| {
+            if let Err(error) = troupe_models::priority::lower_current_thread_priority(nice) {
+                tracing::warn!(%error, nice, "cannot lower a compute thread's priority");
+            }
+        })
+        .build_global();
     let store = ArtifactStore::new(config.model_store_dir());
     let actors = ActorTree::start(TreeArgs {
         node_id: config.id,
@@ -141,6 +134,43 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     .await
     .map_err(|e| NodeError::Actors(e.to_string()))?;
     let tree = actors.view();
+    let inference_core = Arc::new(InferenceCore::new(
+        config.id,
+        tree.clone(),
+        config.limits.clone(),
+        RoutingParts {
+            router: Router::new(config.routing_strategy()),
+            forwarder: Forwarder::new(
+                config.id,
+                Duration::from_millis(config.routing.forward_connect_timeout_ms),
+                config.limits.max_message_bytes,
+            ),
+            max_attempts: config.routing.max_attempts,
+            backup: false,
+        },
+    ));
+    let (peer_stop, peer_stopped) = oneshot::channel::<()>();
+    let peer_service = metadata.peer_service();
+    let artifact_service = ArtifactsServer::new(ArtifactService::new(ArtifactStore::new(
+        config.model_store_dir(),
+    )));
+    let peer_grpc = PeerServer::new(PeerService {
+        inference: inference_core.clone(),
+    })
+    .max_decoding_message_size(config.limits.max_message_bytes);
+    let peer_task = tokio::spawn(async move {
+        Server::builder()
+            .add_service(peer_service)
+            .add_service(artifact_service)
+            .add_service(peer_grpc)
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(peer_listener).with_nodelay(Some(true)),
+                async {
+                    let _ = peer_stopped.await;
+                },
+            )
+            .await
+    });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let health_task = tokio::spawn(publish_health(tree.health.clone(), health_reporter));
@@ -169,12 +199,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         store,
     ))
     .max_decoding_message_size(limits.max_message_bytes);
-    let inference = InferenceServer::new(InferenceService::new(
-        config.id,
-        tree.clone(),
-        limits.clone(),
-    ))
-    .max_decoding_message_size(limits.max_message_bytes);
+    let inference = InferenceServer::new(InferenceService(inference_core))
+        .max_decoding_message_size(limits.max_message_bytes);
     let api_task = tokio::spawn(async move {
         Server::builder()
             .max_concurrent_streams(Some(limits.max_concurrent_streams))

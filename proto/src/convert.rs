@@ -96,6 +96,7 @@ impl From<(Vec<Vec<f32>>, String, u64, String)> for v1::EmbedResponse {
             model_version,
             revision,
             request_id,
+            served_by: 0,
         }
     }
 }
@@ -112,6 +113,7 @@ mod tests {
             texts: vec!["hello".into()],
             task: "search".into(),
             request_id: String::new(),
+            routing_key: String::new(),
         }
     }
 

@@ -409,6 +409,7 @@ impl BatcherState {
             batcher: myself.clone(),
             shared: self.args.shared.clone(),
             batches,
+            compute_nice: self.args.config.compute_nice,
         };
         let actor = spawn_child(
             &self.args.directory,

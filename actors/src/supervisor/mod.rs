@@ -4,6 +4,7 @@
 //! NodeSupervisor (one for one; restart intensity N in T, then escalate)
 //! ├── MetadataSync
 //! ├── Health
+//! ├── RolloutController
 //! └── Batcher per loaded model version ── InferenceWorker × workers_per_model
 //! ```
 //!
@@ -30,7 +31,9 @@ pub use messages::SupervisorMsg;
 use crate::batcher::{Batcher, BatcherArgs, BatcherHandle, BatcherShared};
 use crate::config::ServingConfig;
 use crate::health::{self, Health, HealthArgs, HealthMsg, NodeHealth};
+use crate::peers::{InFlight, PeerTable};
 use crate::restart::RestartBudget;
+use crate::rollout::{RolloutArgs, RolloutController, RolloutMsg};
 use crate::stats::{spawn_child, ActorDirectory, ActorInfo, ActorStats};
 use crate::sync::{MetadataSync, SyncArgs, SyncMsg};
 use crate::table::{LocalState, ModelKey, ServingTable};
@@ -57,6 +60,7 @@ pub trait ArtifactFetcher: Send + Sync + 'static {
 const ROOT: &str = "node";
 const SYNC_PATH: &str = "node/metadata_sync";
 const HEALTH_PATH: &str = "node/health";
+const ROLLOUT_PATH: &str = "node/rollout";
 
 fn batcher_path(key: &ModelKey) -> String {
     format!("{ROOT}/batcher:{key}")
@@ -119,6 +123,7 @@ impl SupervisorHandle {
 enum Child {
     Sync,
     Health,
+    Rollout,
     Batcher(ModelKey),
 }
 
@@ -130,12 +135,14 @@ struct LoadedModel {
 pub struct SupervisorState {
     args: TreeArgs,
     table: Arc<ServingTable>,
+    peers: Arc<PeerTable>,
     budget: Arc<RestartBudget>,
     directory: ActorDirectory,
     published: watch::Sender<NodeHealth>,
     stats: Arc<ActorStats>,
     sync: Option<ActorRef<SyncMsg>>,
     health: Option<ActorRef<HealthMsg>>,
+    rollout: Option<ActorRef<RolloutMsg>>,
     batchers: HashMap<ModelKey, LoadedModel>,
 }
 
@@ -144,6 +151,7 @@ pub struct NodeSupervisor;
 pub struct SupervisorStart {
     args: TreeArgs,
     table: Arc<ServingTable>,
+    peers: Arc<PeerTable>,
     budget: Arc<RestartBudget>,
     directory: ActorDirectory,
     published: watch::Sender<NodeHealth>,
@@ -214,6 +222,34 @@ impl SupervisorState {
         Ok(())
     }
 
+    async fn start_rollout(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        let stats = self
+            .directory
+            .fresh_stats(ROLLOUT_PATH, "rollout_controller");
+        let args = RolloutArgs {
+            node_id: self.args.node_id,
+            metadata: self.args.metadata.clone(),
+            table: self.table.clone(),
+            peers: self.peers.clone(),
+            timeout: self.args.config.rollout_timeout,
+            interval: self.args.config.health_interval,
+            stats,
+        };
+        let actor = spawn_child(
+            &self.directory,
+            ROLLOUT_PATH,
+            RolloutController,
+            args,
+            myself.get_cell(),
+        )
+        .await?;
+        self.rollout = Some(actor);
+        Ok(())
+    }
+
     async fn start_batcher(
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
@@ -254,6 +290,9 @@ impl SupervisorState {
         if self.health.as_ref().is_some_and(|a| a.get_id() == id) {
             return Some(Child::Health);
         }
+        if self.rollout.as_ref().is_some_and(|a| a.get_id() == id) {
+            return Some(Child::Rollout);
+        }
         self.batchers
             .iter()
             .find(|(_, loaded)| loaded.handle.actor().get_id() == id)
@@ -275,6 +314,7 @@ impl SupervisorState {
         let path = match &child {
             Child::Sync => SYNC_PATH.to_owned(),
             Child::Health => HEALTH_PATH.to_owned(),
+            Child::Rollout => ROLLOUT_PATH.to_owned(),
             Child::Batcher(key) => batcher_path(key),
         };
         tracing::warn!(actor = %path, %reason, "actor failed");
@@ -294,6 +334,7 @@ impl SupervisorState {
         match child {
             Child::Sync => self.start_sync(myself).await?,
             Child::Health => self.start_health(myself).await?,
+            Child::Rollout => self.start_rollout(myself).await?,
             Child::Batcher(key) => {
                 if let Some(loaded) = self.batchers.remove(&key) {
                     match self.start_batcher(myself, key.clone(), loaded.model).await {
@@ -321,16 +362,19 @@ impl Actor for NodeSupervisor {
         let mut state = SupervisorState {
             args: start.args,
             table: start.table,
+            peers: start.peers,
             budget: start.budget,
             directory: start.directory,
             published: start.published,
             stats: start.stats,
             sync: None,
             health: None,
+            rollout: None,
             batchers: HashMap::new(),
         };
         state.start_health(&myself).await?;
         state.start_sync(&myself).await?;
+        state.start_rollout(&myself).await?;
         Ok(state)
     }
 
@@ -425,6 +469,10 @@ impl Actor for NodeSupervisor {
 #[derive(Debug, Clone)]
 pub struct TreeView {
     pub table: Arc<ServingTable>,
+    /// What heartbeats learned about the other nodes.
+    pub peers: Arc<PeerTable>,
+    /// Requests this node is serving now.
+    pub in_flight: Arc<InFlight>,
     pub directory: ActorDirectory,
     pub health: watch::Receiver<NodeHealth>,
 }
@@ -432,6 +480,14 @@ pub struct TreeView {
 impl TreeView {
     pub fn actors(&self) -> Vec<ActorInfo> {
         self.directory.snapshot()
+    }
+
+    /// Requests queued in this node's batchers.
+    pub fn queue_depth(&self) -> u64 {
+        self.batchers()
+            .iter()
+            .map(|b| b.shared().lane_depths().iter().sum::<usize>() as u64)
+            .sum()
     }
 
     /// Every loaded version's batcher.
@@ -452,6 +508,8 @@ pub struct ActorTree {
     supervisor: ActorRef<SupervisorMsg>,
     join: tokio::task::JoinHandle<()>,
     pub table: Arc<ServingTable>,
+    pub peers: Arc<PeerTable>,
+    pub in_flight: Arc<InFlight>,
     pub directory: ActorDirectory,
     pub budget: Arc<RestartBudget>,
     pub health: watch::Receiver<NodeHealth>,
@@ -462,6 +520,8 @@ pub struct ActorTree {
 impl ActorTree {
     pub async fn start(args: TreeArgs) -> Result<Self, ractor::SpawnErr> {
         let table = Arc::new(ServingTable::default());
+        let peers = Arc::new(PeerTable::default());
+        let in_flight = Arc::new(InFlight::default());
         let directory = ActorDirectory::default();
         let budget = Arc::new(RestartBudget::new(
             args.config.max_restarts,
@@ -476,6 +536,7 @@ impl ActorTree {
         let start = SupervisorStart {
             args,
             table: table.clone(),
+            peers: peers.clone(),
             budget: budget.clone(),
             directory: directory.clone(),
             published,
@@ -488,6 +549,8 @@ impl ActorTree {
             supervisor,
             join,
             table,
+            peers,
+            in_flight,
             directory,
             budget,
             health,
@@ -499,6 +562,8 @@ impl ActorTree {
     pub fn view(&self) -> TreeView {
         TreeView {
             table: self.table.clone(),
+            peers: self.peers.clone(),
+            in_flight: self.in_flight.clone(),
             directory: self.directory.clone(),
             health: self.health.clone(),
         }

@@ -31,6 +31,8 @@ pub struct WorkerArgs {
     pub shared: Arc<BatcherShared>,
     /// Batches from the batcher, straight to the thread.
     pub batches: mpsc::Receiver<Batch>,
+    /// The thread's scheduling priority (see `troupe_models::priority`).
+    pub compute_nice: i32,
 }
 
 pub struct WorkerState;
@@ -75,6 +77,9 @@ fn panic_reason(panic: Box<dyn std::any::Any + Send>) -> String {
 
 /// Computes batches until the batcher drops its sender (stop or restart) or a batch fails.
 fn thread_main(args: WorkerArgs, actor: ActorRef<WorkerMsg>) {
+    if let Err(error) = troupe_models::priority::lower_current_thread_priority(args.compute_nice) {
+        tracing::warn!(%error, nice = args.compute_nice, "cannot lower the worker thread's priority");
+    }
     while let Ok(batch) = args.batches.recv() {
         let span = tracing::info_span!("batch", node_id = args.node_id, model = %args.key, batch_id = batch.id, worker = args.index, jobs = batch.jobs.len());
         let _entered = span.enter();

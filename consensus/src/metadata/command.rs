@@ -14,6 +14,13 @@ pub enum ModelState {
     Active,
     /// No longer served; nodes unload it.
     Retired,
+    /// Asked to become active: every serving node loads and warms it while the active version
+    /// keeps serving; the leader's rollout controller makes it active once every live serving
+    /// node reports it ready, or failed.
+    Wanted,
+    /// A rollout that did not complete (a node failed to load it, or the rollout timed out);
+    /// the record's `reason` says why. The previous active version stayed active.
+    Failed,
 }
 
 impl ModelState {
@@ -23,6 +30,8 @@ impl ModelState {
             ModelState::Ready => "ready",
             ModelState::Active => "active",
             ModelState::Retired => "retired",
+            ModelState::Wanted => "wanted",
+            ModelState::Failed => "failed",
         }
     }
 }
@@ -71,6 +80,12 @@ pub enum Command {
         state: ModelState,
         /// Share of traffic this version gets while active (0..=100).
         traffic_weight: Option<u32>,
+        /// Why, for `failed`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// For `wanted`: the proposer's wall clock, from which the rollout timeout counts.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        requested_at_unix_ms: Option<u64>,
     },
     SetTaskPriority {
         name: String,

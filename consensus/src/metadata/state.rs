@@ -43,6 +43,13 @@ pub struct ModelVersionRecord {
     /// Each node's report of where it is with this version, by node id.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub nodes: BTreeMap<u64, NodeReadiness>,
+    /// Why the version is `failed`; empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// When the version was last asked to become active (the proposer's clock, ms since the
+    /// Unix epoch): the rollout timeout counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_started_unix_ms: Option<u64>,
 }
 
 /// A node's last report on a version.
@@ -109,6 +116,16 @@ fn check_name(field: &str, value: &str) -> Result<(), Rejection> {
     }
 }
 
+fn check_reason(reason: &str) -> Result<(), Rejection> {
+    if reason.len() > MAX_REASON_BYTES {
+        return Err(Rejection::Invalid {
+            field: "reason".into(),
+            reason: format!("{} bytes, the limit is {MAX_REASON_BYTES}", reason.len()),
+        });
+    }
+    Ok(())
+}
+
 fn check_command(command: &Command) -> Result<(), Rejection> {
     match command {
         Command::RegisterModelVersion {
@@ -135,6 +152,7 @@ fn check_command(command: &Command) -> Result<(), Rejection> {
             name,
             version,
             traffic_weight,
+            reason,
             ..
         } => {
             check_name("model name", name)?;
@@ -145,7 +163,7 @@ fn check_command(command: &Command) -> Result<(), Rejection> {
                     reason: "must be 0..=100".into(),
                 });
             }
-            Ok(())
+            check_reason(reason.as_deref().unwrap_or_default())
         }
         Command::SetTaskPriority { name, .. } => check_name("task name", name),
         Command::ReportModelReadiness {
@@ -163,13 +181,7 @@ fn check_command(command: &Command) -> Result<(), Rejection> {
                     reason: "must be positive".into(),
                 });
             }
-            if reason.len() > MAX_REASON_BYTES {
-                return Err(Rejection::Invalid {
-                    field: "reason".into(),
-                    reason: format!("{} bytes, the limit is {MAX_REASON_BYTES}", reason.len()),
-                });
-            }
-            Ok(())
+            check_reason(reason)
         }
         Command::SetSetting { key, value } => {
             check_name("setting key", key)?;
@@ -290,6 +302,8 @@ impl MetadataState {
                             mod_revision: revision,
                         },
                         nodes: BTreeMap::new(),
+                        reason: String::new(),
+                        rollout_started_unix_ms: None,
                     },
                 );
                 Outcome::Applied { revision }
@@ -299,6 +313,8 @@ impl MetadataState {
                 version,
                 state,
                 traffic_weight,
+                reason,
+                requested_at_unix_ms,
             } => {
                 let Some(versions) = self.models.get_mut(name) else {
                     return unknown_version(name, version);
@@ -307,21 +323,39 @@ impl MetadataState {
                     return unknown_version(name, version);
                 };
                 let weight = traffic_weight.unwrap_or(record.traffic_weight);
-                if record.state == *state && record.traffic_weight == weight {
+                let reason = match state {
+                    ModelState::Failed => reason.clone().unwrap_or_default(),
+                    _ => String::new(),
+                };
+                // Asking for the active version again changes nothing; so does any write
+                // that leaves the record as it is.
+                let already = record.state == *state
+                    || (*state == ModelState::Wanted && record.state == ModelState::Active);
+                if already && record.traffic_weight == weight && record.reason == reason {
                     return Outcome::Unchanged { revision };
                 }
-                // One active version per model: activating a version retires the previous one.
-                if *state == ModelState::Active {
-                    for (other, record) in versions.iter_mut() {
-                        if other != version && record.state == ModelState::Active {
-                            record.state = ModelState::Retired;
-                            record.revisions.mod_revision = revision;
-                        }
+                for (other, record) in versions.iter_mut() {
+                    if other == version {
+                        continue;
+                    }
+                    // One active version per model: activating a version retires the previous
+                    // one. One rollout per model: a newer request supersedes an unfinished one.
+                    let superseded = matches!(state, ModelState::Active | ModelState::Wanted)
+                        && record.state == *state;
+                    if superseded {
+                        record.state = ModelState::Retired;
+                        record.revisions.mod_revision = revision;
                     }
                 }
                 if let Some(record) = versions.get_mut(version) {
                     record.state = *state;
                     record.traffic_weight = weight;
+                    record.reason = reason;
+                    record.rollout_started_unix_ms = match state {
+                        ModelState::Wanted => *requested_at_unix_ms,
+                        ModelState::Retired => None,
+                        _ => record.rollout_started_unix_ms,
+                    };
                     record.revisions.mod_revision = revision;
                 }
                 Outcome::Applied { revision }

@@ -29,6 +29,8 @@ fn set_state(version: &str, state: ModelState) -> Proposal {
         version: version.into(),
         state,
         traffic_weight: None,
+        reason: None,
+        requested_at_unix_ms: None,
     })
 }
 
@@ -116,6 +118,54 @@ fn activating_a_version_retires_the_previously_active_one() {
 }
 
 #[test]
+fn a_rollout_leaves_the_active_version_alone_until_it_completes_or_fails() {
+    let mut state = MetadataState::default();
+    state.apply(1, &register("1", DIGEST_A));
+    state.apply(2, &register("2", DIGEST_B));
+    state.apply(3, &set_state("1", ModelState::Active));
+    let mut wanted = set_state("2", ModelState::Wanted);
+    if let Command::SetModelState {
+        requested_at_unix_ms,
+        ..
+    } = &mut wanted.command
+    {
+        *requested_at_unix_ms = Some(42);
+    }
+    assert_eq!(state.apply(4, &wanted), Outcome::Applied { revision: 4 });
+    assert_eq!(state.models["minilm"]["1"].state, ModelState::Active);
+    assert_eq!(state.models["minilm"]["2"].state, ModelState::Wanted);
+    assert_eq!(
+        state.models["minilm"]["2"].rollout_started_unix_ms,
+        Some(42)
+    );
+    // Asking for the active version again is a no-op, not a second rollout.
+    assert_eq!(
+        state.apply(5, &set_state("1", ModelState::Wanted)),
+        Outcome::Unchanged { revision: 5 }
+    );
+    let mut failed = set_state("2", ModelState::Failed);
+    if let Command::SetModelState { reason, .. } = &mut failed.command {
+        *reason = Some("node 3: out of memory".into());
+    }
+    state.apply(6, &failed);
+    assert_eq!(state.models["minilm"]["1"].state, ModelState::Active);
+    assert_eq!(state.models["minilm"]["2"].state, ModelState::Failed);
+    assert_eq!(state.models["minilm"]["2"].reason, "node 3: out of memory");
+    // A new rollout clears the reason; completing it retires the old version.
+    state.apply(7, &set_state("2", ModelState::Wanted));
+    assert_eq!(state.models["minilm"]["2"].reason, "");
+    state.apply(8, &set_state("2", ModelState::Active));
+    assert_eq!(state.models["minilm"]["1"].state, ModelState::Retired);
+    assert_eq!(state.models["minilm"]["2"].state, ModelState::Active);
+    // A newer rollout supersedes an unfinished one.
+    state.apply(9, &register("3", DIGEST_A));
+    state.apply(10, &set_state("1", ModelState::Wanted));
+    state.apply(11, &set_state("3", ModelState::Wanted));
+    assert_eq!(state.models["minilm"]["1"].state, ModelState::Retired);
+    assert_eq!(state.models["minilm"]["3"].state, ModelState::Wanted);
+}
+
+#[test]
 fn malformed_commands_are_rejected_without_touching_state() {
     let mut state = MetadataState::default();
     let before = state.clone();
@@ -129,6 +179,8 @@ fn malformed_commands_are_rejected_without_touching_state() {
             version: "1".into(),
             state: ModelState::Ready,
             traffic_weight: Some(101),
+            reason: None,
+            requested_at_unix_ms: None,
         }),
     ] {
         assert!(

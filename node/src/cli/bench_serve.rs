@@ -159,6 +159,7 @@ async fn load_point(
                 texts: vec![sentence.to_owned()],
                 task: String::new(),
                 request_id: String::new(),
+                routing_key: String::new(),
             };
             tokio::spawn(async move {
                 let mut latencies = Vec::new();

@@ -29,6 +29,10 @@ pub struct EmbedArgs {
     /// With --addr: the task whose priority picks the queue lane.
     #[arg(long, requires = "addr")]
     pub task: Option<String>,
+    /// With --addr and routing.strategy = consistent_hash: requests with the same key are
+    /// served by the same node while it is up (default: the texts are the key).
+    #[arg(long, requires = "addr")]
+    pub routing_key: Option<String>,
     /// With --addr: how long to wait for the answer, in milliseconds.
     #[arg(long, requires = "addr", default_value_t = 30_000)]
     pub timeout_ms: u64,
@@ -131,6 +135,7 @@ async fn embed_remote(
         texts,
         task: args.task.clone().unwrap_or_default(),
         request_id: String::new(),
+        routing_key: args.routing_key.clone().unwrap_or_default(),
     });
     request.set_timeout(timeout);
     let reply = client.embed(request).await?.into_inner();

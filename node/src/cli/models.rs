@@ -23,9 +23,11 @@ pub enum ModelsCommand {
     /// Upload a model directory to a node: the node verifies every file, stores it
     /// content-addressed and records the version. The same bytes again change nothing.
     Push(PushArgs),
-    /// Make VERSION the version served for NAME (the previous active version is retired
-    /// once this one is loaded).
-    Activate(StateArgs),
+    /// Roll VERSION out as the version served for NAME: every live serving node loads and
+    /// warms it while the active version keeps serving; it becomes active everywhere at once
+    /// when all of them are ready, or failed (the old version stays) when a node cannot load
+    /// it or serving.rollout_timeout_s passes. --wait waits for that outcome.
+    Activate(ActivateArgs),
     /// Stop serving VERSION of NAME.
     Retire(StateArgs),
     /// Registered model versions and their state.
@@ -84,6 +86,15 @@ pub struct StateArgs {
     pub write: WriteOptions,
 }
 
+#[derive(Debug, Args)]
+pub struct ActivateArgs {
+    #[command(flatten)]
+    pub target: StateArgs,
+    /// Wait until the rollout completes (exit 0) or fails (exit 1, naming the reason).
+    #[arg(long)]
+    pub wait: bool,
+}
+
 #[derive(Serialize)]
 struct ModelView {
     name: String,
@@ -94,6 +105,9 @@ struct ModelView {
     format: String,
     traffic_weight: u32,
     mod_revision: u64,
+    /// Why the version is failed.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    reason: String,
     /// On the node asked: loading, ready, failed: REASON, or empty.
     local_state: String,
     /// Every node's last report, through Raft.
@@ -131,7 +145,7 @@ pub fn run(command: ModelsCommand) -> Result<(), CliError> {
         ModelsCommand::Fetch(args) => fetch_model(args),
         ModelsCommand::Register(args) => block_on(register(args)),
         ModelsCommand::Push(args) => block_on(super::push::push(args)),
-        ModelsCommand::Activate(args) => block_on(set_state(args, "active")),
+        ModelsCommand::Activate(args) => block_on(activate(args)),
         ModelsCommand::Retire(args) => block_on(set_state(args, "retired")),
         ModelsCommand::List(args) => block_on(list(args)),
     }
@@ -179,6 +193,67 @@ async fn register(args: RegisterArgs) -> Result<(), CliError> {
     print_write(&reply, write.json)
 }
 
+async fn activate(args: ActivateArgs) -> Result<(), CliError> {
+    let (name, version, addr) = (
+        args.target.name.clone(),
+        args.target.version.clone(),
+        args.target.write.addr.clone(),
+    );
+    let json = args.target.write.json;
+    set_state(args.target, "active").await?;
+    if !args.wait {
+        return Ok(());
+    }
+    let mut client = admin(&addr).await?;
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        poll.tick().await;
+        let reply = client
+            .list_models(ReadRequest {
+                stale: false,
+                min_revision: 0,
+            })
+            .await?
+            .into_inner();
+        let Some(entry) = reply
+            .models
+            .iter()
+            .find(|m| m.name == name && m.version == version)
+        else {
+            return Err(CliError::Rpc {
+                code: tonic::Code::NotFound,
+                message: format!("model '{name}' version '{version}' is no longer registered"),
+            });
+        };
+        match entry.state.as_str() {
+            "wanted" => continue,
+            "active" => {
+                if !json {
+                    println!("{name}@{version} is active on every serving node");
+                }
+                return Ok(());
+            }
+            "failed" => {
+                return Err(CliError::Rpc {
+                    code: tonic::Code::FailedPrecondition,
+                    message: format!(
+                        "rollout of {name}@{version} failed, the previous version stays active: {}",
+                        entry.reason
+                    ),
+                })
+            }
+            other => {
+                return Err(CliError::Rpc {
+                    code: tonic::Code::Aborted,
+                    message: format!(
+                        "{name}@{version} became {other} during its rollout (another write superseded it)"
+                    ),
+                })
+            }
+        }
+    }
+}
+
 async fn set_state(args: StateArgs, state: &str) -> Result<(), CliError> {
     let write = args.write;
     let reply = admin(&write.addr)
@@ -217,6 +292,7 @@ async fn list(args: ListArgs) -> Result<(), CliError> {
             format: m.format,
             traffic_weight: m.traffic_weight,
             mod_revision: m.mod_revision,
+            reason: m.reason,
             local_state: m.local_state,
             nodes: m
                 .nodes
@@ -255,6 +331,9 @@ async fn list(args: ListArgs) -> Result<(), CliError> {
                 nodes.join(" ")
             }
         );
+        if !m.reason.is_empty() {
+            println!("    {}: {}", m.state, m.reason);
+        }
         for failed in m.nodes.iter().filter(|n| !n.reason.is_empty()) {
             println!("    node {} failed: {}", failed.node_id, failed.reason);
         }

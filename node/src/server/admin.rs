@@ -348,22 +348,29 @@ impl Admin for AdminService {
         request: Request<SetModelStateRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
         let request = request.into_inner();
+        // Activation is a rollout: the version becomes wanted, and the leader's rollout
+        // controller makes it active once every live serving node has it ready.
         let state = match request.state.as_str() {
-            "loading" => ModelState::Loading,
-            "ready" => ModelState::Ready,
-            "active" => ModelState::Active,
+            "active" | "wanted" => ModelState::Wanted,
             "retired" => ModelState::Retired,
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "state {other:?} is not a model state: use loading, ready, active or retired"
+                    "state {other:?} cannot be set: use active (starts a rollout) or retired"
                 )))
             }
         };
+        let requested_at_unix_ms = (state == ModelState::Wanted).then(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        });
         let command = Command::SetModelState {
             name: request.name,
             version: request.version,
             state,
             traffic_weight: request.traffic_weight,
+            reason: None,
+            requested_at_unix_ms,
         };
         self.write(command, request.expected_revision, request.request_id)
             .await
@@ -521,6 +528,7 @@ impl Admin for AdminService {
                                     revision: report.revision,
                                 })
                                 .collect(),
+                            reason: record.reason.clone(),
                         });
                     }
                 }

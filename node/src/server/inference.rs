@@ -1,17 +1,20 @@
-//! `troupe.v1.Inference/Embed`: validate the request against the node's limits, route it to
-//! the batcher of the model version it names (through the serving table), and wait for the
-//! batch that carries it.
+//! `troupe.v1.Inference/Embed`: validate the request against the node's limits, pick the
+//! nodes to try (the router), and serve it on this node's batcher or forward it to a peer,
+//! moving on when a node is full or unavailable. `Peer/Forward` ends here too, served
+//! locally only.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tonic::{Request, Response, Status};
-use troupe_actors::{EmbedJob, ServeError, TreeView};
+use tonic::{Code, Request, Response, Status};
+use troupe_actors::{Candidate, EmbedJob, PeerState, Router, ServeError, TreeView};
 use troupe_proto::v1::inference_server::Inference;
 use troupe_proto::v1::{EmbedRequest, EmbedResponse, Embedding};
 
 use super::status::serve_error;
 use crate::config::LimitSettings;
+use crate::forward::{trace_context, trace_id, Forwarder, FORWARDED_BY_HEADER};
 
 /// Request metadata naming the API version the client speaks.
 pub const API_VERSION_HEADER: &str = "x-troupe-api-version";
@@ -19,20 +22,42 @@ pub const API_VERSION_HEADER: &str = "x-troupe-api-version";
 /// API versions this node serves.
 pub const SUPPORTED_API_VERSIONS: std::ops::RangeInclusive<u32> = 1..=1;
 
-pub struct InferenceService {
+/// What the Embed handler and the peer port's Forward handler share.
+pub struct InferenceCore {
     node_id: u64,
     tree: TreeView,
     limits: LimitSettings,
     next_request: AtomicU64,
+    router: Router,
+    forwarder: Forwarder,
+    max_attempts: usize,
+    /// This node is a backup: its router tries it after the primaries too.
+    backup: bool,
 }
 
-impl InferenceService {
-    pub fn new(node_id: u64, tree: TreeView, limits: LimitSettings) -> Self {
+/// `troupe.v1.Inference` on the API port.
+pub struct InferenceService(pub Arc<InferenceCore>);
+
+/// How a node routes: its strategy, the nodes it tries per request, and its forwarding
+/// connections.
+pub struct RoutingParts {
+    pub router: Router,
+    pub forwarder: Forwarder,
+    pub max_attempts: usize,
+    pub backup: bool,
+}
+
+impl InferenceCore {
+    pub fn new(node_id: u64, tree: TreeView, limits: LimitSettings, routing: RoutingParts) -> Self {
         Self {
             node_id,
             tree,
             limits,
             next_request: AtomicU64::new(1),
+            router: routing.router,
+            forwarder: routing.forwarder,
+            max_attempts: routing.max_attempts.max(1),
+            backup: routing.backup,
         }
     }
 }
@@ -72,7 +97,7 @@ fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
     })
 }
 
-impl InferenceService {
+impl InferenceCore {
     fn validate(&self, request: &EmbedRequest) -> Result<(), Status> {
         let limits = &self.limits;
         if request.model.is_empty() {
@@ -108,20 +133,47 @@ impl InferenceService {
     }
 }
 
-#[tonic::async_trait]
-impl Inference for InferenceService {
-    #[tracing::instrument(
-        skip_all,
-        fields(node_id = self.node_id, model, task, request_id, version)
-    )]
-    async fn embed(
-        &self,
-        request: Request<EmbedRequest>,
-    ) -> Result<Response<EmbedResponse>, Status> {
+/// A request as it is served: validated, with its id, deadline and trace context.
+struct Admitted {
+    request: EmbedRequest,
+    received: Instant,
+    deadline: Instant,
+    traceparent: String,
+}
+
+/// Codes after which the next node is tried: the node was full, or could not serve now.
+fn try_next_node(code: Code) -> bool {
+    matches!(code, Code::ResourceExhausted | Code::Unavailable)
+}
+
+/// Route errors that hold on every node (the metadata is the same everywhere): no point in
+/// asking a peer.
+fn cluster_wide(error: &ServeError) -> bool {
+    matches!(
+        error,
+        ServeError::UnknownModel { .. }
+            | ServeError::UnknownVersion { .. }
+            | ServeError::UnknownTask { .. }
+            | ServeError::NoActiveVersion { .. }
+    )
+}
+
+impl InferenceCore {
+    /// Checks the API version and the request, names it, and fixes its deadline.
+    fn admit(&self, request: Request<EmbedRequest>) -> Result<Admitted, Status> {
         let received = Instant::now();
         check_api_version(&request)?;
         let timeout = Duration::from_millis(self.limits.request_timeout_ms);
         let timeout = grpc_timeout(&request).map_or(timeout, |t| t.min(timeout));
+        let mut traceparent = String::new();
+        let forwarded_by = request
+            .metadata()
+            .get(FORWARDED_BY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let seed = format!("{}-{:?}", self.node_id, received);
+        traceparent.push_str(&trace_context(&request, &seed));
         let mut request = request.into_inner();
         if request.request_id.is_empty() {
             request.request_id = format!(
@@ -134,35 +186,51 @@ impl Inference for InferenceService {
         span.record("model", request.model.as_str());
         span.record("task", request.task.as_str());
         span.record("request_id", request.request_id.as_str());
+        span.record("trace_id", trace_id(&traceparent));
+        if !forwarded_by.is_empty() {
+            span.record("forwarded_by", forwarded_by.as_str());
+        }
         self.validate(&request)?;
+        Ok(Admitted {
+            request,
+            received,
+            deadline: received + timeout,
+            traceparent,
+        })
+    }
+
+    /// Serves a request on this node's batcher, or says why it cannot.
+    async fn serve_local(&self, admitted: &Admitted) -> Result<EmbedResponse, Status> {
+        let _in_flight = self.tree.in_flight.enter();
+        let request = &admitted.request;
         let route = self
             .tree
             .table
             .route(&request.model, &request.version, &request.task)
             .map_err(serve_error)?;
-        span.record("version", route.version.as_str());
+        tracing::Span::current().record("version", route.version.as_str());
         let (reply, answer) = tokio::sync::oneshot::channel();
         route.batcher.submit(EmbedJob {
-            texts: request.texts,
+            texts: request.texts.clone(),
             request_id: request.request_id.clone(),
-            task: request.task,
+            task: request.task.clone(),
             lane: route.lane,
-            deadline: Some(received + timeout),
-            received,
+            deadline: Some(admitted.deadline),
+            received: admitted.received,
             reply,
         });
-        let answered = tokio::time::timeout_at((received + timeout).into(), answer).await;
+        let answered = tokio::time::timeout_at(admitted.deadline.into(), answer).await;
         let embeddings = match answered {
             Ok(Ok(result)) => result.map_err(serve_error)?,
             Err(_) => {
                 return Err(Status::deadline_exceeded(format!(
                     "no answer within {} ms (the client's grpc-timeout or limits.request_timeout_ms): allow longer, or retry when the node is less busy",
-                    timeout.as_millis()
+                    admitted.deadline.duration_since(admitted.received).as_millis()
                 )))
             }
             Ok(Err(_)) => {
                 return Err(serve_error(ServeError::Unavailable {
-                    model: request.model,
+                    model: request.model.clone(),
                     version: route.version,
                     reason: "its batcher stopped before answering (it is being restarted): retry"
                         .into(),
@@ -170,18 +238,146 @@ impl Inference for InferenceService {
             }
         };
         tracing::debug!(
-            elapsed_ms = received.elapsed().as_secs_f64() * 1e3,
+            elapsed_ms = admitted.received.elapsed().as_secs_f64() * 1e3,
             "embedded"
         );
-        Ok(Response::new(EmbedResponse {
+        Ok(EmbedResponse {
             embeddings: embeddings
                 .into_iter()
                 .map(|values| Embedding { values })
                 .collect(),
             model_version: route.version,
             revision: route.revision,
-            request_id: request.request_id,
+            request_id: request.request_id.clone(),
+            served_by: self.node_id,
+        })
+    }
+
+    /// The nodes that can serve the request now, this one included when it can.
+    fn candidates(
+        &self,
+        request: &EmbedRequest,
+    ) -> Result<(Vec<Candidate>, Option<Status>), Status> {
+        let mut candidates = Vec::new();
+        let mut local_error = None;
+        match self
+            .tree
+            .table
+            .route(&request.model, &request.version, &request.task)
+        {
+            Ok(_) => candidates.push(Candidate {
+                node_id: self.node_id,
+                outstanding: self.tree.in_flight.get(),
+                backup: self.backup,
+                suspect: false,
+            }),
+            Err(error) if cluster_wide(&error) => return Err(serve_error(error)),
+            Err(error) => local_error = Some(serve_error(error)),
+        }
+        for peer in self.tree.peers.snapshot() {
+            let reachable = matches!(peer.state, PeerState::Up | PeerState::Suspect);
+            if peer.node_id == self.node_id
+                || !reachable
+                || !peer.serves(&request.model, &request.version)
+            {
+                continue;
+            }
+            candidates.push(Candidate {
+                node_id: peer.node_id,
+                outstanding: peer.in_flight + self.router.forwarded_to(peer.node_id),
+                backup: peer.backup,
+                suspect: peer.state == PeerState::Suspect,
+            });
+        }
+        Ok((candidates, local_error))
+    }
+
+    /// Serves a client's request here or on a peer, trying the next node when one is full or
+    /// unavailable, at most `routing.max_attempts` nodes in all.
+    async fn embed_routed(&self, admitted: Admitted) -> Result<EmbedResponse, Status> {
+        let request = &admitted.request;
+        let (candidates, local_error) = self.candidates(request)?;
+        let key: Vec<u8> = if request.routing_key.is_empty() {
+            request.texts.join("\u{0}").into_bytes()
+        } else {
+            request.routing_key.clone().into_bytes()
+        };
+        let members: Vec<u64> = match self.router.strategy() {
+            troupe_actors::Strategy::ConsistentHash => std::iter::once(self.node_id)
+                .chain(self.tree.peers.snapshot().iter().map(|p| p.node_id))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let order = self.router.order(self.node_id, &candidates, &members, &key);
+        let mut last_error = local_error;
+        for node in order.into_iter().take(self.max_attempts) {
+            let now = Instant::now();
+            if now >= admitted.deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "the request's deadline passed while trying nodes (last error: {})",
+                    last_error.as_ref().map_or("none", |s| s.message())
+                )));
+            }
+            let result = if node == self.node_id {
+                self.serve_local(&admitted).await
+            } else {
+                let Some(peer) = self.tree.peers.get(node) else {
+                    continue;
+                };
+                let _counted = self.router.forwarding(node);
+                self.forwarder
+                    .forward(
+                        node,
+                        &peer.peer_addr,
+                        request.clone(),
+                        admitted.deadline - now,
+                        &admitted.traceparent,
+                    )
+                    .await
+            };
+            match result {
+                Ok(response) => {
+                    tracing::Span::current().record("served_by", response.served_by);
+                    return Ok(response);
+                }
+                Err(status) if try_next_node(status.code()) => {
+                    tracing::debug!(node, code = ?status.code(), message = status.message(), "node could not take the request; trying the next");
+                    last_error = Some(status);
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            Status::unavailable(format!(
+                "no node serves model '{}' now (none has it loaded and reachable): retry shortly, or see `troupe models list` and `troupe cluster status`",
+                request.model
+            ))
         }))
+    }
+
+    /// A request another node's router sent here: served on this node or refused, never
+    /// forwarded again (so a request is forwarded at most once and cannot loop).
+    pub async fn embed_forwarded(
+        &self,
+        request: Request<EmbedRequest>,
+    ) -> Result<Response<EmbedResponse>, Status> {
+        let admitted = self.admit(request)?;
+        self.serve_local(&admitted).await.map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    #[tracing::instrument(
+        skip_all,
+        fields(node_id = self.0.node_id, model, task, request_id, version, trace_id, forwarded_by, served_by)
+    )]
+    async fn embed(
+        &self,
+        request: Request<EmbedRequest>,
+    ) -> Result<Response<EmbedResponse>, Status> {
+        let admitted = self.0.admit(request)?;
+        self.0.embed_routed(admitted).await.map(Response::new)
     }
 }
 

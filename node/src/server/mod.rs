@@ -1,7 +1,9 @@
-//! The node's gRPC services (Admin, Inference) and the error-to-status table.
+//! The node's gRPC services (Admin, Inference on the API port; Peer, Artifacts on the peer
+//! port) and the error-to-status table.
 
 pub mod admin;
 pub mod artifacts;
 pub mod inference;
+pub mod peer;
 pub mod push;
 pub mod status;

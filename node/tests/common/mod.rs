@@ -225,6 +225,7 @@ pub fn embed_request(model: &str, texts: &[&str], task: &str) -> troupe_proto::v
         texts: texts.iter().map(|t| (*t).to_owned()).collect(),
         task: task.to_owned(),
         request_id: String::new(),
+        routing_key: String::new(),
     }
 }
 

@@ -1,0 +1,333 @@
+//! The router: for each request, the order in which nodes are tried. The inference handler
+//! serves the request on the first node that takes it (this one or a peer over the peer port)
+//! and moves down the list when a node answers RESOURCE_EXHAUSTED or UNAVAILABLE.
+//!
+//! It is a shared structure rather than an actor: it runs on every request, and an actor hop
+//! there would cost a mailbox round trip for nothing, since choosing is a few comparisons over
+//! the peer table (kept by Health) and counters that only this structure touches.
+//!
+//! Every strategy puts primaries before backups, and healthy nodes before suspect ones; nodes
+//! marked down never appear.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// How the first node to try is chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Strategy {
+    /// Fewest requests outstanding: this node's in-flight count for itself; for a peer, its
+    /// last heartbeat's in-flight count plus the requests this node has forwarded to it and
+    /// not yet had answered. Ties go to this node (no hop), then to the lower node id.
+    LeastOutstanding,
+    /// Every candidate in turn.
+    RoundRobin,
+    /// Candidates in proportion to their weight (smooth weighted round robin); a node without
+    /// a configured weight weighs 1, a node of weight 0 is tried only after the others.
+    Weighted(BTreeMap<u64, u32>),
+    /// The request key picks a point on a hash ring of every member; the first candidate
+    /// clockwise serves it, and the next ones on the ring are the fallbacks.
+    ConsistentHash,
+}
+
+impl Strategy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::LeastOutstanding => "least_outstanding",
+            Strategy::RoundRobin => "round_robin",
+            Strategy::Weighted(_) => "weighted",
+            Strategy::ConsistentHash => "consistent_hash",
+        }
+    }
+}
+
+/// A node that can serve the request now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub node_id: u64,
+    /// Requests outstanding there, as this node knows it.
+    pub outstanding: u64,
+    pub backup: bool,
+    /// Missed recent heartbeats (not down yet): tried after the healthy ones.
+    pub suspect: bool,
+}
+
+/// Points per node on the consistent-hash ring.
+const RING_POINTS_PER_NODE: u64 = 64;
+
+/// FNV-1a: a hash every node computes the same, whatever its build or platform.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // Final mix (splitmix64) so neighbouring keys spread over the ring.
+    hash ^= hash >> 30;
+    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash ^= hash >> 27;
+    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
+}
+
+#[derive(Debug, Default)]
+pub struct Router {
+    strategy: Strategy,
+    next: AtomicU64,
+    /// Smooth weighted round robin state: current weight per node.
+    weighted: Mutex<HashMap<u64, i64>>,
+    /// Requests this node forwarded to each peer and has not had answered.
+    forwarded: Mutex<HashMap<u64, Arc<AtomicU64>>>,
+}
+
+impl Default for Strategy {
+    fn default() -> Self {
+        Strategy::LeastOutstanding
+    }
+}
+
+/// Counts a forwarded request until it is answered.
+pub struct ForwardGuard(Arc<AtomicU64>);
+
+impl Drop for ForwardGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Router {
+    pub fn new(strategy: Strategy) -> Self {
+        Self {
+            strategy,
+            ..Self::default()
+        }
+    }
+
+    pub fn strategy(&self) -> &Strategy {
+        &self.strategy
+    }
+
+    /// Requests this node has outstanding at `peer`.
+    pub fn forwarded_to(&self, peer: u64) -> u64 {
+        self.forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&peer)
+            .map_or(0, |n| n.load(Ordering::Relaxed))
+    }
+
+    /// Counts a request forwarded to `peer` until the guard drops.
+    pub fn forwarding(&self, peer: u64) -> ForwardGuard {
+        let counter = self
+            .forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(peer)
+            .or_default()
+            .clone();
+        counter.fetch_add(1, Ordering::Relaxed);
+        ForwardGuard(counter)
+    }
+
+    /// The order in which to try `candidates`. `local` is this node's id; `members` is every
+    /// node of the cluster (the consistent-hash ring is built over all of them, so a node
+    /// going down moves only its own keys); `key` is the request's routing key.
+    pub fn order(
+        &self,
+        local: u64,
+        candidates: &[Candidate],
+        members: &[u64],
+        key: &[u8],
+    ) -> Vec<u64> {
+        // Groups in the order they are tried: healthy primaries, suspect primaries, healthy
+        // backups, suspect backups.
+        let mut groups: [Vec<&Candidate>; 4] = Default::default();
+        for candidate in candidates {
+            groups[usize::from(candidate.backup) * 2 + usize::from(candidate.suspect)]
+                .push(candidate);
+        }
+        let mut order = Vec::with_capacity(candidates.len());
+        for group in groups.iter_mut().filter(|g| !g.is_empty()) {
+            group.sort_by_key(|c| c.node_id);
+            match &self.strategy {
+                Strategy::LeastOutstanding => {
+                    group.sort_by_key(|c| (c.outstanding, c.node_id != local, c.node_id));
+                    order.extend(group.iter().map(|c| c.node_id));
+                }
+                Strategy::RoundRobin => {
+                    let start = self.next.fetch_add(1, Ordering::Relaxed) as usize % group.len();
+                    group.rotate_left(start);
+                    order.extend(group.iter().map(|c| c.node_id));
+                }
+                Strategy::Weighted(weights) => {
+                    order.extend(self.weighted_order(group, weights));
+                }
+                Strategy::ConsistentHash => {
+                    order.extend(ring_order(group, members, key));
+                }
+            }
+        }
+        order
+    }
+
+    /// Smooth weighted round robin (as nginx does it): every candidate gains its weight, the
+    /// highest is chosen and pays back the total. Over any window the picks are in proportion
+    /// to the weights, interleaved rather than in runs. The rest follow by current weight.
+    fn weighted_order(&self, group: &[&Candidate], weights: &BTreeMap<u64, u32>) -> Vec<u64> {
+        let weight = |id: u64| i64::from(weights.get(&id).copied().unwrap_or(1));
+        let mut current = self.weighted.lock().unwrap_or_else(|p| p.into_inner());
+        let total: i64 = group.iter().map(|c| weight(c.node_id)).sum();
+        for candidate in group {
+            *current.entry(candidate.node_id).or_default() += weight(candidate.node_id);
+        }
+        let mut ranked: Vec<(i64, u64)> = group
+            .iter()
+            .map(|c| {
+                let score = if weight(c.node_id) == 0 {
+                    i64::MIN
+                } else {
+                    current[&c.node_id]
+                };
+                (score, c.node_id)
+            })
+            .collect();
+        ranked.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        if let Some(&(score, chosen)) = ranked.first() {
+            if score != i64::MIN {
+                *current.entry(chosen).or_default() -= total;
+            }
+        }
+        ranked.into_iter().map(|(_, id)| id).collect()
+    }
+}
+
+/// Candidates in ring order from the key's point: the owner first, then the next distinct
+/// nodes clockwise. Ring points belong to every member, so keys stay where they are when
+/// other nodes come and go.
+fn ring_order(group: &[&Candidate], members: &[u64], key: &[u8]) -> Vec<u64> {
+    let mut ring: Vec<(u64, u64)> = members
+        .iter()
+        .chain(group.iter().map(|c| &c.node_id))
+        .flat_map(|&node| {
+            (0..RING_POINTS_PER_NODE)
+                .map(move |point| (stable_hash(format!("{node}/{point}").as_bytes()), node))
+        })
+        .collect();
+    ring.sort_unstable();
+    ring.dedup();
+    let start = ring.partition_point(|(point, _)| *point < stable_hash(key));
+    let mut order = Vec::with_capacity(group.len());
+    for (_, node) in ring[start..].iter().chain(&ring[..start]) {
+        if !order.contains(node) && group.iter().any(|c| c.node_id == *node) {
+            order.push(*node);
+            if order.len() == group.len() {
+                break;
+            }
+        }
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(node_id: u64, outstanding: u64) -> Candidate {
+        Candidate {
+            node_id,
+            outstanding,
+            backup: false,
+            suspect: false,
+        }
+    }
+
+    fn first_counts(router: &Router, candidates: &[Candidate], n: usize) -> BTreeMap<u64, usize> {
+        let mut counts = BTreeMap::new();
+        for i in 0..n {
+            let order = router.order(1, candidates, &[1, 2, 3], format!("k{i}").as_bytes());
+            *counts.entry(order[0]).or_default() += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn least_outstanding_prefers_the_idle_node_then_this_one() {
+        let router = Router::new(Strategy::LeastOutstanding);
+        let busy_here = [candidate(1, 5), candidate(2, 0), candidate(3, 2)];
+        assert_eq!(router.order(1, &busy_here, &[1, 2, 3], b""), vec![2, 3, 1]);
+        let idle = [candidate(1, 0), candidate(2, 0), candidate(3, 0)];
+        assert_eq!(router.order(1, &idle, &[1, 2, 3], b""), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn round_robin_takes_turns() {
+        let router = Router::new(Strategy::RoundRobin);
+        let all = [candidate(1, 0), candidate(2, 0), candidate(3, 0)];
+        let counts = first_counts(&router, &all, 300);
+        assert_eq!(
+            counts.values().copied().collect::<Vec<_>>(),
+            vec![100, 100, 100]
+        );
+    }
+
+    #[test]
+    fn weighted_follows_the_weights() {
+        let weights = [(1, 3), (2, 1), (3, 0)].into();
+        let router = Router::new(Strategy::Weighted(weights));
+        let all = [candidate(1, 0), candidate(2, 0), candidate(3, 0)];
+        let counts = first_counts(&router, &all, 400);
+        assert_eq!(counts.get(&1), Some(&300));
+        assert_eq!(counts.get(&2), Some(&100));
+        assert_eq!(counts.get(&3), None);
+        // Weight 0 is still a fallback.
+        assert_eq!(*router.order(1, &all, &[1, 2, 3], b"").last().unwrap(), 3);
+    }
+
+    #[test]
+    fn consistent_hash_pins_keys_and_falls_back_along_the_ring() {
+        let router = Router::new(Strategy::ConsistentHash);
+        let all = [candidate(1, 0), candidate(2, 0), candidate(3, 0)];
+        let mut owners = BTreeMap::new();
+        for i in 0..300 {
+            let key = format!("user-{i}");
+            let order = router.order(1, &all, &[1, 2, 3], key.as_bytes());
+            assert_eq!(order, router.order(2, &all, &[1, 2, 3], key.as_bytes()));
+            assert_eq!(order.len(), 3);
+            *owners.entry(order[0]).or_insert(0) += 1;
+            // Without the owner, the key moves to the next node on the ring, and only it.
+            let rest: Vec<Candidate> = all
+                .iter()
+                .filter(|c| c.node_id != order[0])
+                .cloned()
+                .collect();
+            assert_eq!(
+                router.order(1, &rest, &[1, 2, 3], key.as_bytes()),
+                order[1..]
+            );
+        }
+        // Every node owns a fair share (64 points each).
+        assert!(owners.values().all(|&n| n > 50), "{owners:?}");
+    }
+
+    #[test]
+    fn backups_and_suspects_come_last() {
+        let router = Router::new(Strategy::LeastOutstanding);
+        let mut backup = candidate(1, 0);
+        backup.backup = true;
+        let mut suspect = candidate(2, 0);
+        suspect.suspect = true;
+        let nodes = [backup, suspect, candidate(3, 9)];
+        assert_eq!(router.order(1, &nodes, &[1, 2, 3], b""), vec![3, 2, 1]);
+    }
+
+    #[test]
+    fn forwarded_requests_are_counted_until_answered() {
+        let router = Router::new(Strategy::LeastOutstanding);
+        let first = router.forwarding(2);
+        let second = router.forwarding(2);
+        assert_eq!(router.forwarded_to(2), 2);
+        drop(first);
+        drop(second);
+        assert_eq!(router.forwarded_to(2), 0);
+    }
+}

@@ -1,0 +1,45 @@
+//! `troupe.v1.Peer` on the peer port: heartbeats (health gossip) and inference forwarded by
+//! another node's router.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use troupe_proto::v1::peer_server::Peer;
+use troupe_proto::v1::{EmbedRequest, EmbedResponse, HeartbeatRequest, HeartbeatResponse};
+
+use super::inference::InferenceCore;
+
+pub struct PeerService {
+    pub inference: Arc<InferenceCore>,
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn heartbeat(
+        &self,
+        _request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        // HELPER: replace this body with the heartbeat answer (gossip).
+        Err(Status::unimplemented("heartbeats are not wired yet"))
+    }
+
+    #[tracing::instrument(
+        skip_all,
+        fields(
+            node_id,
+            model,
+            task,
+            request_id,
+            version,
+            trace_id,
+            forwarded_by,
+            served_by
+        )
+    )]
+    async fn forward(
+        &self,
+        request: Request<EmbedRequest>,
+    ) -> Result<Response<EmbedResponse>, Status> {
+        self.inference.embed_forwarded(request).await
+    }
+}
