@@ -48,3 +48,32 @@ impl Default for ServingConfig {
         }
     }
 }
+
+/// Health gossip: how often each peer is heartbeaten and when a silent one counts as suspect
+/// or down.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GossipConfig {
+    /// Time between two heartbeats to the same peer.
+    pub heartbeat_interval: Duration,
+    /// Longest a heartbeat (connecting included) may take before it counts as missed.
+    pub heartbeat_timeout: Duration,
+    /// Missed heartbeats in a row after which a peer is suspect.
+    pub suspect_after: u32,
+    /// Missed heartbeats in a row after which a peer is down (more than `suspect_after`).
+    pub down_after: u32,
+    /// This node tells its peers it is a backup: routers send it traffic only when no
+    /// primary can take it.
+    pub backup: bool,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(200),
+            heartbeat_timeout: Duration::from_millis(200),
+            suspect_after: 3,
+            down_after: 10,
+            backup: false,
+        }
+    }
+}

@@ -19,6 +19,9 @@ pub enum ServeError {
         state: String,
     },
 
+    #[error("model '{model}' has no active version yet: version '{version}' is being rolled out to every node; retry shortly")]
+    RollingOut { model: String, version: String },
+
     #[error("model '{model}' version '{version}' is still loading on this node: retry shortly")]
     Loading { model: String, version: String },
 

@@ -4,7 +4,7 @@
 //! - [`batcher`]: one Batcher per loaded model version: priority lanes, flush rule, workers.
 //! - [`worker`]: InferenceWorker, forward passes on a dedicated thread.
 //! - [`sync`]: MetadataSync, Raft watch to loaded models and task lanes.
-//! - [`health`]: Health, SERVING or NOT_SERVING and why.
+//! - [`health`]: Health, SERVING or NOT_SERVING and why, and the heartbeats to peers.
 //! - [`rollout`]: RolloutController, cluster-atomic activation on the Raft leader.
 //! - [`router`]: the order in which nodes are tried for a request (routing strategies).
 //! - [`table`]: the serving table request handlers route with.
@@ -30,9 +30,9 @@ pub mod table;
 pub mod worker;
 
 pub use batcher::{BatcherCounters, BatcherHandle, EmbedJob, JobResult};
-pub use config::ServingConfig;
+pub use config::{GossipConfig, ServingConfig};
 pub use error::ServeError;
-pub use health::NodeHealth;
+pub use health::{HeartbeatReply, NodeHealth, PeerProbe};
 pub use peers::{InFlight, PeerState, PeerTable, PeerView, ServedVersion};
 pub use router::{Candidate, Router, Strategy};
 pub use stats::ActorInfo;

@@ -118,6 +118,8 @@ impl PeerView {
 pub struct PeerTable {
     inner: RwLock<BTreeMap<u64, PeerView>>,
     changed: watch::Sender<u64>,
+    /// This node's own sync lag, measured the same way as the peers'.
+    own_sync_lag: AtomicU64,
 }
 
 impl Default for PeerTable {
@@ -125,11 +127,21 @@ impl Default for PeerTable {
         Self {
             inner: RwLock::default(),
             changed: watch::channel(0).0,
+            own_sync_lag: AtomicU64::new(0),
         }
     }
 }
 
 impl PeerTable {
+    /// Log entries this node has still to apply, as its heartbeats last saw the leader.
+    pub fn own_sync_lag(&self) -> u64 {
+        self.own_sync_lag.load(Ordering::Relaxed)
+    }
+
+    pub fn set_own_sync_lag(&self, lag: u64) {
+        self.own_sync_lag.store(lag, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> Vec<PeerView> {
         self.inner
             .read()

@@ -14,11 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// How the first node to try is chosen.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Strategy {
     /// Fewest requests outstanding: this node's in-flight count for itself; for a peer, its
     /// last heartbeat's in-flight count plus the requests this node has forwarded to it and
     /// not yet had answered. Ties go to this node (no hop), then to the lower node id.
+    #[default]
     LeastOutstanding,
     /// Every candidate in turn.
     RoundRobin,
@@ -78,12 +79,6 @@ pub struct Router {
     weighted: Mutex<HashMap<u64, i64>>,
     /// Requests this node forwarded to each peer and has not had answered.
     forwarded: Mutex<HashMap<u64, Arc<AtomicU64>>>,
-}
-
-impl Default for Strategy {
-    fn default() -> Self {
-        Strategy::LeastOutstanding
-    }
 }
 
 /// Counts a forwarded request until it is answered.

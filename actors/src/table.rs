@@ -248,8 +248,16 @@ impl ServingTable {
                         .find(|(_, r)| r.state == ModelState::Active)
                         .map(|(v, _)| v.clone())
                 })
-                .ok_or_else(|| ServeError::NoActiveVersion {
-                    model: model.to_owned(),
+                .ok_or_else(|| {
+                    match versions.iter().find(|(_, r)| r.state == ModelState::Wanted) {
+                        Some((wanted, _)) => ServeError::RollingOut {
+                            model: model.to_owned(),
+                            version: wanted.clone(),
+                        },
+                        None => ServeError::NoActiveVersion {
+                            model: model.to_owned(),
+                        },
+                    }
                 })?
         } else {
             version.to_owned()

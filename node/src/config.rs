@@ -28,6 +28,7 @@ pub struct NodeConfig {
     pub serving: ServingSettings,
     pub limits: LimitSettings,
     pub routing: RoutingSettings,
+    pub cluster: ClusterSettings,
 }
 
 /// Batching, workers and supervision.
@@ -183,6 +184,36 @@ impl Default for RaftSettings {
     }
 }
 
+/// Health gossip between the nodes: heartbeats, and when a silent peer is suspect or down.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// Time between two heartbeats to the same peer.
+    pub heartbeat_interval_ms: u64,
+    /// Heartbeats missed in a row before a peer is suspect.
+    pub suspect_after: u32,
+    /// Heartbeats missed in a row before a peer is down (more than `suspect_after`).
+    pub down_after: u32,
+    /// Longest one heartbeat (connecting included) may take; unset: the interval.
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// This node tells its peers it is a backup: routers send it traffic only when no
+    /// primary can take it.
+    pub backup: bool,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        let gossip = troupe_actors::GossipConfig::default();
+        Self {
+            heartbeat_interval_ms: gossip.heartbeat_interval.as_millis() as u64,
+            suspect_after: gossip.suspect_after,
+            down_after: gossip.down_after,
+            heartbeat_timeout_ms: None,
+            backup: gossip.backup,
+        }
+    }
+}
+
 impl Default for NodeConfig {
     fn default() -> Self {
         Self {
@@ -196,6 +227,7 @@ impl Default for NodeConfig {
             serving: ServingSettings::default(),
             limits: LimitSettings::default(),
             routing: RoutingSettings::default(),
+            cluster: ClusterSettings::default(),
         }
     }
 }
@@ -248,8 +280,8 @@ impl NodeConfig {
     }
 
     /// Applies `TROUPE_<KEY>` for top-level keys (`TROUPE_ID`, `TROUPE_API`,
-    /// `TROUPE_DATA_DIR`...) and `TROUPE_<SECTION>_<KEY>` for keys of `[raft]`, `[serving]`
-    /// and `[limits]` (`TROUPE_SERVING_MAX_BATCH_SIZE=64`). Other `TROUPE_*` variables belong
+    /// `TROUPE_DATA_DIR`...) and `TROUPE_<SECTION>_<KEY>` for keys of every section (`[raft]`,
+    /// `[serving]`, `[limits]`, `[cluster]`...: `TROUPE_SERVING_MAX_BATCH_SIZE=64`). Other `TROUPE_*` variables belong
     /// to other commands and are left alone.
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let invalid = |name: &str, value: &str, reason: String| ConfigError::Env {
@@ -261,6 +293,8 @@ impl NodeConfig {
             toml::Table::try_from(&*self).map_err(|e| invalid("TROUPE_*", "", e.to_string()))?;
         // `artifact_dir` is absent from the tree while unset, so list the keys by hand.
         let top = ["id", "api", "peer", "metrics", "data_dir", "artifact_dir"];
+        // Likewise optional section keys, which take integers when set.
+        let optional_integers = [("cluster", "heartbeat_timeout_ms")];
         let mut names: Vec<(String, Option<String>, String)> = top
             .iter()
             .map(|key| {
@@ -273,11 +307,15 @@ impl NodeConfig {
             .collect();
         for (section, value) in &tree {
             if let toml::Value::Table(table) = value {
-                for key in table.keys() {
+                let optional = optional_integers
+                    .iter()
+                    .filter(|(of, key)| of == section && !table.contains_key(*key))
+                    .map(|(_, key)| (*key).to_owned());
+                for key in table.keys().cloned().chain(optional) {
                     names.push((
                         format!("TROUPE_{}_{}", section.to_uppercase(), key.to_uppercase()),
                         Some(section.clone()),
-                        key.clone(),
+                        key,
                     ));
                 }
             }
@@ -292,7 +330,14 @@ impl NodeConfig {
                     _ => continue,
                 },
             };
+            let integer = section
+                .as_deref()
+                .is_some_and(|section| optional_integers.contains(&(section, key.as_str())));
             let value = match slot.get(&key) {
+                None if integer => raw
+                    .parse::<i64>()
+                    .map(toml::Value::Integer)
+                    .map_err(|e| invalid(&name, &raw, format!("expected an integer: {e}")))?,
                 Some(toml::Value::Integer(_)) => raw
                     .parse::<i64>()
                     .map(toml::Value::Integer)
@@ -340,6 +385,20 @@ impl NodeConfig {
             drain_timeout: Duration::from_millis(s.drain_timeout_ms),
             rollout_timeout: Duration::from_secs(s.rollout_timeout_s),
             compute_nice: s.compute_nice,
+        }
+    }
+
+    /// Health gossip's settings.
+    pub fn gossip_config(&self) -> troupe_actors::GossipConfig {
+        let c = &self.cluster;
+        troupe_actors::GossipConfig {
+            heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms),
+            heartbeat_timeout: Duration::from_millis(
+                c.heartbeat_timeout_ms.unwrap_or(c.heartbeat_interval_ms),
+            ),
+            suspect_after: c.suspect_after,
+            down_after: c.down_after,
+            backup: c.backup,
         }
     }
 
@@ -434,6 +493,38 @@ impl NodeConfig {
                 "raft.forward_timeout_ms",
                 "must be positive".into(),
                 "use e.g. 5000",
+            );
+        }
+        let cluster = &self.cluster;
+        if cluster.heartbeat_interval_ms == 0 {
+            problem(
+                "cluster.heartbeat_interval_ms",
+                "must be positive".into(),
+                "use e.g. 200",
+            );
+        }
+        if cluster.suspect_after == 0 {
+            problem(
+                "cluster.suspect_after",
+                "must be at least 1 missed heartbeat".into(),
+                "use e.g. 3",
+            );
+        }
+        if cluster.down_after <= cluster.suspect_after {
+            problem(
+                "cluster.down_after",
+                format!(
+                    "{} does not exceed cluster.suspect_after ({})",
+                    cluster.down_after, cluster.suspect_after
+                ),
+                "use more missed heartbeats than cluster.suspect_after, e.g. 10 with 3",
+            );
+        }
+        if cluster.heartbeat_timeout_ms == Some(0) {
+            problem(
+                "cluster.heartbeat_timeout_ms",
+                "must be positive".into(),
+                "use e.g. 200, or leave it unset to use cluster.heartbeat_interval_ms",
             );
         }
         if let Some(dir) = &self.artifact_dir {
@@ -750,5 +841,91 @@ mod tests {
             error.contains("TROUPE_SERVING_LANES") && error.contains("integer"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn cluster_settings_come_from_the_file_and_the_environment_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "[cluster]\nheartbeat_interval_ms = 50\nsuspect_after = 2\ndown_after = 5\n",
+        )
+        .unwrap();
+        let mut config = NodeConfig::from_file(&path).unwrap();
+        let gossip = config.gossip_config();
+        assert_eq!(gossip.heartbeat_interval, Duration::from_millis(50));
+        // The timeout follows the interval unless set.
+        assert_eq!(gossip.heartbeat_timeout, Duration::from_millis(50));
+        assert_eq!((gossip.suspect_after, gossip.down_after), (2, 5));
+        assert!(!gossip.backup);
+
+        // The optional timeout is absent from the file and still settable from the
+        // environment, like every other key.
+        config
+            .apply_env(|name| match name {
+                "TROUPE_CLUSTER_HEARTBEAT_TIMEOUT_MS" => Some("80".into()),
+                "TROUPE_CLUSTER_BACKUP" => Some("true".into()),
+                "TROUPE_CLUSTER_DOWN_AFTER" => Some("7".into()),
+                _ => None,
+            })
+            .unwrap();
+        let gossip = config.gossip_config();
+        assert_eq!(gossip.heartbeat_timeout, Duration::from_millis(80));
+        assert_eq!(gossip.down_after, 7);
+        assert!(gossip.backup);
+        let error = config
+            .apply_env(|name| {
+                (name == "TROUPE_CLUSTER_HEARTBEAT_TIMEOUT_MS").then(|| "soon".to_owned())
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("TROUPE_CLUSTER_HEARTBEAT_TIMEOUT_MS"),
+            "{error}"
+        );
+
+        let config = NodeConfig {
+            data_dir: dir.path().join("data"),
+            cluster: ClusterSettings {
+                heartbeat_interval_ms: 0,
+                suspect_after: 0,
+                down_after: 0,
+                heartbeat_timeout_ms: Some(0),
+                backup: false,
+            },
+            ..NodeConfig::default()
+        };
+        let problems = config.problems();
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "cluster.heartbeat_interval_ms",
+                "cluster.suspect_after",
+                "cluster.down_after",
+                "cluster.heartbeat_timeout_ms"
+            ]
+        );
+        let config = NodeConfig {
+            data_dir: dir.path().join("data"),
+            cluster: ClusterSettings {
+                suspect_after: 4,
+                down_after: 4,
+                ..ClusterSettings::default()
+            },
+            ..NodeConfig::default()
+        };
+        let problems = config.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0]
+            .problem
+            .contains("does not exceed cluster.suspect_after (4)"));
+        assert!(NodeConfig {
+            data_dir: dir.path().join("data"),
+            ..NodeConfig::default()
+        }
+        .problems()
+        .is_empty());
     }
 }

@@ -84,6 +84,14 @@ impl Forwarder {
         let answer = tokio::time::timeout(timeout, client.forward(request)).await;
         match answer {
             Ok(Ok(response)) => Ok(response.into_inner()),
+            // A status with a source came from this side's transport (connection refused or
+            // reset: the peer died or restarted), not from the peer: another node may serve.
+            Ok(Err(status)) if std::error::Error::source(&status).is_some() => {
+                Err(Status::unavailable(format!(
+                    "node {peer} ({addr}) could not be reached: {}",
+                    status.message()
+                )))
+            }
             Ok(Err(status)) => Err(status),
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "node {peer} did not answer within the {} ms left of the request's deadline",

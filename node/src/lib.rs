@@ -5,6 +5,7 @@
 //! - [`run`]: [`run()`] and [`start`], how a node starts and stops.
 //! - [`server`]: the gRPC services (Inference, Admin) and the one error-to-status table.
 //! - [`forward`]: forwarding requests to peers (their connections, trace context).
+//! - [`gossip`]: heartbeating peers for Health (a connection of its own per peer).
 //! - [`loader`]: loads model directories onto the configured compute backend.
 //! - [`error`]: the CLI's error type; every command fails with one line that names the
 //!   problem and the fix.
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod gossip;
 pub mod loader;
 pub mod pull;
 pub mod run;

@@ -23,6 +23,7 @@ use crate::config::{ConfigError, NodeConfig};
 use crate::forward::Forwarder;
 use crate::server::admin::AdminService;
 use crate::server::artifacts::ArtifactService;
+use crate::server::heartbeat::HeartbeatResponder;
 use crate::server::inference::{InferenceCore, InferenceService, RoutingParts};
 use crate::server::peer::PeerService;
 use troupe_actors::Router;
@@ -130,6 +131,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             }),
         }),
         store: store.clone(),
+        probe: Arc::new(crate::gossip::GrpcPeerProbe::new(config.id)),
+        gossip: config.gossip_config(),
     })
     .await
     .map_err(|e| NodeError::Actors(e.to_string()))?;
@@ -146,7 +149,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
                 config.limits.max_message_bytes,
             ),
             max_attempts: config.routing.max_attempts,
-            backup: false,
+            backup: config.cluster.backup,
         },
     ));
     let (peer_stop, peer_stopped) = oneshot::channel::<()>();
@@ -156,6 +159,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     )));
     let peer_grpc = PeerServer::new(PeerService {
         inference: inference_core.clone(),
+        heartbeats: HeartbeatResponder::new(
+            config.id,
+            metadata.clone(),
+            tree.clone(),
+            config.cluster.backup,
+        ),
     })
     .max_decoding_message_size(config.limits.max_message_bytes);
     let peer_task = tokio::spawn(async move {

@@ -1,7 +1,8 @@
 //! Three nodes in one process on 127.0.0.1: a version pushed to one node is pulled by the
 //! others from it over the peer port, verified, loaded, and served by every node with the
 //! same output; every node reports its readiness through Raft. A copy damaged on disk is
-//! never loaded: it is dropped and pulled again from a peer with a good one.
+//! never loaded: it is dropped and pulled again from a peer with a good one. A capped pull
+//! keeps to its cap, and heartbeats between the two nodes keep a small RTT meanwhile.
 
 mod common;
 
@@ -126,7 +127,10 @@ async fn pulls_keep_to_the_bandwidth_cap() {
     // 4 MB of extra weight, so the transfer lasts long enough to measure.
     let extra: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(model.join("extra.bin"), extra).unwrap();
-    let nodes = start_cluster(&dir, 2).await;
+    let nodes = start_cluster_with(&dir, 2, |_, config| {
+        config.cluster.heartbeat_interval_ms = 50;
+    })
+    .await;
     let first = nodes[0].api_addr.to_string();
     let model_arg = model.to_string_lossy().into_owned();
     let pushed = troupe(args(&[
@@ -146,11 +150,49 @@ async fn pulls_keep_to_the_bandwidth_cap() {
             troupe::pull::TokenBucket::new(CAP),
         ))),
     };
+    // Heartbeats between the two nodes go on while the pull runs: sample their RTT.
+    let peers = nodes[1].tree.peers.clone();
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = tokio::spawn({
+        let sampling = sampling.clone();
+        async move {
+            let (mut rtts, mut last_seen) = (Vec::new(), None);
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(peer) = peers.get(1) {
+                    if peer.last_seen != last_seen {
+                        last_seen = peer.last_seen;
+                        rtts.extend(peer.rtt);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            rtts
+        }
+    });
     let started = std::time::Instant::now();
     let pulled = troupe_actors::ArtifactFetcher::fetch(&puller, manifest.digest(), vec![1])
         .await
         .unwrap();
     let rate = manifest.total_bytes() as f64 / started.elapsed().as_secs_f64();
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut rtts = sampler.await.unwrap();
+    rtts.sort();
+    assert!(
+        rtts.len() >= 10,
+        "heartbeats answered during the pull: {}",
+        rtts.len()
+    );
+    let worst = *rtts.last().unwrap();
+    eprintln!(
+        "heartbeat rtt during the capped pull: {} samples, median {:.2} ms, max {:.2} ms",
+        rtts.len(),
+        rtts[rtts.len() / 2].as_secs_f64() * 1e3,
+        worst.as_secs_f64() * 1e3
+    );
+    assert!(
+        worst < Duration::from_millis(100),
+        "heartbeat rtt {worst:?} during the pull"
+    );
     eprintln!(
         "pulled {} bytes at {:.2} MB/s (cap 2 MB/s)",
         manifest.total_bytes(),

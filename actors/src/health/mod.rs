@@ -1,9 +1,13 @@
 //! Health: decides whether this node is SERVING. It is when Raft has a leader this node can
 //! reach, every version Raft marks active is loaded and warm here, and no supervisor has
 //! escalated. It re-checks on a timer and whenever the serving table changes, and publishes
-//! the result on a watch channel that the node maps onto grpc.health.v1.
+//! the result on a watch channel that the node maps onto grpc.health.v1. It also runs the
+//! health gossip ([`gossip`]): heartbeats to every peer, written into the peer table.
 
+pub mod gossip;
+pub mod measure;
 pub mod messages;
+pub mod probe;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +17,10 @@ use tokio::sync::watch;
 use troupe_consensus::Metadata;
 
 pub use messages::{HealthMsg, NodeHealth};
+pub use probe::{HeartbeatReply, PeerProbe};
 
+use crate::config::GossipConfig;
+use crate::peers::PeerTable;
 use crate::restart::RestartBudget;
 use crate::stats::ActorStats;
 use crate::table::ServingTable;
@@ -26,11 +33,17 @@ pub struct HealthArgs {
     pub published: watch::Sender<NodeHealth>,
     pub interval: Duration,
     pub stats: Arc<ActorStats>,
+    pub node_id: u64,
+    /// Heartbeats write what they learn here.
+    pub peers: Arc<PeerTable>,
+    pub probe: Arc<dyn PeerProbe>,
+    pub gossip: GossipConfig,
 }
 
 pub struct HealthState {
     args: HealthArgs,
     ticker: tokio::task::JoinHandle<()>,
+    gossip: tokio::task::JoinHandle<()>,
 }
 
 pub struct Health;
@@ -69,7 +82,18 @@ impl Actor for Health {
                 check(&myself, &stats);
             }
         });
-        Ok(HealthState { args, ticker })
+        let gossip = tokio::spawn(gossip::run(gossip::GossipArgs {
+            node_id: args.node_id,
+            raft: args.metadata.clone(),
+            peers: args.peers.clone(),
+            probe: args.probe.clone(),
+            config: args.gossip.clone(),
+        }));
+        Ok(HealthState {
+            args,
+            ticker,
+            gossip,
+        })
     }
 
     async fn handle(
@@ -117,6 +141,8 @@ impl Actor for Health {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.ticker.abort();
+        // Dropping the loop's task set aborts every per-peer heartbeat task with it.
+        state.gossip.abort();
         Ok(())
     }
 }

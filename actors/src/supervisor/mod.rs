@@ -29,8 +29,8 @@ use troupe_models::{ModelError, SentenceEmbedder};
 pub use messages::SupervisorMsg;
 
 use crate::batcher::{Batcher, BatcherArgs, BatcherHandle, BatcherShared};
-use crate::config::ServingConfig;
-use crate::health::{self, Health, HealthArgs, HealthMsg, NodeHealth};
+use crate::config::{GossipConfig, ServingConfig};
+use crate::health::{self, Health, HealthArgs, HealthMsg, NodeHealth, PeerProbe};
 use crate::peers::{InFlight, PeerTable};
 use crate::restart::RestartBudget;
 use crate::rollout::{RolloutArgs, RolloutController, RolloutMsg};
@@ -75,6 +75,9 @@ pub struct TreeArgs {
     pub loader: Arc<dyn ModelLoader>,
     pub fetcher: Arc<dyn ArtifactFetcher>,
     pub store: ArtifactStore,
+    /// How Health heartbeats peers, and how often.
+    pub probe: Arc<dyn PeerProbe>,
+    pub gossip: GossipConfig,
 }
 
 /// How the node talks to its supervisor.
@@ -209,6 +212,10 @@ impl SupervisorState {
             published: self.published.clone(),
             interval: self.args.config.health_interval,
             stats,
+            node_id: self.args.node_id,
+            peers: self.peers.clone(),
+            probe: self.args.probe.clone(),
+            gossip: self.args.gossip.clone(),
         };
         let actor = spawn_child(
             &self.directory,

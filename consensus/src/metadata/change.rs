@@ -11,7 +11,8 @@ pub enum ChangeValue {
     ModelVersion {
         name: String,
         version: String,
-        record: ModelVersionRecord,
+        /// Boxed: a model record is several times the size of the other values.
+        record: Box<ModelVersionRecord>,
     },
     Task {
         name: String,
@@ -48,7 +49,7 @@ impl MetadataState {
                         value: ChangeValue::ModelVersion {
                             name: name.clone(),
                             version: version.clone(),
-                            record: record.clone(),
+                            record: Box::new(record.clone()),
                         },
                     })
                     .collect()
@@ -75,7 +76,7 @@ impl MetadataState {
                     value: ChangeValue::ModelVersion {
                         name: name.clone(),
                         version: version.clone(),
-                        record: record.clone(),
+                        record: Box::new(record.clone()),
                     },
                 })
                 .into_iter()

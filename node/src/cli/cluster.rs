@@ -4,6 +4,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use troupe_proto::v1::{ActorTreeRequest, AddLearnerRequest, ClusterInitRequest, Member, NodeRef};
 
+use super::peer_health::{print_table as print_peer_table, PeerHealthView};
 use super::remote::{admin, block_on, leader_api, node_status, print_json};
 use crate::error::CliError;
 
@@ -17,7 +18,8 @@ pub enum ClusterCommand {
     Promote(NodeArgs),
     /// Remove a node from the cluster.
     Remove(NodeArgs),
-    /// Leader, term, voters, learners and each node's applied revision.
+    /// Leader, term, voters, learners, each node's applied revision, and how each node's
+    /// heartbeats see its peers (state, RTT, load, sync lag, clock offset).
     Status(StatusArgs),
     /// One node's actor tree: each actor's status, mailbox depth and restarts, its batchers'
     /// counters, and whether it is serving (and if not, why).
@@ -213,6 +215,10 @@ struct NodeView {
     applied_revision: Option<u64>,
     applied_index: Option<u64>,
     term: Option<u64>,
+    /// The node's own sync lag (health gossip), when it answered.
+    sync_lag: Option<u64>,
+    /// Its peers as its heartbeats see them; empty when it did not answer.
+    peers: Vec<PeerHealthView>,
 }
 
 #[derive(Serialize)]
@@ -318,6 +324,10 @@ async fn status(args: &StatusArgs) -> Result<(), CliError> {
             applied_revision: remote.as_ref().map(|r| r.applied_revision),
             applied_index: remote.as_ref().map(|r| r.applied_index),
             term: remote.as_ref().map(|r| r.term),
+            sync_lag: remote.as_ref().map(|r| r.sync_lag),
+            peers: remote.map_or_else(Vec::new, |r| {
+                r.peers.into_iter().map(PeerHealthView::from).collect()
+            }),
         });
     }
     let view = ClusterView {
@@ -349,5 +359,6 @@ async fn status(args: &StatusArgs) -> Result<(), CliError> {
             node.api_addr.as_deref().unwrap_or("-"),
         );
     }
+    print_peer_table(view.nodes.iter().map(|n| (n.id, n.peers.as_slice())));
     Ok(())
 }

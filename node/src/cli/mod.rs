@@ -10,6 +10,7 @@ mod config_check;
 mod embed;
 mod models;
 mod node;
+mod peer_health;
 mod priorities;
 mod push;
 mod remote;

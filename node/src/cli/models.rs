@@ -120,6 +120,8 @@ struct NodeView {
     state: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     reason: String,
+    /// The revision of the report.
+    revision: u64,
 }
 
 #[derive(Debug, Args)]
@@ -301,6 +303,7 @@ async fn list(args: ListArgs) -> Result<(), CliError> {
                     node_id: n.node_id,
                     state: n.state,
                     reason: n.reason,
+                    revision: n.revision,
                 })
                 .collect(),
         })

@@ -279,6 +279,16 @@ impl Admin for AdminService {
             applied_index: status.applied_index,
             snapshot_index: status.snapshot_index,
             purged_index: status.purged_index,
+            peers: {
+                let now = std::time::Instant::now();
+                self.tree
+                    .peers
+                    .snapshot()
+                    .iter()
+                    .map(|view| super::heartbeat::peer_health_entry(view, now))
+                    .collect()
+            },
+            sync_lag: self.tree.peers.own_sync_lag(),
         }))
     }
 

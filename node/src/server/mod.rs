@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod artifacts;
+pub mod heartbeat;
 pub mod inference;
 pub mod peer;
 pub mod push;

@@ -7,20 +7,22 @@ use tonic::{Request, Response, Status};
 use troupe_proto::v1::peer_server::Peer;
 use troupe_proto::v1::{EmbedRequest, EmbedResponse, HeartbeatRequest, HeartbeatResponse};
 
+use super::heartbeat::HeartbeatResponder;
 use super::inference::InferenceCore;
 
 pub struct PeerService {
     pub inference: Arc<InferenceCore>,
+    pub heartbeats: HeartbeatResponder,
 }
 
 #[tonic::async_trait]
 impl Peer for PeerService {
+    #[tracing::instrument(level = "trace", skip_all, fields(from = request.get_ref().from_node))]
     async fn heartbeat(
         &self,
-        _request: Request<HeartbeatRequest>,
+        request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        // HELPER: replace this body with the heartbeat answer (gossip).
-        Err(Status::unimplemented("heartbeats are not wired yet"))
+        Ok(Response::new(self.heartbeats.answer(request.get_ref())))
     }
 
     #[tracing::instrument(

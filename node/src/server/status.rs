@@ -74,9 +74,11 @@ pub fn serve_error(error: troupe_actors::ServeError) -> Status {
         E::UnknownModel { .. } | E::UnknownVersion { .. } | E::UnknownTask { .. } => Code::NotFound,
         E::NoActiveVersion { .. } | E::VersionNotServed { .. } => Code::FailedPrecondition,
         E::LoadFailed { .. } => Code::FailedPrecondition,
-        E::Loading { .. } | E::WorkerFailed { .. } | E::Unavailable { .. } | E::ShuttingDown => {
-            Code::Unavailable
-        }
+        E::Loading { .. }
+        | E::RollingOut { .. }
+        | E::WorkerFailed { .. }
+        | E::Unavailable { .. }
+        | E::ShuttingDown => Code::Unavailable,
         E::QueueFull { .. } => Code::ResourceExhausted,
         E::DeadlineExceeded { .. } => Code::DeadlineExceeded,
         E::InvalidText { .. } => Code::InvalidArgument,

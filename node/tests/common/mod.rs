@@ -10,14 +10,29 @@ use troupe::RunningNode;
 
 /// A node on 127.0.0.1 with OS-chosen ports and its data dir under `dir`.
 pub async fn start_node(id: u64, dir: &tempfile::TempDir) -> RunningNode {
-    let config = NodeConfig {
+    start_node_with(id, dir, |_| {}).await
+}
+
+/// The config [`start_node`] uses for node `id`.
+pub fn node_config(id: u64, dir: &tempfile::TempDir) -> NodeConfig {
+    NodeConfig {
         id,
         api: "127.0.0.1:0".into(),
         peer: "127.0.0.1:0".into(),
         metrics: "127.0.0.1:1".into(),
         data_dir: dir.path().join(format!("node{id}")),
         ..NodeConfig::default()
-    };
+    }
+}
+
+/// [`start_node`], with the config changed by `tweak` first.
+pub async fn start_node_with(
+    id: u64,
+    dir: &tempfile::TempDir,
+    tweak: impl FnOnce(&mut NodeConfig),
+) -> RunningNode {
+    let mut config = node_config(id, dir);
+    tweak(&mut config);
     troupe::start(config).await.unwrap()
 }
 
@@ -58,9 +73,18 @@ pub fn members_arg(nodes: &[RunningNode]) -> String {
 /// `count` nodes (ids 1..=count) formed into one cluster through `troupe cluster init`, each
 /// knowing the leader before this returns.
 pub async fn start_cluster(dir: &tempfile::TempDir, count: u64) -> Vec<RunningNode> {
+    start_cluster_with(dir, count, |_, _| {}).await
+}
+
+/// [`start_cluster`], with each node's config changed by `tweak(id, config)` first.
+pub async fn start_cluster_with(
+    dir: &tempfile::TempDir,
+    count: u64,
+    tweak: impl Fn(u64, &mut NodeConfig),
+) -> Vec<RunningNode> {
     let mut nodes = Vec::new();
     for id in 1..=count {
-        nodes.push(start_node(id, dir).await);
+        nodes.push(start_node_with(id, dir, |config| tweak(id, config)).await);
     }
     let first = nodes[0].api_addr.to_string();
     let members = members_arg(&nodes);

@@ -1,0 +1,149 @@
+//! Health gossip's client side: [`GrpcPeerProbe`] sends `troupe.v1.Peer/Heartbeat` over a
+//! connection of its own per peer (one HTTP/2 connection, kept and reused, TCP_NODELAY), so
+//! heartbeats never queue behind Raft, forwarded inference or blob transfers, which use
+//! connections of their own. A connection that fails is dropped and made again on the next
+//! heartbeat.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Channel, Endpoint};
+use troupe_actors::health::probe::unix_micros;
+use troupe_actors::{HeartbeatReply, ModelKey, PeerProbe, ServedVersion};
+use troupe_proto::v1::peer_client::PeerClient;
+use troupe_proto::v1::{HeartbeatRequest, HeartbeatResponse};
+
+/// Heartbeats peers over their own connections.
+pub struct GrpcPeerProbe {
+    node_id: u64,
+    /// The heartbeat connection to each peer, with the address it goes to.
+    channels: Arc<Mutex<HashMap<u64, (String, Channel)>>>,
+}
+
+impl GrpcPeerProbe {
+    pub fn new(node_id: u64) -> Self {
+        Self {
+            node_id,
+            channels: Arc::default(),
+        }
+    }
+}
+
+fn cached(
+    channels: &Mutex<HashMap<u64, (String, Channel)>>,
+    peer_id: u64,
+    peer_addr: &str,
+) -> Option<Channel> {
+    let channels = channels.lock().unwrap_or_else(|p| p.into_inner());
+    channels
+        .get(&peer_id)
+        .filter(|(addr, _)| addr == peer_addr)
+        .map(|(_, channel)| channel.clone())
+}
+
+async fn connect(peer_addr: &str, timeout: Duration) -> Result<Channel, String> {
+    Endpoint::from_shared(format!("http://{peer_addr}"))
+        .map_err(|e| format!("peer address {peer_addr:?} is not usable: {e}"))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {peer_addr}: {e}"))
+}
+
+impl PeerProbe for GrpcPeerProbe {
+    fn heartbeat(
+        &self,
+        peer_id: u64,
+        peer_addr: String,
+        timeout: Duration,
+    ) -> Pin<Box<dyn Future<Output = Result<HeartbeatReply, String>> + Send>> {
+        let channels = self.channels.clone();
+        let from_node = self.node_id;
+        Box::pin(async move {
+            let channel = match cached(&channels, peer_id, &peer_addr) {
+                Some(channel) => channel,
+                None => {
+                    let channel = connect(&peer_addr, timeout).await?;
+                    channels
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(peer_id, (peer_addr.clone(), channel.clone()));
+                    channel
+                }
+            };
+            let mut client = PeerClient::new(channel);
+            let sent = unix_micros();
+            let mut request = tonic::Request::new(HeartbeatRequest {
+                from_node,
+                sent_unix_micros: sent,
+            });
+            request.set_timeout(timeout);
+            let started = Instant::now();
+            let answer = client.heartbeat(request).await;
+            let round_trip = started.elapsed();
+            let returned = unix_micros();
+            match answer {
+                Ok(response) => reply(response.into_inner(), sent, returned, round_trip),
+                Err(status) => {
+                    // Start over on a fresh connection next time (the peer may have restarted).
+                    channels
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&peer_id);
+                    Err(format!("{}: {}", status.code(), status.message()))
+                }
+            }
+        })
+    }
+}
+
+/// The wire answer as Health's plain type; a malformed one is refused, naming the field.
+fn reply(
+    response: HeartbeatResponse,
+    sent: u64,
+    returned: u64,
+    round_trip: Duration,
+) -> Result<HeartbeatReply, String> {
+    let load = response
+        .load
+        .ok_or("the heartbeat answer has no 'load' field")?;
+    let mut versions = Vec::with_capacity(response.versions.len());
+    for served in response.versions {
+        if served.model.is_empty() || served.version.is_empty() {
+            return Err(format!(
+                "the heartbeat answer names a served version without a model or version: {:?}@{:?}",
+                served.model, served.version
+            ));
+        }
+        versions.push(ServedVersion {
+            key: ModelKey {
+                name: served.model,
+                version: served.version,
+            },
+            default_for_model: served.default_for_model,
+        });
+    }
+    Ok(HeartbeatReply {
+        node_id: response.node_id,
+        sent_unix_micros: sent,
+        received_unix_micros: response.received_unix_micros,
+        replied_unix_micros: response.replied_unix_micros,
+        returned_unix_micros: returned,
+        round_trip,
+        queue_depth: load.queue_depth,
+        in_flight: load.in_flight,
+        versions,
+        raft_role: response.raft_role,
+        term: response.term,
+        leader: response.leader,
+        applied_index: response.applied_index,
+        applied_revision: response.applied_revision,
+        serving: response.serving,
+        backup: response.backup,
+    })
+}

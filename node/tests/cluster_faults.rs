@@ -1,0 +1,229 @@
+//! Node loss with real processes: three `troupe node` processes on 127.0.0.1 serve the tiny
+//! model; clients load one node, whose router spreads the requests over all three; one
+//! serving node is killed with SIGKILL. With the router's retry no client request fails, and
+//! the survivors mark the dead node down within the configured window.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const HEARTBEAT_MS: u64 = 100;
+const HEARTBEAT_TIMEOUT_MS: u64 = 100;
+const DOWN_AFTER: u64 = 5;
+
+struct NodeProcess {
+    child: Child,
+    api: String,
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn_node(id: u64, dir: &std::path::Path) -> (NodeProcess, String) {
+    let (api, peer) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let data_dir = dir.join(format!("node{id}"));
+    let child = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args([
+            "node",
+            "--id",
+            &id.to_string(),
+            "--api",
+            &api,
+            "--peer",
+            &peer,
+        ])
+        .args(["--metrics", &metrics, "--data-dir"])
+        .arg(&data_dir)
+        .env(
+            "TROUPE_CLUSTER_HEARTBEAT_INTERVAL_MS",
+            HEARTBEAT_MS.to_string(),
+        )
+        .env(
+            "TROUPE_CLUSTER_HEARTBEAT_TIMEOUT_MS",
+            HEARTBEAT_TIMEOUT_MS.to_string(),
+        )
+        .env("TROUPE_CLUSTER_SUSPECT_AFTER", "2")
+        .env("TROUPE_CLUSTER_DOWN_AFTER", DOWN_AFTER.to_string())
+        .env("TROUPE_ROUTING_STRATEGY", "round_robin")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let member = format!("{id}={peer}@{api}");
+    (NodeProcess { child, api }, member)
+}
+
+/// Node `id`'s view of `peer` in `troupe cluster status --json` asked at `addr`.
+async fn peer_state(addr: &str, node: u64, peer: u64) -> Option<String> {
+    let output = troupe(args(&["cluster", "status", "--addr", addr, "--json"])).await;
+    let status: serde_json::Value = serde_json::from_str(&text(&output).0).ok()?;
+    let nodes = status["nodes"].as_array()?;
+    let entry = nodes.iter().find(|n| n["id"] == node)?;
+    let peers = entry["peers"].as_array()?;
+    let view = peers.iter().find(|p| p["node_id"] == peer)?;
+    Some(view["state"].as_str()?.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_serving_node_under_load_fails_no_request_and_marks_it_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(&dir);
+    let mut processes = Vec::new();
+    let mut members = Vec::new();
+    for id in 1..=3 {
+        let (process, member) = spawn_node(id, dir.path());
+        processes.push(process);
+        members.push(member);
+    }
+    let first = processes[0].api.clone();
+    let members = members.join(",");
+    wait_for("the nodes to listen", Duration::from_secs(30), || {
+        let (first, members) = (first.clone(), members.clone());
+        async move {
+            let init = troupe(args(&[
+                "cluster",
+                "init",
+                "--addr",
+                &first,
+                "--members",
+                &members,
+            ]))
+            .await;
+            init.status.success().then_some(())
+        }
+    })
+    .await;
+    let model_arg = model.to_string_lossy().into_owned();
+    let pushed = troupe(args(&[
+        "models",
+        "push",
+        &model_arg,
+        "--name",
+        "tiny",
+        "--version",
+        "1",
+        "--addr",
+        &first,
+        "--quiet",
+    ]))
+    .await;
+    assert!(pushed.status.success(), "{:?}", text(&pushed));
+    let activated = troupe(args(&[
+        "models", "activate", "tiny", "1", "--addr", &first, "--wait",
+    ]))
+    .await;
+    assert!(activated.status.success(), "{:?}", text(&activated));
+
+    // Clients on node 1; its router spreads their requests over every node.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{first}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new(Mutex::new([0u64; 4]));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let total = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let mut client = InferenceClient::new(channel.clone());
+        let (stop, counts, failures, total) = (
+            stop.clone(),
+            counts.clone(),
+            failures.clone(),
+            total.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client
+                    .embed(embed_request("tiny", &["still here"], ""))
+                    .await
+                {
+                    Ok(reply) => {
+                        let node = reply.into_inner().served_by as usize;
+                        counts.lock().unwrap()[node.min(3)] += 1;
+                    }
+                    Err(status) => failures.lock().unwrap().push(status.to_string()),
+                }
+                total.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    wait_for(
+        "node 3 serving traffic",
+        Duration::from_secs(30),
+        || async { (counts.lock().unwrap()[3] >= 50).then_some(()) },
+    )
+    .await;
+
+    let mut third = processes.pop().unwrap();
+    third.child.kill().unwrap();
+    let killed = Instant::now();
+    third.child.wait().unwrap();
+    let served_before = total.load(Ordering::Relaxed);
+    let down_after = wait_for("node 3 marked down", Duration::from_secs(20), || {
+        let first = first.clone();
+        async move {
+            (peer_state(&first, 1, 3).await.as_deref() == Some("down")).then(|| killed.elapsed())
+        }
+    })
+    .await;
+    let second = processes[1].api.clone();
+    wait_for("node 2 marks node 3 down too", Duration::from_secs(20), || {
+        let second = second.clone();
+        async move { (peer_state(&second, 2, 3).await.as_deref() == Some("down")).then_some(()) }
+    })
+    .await;
+    // Keep the load on a while after the node is down.
+    let after = total.load(Ordering::Relaxed);
+    wait_for("200 more requests", Duration::from_secs(30), || async {
+        (total.load(Ordering::Relaxed) >= after + 200).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let counts = *counts.lock().unwrap();
+    let failures = failures.lock().unwrap().clone();
+    // The window: down_after missed heartbeats, each up to an interval plus its timeout.
+    let window = Duration::from_millis(DOWN_AFTER * (HEARTBEAT_MS + HEARTBEAT_TIMEOUT_MS));
+    eprintln!(
+        "node loss: {} requests ({} before the kill; served by node 1/2/3: {}/{}/{}), {} failed; node 3 marked down {:.0} ms after SIGKILL (window {} ms + 1 s margin)",
+        total.load(Ordering::Relaxed),
+        served_before,
+        counts[1],
+        counts[2],
+        counts[3],
+        failures.len(),
+        down_after.as_secs_f64() * 1e3,
+        window.as_millis()
+    );
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(
+        down_after <= window + Duration::from_secs(1),
+        "{down_after:?}"
+    );
+}
