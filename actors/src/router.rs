@@ -142,6 +142,11 @@ impl Router {
                 .push(candidate);
         }
         let mut order = Vec::with_capacity(candidates.len());
+        // One turn per request, whatever the number of groups.
+        let turn = match self.strategy {
+            Strategy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) as usize,
+            _ => 0,
+        };
         for group in groups.iter_mut().filter(|g| !g.is_empty()) {
             group.sort_by_key(|c| c.node_id);
             match &self.strategy {
@@ -150,7 +155,7 @@ impl Router {
                     order.extend(group.iter().map(|c| c.node_id));
                 }
                 Strategy::RoundRobin => {
-                    let start = self.next.fetch_add(1, Ordering::Relaxed) as usize % group.len();
+                    let start = turn % group.len();
                     group.rotate_left(start);
                     order.extend(group.iter().map(|c| c.node_id));
                 }
@@ -302,6 +307,16 @@ mod tests {
         }
         // Every node owns a fair share (64 points each).
         assert!(owners.values().all(|&n| n > 50), "{owners:?}");
+    }
+
+    #[test]
+    fn round_robin_takes_turns_among_primaries_when_there_is_a_backup() {
+        let router = Router::new(Strategy::RoundRobin);
+        let mut backup = candidate(3, 0);
+        backup.backup = true;
+        let nodes = [candidate(1, 0), candidate(2, 0), backup];
+        let counts = first_counts(&router, &nodes, 100);
+        assert_eq!(counts, [(1, 50), (2, 50)].into());
     }
 
     #[test]

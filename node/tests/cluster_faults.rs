@@ -115,6 +115,15 @@ async fn killing_a_serving_node_under_load_fails_no_request_and_marks_it_down() 
         }
     })
     .await;
+    wait_for("a leader", Duration::from_secs(30), || {
+        let first = first.clone();
+        async move {
+            let output = troupe(args(&["cluster", "status", "--addr", &first, "--json"])).await;
+            let status: serde_json::Value = serde_json::from_str(&text(&output).0).ok()?;
+            status["leader"].as_u64()
+        }
+    })
+    .await;
     let model_arg = model.to_string_lossy().into_owned();
     let pushed = troupe(args(&[
         "models",

@@ -112,7 +112,10 @@ async fn a_pushed_version_is_stored_verified_recorded_and_served_from_the_nodes_
     // The source directory goes away: the node serves from its own verified copy.
     let moved = dir.path().join("moved");
     std::fs::rename(&model, &moved).unwrap();
-    let activated = troupe(args(&["models", "activate", "tiny", "1", "--addr", &addr])).await;
+    let activated = troupe(args(&[
+        "models", "activate", "tiny", "1", "--addr", &addr, "--wait",
+    ]))
+    .await;
     assert!(activated.status.success(), "{:?}", text(&activated));
     wait_serving(&node).await;
     let reply = inference_client(&node)

@@ -191,7 +191,7 @@ pub async fn register_and_activate(
     .await;
     assert!(registered.status.success(), "{:?}", text(&registered));
     let activated = troupe(args(&[
-        "models", "activate", name, version, "--addr", &addr,
+        "models", "activate", name, version, "--addr", &addr, "--wait",
     ]))
     .await;
     assert!(activated.status.success(), "{:?}", text(&activated));
