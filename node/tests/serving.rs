@@ -377,16 +377,25 @@ async fn activating_a_new_version_switches_without_errors_and_unloads_the_old_on
                 let listed = troupe(args(&["models", "list", "--addr", &addr, "--json"])).await;
                 let listed: serde_json::Value = serde_json::from_str(&text(&listed).0).ok()?;
                 let nodes = |version: &str| {
-                    listed
+                    let reports = listed
                         .as_array()?
                         .iter()
-                        .find(|m| m["version"] == version)
-                        .map(|m| m["nodes"].clone())
+                        .find(|m| m["version"] == version)?["nodes"]
+                        .as_array()?
+                        .iter()
+                        .map(|n| {
+                            (
+                                n["node_id"].as_u64(),
+                                n["state"].as_str().map(str::to_owned),
+                            )
+                        })
+                        .collect::<Vec<_>>();
+                    Some(reports)
                 };
                 let v1 = nodes("1")?;
                 let v2 = nodes("2")?;
-                (v1 == serde_json::json!([{"node_id": 1, "state": "unloaded"}])
-                    && v2 == serde_json::json!([{"node_id": 1, "state": "ready"}]))
+                (v1 == [(Some(1), Some("unloaded".to_owned()))]
+                    && v2 == [(Some(1), Some("ready".to_owned()))])
                 .then_some(())
             }
         },
