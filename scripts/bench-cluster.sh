@@ -100,7 +100,7 @@ stop_nodes
 
 python3 - "$OUT/one-node.json" "$OUT/three-nodes.json" "${TIMES[@]}" <<'EOF'
 import json, statistics, sys
-one, three = (json.load(open(p))["report"] for p in sys.argv[1:3])
+one, three = (json.load(open(p)) for p in sys.argv[1:3])
 times = [float(t) for t in sys.argv[3:]]
 print(f"Rollout, 3 nodes, uncapped: median {statistics.median(times):.2f} s "
       f"(runs: {', '.join(f'{t:.2f}' for t in times)})\n")

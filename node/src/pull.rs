@@ -4,7 +4,8 @@
 //! to the next peer if one fails. Every file is verified against the manifest before the copy
 //! is used; a corrupt or partial copy is never stored. Pulls share one token bucket per node
 //! (`serving.blob_bandwidth_mbps`), on their own connections, so Raft and client traffic do
-//! not queue behind them.
+//! not queue behind them. Peers are chosen from what Raft and heartbeats say: those that
+//! reported the version ready first, peers marked down never, busy ones last.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tonic::transport::Endpoint;
 use troupe_actors::supervisor::ArtifactFetcher;
+use troupe_actors::{PeerState, PeerTable};
 use troupe_consensus::Metadata;
 use troupe_models::artifact::{check_manifest_path, ArtifactStore, Manifest, ManifestFile};
 use troupe_proto::v1::artifacts_client::ArtifactsClient;
@@ -29,6 +31,8 @@ pub struct PeerPuller {
     pub store: ArtifactStore,
     /// Shared by every pull of this node; `None` pulls at full speed.
     pub bandwidth: Option<Arc<tokio::sync::Mutex<TokenBucket>>>,
+    /// What heartbeats say of the peers: down ones are skipped, busy ones asked last.
+    pub peers: Arc<PeerTable>,
 }
 
 /// A token bucket over bytes: on average at most `rate` bytes a second. It starts empty and
@@ -80,11 +84,17 @@ impl ArtifactFetcher for PeerPuller {
             .status()
             .nodes
             .into_iter()
-            .filter(|(id, _)| *id != self.node_id)
+            .filter(|(id, _)| *id != self.node_id && self.peers.state(*id) != PeerState::Down)
             .map(|(id, addr)| (id, addr.peer_addr))
             .collect();
-        // Nodes that reported the version ready first, then the others, each in id order.
-        peers.sort_by_key(|(id, _)| (!holders.contains(id), *id));
+        // Nodes that reported the version ready first; within each group, those answering
+        // heartbeats before the others, the least loaded first, then by id.
+        peers.sort_by_key(|(id, _)| {
+            let view = self.peers.get(*id);
+            let answering = view.as_ref().is_some_and(|v| v.state == PeerState::Up);
+            let load = view.map_or(u64::MAX, |v| v.queue_depth + v.in_flight);
+            (!holders.contains(id), !answering, load, *id)
+        });
         let store = self.store.clone();
         let bandwidth = self.bandwidth.clone();
         Box::pin(async move {

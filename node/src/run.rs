@@ -115,6 +115,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         })
         .build_global();
     let store = ArtifactStore::new(config.model_store_dir());
+    let peers = Arc::new(troupe_actors::PeerTable::default());
     let actors = ActorTree::start(TreeArgs {
         node_id: config.id,
         config: config.serving_config(),
@@ -129,8 +130,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
                     config.serving.blob_bandwidth_mbps * 1e6,
                 )))
             }),
+            peers: peers.clone(),
         }),
         store: store.clone(),
+        peers,
         probe: Arc::new(crate::gossip::GrpcPeerProbe::new(config.id)),
         gossip: config.gossip_config(),
     })

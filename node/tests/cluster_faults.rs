@@ -124,21 +124,7 @@ async fn killing_a_serving_node_under_load_fails_no_request_and_marks_it_down() 
         }
     })
     .await;
-    let model_arg = model.to_string_lossy().into_owned();
-    let pushed = troupe(args(&[
-        "models",
-        "push",
-        &model_arg,
-        "--name",
-        "tiny",
-        "--version",
-        "1",
-        "--addr",
-        &first,
-        "--quiet",
-    ]))
-    .await;
-    assert!(pushed.status.success(), "{:?}", text(&pushed));
+    push_model(&first, &model, "tiny", "1").await;
     let activated = troupe(args(&[
         "models", "activate", "tiny", "1", "--addr", &first, "--wait",
     ]))

@@ -33,21 +33,7 @@ async fn push_and_activate(
     version: &str,
 ) -> std::process::Output {
     let first = nodes[0].api_addr.to_string();
-    let model_arg = model.to_string_lossy().into_owned();
-    let pushed = troupe(args(&[
-        "models",
-        "push",
-        &model_arg,
-        "--name",
-        "tiny",
-        "--version",
-        version,
-        "--addr",
-        &first,
-        "--quiet",
-    ]))
-    .await;
-    assert!(pushed.status.success(), "{:?}", text(&pushed));
+    push_model(&first, model, "tiny", version).await;
     troupe(args(&[
         "models", "activate", "tiny", version, "--addr", &first, "--wait",
     ]))
@@ -378,46 +364,10 @@ async fn a_rollout_switches_every_node_and_a_failed_load_rolls_back_with_no_clie
     // active once loaded everywhere, and only then serves.
     let second = dir.path().join("tiny2");
     troupe_models::write_tiny_model_dir(&second, 8).unwrap();
-    let second_arg = second.to_string_lossy().into_owned();
-    let to_node_2 = troupe(args(&[
-        "models",
-        "push",
-        &second_arg,
-        "--name",
-        "tiny",
-        "--version",
-        "2",
-        "--addr",
-        &nodes[1].api_addr.to_string(),
-        "--quiet",
-    ]))
-    .await;
-    assert!(to_node_2.status.success(), "{:?}", text(&to_node_2));
+    push_model(&nodes[1].api_addr.to_string(), &second, "tiny", "2").await;
     let first = nodes[0].api_addr.to_string();
-    let to_node_1 = troupe(args(&[
-        "models",
-        "push",
-        &second_arg,
-        "--name",
-        "tiny",
-        "--version",
-        "2",
-        "--addr",
-        &first,
-        "--quiet",
-    ]))
-    .await;
-    assert!(to_node_1.status.success(), "{:?}", text(&to_node_1));
-    let digest = troupe_models::artifact::Manifest::of_dir(&second)
-        .unwrap()
-        .digest();
-    let damaged = dir
-        .path()
-        .join(format!("node1/models/{digest}/model.safetensors"));
-    let mut bytes = std::fs::read(&damaged).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x55;
-    std::fs::write(&damaged, bytes).unwrap();
+    push_model(&first, &second, "tiny", "2").await;
+    let digest = damage_stored_copy(&dir, 1, &second);
     let activated = troupe(args(&[
         "models", "activate", "tiny", "2", "--addr", &first, "--wait",
     ]))
@@ -498,5 +448,54 @@ async fn a_rollout_switches_every_node_and_a_failed_load_rolls_back_with_no_clie
     );
     assert!(errors.is_empty(), "{errors:?}");
     assert!(requests > 50, "the load ran: {requests}");
+    shutdown_all(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_that_outlives_its_timeout_fails_and_the_old_version_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(&dir);
+    // Node 3 pulls at 20 kB/s, and rollouts get 2 s.
+    let nodes = start_cluster_with(&dir, 3, |id, config| {
+        fast_gossip(config);
+        config.serving.rollout_timeout_s = 2;
+        if id == 3 {
+            config.serving.blob_bandwidth_mbps = 0.02;
+        }
+    })
+    .await;
+    // Version 1 is on every node's disk already: no pull, a quick rollout.
+    for node in &nodes {
+        push_model(&node.api_addr.to_string(), &model, "tiny", "1").await;
+    }
+    let first = nodes[0].api_addr.to_string();
+    let activated = troupe(args(&[
+        "models", "activate", "tiny", "1", "--addr", &first, "--wait",
+    ]))
+    .await;
+    assert!(activated.status.success(), "{:?}", text(&activated));
+    wait_all_serving(&nodes).await;
+
+    // Version 2 is only on node 1: node 3's capped pull of 200 kB takes about 10 s.
+    let second = dir.path().join("tiny2");
+    troupe_models::write_tiny_model_dir(&second, 8).unwrap();
+    std::fs::write(second.join("extra.bin"), vec![7u8; 200_000]).unwrap();
+    let load = Load::start(&nodes, 1).await;
+    let started = std::time::Instant::now();
+    let failed = push_and_activate(&nodes, &second, "2").await;
+    let (_, stderr) = text(&failed);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("timed out after 2 s") && stderr.contains("node 3 loading"),
+        "{stderr}"
+    );
+    eprintln!(
+        "rollout failed {:.1} s after activate: {stderr}",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(versions_served(&nodes).await, ["1", "1", "1"]);
+    let (requests, errors) = load.stop().await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(requests > 10, "the load ran: {requests}");
     shutdown_all(nodes).await;
 }

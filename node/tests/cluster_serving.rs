@@ -17,47 +17,11 @@ async fn a_version_pushed_to_one_node_is_pulled_by_the_others_and_served_everywh
     let nodes = start_cluster(&dir, 3).await;
     let first = nodes[0].api_addr.to_string();
 
-    let model_arg = model.to_string_lossy().into_owned();
-    let pushed = troupe(args(&[
-        "models",
-        "push",
-        &model_arg,
-        "--name",
-        "tiny",
-        "--version",
-        "1",
-        "--addr",
-        &first,
-        "--quiet",
-    ]))
-    .await;
-    assert!(pushed.status.success(), "{:?}", text(&pushed));
+    push_model(&first, &model, "tiny", "1").await;
     // Node 2 gets the same bytes too; then node 1's copy is damaged on disk. The files
     // exist nowhere else (push sends no source directory).
-    let to_second = troupe(args(&[
-        "models",
-        "push",
-        &model_arg,
-        "--name",
-        "tiny",
-        "--version",
-        "1",
-        "--addr",
-        &nodes[1].api_addr.to_string(),
-        "--quiet",
-    ]))
-    .await;
-    assert!(to_second.status.success(), "{:?}", text(&to_second));
-    let digest = troupe_models::artifact::Manifest::of_dir(&model)
-        .unwrap()
-        .digest();
-    let damaged = dir
-        .path()
-        .join(format!("node1/models/{digest}/model.safetensors"));
-    let mut bytes = std::fs::read(&damaged).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x55;
-    std::fs::write(&damaged, bytes).unwrap();
+    push_model(&nodes[1].api_addr.to_string(), &model, "tiny", "1").await;
+    let digest = damage_stored_copy(&dir, 1, &model);
     std::fs::rename(&model, dir.path().join("elsewhere")).unwrap();
     let second = nodes[1].api_addr.to_string();
     let activated = troupe(args(&[
@@ -149,6 +113,7 @@ async fn pulls_keep_to_the_bandwidth_cap() {
         bandwidth: Some(std::sync::Arc::new(tokio::sync::Mutex::new(
             troupe::pull::TokenBucket::new(CAP),
         ))),
+        peers: nodes[1].tree.peers.clone(),
     };
     // Heartbeats between the two nodes go on while the pull runs: sample their RTT.
     let peers = nodes[1].tree.peers.clone();

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,24 +15,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use troupe_actors::PeerState;
 
-fn model_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("TROUPE_MODEL_DIR").map(PathBuf::from);
-    match dir {
-        Some(dir) if dir.join("model.safetensors").is_file() => Some(dir),
-        _ => {
-            assert!(
-                std::env::var_os("TROUPE_REQUIRE_MODEL").is_none(),
-                "TROUPE_REQUIRE_MODEL is set but TROUPE_MODEL_DIR holds no model"
-            );
-            eprintln!("SKIPPED: set TROUPE_MODEL_DIR to the all-MiniLM-L6-v2 directory (scripts/test.sh does)");
-            None
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saturating_inference_moves_no_raft_leader_and_marks_no_peer_down() {
-    let Some(model) = model_dir() else { return };
+    let Some(model) = real_model() else { return };
     let soak = Duration::from_secs(
         std::env::var("TROUPE_SOAK_SECS")
             .ok()
@@ -48,25 +32,11 @@ async fn saturating_inference_moves_no_raft_leader_and_marks_no_peer_down() {
     })
     .await;
     let first = nodes[0].api_addr.to_string();
-    let model_arg = model.to_string_lossy().into_owned();
     let bytes = troupe_models::artifact::Manifest::of_dir(&model)
         .unwrap()
         .total_bytes();
 
-    let pushed = troupe(args(&[
-        "models",
-        "push",
-        &model_arg,
-        "--name",
-        "minilm",
-        "--version",
-        "1",
-        "--addr",
-        &first,
-        "--quiet",
-    ]))
-    .await;
-    assert!(pushed.status.success(), "{:?}", text(&pushed));
+    push_model(&first, &model, "minilm", "1").await;
     let started = Instant::now();
     let activated = troupe(args(&[
         "models", "activate", "minilm", "1", "--addr", &first, "--wait",

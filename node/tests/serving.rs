@@ -5,28 +5,12 @@
 mod common;
 
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
 use tonic::Code;
 use troupe::config::NodeConfig;
 use troupe_models::{CpuBackend, Embedder};
-
-/// The real all-MiniLM-L6-v2 when the test run has it (scripts/test.sh always does).
-fn real_model() -> Option<PathBuf> {
-    let dir = std::env::var_os("TROUPE_MODEL_DIR").map(PathBuf::from);
-    match dir {
-        Some(dir) if dir.join("model.safetensors").is_file() => Some(dir),
-        _ => {
-            assert!(
-                std::env::var_os("TROUPE_REQUIRE_MODEL").is_none(),
-                "TROUPE_REQUIRE_MODEL is set but TROUPE_MODEL_DIR holds no model"
-            );
-            None
-        }
-    }
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -78,6 +78,8 @@ pub struct TreeArgs {
     /// How Health heartbeats peers, and how often.
     pub probe: Arc<dyn PeerProbe>,
     pub gossip: GossipConfig,
+    /// The peer table Health's heartbeats fill (the node shares it with its puller).
+    pub peers: Arc<PeerTable>,
 }
 
 /// How the node talks to its supervisor.
@@ -527,7 +529,7 @@ pub struct ActorTree {
 impl ActorTree {
     pub async fn start(args: TreeArgs) -> Result<Self, ractor::SpawnErr> {
         let table = Arc::new(ServingTable::default());
-        let peers = Arc::new(PeerTable::default());
+        let peers = args.peers.clone();
         let in_flight = Arc::new(InFlight::default());
         let directory = ActorDirectory::default();
         let budget = Arc::new(RestartBudget::new(

@@ -38,7 +38,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a cluster node until SIGINT or SIGTERM.
     Node(node::NodeArgs),
-    /// Cluster membership, status and a node's actor tree.
+    /// Cluster membership, status (with each node's view of its peers) and a node's actor tree.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
     /// Task priorities (Raft-ordered).

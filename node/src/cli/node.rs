@@ -10,8 +10,8 @@ use crate::error::CliError;
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// TOML config ([raft], [serving], [limits]); environment (TROUPE_KEY,
-    /// TROUPE_SECTION_KEY) and flags override it.
+    /// TOML config ([raft], [serving], [limits], [cluster], [routing]); environment
+    /// (TROUPE_KEY, TROUPE_SECTION_KEY) and flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Raft node id (> 0, unique in the cluster).
@@ -20,7 +20,7 @@ pub struct NodeArgs {
     /// Public gRPC address: Inference, Admin, grpc.health.v1 and server reflection.
     #[arg(long, value_name = "ADDR")]
     pub api: Option<String>,
-    /// Peer gRPC address (Raft).
+    /// Peer gRPC address: Raft, heartbeats, forwarded inference and model pulls.
     #[arg(long, value_name = "ADDR")]
     pub peer: Option<String>,
     /// Metrics HTTP address (checked and reserved; the /metrics endpoint is not served yet).

@@ -259,3 +259,55 @@ pub fn tiny_model_dir(dir: &tempfile::TempDir) -> std::path::PathBuf {
     troupe_models::write_tiny_model_dir(&path, 7).unwrap();
     path
 }
+
+/// The real all-MiniLM-L6-v2 when the test run has it (scripts/test.sh always does); without
+/// it the caller skips, unless TROUPE_REQUIRE_MODEL says the run must have it.
+pub fn real_model() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("TROUPE_MODEL_DIR").map(std::path::PathBuf::from);
+    match dir {
+        Some(dir) if dir.join("model.safetensors").is_file() => Some(dir),
+        _ => {
+            assert!(
+                std::env::var_os("TROUPE_REQUIRE_MODEL").is_none(),
+                "TROUPE_REQUIRE_MODEL is set but TROUPE_MODEL_DIR holds no model"
+            );
+            eprintln!("SKIPPED: set TROUPE_MODEL_DIR to the all-MiniLM-L6-v2 directory (scripts/test.sh does)");
+            None
+        }
+    }
+}
+
+/// `troupe models push DIR --name NAME --version V --addr ADDR --quiet`, which must succeed.
+pub async fn push_model(addr: &str, model: &std::path::Path, name: &str, version: &str) {
+    let model = model.to_string_lossy().into_owned();
+    let pushed = troupe(args(&[
+        "models",
+        "push",
+        &model,
+        "--name",
+        name,
+        "--version",
+        version,
+        "--addr",
+        addr,
+        "--quiet",
+    ]))
+    .await;
+    assert!(pushed.status.success(), "{:?}", text(&pushed));
+}
+
+/// Flips a byte in the middle of `model.safetensors` of the version `model` (a directory with
+/// the same files) in the artifact store of node `id` under `dir`: a copy damaged on disk.
+pub fn damage_stored_copy(dir: &tempfile::TempDir, id: u64, model: &std::path::Path) -> String {
+    let digest = troupe_models::artifact::Manifest::of_dir(model)
+        .unwrap()
+        .digest();
+    let damaged = dir
+        .path()
+        .join(format!("node{id}/models/{digest}/model.safetensors"));
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&damaged, bytes).unwrap();
+    digest
+}
