@@ -455,10 +455,10 @@ async fn a_rollout_switches_every_node_and_a_failed_load_rolls_back_with_no_clie
 async fn a_rollout_that_outlives_its_timeout_fails_and_the_old_version_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model_dir(&dir);
-    // Node 3 pulls at 20 kB/s, and rollouts get 2 s.
+    // Node 3 pulls at 20 kB/s, and rollouts get 4 s.
     let nodes = start_cluster_with(&dir, 3, |id, config| {
         fast_gossip(config);
-        config.serving.rollout_timeout_s = 2;
+        config.serving.rollout_timeout_s = 4;
         if id == 3 {
             config.serving.blob_bandwidth_mbps = 0.02;
         }
@@ -476,17 +476,55 @@ async fn a_rollout_that_outlives_its_timeout_fails_and_the_old_version_keeps_ser
     assert!(activated.status.success(), "{:?}", text(&activated));
     wait_all_serving(&nodes).await;
 
-    // Version 2 is only on node 1: node 3's capped pull of 200 kB takes about 10 s.
+    // Version 2 is only on node 1: node 3's capped pull of 200 kB takes over 10 s. A request
+    // that names it can still be served, by a node that has it.
     let second = dir.path().join("tiny2");
     troupe_models::write_tiny_model_dir(&second, 8).unwrap();
     std::fs::write(second.join("extra.bin"), vec![7u8; 200_000]).unwrap();
     let load = Load::start(&nodes, 1).await;
     let started = std::time::Instant::now();
-    let failed = push_and_activate(&nodes, &second, "2").await;
+    // While node 3 is still pulling, nodes 1 and 2 have version 2 loaded.
+    let during = async {
+        wait_for(
+            "node 3 to see version 2 on its peers",
+            Duration::from_secs(4),
+            || async {
+                let peers = nodes[2].tree.peers.snapshot();
+                peers.iter().all(|p| p.serves("tiny", "2")).then_some(())
+            },
+        )
+        .await;
+        // Sent to node 3, a request naming version 2 is forwarded to a node that has it.
+        let mut request = embed_request("tiny", &["forward me"], "");
+        request.version = "2".into();
+        let reply = inference_client(&nodes[2])
+            .await
+            .embed(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            [1, 2].contains(&reply.served_by),
+            "served by {}",
+            reply.served_by
+        );
+        assert_eq!(reply.model_version, "2");
+        // Forwarded to node 3, it is served there or refused: never forwarded again.
+        let mut peer = troupe_proto::v1::peer_client::PeerClient::connect(format!(
+            "http://{}",
+            nodes[2].peer_addr
+        ))
+        .await
+        .unwrap();
+        let refused = peer.forward(request).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+        assert!(refused.message().contains("loading"), "{refused}");
+    };
+    let (failed, ()) = tokio::join!(push_and_activate(&nodes, &second, "2"), during);
     let (_, stderr) = text(&failed);
     assert_eq!(failed.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("timed out after 2 s") && stderr.contains("node 3 loading"),
+        stderr.contains("timed out after 4 s") && stderr.contains("node 3 loading"),
         "{stderr}"
     );
     eprintln!(
