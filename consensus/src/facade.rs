@@ -124,6 +124,11 @@ pub struct RaftStatus {
     pub snapshot_revision: u64,
     /// Log entries up to this index are deleted; a follower behind it needs a snapshot.
     pub purged_index: u64,
+    /// The highest index a quorum of voters has (the commit index), where this node knows it:
+    /// on the leader, from what each voter has acknowledged.
+    pub committed_index: Option<u64>,
+    /// Times this node has seen the leader change (a new leader, or none) since it started.
+    pub leader_changes: u64,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     pub nodes: BTreeMap<NodeId, NodeAddr>,
@@ -140,6 +145,7 @@ pub struct Metadata {
     history: store::History,
     /// Alive while any sled handle is; shutdown waits for it so the database is closed.
     open_handles: std::sync::Weak<()>,
+    leader_changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How long shutdown waits for storage handles held by Raft's tasks to be released.
@@ -175,6 +181,11 @@ impl Metadata {
         .await
         .map_err(|e| MetadataError::Raft(e.to_string()))?;
         let proposer = Proposer::start(raft.clone());
+        let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        tokio::spawn(count_leader_changes(
+            raft.metrics(),
+            Arc::downgrade(&leader_changes),
+        ));
         Ok(Self {
             config,
             raft,
@@ -185,6 +196,7 @@ impl Metadata {
             proposer,
             history,
             open_handles,
+            leader_changes,
         })
     }
 
@@ -534,6 +546,12 @@ impl Metadata {
                 .snapshot_revision
                 .load(std::sync::atomic::Ordering::Acquire),
             purged_index: metrics.purged.map_or(0, |l| l.index),
+            committed_index: metrics.replication.as_ref().map(|replication| {
+                quorum_index(&voters, self.config.node_id, &metrics, replication)
+            }),
+            leader_changes: self
+                .leader_changes
+                .load(std::sync::atomic::Ordering::Relaxed),
             voters,
             learners,
             nodes,
@@ -560,6 +578,50 @@ impl Metadata {
             poll.tick().await;
         }
         Ok(())
+    }
+}
+
+/// The index a majority of `voters` holds, from the leader's replication progress (its own
+/// log counts for itself).
+fn quorum_index(
+    voters: &[NodeId],
+    me: NodeId,
+    metrics: &openraft::RaftMetrics<NodeId, NodeAddr>,
+    replication: &BTreeMap<NodeId, Option<openraft::LogId<NodeId>>>,
+) -> u64 {
+    let mut matched: Vec<u64> = voters
+        .iter()
+        .map(|id| {
+            if *id == me {
+                metrics.last_log_index.unwrap_or(0)
+            } else {
+                replication
+                    .get(id)
+                    .copied()
+                    .flatten()
+                    .map_or(0, |log| log.index)
+            }
+        })
+        .collect();
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    matched.get(voters.len() / 2).copied().unwrap_or(0)
+}
+
+/// Counts changes of the known leader until the counter is dropped or Raft stops.
+async fn count_leader_changes(
+    mut metrics: watch::Receiver<openraft::RaftMetrics<NodeId, NodeAddr>>,
+    counter: std::sync::Weak<std::sync::atomic::AtomicU64>,
+) {
+    let mut leader = metrics.borrow().current_leader;
+    while metrics.changed().await.is_ok() {
+        let now = metrics.borrow().current_leader;
+        if now != leader {
+            leader = now;
+            let Some(counter) = counter.upgrade() else {
+                return;
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`server`]: the gRPC services (Inference, Admin) and the one error-to-status table.
 //! - [`forward`]: forwarding requests to peers (their connections, trace context).
 //! - [`gossip`]: heartbeating peers for Health (a connection of its own per peer).
+//! - [`metrics`]: the Prometheus series, served on the metrics port.
 //! - [`loader`]: loads model directories onto the configured compute backend.
 //! - [`error`]: the CLI's error type; every command fails with one line that names the
 //!   problem and the fix.
@@ -18,6 +19,7 @@ pub mod error;
 pub mod forward;
 pub mod gossip;
 pub mod loader;
+pub mod metrics;
 pub mod pull;
 pub mod run;
 pub mod server;

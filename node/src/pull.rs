@@ -33,6 +33,8 @@ pub struct PeerPuller {
     pub bandwidth: Option<Arc<tokio::sync::Mutex<TokenBucket>>>,
     /// What heartbeats say of the peers: down ones are skipped, busy ones asked last.
     pub peers: Arc<PeerTable>,
+    /// Bytes received from peers, for the metrics.
+    pub received: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A token bucket over bytes: on average at most `rate` bytes a second. It starts empty and
@@ -97,10 +99,11 @@ impl ArtifactFetcher for PeerPuller {
         });
         let store = self.store.clone();
         let bandwidth = self.bandwidth.clone();
+        let received = self.received.clone();
         Box::pin(async move {
             let mut failures = Vec::new();
             for (id, addr) in peers {
-                match pull_from(&store, &addr, &digest, bandwidth.as_deref()).await {
+                match pull_from(&store, &addr, &digest, bandwidth.as_deref(), &received).await {
                     Ok(dir) => {
                         tracing::info!(%digest, peer = id, "artifact pulled from a peer");
                         return Ok(dir);
@@ -125,6 +128,7 @@ async fn pull_from(
     addr: &str,
     digest: &str,
     bandwidth: Option<&tokio::sync::Mutex<TokenBucket>>,
+    received: &std::sync::atomic::AtomicU64,
 ) -> Result<PathBuf, String> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
@@ -170,7 +174,7 @@ async fn pull_from(
     };
     let result = async {
         for file in &manifest.files {
-            pull_file(&mut client, digest, file, &staging, bandwidth).await?;
+            pull_file(&mut client, digest, file, &staging, bandwidth, received).await?;
         }
         let (store, manifest, staging) = (store.clone(), manifest.clone(), staging.clone());
         tokio::task::spawn_blocking(move || store.commit(&staging, &manifest))
@@ -192,6 +196,7 @@ async fn pull_file(
     file: &ManifestFile,
     staging: &std::path::Path,
     bandwidth: Option<&tokio::sync::Mutex<TokenBucket>>,
+    received: &std::sync::atomic::AtomicU64,
 ) -> Result<(), String> {
     let path = staging.join(&file.path);
     if let Some(parent) = path.parent() {
@@ -234,6 +239,10 @@ async fn pull_file(
                                 .await
                                 .map_err(|e| e.to_string())?;
                             written += chunk.data.len() as u64;
+                            received.fetch_add(
+                                chunk.data.len() as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
                         }
                         Ok(None) => break None,
                         Err(status) => break Some(status.message().to_owned()),

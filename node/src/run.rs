@@ -21,6 +21,7 @@ use troupe_proto::v1::inference_server::InferenceServer;
 
 use crate::config::{ConfigError, NodeConfig};
 use crate::forward::Forwarder;
+use crate::metrics::NodeMetrics;
 use crate::server::admin::AdminService;
 use crate::server::artifacts::ArtifactService;
 use crate::server::heartbeat::HeartbeatResponder;
@@ -56,12 +57,15 @@ pub enum NodeError {
 pub struct RunningNode {
     pub api_addr: SocketAddr,
     pub peer_addr: SocketAddr,
+    /// `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_addr: SocketAddr,
     pub metadata: Arc<Metadata>,
     /// The actor tree as request handlers see it (serving table, actors, health).
     pub tree: TreeView,
     actors: ActorTree,
     drain_timeout: Duration,
     health_task: JoinHandle<()>,
+    metrics_task: JoinHandle<()>,
     api_stop: oneshot::Sender<()>,
     stopping: tokio::sync::watch::Sender<bool>,
     api_task: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -93,14 +97,18 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     config.validate()?;
     let api_listener = bind("api", &config.api).await?;
     let peer_listener = bind("peer", &config.peer).await?;
+    let metrics_listener = bind("metrics", &config.metrics).await?;
     let api_addr = local_addr("api", &api_listener)?;
     let peer_addr = local_addr("peer", &peer_listener)?;
+    let metrics_addr = local_addr("metrics", &metrics_listener)?;
     let mut config = config;
     config.api = api_addr.to_string();
     config.peer = peer_addr.to_string();
+    config.metrics = metrics_addr.to_string();
+    let node_metrics = Arc::new(NodeMetrics::default());
 
     let metadata = Arc::new(Metadata::start(config.metadata_config()).await?);
-    tracing::info!(node_id = config.id, %api_addr, %peer_addr, data_dir = %config.data_dir.display(), "node started");
+    tracing::info!(node_id = config.id, %api_addr, %peer_addr, %metrics_addr, data_dir = %config.data_dir.display(), "node started");
 
     // The pool is process-wide: the first node of a process sizes it. Its threads run at a
     // lower priority than the async runtime's, so Raft and heartbeats never wait behind a
@@ -131,6 +139,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
                 )))
             }),
             peers: peers.clone(),
+            received: node_metrics.blob_bytes_received.clone(),
         }),
         store: store.clone(),
         peers,
@@ -153,13 +162,15 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             ),
             max_attempts: config.routing.max_attempts,
             backup: config.cluster.backup,
+            metrics: node_metrics.clone(),
         },
     ));
     let (peer_stop, peer_stopped) = oneshot::channel::<()>();
     let peer_service = metadata.peer_service();
-    let artifact_service = ArtifactsServer::new(ArtifactService::new(ArtifactStore::new(
-        config.model_store_dir(),
-    )));
+    let artifact_service = ArtifactsServer::new(ArtifactService::new(
+        ArtifactStore::new(config.model_store_dir()),
+        node_metrics.blob_bytes_sent.clone(),
+    ));
     let peer_grpc = PeerServer::new(PeerService {
         inference: inference_core.clone(),
         heartbeats: HeartbeatResponder::new(
@@ -232,14 +243,28 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             )
             .await
     });
+    let metrics_app =
+        crate::server::metrics_http::router(crate::server::metrics_http::MetricsState {
+            node_id: config.id,
+            metrics: node_metrics,
+            tree: tree.clone(),
+            metadata: metadata.clone(),
+        });
+    let metrics_task = tokio::spawn(async move {
+        if let Err(error) = axum::serve(metrics_listener, metrics_app).await {
+            tracing::error!(%error, "the metrics endpoint stopped");
+        }
+    });
     Ok(RunningNode {
         api_addr,
         peer_addr,
+        metrics_addr,
         metadata,
         tree,
         actors,
         drain_timeout: Duration::from_millis(config.serving.drain_timeout_ms),
         health_task,
+        metrics_task,
         api_stop,
         stopping: stopping_tx,
         api_task,
@@ -276,6 +301,7 @@ impl RunningNode {
         self.actors.drain(self.drain_timeout).await;
         self.actors.stop(self.drain_timeout).await;
         self.health_task.abort();
+        self.metrics_task.abort();
         self.metadata.shutdown().await?;
         let _ = self.peer_stop.send(());
         join("peer", self.peer_task).await?;

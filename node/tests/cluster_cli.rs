@@ -288,7 +288,7 @@ async fn the_watch_stream_replays_in_order_and_refuses_compacted_revisions() {
         id: 1,
         api: "127.0.0.1:0".into(),
         peer: "127.0.0.1:0".into(),
-        metrics: "127.0.0.1:1".into(),
+        metrics: "127.0.0.1:0".into(),
         data_dir: dir.path().join("node1"),
         raft: troupe::config::RaftSettings {
             watch_history: 5,

@@ -114,6 +114,7 @@ async fn pulls_keep_to_the_bandwidth_cap() {
             troupe::pull::TokenBucket::new(CAP),
         ))),
         peers: nodes[1].tree.peers.clone(),
+        received: Default::default(),
     };
     // Heartbeats between the two nodes go on while the pull runs: sample their RTT.
     let peers = nodes[1].tree.peers.clone();

@@ -85,7 +85,7 @@ async fn a_node_started_by_run_serves_embed_equal_to_the_local_engine() {
         id: 1,
         api: format!("127.0.0.1:{api}"),
         peer: format!("127.0.0.1:{peer}"),
-        metrics: "127.0.0.1:1".into(),
+        metrics: "127.0.0.1:0".into(),
         data_dir: dir.path().join("node1"),
         ..NodeConfig::default()
     };

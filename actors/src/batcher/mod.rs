@@ -31,9 +31,14 @@ use crate::worker::{InferenceWorker, WorkerArgs, WorkerCrashed, WorkerMsg};
 /// Restart latencies kept for inspection (newest last).
 const RESTART_HISTORY: usize = 1024;
 
+/// Upper bounds of the batch-size histogram's buckets, in rows.
+pub const BATCH_SIZE_BUCKETS: [u64; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
+
 /// Shared counters of one batcher; readable by the node without a message round trip.
 #[derive(Debug, Default)]
 pub struct BatcherShared {
+    /// Batches by size: one count per bucket of [`BATCH_SIZE_BUCKETS`] (not cumulative).
+    batch_sizes: [AtomicU64; BATCH_SIZE_BUCKETS.len()],
     batches: AtomicU64,
     rows: AtomicU64,
     jobs: AtomicU64,
@@ -73,7 +78,21 @@ impl BatcherShared {
         lock(&self.lane_depths).clone()
     }
 
+    /// Batches by size, per bucket of [`BATCH_SIZE_BUCKETS`] (not cumulative); the sum of
+    /// rows and the count of batches are in [`BatcherShared::counters`].
+    pub fn batch_sizes(&self) -> Vec<u64> {
+        self.batch_sizes
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
+
     pub(crate) fn computed(&self, jobs: u64, rows: u64) {
+        let bucket = BATCH_SIZE_BUCKETS
+            .iter()
+            .position(|&bound| rows <= bound)
+            .unwrap_or(BATCH_SIZE_BUCKETS.len() - 1);
+        self.batch_sizes[bucket].fetch_add(1, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.jobs.fetch_add(jobs, Ordering::Relaxed);
         self.rows.fetch_add(rows, Ordering::Relaxed);

@@ -23,7 +23,7 @@ pub struct NodeArgs {
     /// Peer gRPC address: Raft, heartbeats, forwarded inference and model pulls.
     #[arg(long, value_name = "ADDR")]
     pub peer: Option<String>,
-    /// Metrics HTTP address (checked and reserved; the /metrics endpoint is not served yet).
+    /// Metrics HTTP address: /metrics (Prometheus text), /healthz and /readyz.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
     /// Data directory; a directory holding Raft state rejoins with it.

@@ -14,11 +14,13 @@ const CHUNK_BYTES: usize = 1 << 20;
 
 pub struct ArtifactService {
     store: ArtifactStore,
+    /// Bytes sent to peers, for the metrics.
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ArtifactService {
-    pub fn new(store: ArtifactStore) -> Self {
-        Self { store }
+    pub fn new(store: ArtifactStore, sent: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Self { store, sent }
     }
 }
 
@@ -82,6 +84,7 @@ impl Artifacts for ArtifactService {
             .await
             .map_err(|e| Status::out_of_range(format!("offset {}: {e}", request.offset)))?;
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let sent = self.sent.clone();
         tokio::spawn(async move {
             loop {
                 let mut data = vec![0u8; CHUNK_BYTES];
@@ -92,6 +95,7 @@ impl Artifacts for ArtifactService {
                         if sender.send(Ok(FileData { data })).await.is_err() {
                             return;
                         }
+                        sent.fetch_add(read as u64, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(e) => {
                         let _ = sender

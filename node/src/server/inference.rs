@@ -15,6 +15,7 @@ use troupe_proto::v1::{EmbedRequest, EmbedResponse, Embedding};
 use super::status::serve_error;
 use crate::config::LimitSettings;
 use crate::forward::{trace_context, trace_id, Forwarder, FORWARDED_BY_HEADER};
+use crate::metrics::NodeMetrics;
 
 /// Request metadata naming the API version the client speaks.
 pub const API_VERSION_HEADER: &str = "x-troupe-api-version";
@@ -33,6 +34,7 @@ pub struct InferenceCore {
     max_attempts: usize,
     /// This node is a backup: its router tries it after the primaries too.
     backup: bool,
+    metrics: Arc<NodeMetrics>,
 }
 
 /// `troupe.v1.Inference` on the API port.
@@ -45,6 +47,7 @@ pub struct RoutingParts {
     pub forwarder: Forwarder,
     pub max_attempts: usize,
     pub backup: bool,
+    pub metrics: Arc<NodeMetrics>,
 }
 
 impl InferenceCore {
@@ -58,6 +61,7 @@ impl InferenceCore {
             forwarder: routing.forwarder,
             max_attempts: routing.max_attempts.max(1),
             backup: routing.backup,
+            metrics: routing.metrics,
         }
     }
 }
@@ -325,7 +329,8 @@ impl InferenceCore {
                     continue;
                 };
                 let _counted = self.router.forwarding(node);
-                self.forwarder
+                let forwarded = self
+                    .forwarder
                     .forward(
                         node,
                         &peer.peer_addr,
@@ -333,7 +338,10 @@ impl InferenceCore {
                         admitted.deadline - now,
                         &admitted.traceparent,
                     )
-                    .await
+                    .await;
+                self.metrics
+                    .record_forward(node, forwarded.as_ref().err().map(Status::code));
+                forwarded
             };
             match result {
                 Ok(response) => {
@@ -376,8 +384,22 @@ impl Inference for InferenceService {
         &self,
         request: Request<EmbedRequest>,
     ) -> Result<Response<EmbedResponse>, Status> {
-        let admitted = self.0.admit(request)?;
-        self.0.embed_routed(admitted).await.map(Response::new)
+        let started = Instant::now();
+        let (model, task) = (
+            request.get_ref().model.clone(),
+            request.get_ref().task.clone(),
+        );
+        let result = match self.0.admit(request) {
+            Ok(admitted) => self.0.embed_routed(admitted).await,
+            Err(status) => Err(status),
+        };
+        self.0.metrics.record_request(
+            &model,
+            &task,
+            result.as_ref().err().map(Status::code),
+            started.elapsed(),
+        );
+        result.map(Response::new)
     }
 }
 

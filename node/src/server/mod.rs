@@ -5,6 +5,7 @@ pub mod admin;
 pub mod artifacts;
 pub mod heartbeat;
 pub mod inference;
+pub mod metrics_http;
 pub mod peer;
 pub mod push;
 pub mod status;

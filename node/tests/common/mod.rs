@@ -19,7 +19,7 @@ pub fn node_config(id: u64, dir: &tempfile::TempDir) -> NodeConfig {
         id,
         api: "127.0.0.1:0".into(),
         peer: "127.0.0.1:0".into(),
-        metrics: "127.0.0.1:1".into(),
+        metrics: "127.0.0.1:0".into(),
         data_dir: dir.path().join(format!("node{id}")),
         ..NodeConfig::default()
     }
@@ -151,7 +151,7 @@ pub async fn serving_node(
         id: 1,
         api: "127.0.0.1:0".into(),
         peer: "127.0.0.1:0".into(),
-        metrics: "127.0.0.1:1".into(),
+        metrics: "127.0.0.1:0".into(),
         data_dir: dir.path().join("node1"),
         ..NodeConfig::default()
     };

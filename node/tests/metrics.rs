@@ -1,0 +1,218 @@
+//! The metrics port of real nodes: `/metrics` parses as Prometheus text and its counters move
+//! with the requests served; `/healthz` answers; `/readyz` follows the node's health.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// GET `path` on `addr` over HTTP/1.1: the status code and the body.
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+/// One sample per series key (`name{labels}`), checking the exposition format on the way:
+/// every sample belongs to a family announced with HELP and TYPE, and its value is a number.
+fn parse(text: &str) -> BTreeMap<String, f64> {
+    let mut families = BTreeMap::new();
+    let mut samples = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            families.insert(name.to_owned(), kind.to_owned());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (key, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {line}"));
+        let name = key.split('{').next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                name.strip_suffix(suffix)
+                    .filter(|base| families.get(*base).is_some_and(|k| k == "histogram"))
+            })
+            .unwrap_or(name);
+        assert!(families.contains_key(family), "no TYPE for {line}");
+        assert!(
+            samples.insert(key.to_owned(), value).is_none(),
+            "duplicate {key}"
+        );
+    }
+    samples
+}
+
+fn find(samples: &BTreeMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
+    samples
+        .iter()
+        .find(|(key, _)| {
+            key.split('{').next() == Some(name) && labels.iter().all(|l| key.contains(l))
+        })
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| panic!("no {name} with {labels:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_move_with_the_requests_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(&dir);
+    // Before the cluster is formed the node is up but not ready.
+    let nodes = start_cluster_with(&dir, 2, |_, config| {
+        config.cluster.heartbeat_interval_ms = 50;
+        config.routing.strategy = "round_robin".into();
+    })
+    .await;
+    let first = nodes[0].api_addr.to_string();
+    push_model(&first, &model, "tiny", "1").await;
+    let activated = troupe(args(&[
+        "models", "activate", "tiny", "1", "--addr", &first, "--wait",
+    ]))
+    .await;
+    assert!(activated.status.success(), "{:?}", text(&activated));
+    for node in &nodes {
+        wait_serving(node).await;
+    }
+    wait_for(
+        "node 2 serving tiny, as node 1 sees it",
+        Duration::from_secs(10),
+        || async {
+            nodes[0]
+                .tree
+                .peers
+                .get(2)
+                .is_some_and(|p| p.serves("tiny", ""))
+                .then_some(())
+        },
+    )
+    .await;
+
+    let metrics = nodes[0].metrics_addr;
+    assert_eq!(get(metrics, "/healthz").await.0, 200);
+    assert_eq!(get(metrics, "/readyz").await, (200, "ready\n".to_owned()));
+    let (status, body) = get(metrics, "/metrics").await;
+    assert_eq!(status, 200);
+    let before = parse(&body);
+
+    let mut client = inference_client(&nodes[0]).await;
+    for _ in 0..20 {
+        client
+            .embed(embed_request("tiny", &["counted"], ""))
+            .await
+            .unwrap();
+    }
+    let refused = client
+        .embed(embed_request("tiny", &["counted"], "no-such-task"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound);
+
+    let after = parse(&get(metrics, "/metrics").await.1);
+    let ok = ["model=\"tiny\"", "task=\"default\"", "code=\"OK\""];
+    let served_before = before
+        .iter()
+        .find(|(k, _)| k.starts_with("troupe_requests_total") && ok.iter().all(|l| k.contains(l)))
+        .map_or(0.0, |(_, v)| *v);
+    assert_eq!(
+        find(&after, "troupe_requests_total", &ok) - served_before,
+        20.0
+    );
+    assert_eq!(
+        find(
+            &after,
+            "troupe_requests_total",
+            &["task=\"no-such-task\"", "code=\"NOT_FOUND\""]
+        ),
+        1.0
+    );
+    let latency = ["model=\"tiny\"", "task=\"default\""];
+    assert!(find(&after, "troupe_request_duration_seconds_count", &latency) >= 20.0);
+    assert!(
+        find(
+            &after,
+            "troupe_request_duration_seconds_bucket",
+            &["le=\"+Inf\""]
+        ) >= 20.0
+    );
+    // Round robin over two nodes: about half went to node 2.
+    let forwarded = find(
+        &after,
+        "troupe_forwarded_requests_total",
+        &["peer=\"2\"", "code=\"OK\""],
+    );
+    assert!(forwarded >= 5.0, "{forwarded}");
+    assert!(find(&after, "troupe_batch_size_count", &["model=\"tiny\""]) >= 5.0);
+    assert_eq!(find(&after, "troupe_in_flight_requests", &[]), 0.0);
+    assert_eq!(find(&after, "troupe_serving", &[]), 1.0);
+    assert!(find(&after, "troupe_raft_term", &[]) >= 1.0);
+    assert!(find(&after, "troupe_raft_applied_index", &[]) >= 1.0);
+    assert!(find(&after, "troupe_raft_leader_changes_total", &[]) >= 1.0);
+    assert_eq!(find(&after, "troupe_peer_up", &["peer=\"2\""]), 1.0);
+    assert!(find(&after, "troupe_peer_heartbeat_rtt_seconds", &["peer=\"2\""]) > 0.0);
+    find(&after, "troupe_peer_clock_offset_seconds", &["peer=\"2\""]);
+    find(
+        &after,
+        "troupe_actor_restarts_total",
+        &["path=\"node/health\""],
+    );
+    // The leader reports the commit index.
+    let leader = nodes
+        .iter()
+        .find(|n| n.metadata.status().role == troupe_consensus::Role::Leader)
+        .unwrap();
+    let leader_metrics = parse(&get(leader.metrics_addr, "/metrics").await.1);
+    assert!(find(&leader_metrics, "troupe_raft_commit_index", &[]) >= 1.0);
+    // Node 2 pulled the version from node 1, and node 1 sent it.
+    let second = parse(&get(nodes[1].metrics_addr, "/metrics").await.1);
+    let received = find(
+        &second,
+        "troupe_blob_bytes_total",
+        &["direction=\"received\""],
+    );
+    let sent = find(&after, "troupe_blob_bytes_total", &["direction=\"sent\""]);
+    let size = troupe_models::artifact::Manifest::of_dir(&model)
+        .unwrap()
+        .total_bytes() as f64;
+    assert_eq!((received, sent), (size, size));
+
+    for node in nodes {
+        node.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_with_the_reason_until_the_node_can_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(1, &dir).await;
+    // Not initialised: no Raft leader.
+    let (status, body) = wait_for("health to be computed", Duration::from_secs(10), || async {
+        let (status, body) = get(node.metrics_addr, "/readyz").await;
+        body.contains("raft has no leader")
+            .then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(get(node.metrics_addr, "/healthz").await.0, 200);
+    node.metadata.initialize(Default::default()).await.unwrap();
+    wait_for("ready", Duration::from_secs(10), || async {
+        (get(node.metrics_addr, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(get(node.metrics_addr, "/nope").await.0, 404);
+    node.shutdown().await.unwrap();
+}
