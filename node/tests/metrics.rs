@@ -162,6 +162,7 @@ async fn metrics_parse_and_move_with_the_requests_served() {
     assert!(find(&after, "troupe_raft_term", &[]) >= 1.0);
     assert!(find(&after, "troupe_raft_applied_index", &[]) >= 1.0);
     assert!(find(&after, "troupe_raft_leader_changes_total", &[]) >= 1.0);
+    assert!(find(&after, "troupe_raft_sync_lag_seconds", &[]) < 5.0);
     assert_eq!(find(&after, "troupe_peer_up", &["peer=\"2\""]), 1.0);
     assert!(find(&after, "troupe_peer_heartbeat_rtt_seconds", &["peer=\"2\""]) > 0.0);
     find(&after, "troupe_peer_clock_offset_seconds", &["peer=\"2\""]);

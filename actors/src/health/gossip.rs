@@ -78,7 +78,7 @@ pub async fn run(args: GossipArgs) {
             let lag = args.peers.update(|table| {
                 refresh_sync_lags(args.node_id, status.leader, status.applied_index, table)
             });
-            args.peers.set_own_sync_lag(lag);
+            args.peers.set_own_sync_lag(lag, status.applied_index);
             continue;
         }
         running.retain(|id, (peer_addr, task)| {
@@ -105,7 +105,7 @@ pub async fn run(args: GossipArgs) {
             }
             refresh_sync_lags(args.node_id, status.leader, status.applied_index, table)
         });
-        args.peers.set_own_sync_lag(lag);
+        args.peers.set_own_sync_lag(lag, status.applied_index);
         for (id, addr) in members {
             if running.contains_key(&id) {
                 continue;
@@ -174,7 +174,7 @@ fn record(args: &GossipArgs, peer_id: u64, outcome: Result<HeartbeatReply, Strin
         let lag = refresh_sync_lags(args.node_id, status.leader, status.applied_index, table);
         (transition, lag)
     });
-    args.peers.set_own_sync_lag(own_lag);
+    args.peers.set_own_sync_lag(own_lag, status.applied_index);
     let Some(Transition {
         before,
         after,
