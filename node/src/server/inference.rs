@@ -190,6 +190,7 @@ impl InferenceCore {
         span.record("model", request.model.as_str());
         span.record("task", request.task.as_str());
         span.record("request_id", request.request_id.as_str());
+        span.record("node_id", self.node_id);
         span.record("trace_id", trace_id(&traceparent));
         if !forwarded_by.is_empty() {
             span.record("forwarded_by", forwarded_by.as_str());
@@ -346,6 +347,9 @@ impl InferenceCore {
             match result {
                 Ok(response) => {
                     tracing::Span::current().record("served_by", response.served_by);
+                    if response.served_by != self.node_id {
+                        tracing::debug!(peer = response.served_by, "served by a peer");
+                    }
                     return Ok(response);
                 }
                 Err(status) if try_next_node(status.code()) => {
