@@ -78,29 +78,7 @@ async fn metrics_parse_and_move_with_the_requests_served() {
         config.routing.strategy = "round_robin".into();
     })
     .await;
-    let first = nodes[0].api_addr.to_string();
-    push_model(&first, &model, "tiny", "1").await;
-    let activated = troupe(args(&[
-        "models", "activate", "tiny", "1", "--addr", &first, "--wait",
-    ]))
-    .await;
-    assert!(activated.status.success(), "{:?}", text(&activated));
-    for node in &nodes {
-        wait_serving(node).await;
-    }
-    wait_for(
-        "node 2 serving tiny, as node 1 sees it",
-        Duration::from_secs(10),
-        || async {
-            nodes[0]
-                .tree
-                .peers
-                .get(2)
-                .is_some_and(|p| p.serves("tiny", ""))
-                .then_some(())
-        },
-    )
-    .await;
+    serve_everywhere(&nodes, &model, "tiny", "1").await;
 
     let metrics = nodes[0].metrics_addr;
     assert_eq!(get(metrics, "/healthz").await.0, 200);

@@ -6,7 +6,6 @@ mod common;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::*;
 
@@ -60,26 +59,7 @@ async fn a_forwarded_requests_spans_on_both_nodes_share_its_trace_id() {
         config.routing.weights = [("1".to_owned(), 0), ("2".to_owned(), 1)].into();
     })
     .await;
-    let first = nodes[0].api_addr.to_string();
-    push_model(&first, &model, "tiny", "1").await;
-    let activated = troupe(args(&[
-        "models", "activate", "tiny", "1", "--addr", &first, "--wait",
-    ]))
-    .await;
-    assert!(activated.status.success(), "{:?}", text(&activated));
-    wait_for(
-        "node 1 to see node 2 serving",
-        Duration::from_secs(10),
-        || async {
-            nodes[0]
-                .tree
-                .peers
-                .get(2)
-                .is_some_and(|p| p.serves("tiny", ""))
-                .then_some(())
-        },
-    )
-    .await;
+    serve_everywhere(&nodes, &model, "tiny", "1").await;
 
     // With the client's trace context: both nodes use its trace id.
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";

@@ -311,3 +311,40 @@ pub fn damage_stored_copy(dir: &tempfile::TempDir, id: u64, model: &std::path::P
     std::fs::write(&damaged, bytes).unwrap();
     digest
 }
+
+/// Pushes `model` to the first node as `name` version `version` and activates it, waiting
+/// for the rollout; then waits until every node is SERVING and the first sees every other
+/// one serving it.
+pub async fn serve_everywhere(
+    nodes: &[RunningNode],
+    model: &std::path::Path,
+    name: &str,
+    version: &str,
+) {
+    let first = nodes[0].api_addr.to_string();
+    push_model(&first, model, name, version).await;
+    let activated = troupe(args(&[
+        "models", "activate", name, version, "--addr", &first, "--wait",
+    ]))
+    .await;
+    assert!(activated.status.success(), "{:?}", text(&activated));
+    for node in nodes {
+        wait_serving(node).await;
+    }
+    for peer in nodes.iter().skip(1) {
+        let id = peer.metadata.node_id();
+        wait_for(
+            "node 1 to see its peers serving",
+            std::time::Duration::from_secs(10),
+            || async {
+                nodes[0]
+                    .tree
+                    .peers
+                    .get(id)
+                    .is_some_and(|p| p.serves(name, ""))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+}
