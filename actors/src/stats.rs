@@ -158,3 +158,26 @@ pub async fn spawn_child<A: ractor::Actor>(
     directory.attach(path, actor.get_cell());
     Ok(actor)
 }
+
+/// Calls `check` every `interval`, and as soon as either watched value changes, until one of
+/// them closes (its owner is gone). Health and the rollout controller re-evaluate this way:
+/// promptly on a change, and on the timer for what no change announces (timeouts).
+pub fn spawn_rechecks(
+    interval: std::time::Duration,
+    mut first: tokio::sync::watch::Receiver<u64>,
+    mut second: tokio::sync::watch::Receiver<u64>,
+    check: impl Fn() + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = first.changed() => if changed.is_err() { return },
+                changed = second.changed() => if changed.is_err() { return },
+            }
+            check();
+        }
+    })
+}

@@ -22,7 +22,7 @@ pub use probe::{HeartbeatReply, PeerProbe};
 use crate::config::GossipConfig;
 use crate::peers::PeerTable;
 use crate::restart::RestartBudget;
-use crate::stats::ActorStats;
+use crate::stats::{spawn_rechecks, ActorStats};
 use crate::table::ServingTable;
 
 #[derive(Clone)]
@@ -66,22 +66,13 @@ impl Actor for Health {
         myself: ActorRef<Self::Msg>,
         args: HealthArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let mut changes = args.table.subscribe();
-        let mut revisions = args.metadata.revisions();
-        let interval = args.interval;
         let stats = args.stats.clone();
-        let ticker = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    changed = changes.changed() => if changed.is_err() { return },
-                    changed = revisions.changed() => if changed.is_err() { return },
-                }
-                check(&myself, &stats);
-            }
-        });
+        let ticker = spawn_rechecks(
+            args.interval,
+            args.table.subscribe(),
+            args.metadata.revisions(),
+            move || check(&myself, &stats),
+        );
         let gossip = tokio::spawn(gossip::run(gossip::GossipArgs {
             node_id: args.node_id,
             raft: args.metadata.clone(),

@@ -24,7 +24,7 @@ use troupe_consensus::{Metadata, Role};
 pub use messages::RolloutMsg;
 
 use crate::peers::{PeerState, PeerTable};
-use crate::stats::ActorStats;
+use crate::stats::{spawn_rechecks, ActorStats};
 use crate::table::{ModelKey, ServingTable};
 
 #[derive(Clone)]
@@ -235,21 +235,13 @@ impl Actor for RolloutController {
         myself: ActorRef<Self::Msg>,
         args: RolloutArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let mut table = args.table.subscribe();
-        let mut peers = args.peers.subscribe();
-        let (interval, stats) = (args.interval, args.stats.clone());
-        let ticker = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    changed = table.changed() => if changed.is_err() { return },
-                    changed = peers.changed() => if changed.is_err() { return },
-                }
-                check(&myself, &stats);
-            }
-        });
+        let stats = args.stats.clone();
+        let ticker = spawn_rechecks(
+            args.interval,
+            args.table.subscribe(),
+            args.peers.subscribe(),
+            move || check(&myself, &stats),
+        );
         Ok(RolloutState {
             args,
             ticker,
