@@ -117,30 +117,32 @@ async fn pulls_keep_to_the_bandwidth_cap() {
         received: Default::default(),
     };
     // Heartbeats between the two nodes go on while the pull runs: sample their RTT.
+    // Each answered heartbeat changes the peer table; the sampler wakes on those changes.
     let peers = nodes[1].tree.peers.clone();
-    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let sampler = tokio::spawn({
-        let sampling = sampling.clone();
-        async move {
-            let (mut rtts, mut last_seen) = (Vec::new(), None);
-            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Some(peer) = peers.get(1) {
-                    if peer.last_seen != last_seen {
-                        last_seen = peer.last_seen;
-                        rtts.extend(peer.rtt);
-                    }
+    let (stop_sampling, mut stopped) = tokio::sync::watch::channel(false);
+    let sampler = tokio::spawn(async move {
+        let mut changes = peers.subscribe();
+        let (mut rtts, mut last_seen) = (Vec::new(), None);
+        loop {
+            if let Some(peer) = peers.get(1) {
+                if peer.last_seen != last_seen {
+                    last_seen = peer.last_seen;
+                    rtts.extend(peer.rtt);
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            rtts
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                _ = stopped.changed() => break,
+            }
         }
+        rtts
     });
     let started = std::time::Instant::now();
     let pulled = troupe_actors::ArtifactFetcher::fetch(&puller, manifest.digest(), vec![1])
         .await
         .unwrap();
     let rate = manifest.total_bytes() as f64 / started.elapsed().as_secs_f64();
-    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    stop_sampling.send_replace(true);
     let mut rtts = sampler.await.unwrap();
     rtts.sort();
     assert!(
