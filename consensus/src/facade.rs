@@ -24,6 +24,15 @@ use crate::store::{self, Applied};
 use crate::types::{NodeAddr, NodeId, TypeConfig};
 use crate::watch::{ResyncingWatch, Watch, WatchError};
 
+/// Why [`Metadata::state_at`] cannot rebuild a revision.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HistoryError {
+    #[error("revision {requested} is compacted: the oldest revision this node can rebuild is {oldest}")]
+    Compacted { requested: u64, oldest: u64 },
+    #[error("revision {requested} is ahead of this node's applied revision {applied}")]
+    Ahead { requested: u64, applied: u64 },
+}
+
 /// Timings and sizes of one node's Raft. Defaults: heartbeat 100 ms, election timeout
 /// 150-300 ms. openraft 0.9 gives each AppendEntries RPC one heartbeat interval to answer, so a
 /// 50 ms heartbeat timed out replication under load on a busy 2-core machine and set off
@@ -413,6 +422,25 @@ impl Metadata {
     /// state as of some revision and continues from there.
     pub fn watch_resyncing(&self, from_revision: u64) -> ResyncingWatch<'_> {
         ResyncingWatch::new(self, from_revision)
+    }
+
+    /// The keys (models, tasks, settings) as they were at `revision`: any revision from the
+    /// history's compaction point up to what this node has applied.
+    pub async fn state_at(&self, revision: u64) -> Result<MetadataState, HistoryError> {
+        let applied = self.applied.read().await;
+        let latest = applied.metadata.revision;
+        if revision > latest {
+            return Err(HistoryError::Ahead {
+                requested: revision,
+                applied: latest,
+            });
+        }
+        self.history
+            .state_at(revision)
+            .map_err(|oldest| HistoryError::Compacted {
+                requested: revision,
+                oldest,
+            })
     }
 
     /// This node's applied state and its revision, taken together.

@@ -24,5 +24,5 @@ pub mod types;
 pub mod watch;
 
 pub use error::MetadataError;
-pub use facade::{Metadata, MetadataConfig, RaftStatus, ReadConsistency, Role};
+pub use facade::{HistoryError, Metadata, MetadataConfig, RaftStatus, ReadConsistency, Role};
 pub use watch::{ResyncingWatch, Watch, WatchError, WatchEvent};

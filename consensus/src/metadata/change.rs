@@ -112,3 +112,29 @@ impl MetadataState {
         }
     }
 }
+
+impl MetadataState {
+    /// Writes `change`'s value under its key and moves the revision to it: replaying the
+    /// changes after a state, in order, gives the state at each later revision.
+    pub fn put_change(&mut self, change: &Change) {
+        match &change.value {
+            ChangeValue::ModelVersion {
+                name,
+                version,
+                record,
+            } => {
+                self.models
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(version.clone(), (**record).clone());
+            }
+            ChangeValue::Task { name, record } => {
+                self.tasks.insert(name.clone(), record.clone());
+            }
+            ChangeValue::Setting { key, record } => {
+                self.settings.insert(key.clone(), record.clone());
+            }
+        }
+        self.revision = self.revision.max(change.revision);
+    }
+}

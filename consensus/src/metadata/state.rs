@@ -224,6 +224,18 @@ impl MetadataState {
         (revision, self.apply(revision, proposal))
     }
 
+    /// The keys alone (models, tasks, settings) at this state's revision, without the
+    /// idempotency records: what a client reads, and what a past state is rebuilt from.
+    pub fn keys_only(&self) -> MetadataState {
+        MetadataState {
+            revision: self.revision,
+            models: self.models.clone(),
+            tasks: self.tasks.clone(),
+            settings: self.settings.clone(),
+            ..MetadataState::default()
+        }
+    }
+
     /// Applies a proposal at `revision` (above the current one).
     pub fn apply(&mut self, revision: u64, proposal: &Proposal) -> Outcome {
         self.revision = self.revision.max(revision);

@@ -114,7 +114,7 @@ impl StateMachineStore {
         let (revision_tx, _) = watch::channel(applied.metadata.revision);
         let (index_tx, _) = watch::channel(applied.last_applied.map_or(0, |l| l.index));
         let snapshot_revision = Arc::new(AtomicU64::new(applied.metadata.revision));
-        let history = History::new(history_capacity, applied.metadata.revision);
+        let history = History::new(history_capacity, &applied.metadata);
         Ok(Self {
             guard,
             history,
@@ -319,8 +319,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         let revision = applied.metadata.revision;
         let index = applied.last_applied.map_or(0, |l| l.index);
-        drop(applied);
+        // Recorded before the state is unlocked, so a reader that sees revision R in the
+        // state finds R's changes in the history.
         self.history.record(changes);
+        drop(applied);
         self.revision_tx.send_replace(revision);
         self.index_tx.send_replace(index);
         Ok(outcomes)
@@ -353,9 +355,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         })
         .await?;
         let index = restored.last_applied.map_or(0, |l| l.index);
+        let restored_keys = restored.metadata.keys_only();
         *self.applied.write().await = restored;
         self.snapshot_revision.store(revision, Ordering::Release);
-        self.history.reset(revision);
+        self.history.reset(&restored_keys);
         self.revision_tx.send_replace(revision);
         self.index_tx.send_replace(index);
         Ok(())
