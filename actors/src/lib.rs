@@ -36,5 +36,5 @@ pub use health::{HeartbeatReply, NodeHealth, PeerProbe};
 pub use peers::{InFlight, PeerState, PeerTable, PeerView, ServedVersion};
 pub use router::{Candidate, Router, Strategy};
 pub use stats::ActorInfo;
-pub use supervisor::{ActorTree, ArtifactFetcher, ModelLoader, TreeArgs, TreeView};
+pub use supervisor::{ActorTree, ArtifactFetcher, ModelLoader, RestartError, TreeArgs, TreeView};
 pub use table::{ModelKey, Route, ServingTable};

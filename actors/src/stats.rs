@@ -113,6 +113,14 @@ impl ActorDirectory {
         }
     }
 
+    /// The live actor behind `path` (if it has started) and its restart count, or `None`
+    /// when nothing is recorded at `path`.
+    pub fn lookup(&self, path: &str) -> Option<(Option<ActorCell>, u64)> {
+        self.lock()
+            .get(path)
+            .map(|entry| (entry.cell.clone(), entry.stats.restarts()))
+    }
+
     pub fn set_detail(&self, path: &str, detail: Arc<dyn Fn() -> String + Send + Sync>) {
         if let Some(entry) = self.lock().get_mut(path) {
             entry.detail = Some(detail);
@@ -144,6 +152,11 @@ impl ActorDirectory {
             .collect()
     }
 }
+
+/// The stop reason of an actor an operator asked to restart (`troupe shell`: `actor restart`).
+/// Its supervisor treats it as a failure and restarts the actor, which counts against the
+/// restart intensity like any other restart.
+pub const OPERATOR_RESTART: &str = "restart requested by an operator";
 
 /// Spawns `actor` linked to `supervisor` and records it under `path`, as every supervisor in
 /// the tree does for its children.

@@ -27,7 +27,9 @@ use crate::watch::{ResyncingWatch, Watch, WatchError};
 /// Why [`Metadata::state_at`] cannot rebuild a revision.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HistoryError {
-    #[error("revision {requested} is compacted: the oldest revision this node can rebuild is {oldest}")]
+    #[error(
+        "revision {requested} is compacted: the oldest revision this node can rebuild is {oldest}"
+    )]
     Compacted { requested: u64, oldest: u64 },
     #[error("revision {requested} is ahead of this node's applied revision {applied}")]
     Ahead { requested: u64, applied: u64 },
@@ -441,6 +443,11 @@ impl Metadata {
                 requested: revision,
                 oldest,
             })
+    }
+
+    /// The oldest revision [`Metadata::state_at`] can rebuild now.
+    pub fn oldest_revision(&self) -> u64 {
+        self.history.compacted()
     }
 
     /// This node's applied state and its revision, taken together.

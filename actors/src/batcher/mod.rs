@@ -24,7 +24,7 @@ use crate::config::ServingConfig;
 use crate::error::ServeError;
 use crate::lanes::Lanes;
 use crate::restart::RestartBudget;
-use crate::stats::{spawn_child, ActorDirectory, ActorStats};
+use crate::stats::{spawn_child, ActorDirectory, ActorStats, OPERATOR_RESTART};
 use crate::table::ModelKey;
 use crate::worker::{InferenceWorker, WorkerArgs, WorkerCrashed, WorkerMsg};
 
@@ -527,7 +527,11 @@ impl Actor for Batcher {
                         .or(Some((Instant::now(), reason))),
                 )
             }
-            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                // An operator's restart is a restart; any other stop is ours (we are stopping).
+                let restart = reason.filter(|r| r == OPERATOR_RESTART);
+                (cell, restart.map(|reason| (Instant::now(), reason)))
+            }
             _ => return Ok(()),
         };
         let Some(index) = state.workers.iter().position(|slot| {

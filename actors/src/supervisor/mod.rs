@@ -34,7 +34,7 @@ use crate::health::{self, Health, HealthArgs, HealthMsg, NodeHealth, PeerProbe};
 use crate::peers::{InFlight, PeerTable};
 use crate::restart::RestartBudget;
 use crate::rollout::{RolloutArgs, RolloutController, RolloutMsg};
-use crate::stats::{spawn_child, ActorDirectory, ActorInfo, ActorStats};
+use crate::stats::{spawn_child, ActorDirectory, ActorInfo, ActorStats, OPERATOR_RESTART};
 use crate::sync::{MetadataSync, SyncArgs, SyncMsg};
 use crate::table::{LocalState, ModelKey, ServingTable};
 
@@ -474,6 +474,19 @@ impl Actor for NodeSupervisor {
     }
 }
 
+/// Why [`TreeView::restart`] did not restart an actor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestartError {
+    #[error("no actor at {0:?}: `actors` lists the paths")]
+    NoSuchActor(String),
+    #[error("the root supervisor cannot be restarted: restart the node process instead")]
+    Root,
+    #[error("{0} stopped and was retired instead of restarted (its model was unloaded)")]
+    Gone(String),
+    #[error("{path} did not come back within {timeout:?}: the restart intensity may be exhausted (see `actors`)")]
+    NotRestarted { path: String, timeout: Duration },
+}
+
 /// What request handlers and Admin read of the tree; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct TreeView {
@@ -489,6 +502,39 @@ pub struct TreeView {
 impl TreeView {
     pub fn actors(&self) -> Vec<ActorInfo> {
         self.directory.snapshot()
+    }
+
+    /// Restarts the actor at `path` (and, for a batcher, its workers with it) the way a
+    /// failure would: its supervisor starts a new one. Answers the new incarnation's restart
+    /// count once it is running, or why it cannot.
+    pub async fn restart(&self, path: &str, timeout: Duration) -> Result<u64, RestartError> {
+        if path == ROOT {
+            return Err(RestartError::Root);
+        }
+        let Some((Some(old), _)) = self.directory.lookup(path) else {
+            return Err(RestartError::NoSuchActor(path.to_owned()));
+        };
+        old.stop(Some(OPERATOR_RESTART.to_owned()));
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.directory.lookup(path) {
+                None => return Err(RestartError::Gone(path.to_owned())),
+                Some((Some(cell), restarts))
+                    if cell.get_id() != old.get_id()
+                        && cell.get_status() == ractor::ActorStatus::Running =>
+                {
+                    return Ok(restarts)
+                }
+                Some(_) if Instant::now() >= deadline => {
+                    return Err(RestartError::NotRestarted {
+                        path: path.to_owned(),
+                        timeout,
+                    })
+                }
+                Some(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Requests queued in this node's batchers.

@@ -5,25 +5,28 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use troupe_actors::table::LocalState;
-use troupe_actors::{ModelKey, TreeView};
+use troupe_actors::{ModelKey, RestartError, TreeView};
 use troupe_consensus::metadata::ModelState;
-use troupe_consensus::metadata::SettingRecord;
 use troupe_consensus::metadata::{Command, Proposal};
+use troupe_consensus::metadata::{MetadataState, SettingRecord};
 use troupe_consensus::types::NodeAddr;
 use troupe_consensus::{Metadata, ReadConsistency};
 use troupe_models::artifact::ArtifactStore;
 use troupe_proto::v1::admin_server::Admin;
 use troupe_proto::v1::{
     ActorEntry, ActorTreeRequest, ActorTreeResponse, AddLearnerRequest, BatcherEntry,
-    ClusterInitRequest, ClusterInitResponse, GetSettingRequest, GetSettingResponse,
-    ListModelsResponse, ListPrioritiesResponse, ListSettingsResponse, Member, MembershipResponse,
-    ModelVersionEntry, NodeReadinessEntry, NodeRef, NodeStatusRequest, NodeStatusResponse,
-    PushModelChunk, PushModelResponse, ReadRequest, RegisterModelRequest, SetModelStateRequest,
-    SetPriorityRequest, SetSettingRequest, SettingEntry, TaskPriorityEntry, WatchRequest,
-    WatchResponse, WriteResponse,
+    ClusterInitRequest, ClusterInitResponse, GetSettingRequest, GetSettingResponse, HistoryRequest,
+    HistoryResponse, ListModelsResponse, ListPrioritiesResponse, ListSettingsResponse, Member,
+    MembershipResponse, ModelVersionEntry, NodeReadinessEntry, NodeRef, NodeStatusRequest,
+    NodeStatusResponse, PushModelChunk, PushModelResponse, ReadRequest, RegisterModelRequest,
+    RestartActorRequest, RestartActorResponse, SetModelStateRequest, SetPriorityRequest,
+    SetSettingRequest, SettingEntry, TaskPriorityEntry, WatchRequest, WatchResponse, WriteResponse,
 };
 
 use super::status::{metadata_error, watch_error, write_outcome};
+
+/// Longest RestartActor waits for the new incarnation to run.
+const RESTART_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Changes buffered per watch stream before the sender waits for the client.
 const WATCH_STREAM_BUFFER: usize = 256;
@@ -112,6 +115,65 @@ fn setting_entry(key: &str, record: &SettingRecord) -> SettingEntry {
         create_revision: record.revisions.create_revision,
         mod_revision: record.revisions.mod_revision,
     }
+}
+
+/// Every registered version, as ListModels and History answer them (without this node's
+/// local state).
+fn model_entries(state: &MetadataState) -> Vec<ModelVersionEntry> {
+    let mut models = Vec::new();
+    for (name, versions) in &state.models {
+        for (version, record) in versions {
+            models.push(ModelVersionEntry {
+                name: name.clone(),
+                version: version.clone(),
+                digest: record.digest.clone(),
+                size_bytes: record.size_bytes,
+                format: record.format.clone(),
+                state: record.state.as_str().to_owned(),
+                traffic_weight: record.traffic_weight,
+                create_revision: record.revisions.create_revision,
+                mod_revision: record.revisions.mod_revision,
+                local_state: String::new(),
+                nodes: record
+                    .nodes
+                    .iter()
+                    .map(|(node_id, report)| NodeReadinessEntry {
+                        node_id: *node_id,
+                        state: report.state.as_str().to_owned(),
+                        reason: report.reason.clone(),
+                        revision: report.revision,
+                    })
+                    .collect(),
+                reason: record.reason.clone(),
+            });
+        }
+    }
+    models
+}
+
+/// Task priorities in scheduling order.
+fn task_entries(state: &MetadataState) -> Vec<TaskPriorityEntry> {
+    state
+        .task_order()
+        .into_iter()
+        .map(|task| TaskPriorityEntry {
+            create_revision: state
+                .tasks
+                .get(&task.name)
+                .map_or(0, |t| t.revisions.create_revision),
+            name: task.name,
+            priority: task.priority,
+            mod_revision: task.mod_revision,
+        })
+        .collect()
+}
+
+fn setting_entries(state: &MetadataState) -> Vec<SettingEntry> {
+    state
+        .settings
+        .iter()
+        .map(|(key, record)| setting_entry(key, record))
+        .collect()
 }
 
 fn member(id: u64, addr: &NodeAddr) -> Member {
@@ -289,6 +351,8 @@ impl Admin for AdminService {
                     .collect()
             },
             sync_lag: self.tree.peers.own_sync_lag(),
+            committed_index: status.committed_index,
+            leader_changes: status.leader_changes,
         }))
     }
 
@@ -313,22 +377,7 @@ impl Admin for AdminService {
         let consistency = consistency(request.get_ref());
         let (tasks, revision) = self
             .metadata
-            .read(consistency, |state| {
-                let tasks = state
-                    .task_order()
-                    .into_iter()
-                    .map(|task| TaskPriorityEntry {
-                        create_revision: state
-                            .tasks
-                            .get(&task.name)
-                            .map_or(0, |t| t.revisions.create_revision),
-                        name: task.name,
-                        priority: task.priority,
-                        mod_revision: task.mod_revision,
-                    })
-                    .collect();
-                (tasks, state.revision)
-            })
+            .read(consistency, |state| (task_entries(state), state.revision))
             .await
             .map_err(metadata_error)?;
         Ok(Response::new(ListPrioritiesResponse { tasks, revision }))
@@ -494,16 +543,51 @@ impl Admin for AdminService {
         let (settings, revision) = self
             .metadata
             .read(consistency, |state| {
-                let settings = state
-                    .settings
-                    .iter()
-                    .map(|(key, record)| setting_entry(key, record))
-                    .collect();
-                (settings, state.revision)
+                (setting_entries(state), state.revision)
             })
             .await
             .map_err(metadata_error)?;
         Ok(Response::new(ListSettingsResponse { settings, revision }))
+    }
+
+    async fn history(
+        &self,
+        request: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        let revision = request.into_inner().revision;
+        let state = self
+            .metadata
+            .state_at(revision)
+            .await
+            .map_err(|e| Status::out_of_range(e.to_string()))?;
+        Ok(Response::new(HistoryResponse {
+            revision: state.revision,
+            models: model_entries(&state),
+            tasks: task_entries(&state),
+            settings: setting_entries(&state),
+            oldest_revision: self.metadata.oldest_revision(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(node_id = self.metadata.node_id()))]
+    async fn restart_actor(
+        &self,
+        request: Request<RestartActorRequest>,
+    ) -> Result<Response<RestartActorResponse>, Status> {
+        let path = request.into_inner().path;
+        tracing::warn!(actor = %path, "restart requested by an operator");
+        let restarts =
+            self.tree
+                .restart(&path, RESTART_TIMEOUT)
+                .await
+                .map_err(|error| match error {
+                    RestartError::NoSuchActor(_) => Status::not_found(error.to_string()),
+                    RestartError::Root => Status::invalid_argument(error.to_string()),
+                    RestartError::Gone(_) | RestartError::NotRestarted { .. } => {
+                        Status::failed_precondition(error.to_string())
+                    }
+                })?;
+        Ok(Response::new(RestartActorResponse { path, restarts }))
     }
 
     async fn list_models(
@@ -513,37 +597,7 @@ impl Admin for AdminService {
         let consistency = consistency(request.get_ref());
         let (models, revision) = self
             .metadata
-            .read(consistency, |state| {
-                let mut models = Vec::new();
-                for (name, versions) in &state.models {
-                    for (version, record) in versions {
-                        models.push(ModelVersionEntry {
-                            name: name.clone(),
-                            version: version.clone(),
-                            digest: record.digest.clone(),
-                            size_bytes: record.size_bytes,
-                            format: record.format.clone(),
-                            state: record.state.as_str().to_owned(),
-                            traffic_weight: record.traffic_weight,
-                            create_revision: record.revisions.create_revision,
-                            mod_revision: record.revisions.mod_revision,
-                            local_state: String::new(),
-                            nodes: record
-                                .nodes
-                                .iter()
-                                .map(|(node_id, report)| NodeReadinessEntry {
-                                    node_id: *node_id,
-                                    state: report.state.as_str().to_owned(),
-                                    reason: report.reason.clone(),
-                                    revision: report.revision,
-                                })
-                                .collect(),
-                            reason: record.reason.clone(),
-                        });
-                    }
-                }
-                (models, state.revision)
-            })
+            .read(consistency, |state| (model_entries(state), state.revision))
             .await
             .map_err(metadata_error)?;
         let models = models
