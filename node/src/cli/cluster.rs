@@ -71,7 +71,7 @@ struct TreeView {
     batchers: Vec<BatcherView>,
 }
 
-async fn actors(args: &ActorsArgs) -> Result<(), CliError> {
+pub(super) async fn actors(args: &ActorsArgs) -> Result<(), CliError> {
     let tree = admin(&args.addr)
         .await?
         .actor_tree(ActorTreeRequest {})
@@ -304,7 +304,7 @@ fn print_membership(voters: Vec<u64>, learners: Vec<u64>, json: bool) -> Result<
     Ok(())
 }
 
-async fn status(args: &StatusArgs) -> Result<(), CliError> {
+pub(super) async fn status(args: &StatusArgs) -> Result<(), CliError> {
     let local = node_status(&args.addr).await?;
     let mut nodes = Vec::new();
     for member in &local.members {

@@ -15,6 +15,8 @@ mod priorities;
 mod push;
 mod remote;
 mod settings;
+mod shell;
+mod up;
 
 use std::path::PathBuf;
 
@@ -36,6 +38,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Start a local cluster (3 nodes by default) on 127.0.0.1 serving all-MiniLM-L6-v2,
+    /// then open the shell on it; the same --data-dir again resumes it.
+    Up(up::UpArgs),
     /// Run a cluster node until SIGINT or SIGTERM.
     Node(node::NodeArgs),
     /// Cluster membership, status (with each node's view of its peers) and a node's actor tree.
@@ -61,6 +66,10 @@ pub enum Command {
     /// metadata store side by side with etcd, `troupe bench serve` a serving node.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The admin actor shell: an interactive prompt over a node (status, nodes, raft, models,
+    /// priorities, actors, actor restart, watch, embed, similar, history), or one command with
+    /// -c.
+    Shell(shell::ShellArgs),
 }
 
 /// Where the model comes from: a directory, or a name resolved in the cache (or, for
@@ -150,6 +159,7 @@ pub(crate) fn init_threads(threads: usize) -> Result<(), CliError> {
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
+        Command::Up(args) => up::run(args),
         Command::Node(args) => node::run(args),
         Command::Cluster(command) => cluster::run(command),
         Command::Priorities(command) => priorities::run(command),
@@ -158,5 +168,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Models(command) => models::run(command),
         Command::Embed(args) => embed::run(args),
         Command::Bench(command) => bench::run(command),
+        Command::Shell(args) => shell::run(args),
     }
 }

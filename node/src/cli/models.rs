@@ -195,7 +195,7 @@ async fn register(args: RegisterArgs) -> Result<(), CliError> {
     print_write(&reply, write.json)
 }
 
-async fn activate(args: ActivateArgs) -> Result<(), CliError> {
+pub(super) async fn activate(args: ActivateArgs) -> Result<(), CliError> {
     let (name, version, addr) = (
         args.target.name.clone(),
         args.target.version.clone(),
@@ -256,7 +256,7 @@ async fn activate(args: ActivateArgs) -> Result<(), CliError> {
     }
 }
 
-async fn set_state(args: StateArgs, state: &str) -> Result<(), CliError> {
+pub(super) async fn set_state(args: StateArgs, state: &str) -> Result<(), CliError> {
     let write = args.write;
     let reply = admin(&write.addr)
         .await?
@@ -273,7 +273,7 @@ async fn set_state(args: StateArgs, state: &str) -> Result<(), CliError> {
     print_write(&reply, write.json)
 }
 
-async fn list(args: ListArgs) -> Result<(), CliError> {
+pub(super) async fn list(args: ListArgs) -> Result<(), CliError> {
     let reply = admin(&args.addr)
         .await?
         .list_models(ReadRequest {

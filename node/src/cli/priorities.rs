@@ -35,51 +35,55 @@ struct TaskView {
 pub fn run(command: PrioritiesCommand) -> Result<(), CliError> {
     block_on(async move {
         match command {
-            PrioritiesCommand::Set(args) => {
-                let write = args.write;
-                let reply = admin(&write.addr)
-                    .await?
-                    .set_priority(SetPriorityRequest {
-                        name: args.name,
-                        priority: args.priority,
-                        expected_revision: write.expected_revision,
-                        request_id: write.request_id.unwrap_or_default(),
-                    })
-                    .await?
-                    .into_inner();
-                print_write(&reply, write.json)
-            }
-            PrioritiesCommand::List(args) => {
-                let reply = admin(&args.addr)
-                    .await?
-                    .list_priorities(ReadRequest {
-                        stale: args.stale,
-                        min_revision: 0,
-                    })
-                    .await?
-                    .into_inner();
-                let tasks: Vec<TaskView> = reply
-                    .tasks
-                    .into_iter()
-                    .map(|t| TaskView {
-                        name: t.name,
-                        priority: t.priority,
-                        mod_revision: t.mod_revision,
-                        create_revision: t.create_revision,
-                    })
-                    .collect();
-                if args.json {
-                    return print_json(&tasks);
-                }
-                println!("{:<24} {:>9} {:>12}", "task", "priority", "mod_revision");
-                for task in tasks {
-                    println!(
-                        "{:<24} {:>9} {:>12}",
-                        task.name, task.priority, task.mod_revision
-                    );
-                }
-                Ok(())
-            }
+            PrioritiesCommand::Set(args) => set(args).await,
+            PrioritiesCommand::List(args) => list(args).await,
         }
     })
+}
+
+pub(super) async fn set(args: SetArgs) -> Result<(), CliError> {
+    let write = args.write;
+    let reply = admin(&write.addr)
+        .await?
+        .set_priority(SetPriorityRequest {
+            name: args.name,
+            priority: args.priority,
+            expected_revision: write.expected_revision,
+            request_id: write.request_id.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    print_write(&reply, write.json)
+}
+
+pub(super) async fn list(args: ListArgs) -> Result<(), CliError> {
+    let reply = admin(&args.addr)
+        .await?
+        .list_priorities(ReadRequest {
+            stale: args.stale,
+            min_revision: 0,
+        })
+        .await?
+        .into_inner();
+    let tasks: Vec<TaskView> = reply
+        .tasks
+        .into_iter()
+        .map(|t| TaskView {
+            name: t.name,
+            priority: t.priority,
+            mod_revision: t.mod_revision,
+            create_revision: t.create_revision,
+        })
+        .collect();
+    if args.json {
+        return print_json(&tasks);
+    }
+    println!("{:<24} {:>9} {:>12}", "task", "priority", "mod_revision");
+    for task in tasks {
+        println!(
+            "{:<24} {:>9} {:>12}",
+            task.name, task.priority, task.mod_revision
+        );
+    }
+    Ok(())
 }
