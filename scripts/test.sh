@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: formatting, lints, every test (with the real model weights, fetched
-# into the cache on first use), the alert rules and the CUDA build check. Runs on a fresh
+# into the cache on first use), the alert rules, the docker-compose cluster (skipped without
+# a Docker engine) and the CUDA build check. Runs on a fresh
 # machine with only the Rust toolchain, gcc and Python 3 with pip; as root it installs
 # promtool (Debian package prometheus) with apt-get when missing.
 #
@@ -44,6 +45,11 @@ echo "model: $model_dir"
 
 step "cargo test"
 TROUPE_MODEL_DIR="$model_dir" TROUPE_REQUIRE_MODEL=1 cargo test --workspace --all-targets
+
+step "compose cluster (docker)"
+# Static release build (cold: about 10 min on 2 cores, its own target dir), image, 3 nodes,
+# restart, down/up resume. Prints SKIPPED and passes when no Docker engine is reachable.
+TROUPE_MODEL_DIR="$model_dir" bash scripts/test-compose.sh
 
 step "cargo check --features cuda"
 cargo check -p troupe --features cuda
