@@ -251,7 +251,11 @@ impl Session {
 
     /// Parses and runs one line.
     pub async fn execute(&mut self, line: &str) -> Result<Next, CliError> {
-        let words = words::split(line).map_err(CliError::Usage)?;
+        let mut words = words::split(line).map_err(CliError::Usage)?;
+        // `--json` anywhere, also after the free text of `embed` and `similar`.
+        let before = words.len();
+        words.retain(|w| w != "--json");
+        let json_flag = words.len() != before;
         if words.is_empty() {
             return Ok(Next::Continue);
         }
@@ -262,12 +266,12 @@ impl Session {
                 return Ok(Next::Continue);
             }
             Err(error) => {
-                return Err(CliError::Usage(
-                    error.to_string().trim_end().replace("\n\n", "\n"),
-                ))
+                let message = error.to_string();
+                let message = message.strip_prefix("error: ").unwrap_or(&message);
+                return Err(CliError::Usage(message.trim_end().replace("\n\n", "\n")));
             }
         };
-        let json = self.json || parsed.json;
+        let json = self.json || json_flag || parsed.json;
         self.run(parsed.command, json).await
     }
 
