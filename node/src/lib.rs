@@ -23,5 +23,7 @@ pub mod metrics;
 pub mod pull;
 pub mod run;
 pub mod server;
+#[cfg(feature = "otel")]
+pub mod telemetry;
 
 pub use run::{run, start, NodeError, RunningNode};
