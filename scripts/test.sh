@@ -42,6 +42,7 @@ cargo fmt --all -- --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy -p troupe --all-targets --features otel -- -D warnings
 
 step "fetch all-MiniLM-L6-v2 (cached)"
 cargo build -q -p troupe
@@ -51,6 +52,9 @@ echo "model: $model_dir"
 
 step "cargo test"
 TROUPE_MODEL_DIR="$model_dir" TROUPE_REQUIRE_MODEL=1 cargo test --workspace --all-targets
+
+step "cargo test --features otel (OTLP export to a collector)"
+cargo test -p troupe --features otel --test otel
 
 step "compose cluster (docker)"
 # Static release build (cold: about 10 min on 2 cores, its own target dir), image, 3 nodes,

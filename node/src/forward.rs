@@ -101,78 +101,172 @@ impl Forwarder {
     }
 }
 
-/// The request's trace context: the caller's `traceparent` when it sent a valid one, else a
-/// new trace with this request as its root.
-pub fn trace_context<T>(request: &tonic::Request<T>, seed: &str) -> String {
-    if let Some(value) = request
-        .metadata()
-        .get(TRACEPARENT_HEADER)
-        .and_then(|v| v.to_str().ok())
-    {
-        if valid_traceparent(value) {
-            return value.to_owned();
+/// A request's W3C trace context on this node: the trace it belongs to, the span that sent it
+/// (the caller's, when the caller sent a `traceparent`), and this node's own span for it.
+/// A request forwarded on carries this node's span as its parent, so the spans of one request
+/// on two nodes form one tree: client span, then node 1's span, then node 2's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    /// 32 lowercase hex digits, not all zero.
+    pub trace_id: String,
+    /// The caller's span (16 hex digits), or `None` when this request starts the trace.
+    pub parent_id: Option<String>,
+    /// This node's span for the request (16 hex digits, not all zero).
+    pub span_id: String,
+    /// The trace flags (2 hex digits; `01` is sampled).
+    pub flags: String,
+}
+
+impl TraceContext {
+    /// The caller's trace when it sent a valid `traceparent`, else a new trace with this
+    /// request as its root. `seed` (unique per request) goes into the new ids.
+    pub fn of<T>(request: &tonic::Request<T>, seed: &str) -> Self {
+        let mut ids = Ids::new(seed);
+        let span_id = ids.span_id();
+        let caller = request
+            .metadata()
+            .get(TRACEPARENT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent);
+        match caller {
+            Some((trace_id, parent_id, flags)) => Self {
+                trace_id: trace_id.to_ascii_lowercase(),
+                parent_id: Some(parent_id.to_ascii_lowercase()),
+                span_id,
+                flags: flags.to_ascii_lowercase(),
+            },
+            None => Self {
+                trace_id: format!("{:016x}{:016x}", ids.next(), ids.next()),
+                parent_id: None,
+                span_id,
+                flags: "01".into(),
+            },
         }
     }
-    use std::hash::{BuildHasher, Hasher};
-    let state = std::collections::hash_map::RandomState::new();
-    let mut high = state.build_hasher();
-    high.write(seed.as_bytes());
-    let mut low = state.build_hasher();
-    low.write_u64(high.finish());
-    let mut span = state.build_hasher();
-    span.write_u64(low.finish());
-    format!(
-        "00-{:016x}{:016x}-{:016x}-01",
-        high.finish(),
-        low.finish(),
-        span.finish() | 1
-    )
+
+    /// Whether the trace flags' sampled bit is set.
+    pub fn sampled(&self) -> bool {
+        u8::from_str_radix(&self.flags, 16).is_ok_and(|flags| flags & 1 == 1)
+    }
+
+    /// The `traceparent` for the next hop: this trace, with this node's span as the parent.
+    pub fn traceparent(&self) -> String {
+        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+    }
 }
 
-/// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, ids not all zero.
-fn valid_traceparent(value: &str) -> bool {
-    let parts: Vec<&str> = value.split('-').collect();
+/// Random 64-bit ids (std's per-process random hasher keys, mixed with a per-request seed).
+struct Ids(std::collections::hash_map::DefaultHasher);
+
+impl Ids {
+    fn new(seed: &str) -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write(seed.as_bytes());
+        Self(hasher)
+    }
+
+    fn next(&mut self) -> u64 {
+        use std::hash::Hasher;
+        let id = self.0.finish();
+        self.0.write_u64(id);
+        id
+    }
+
+    /// Never all zero.
+    fn span_id(&mut self) -> String {
+        format!("{:016x}", self.next() | 1)
+    }
+}
+
+/// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>` (ids not all zero), as
+/// `(trace id, parent id, flags)`. A later version's longer value keeps its first 4 parts.
+fn parse_traceparent(value: &str) -> Option<(&str, &str, &str)> {
+    let parts: Vec<&str> = value.trim().split('-').collect();
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    parts.len() == 4
-        && hex(parts[0], 2)
-        && parts[0] != "ff"
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    let version_ok = parts.first().is_some_and(|v| hex(v, 2) && *v != "ff");
+    let fields_ok = match parts.first() {
+        Some(&"00") => parts.len() == 4,
+        _ => parts.len() >= 4,
+    };
+    (version_ok
+        && fields_ok
         && hex(parts[1], 32)
-        && parts[1].bytes().any(|b| b != b'0')
+        && nonzero(parts[1])
         && hex(parts[2], 16)
-        && parts[2].bytes().any(|b| b != b'0')
-        && hex(parts[3], 2)
-}
-
-/// The trace id of a `traceparent`.
-pub fn trace_id(traceparent: &str) -> &str {
-    traceparent.split('-').nth(1).unwrap_or_default()
+        && nonzero(parts[2])
+        && hex(parts[3], 2))
+    .then(|| (parts[1], parts[2], parts[3]))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_valid_traceparent_is_kept_and_a_bad_one_replaced() {
-        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    fn context(traceparent: Option<&str>) -> TraceContext {
         let mut request = tonic::Request::new(());
-        request
-            .metadata_mut()
-            .insert(TRACEPARENT_HEADER, good.parse().unwrap());
-        assert_eq!(trace_context(&request, "r1"), good);
-        assert_eq!(trace_id(good), "4bf92f3577b34da6a3ce929d0e0e4736");
-        for bad in [
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-01",
-            "zz",
-        ] {
-            let mut request = tonic::Request::new(());
+        if let Some(value) = traceparent {
             request
                 .metadata_mut()
-                .insert(TRACEPARENT_HEADER, bad.parse().unwrap());
-            let made = trace_context(&request, "r1");
-            assert!(valid_traceparent(&made), "{made}");
-            assert_ne!(made, bad);
+                .insert(TRACEPARENT_HEADER, value.parse().unwrap());
         }
+        TraceContext::of(&request, "r1")
+    }
+
+    #[test]
+    fn a_callers_trace_is_continued_with_this_nodes_span_as_the_next_parent() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let trace = context(Some(good));
+        assert_eq!(trace.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(trace.parent_id.as_deref(), Some("00f067aa0ba902b7"));
+        assert_eq!(trace.flags, "01");
+        assert_ne!(trace.span_id, "00f067aa0ba902b7");
+        let next = trace.traceparent();
+        assert_eq!(
+            next,
+            format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01", trace.span_id)
+        );
+        assert_eq!(
+            parse_traceparent(&next),
+            Some((
+                "4bf92f3577b34da6a3ce929d0e0e4736",
+                trace.span_id.as_str(),
+                "01"
+            ))
+        );
+        // Unsampled stays unsampled.
+        let unsampled = context(Some(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        ));
+        assert_eq!(unsampled.flags, "00");
+        assert!(!unsampled.sampled());
+        assert!(trace.sampled());
+    }
+
+    #[test]
+    fn a_bad_or_missing_traceparent_starts_a_new_trace() {
+        for bad in [
+            None,
+            Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-01"),
+            Some("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"),
+            Some("zz"),
+        ] {
+            let trace = context(bad);
+            assert_eq!(trace.parent_id, None, "{bad:?}");
+            assert_ne!(trace.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+            let made = trace.traceparent();
+            assert!(parse_traceparent(&made).is_some(), "{made}");
+        }
+        // Each request gets its own trace.
+        assert_ne!(context(None).trace_id, context(None).trace_id);
+        // A later version's extra fields are ignored.
+        let later = context(Some(
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ));
+        assert_eq!(later.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 }

@@ -8,10 +8,11 @@
 //!   absent or failing never stops a node: the exporter connects lazily, drops what it cannot
 //!   send, warns at most once a minute, and says so when exporting works again.
 //! - A request's span joins the trace of its W3C trace context: the server records the
-//!   `traceparent`'s trace id (the client's, or the one the first node started) as the span's
-//!   `trace_id` field before anything starts the span, and the exported span carries that trace
-//!   id. The node that a request is forwarded to records the same trace id, so the collector
-//!   holds one trace across both nodes.
+//!   trace id (the client's `traceparent`'s, or a new one), its own span id and the caller's
+//!   span id as the span's `trace_id`, `span_id` and `parent_id` fields before anything
+//!   starts the span, and the exported span carries exactly those ids. A request forwarded on
+//!   carries this node's span id as its parent, so the collector holds one trace across both
+//!   nodes, the second node's span a child of the first's.
 //! - Which spans go out: `TROUPE_OTEL_FILTER` (an `EnvFilter` directive, default
 //!   `troupe::server=info`, the gRPC handlers), independent of `RUST_LOG`.
 //!
@@ -23,7 +24,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use opentelemetry::trace::{
-    SpanBuilder, SpanId, SpanKind, TraceContextExt, TraceId, TracerProvider as _,
+    SpanBuilder, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState,
+    TracerProvider as _,
 };
 use opentelemetry::{Context, InstrumentationScope, Key, Value};
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -37,8 +39,13 @@ use tracing_subscriber::{EnvFilter, Layer};
 /// Which spans are exported: an `EnvFilter` directive.
 pub const FILTER_ENV: &str = "TROUPE_OTEL_FILTER";
 const DEFAULT_FILTER: &str = "troupe::server=info";
-/// The span field holding the request's W3C trace id (32 hex digits).
+/// The span fields holding the request's W3C trace id (32 hex digits), this node's span id
+/// for it and the caller's span id (16 hex digits each).
 const TRACE_ID_FIELD: &str = "trace_id";
+const SPAN_ID_FIELD: &str = "span_id";
+const PARENT_ID_FIELD: &str = "parent_id";
+/// Recorded `false` when the caller's trace flags say it is not sampled.
+const SAMPLED_FIELD: &str = "sampled";
 /// `service.name` when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES` names one.
 const DEFAULT_SERVICE_NAME: &str = "troupe";
 /// How long exiting waits for the last spans to reach the collector.
@@ -231,11 +238,12 @@ fn start() -> Result<(Running, RequestTracer, String), String> {
 }
 
 thread_local! {
-    /// The trace id the next root span built on this thread gets (see [`RequestTracer`]).
+    /// The ids the next span built on this thread gets (see [`RequestTracer`]).
     static NEXT_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
+    static NEXT_SPAN_ID: Cell<Option<SpanId>> = const { Cell::new(None) };
 }
 
-/// Random ids, except the trace id [`RequestTracer`] asks for.
+/// Random ids, except the ones [`RequestTracer`] asks for.
 #[derive(Debug, Default)]
 struct Ids(RandomIdGenerator);
 
@@ -247,15 +255,15 @@ impl IdGenerator for Ids {
     }
 
     fn new_span_id(&self) -> SpanId {
-        self.0.new_span_id()
+        NEXT_SPAN_ID.take().unwrap_or_else(|| self.0.new_span_id())
     }
 }
 
-/// The SDK's tracer, except that a span without a parent whose `trace_id` field holds a
-/// request's W3C trace id is started in that trace (as the server span of the request)
-/// instead of a new one. The span then is a root of the request's trace on this node, the
-/// forwarded request's span on the next node another; a client's span that sent the
-/// `traceparent` is not their parent, as the handler keeps only its trace id.
+/// The SDK's tracer, except for a request's span: a span without a local parent whose
+/// `trace_id` and `span_id` fields hold the request's W3C trace context (see
+/// `forward::TraceContext`) is exported with exactly those ids, as a server span whose parent
+/// is the remote span in its `parent_id` field (the caller's, or the forwarding node's).
+/// So one request's spans on two nodes are one tree in the collector: client, node 1, node 2.
 #[derive(Clone, Debug)]
 struct RequestTracer(SdkTracer);
 
@@ -264,31 +272,70 @@ impl opentelemetry::trace::Tracer for RequestTracer {
 
     fn build_with_context(&self, mut builder: SpanBuilder, parent_cx: &Context) -> Self::Span {
         let has_parent = parent_cx.span().span_context().is_valid();
-        let Some(trace_id) = (!has_parent).then(|| request_trace_id(&builder)).flatten() else {
+        let Some(ids) = (!has_parent).then(|| RequestIds::of(&builder)).flatten() else {
             return self.0.build_with_context(builder, parent_cx);
         };
         builder.span_kind.get_or_insert(SpanKind::Server);
-        NEXT_TRACE_ID.set(Some(trace_id));
-        let span = self.0.build_with_context(builder, parent_cx);
+        NEXT_SPAN_ID.set(Some(ids.span));
+        let span = match ids.parent {
+            Some(parent) => {
+                let remote =
+                    SpanContext::new(ids.trace, parent, ids.flags, true, TraceState::default());
+                let parent_cx = Context::new().with_remote_span_context(remote);
+                self.0.build_with_context(builder, &parent_cx)
+            }
+            None => {
+                NEXT_TRACE_ID.set(Some(ids.trace));
+                self.0.build_with_context(builder, parent_cx)
+            }
+        };
         // Unused when the SDK did not build the span (sampled out before, shut down).
         NEXT_TRACE_ID.set(None);
+        NEXT_SPAN_ID.set(None);
         span
     }
 }
 
-/// The valid trace id in the span's `trace_id` field.
-fn request_trace_id(builder: &SpanBuilder) -> Option<TraceId> {
-    let attribute = builder
-        .attributes
-        .as_ref()?
-        .iter()
-        .find(|kv| kv.key.as_str() == TRACE_ID_FIELD)?;
-    let Value::String(hex) = &attribute.value else {
-        return None;
-    };
-    let hex = hex.as_str();
-    let id = TraceId::from_hex(hex).ok()?;
-    (hex.len() == 32 && id != TraceId::INVALID).then_some(id)
+/// A request span's ids, from its fields.
+struct RequestIds {
+    trace: TraceId,
+    span: SpanId,
+    parent: Option<SpanId>,
+    flags: TraceFlags,
+}
+
+impl RequestIds {
+    /// The valid ids in the span's `trace_id`, `span_id` and `parent_id` fields; `None` unless
+    /// it has at least the first two.
+    fn of(builder: &SpanBuilder) -> Option<Self> {
+        let attributes = builder.attributes.as_ref()?;
+        let field = |name: &str, digits: usize| {
+            let attribute = attributes.iter().find(|kv| kv.key.as_str() == name)?;
+            let Value::String(hex) = &attribute.value else {
+                return None;
+            };
+            let hex = hex.as_str();
+            (hex.len() == digits).then(|| hex.to_owned())
+        };
+        let trace = TraceId::from_hex(&field(TRACE_ID_FIELD, 32)?).ok()?;
+        let span = SpanId::from_hex(&field(SPAN_ID_FIELD, 16)?).ok()?;
+        let parent = field(PARENT_ID_FIELD, 16).and_then(|hex| SpanId::from_hex(&hex).ok());
+        let parent = parent.filter(|id| *id != SpanId::INVALID);
+        let unsampled = attributes
+            .iter()
+            .any(|kv| kv.key.as_str() == SAMPLED_FIELD && kv.value == Value::Bool(false));
+        let flags = if unsampled {
+            TraceFlags::NOT_SAMPLED
+        } else {
+            TraceFlags::SAMPLED
+        };
+        (trace != TraceId::INVALID && span != SpanId::INVALID).then_some(Self {
+            trace,
+            span,
+            parent,
+            flags,
+        })
+    }
 }
 
 /// An exporter that logs its failures, rate-limited: the SDK's own logs are off (its

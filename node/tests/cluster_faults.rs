@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,63 +15,22 @@ const HEARTBEAT_MS: u64 = 100;
 const HEARTBEAT_TIMEOUT_MS: u64 = 100;
 const DOWN_AFTER: u64 = 5;
 
-struct NodeProcess {
-    child: Child,
-    api: String,
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn_node(id: u64, dir: &std::path::Path) -> (NodeProcess, String) {
-    let (api, peer) = (
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    );
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let data_dir = dir.join(format!("node{id}"));
-    let child = Command::new(env!("CARGO_BIN_EXE_troupe"))
-        .args([
-            "node",
-            "--id",
-            &id.to_string(),
-            "--api",
-            &api,
-            "--peer",
-            &peer,
-        ])
-        .args(["--metrics", &metrics, "--data-dir"])
-        .arg(&data_dir)
-        .env(
-            "TROUPE_CLUSTER_HEARTBEAT_INTERVAL_MS",
-            HEARTBEAT_MS.to_string(),
-        )
-        .env(
-            "TROUPE_CLUSTER_HEARTBEAT_TIMEOUT_MS",
-            HEARTBEAT_TIMEOUT_MS.to_string(),
-        )
-        .env("TROUPE_CLUSTER_SUSPECT_AFTER", "2")
-        .env("TROUPE_CLUSTER_DOWN_AFTER", DOWN_AFTER.to_string())
-        .env("TROUPE_ROUTING_STRATEGY", "round_robin")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let member = format!("{id}={peer}@{api}");
-    (NodeProcess { child, api }, member)
+fn spawn_node(id: u64, dir: &std::path::Path) -> NodeProcess {
+    NodeProcess::spawn(id, dir, |command| {
+        command
+            .env(
+                "TROUPE_CLUSTER_HEARTBEAT_INTERVAL_MS",
+                HEARTBEAT_MS.to_string(),
+            )
+            .env(
+                "TROUPE_CLUSTER_HEARTBEAT_TIMEOUT_MS",
+                HEARTBEAT_TIMEOUT_MS.to_string(),
+            )
+            .env("TROUPE_CLUSTER_SUSPECT_AFTER", "2")
+            .env("TROUPE_CLUSTER_DOWN_AFTER", DOWN_AFTER.to_string())
+            .env("TROUPE_ROUTING_STRATEGY", "round_robin")
+            .env("RUST_LOG", "warn");
+    })
 }
 
 /// Node `id`'s view of `peer` in `troupe cluster status --json` asked at `addr`.
@@ -90,40 +48,9 @@ async fn peer_state(addr: &str, node: u64, peer: u64) -> Option<String> {
 async fn killing_a_serving_node_under_load_fails_no_request_and_marks_it_down() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model_dir(&dir);
-    let mut processes = Vec::new();
-    let mut members = Vec::new();
-    for id in 1..=3 {
-        let (process, member) = spawn_node(id, dir.path());
-        processes.push(process);
-        members.push(member);
-    }
+    let mut processes: Vec<NodeProcess> = (1..=3).map(|id| spawn_node(id, dir.path())).collect();
+    init_process_cluster(&processes).await;
     let first = processes[0].api.clone();
-    let members = members.join(",");
-    wait_for("the nodes to listen", Duration::from_secs(30), || {
-        let (first, members) = (first.clone(), members.clone());
-        async move {
-            let init = troupe(args(&[
-                "cluster",
-                "init",
-                "--addr",
-                &first,
-                "--members",
-                &members,
-            ]))
-            .await;
-            init.status.success().then_some(())
-        }
-    })
-    .await;
-    wait_for("a leader", Duration::from_secs(30), || {
-        let first = first.clone();
-        async move {
-            let output = troupe(args(&["cluster", "status", "--addr", &first, "--json"])).await;
-            let status: serde_json::Value = serde_json::from_str(&text(&output).0).ok()?;
-            status["leader"].as_u64()
-        }
-    })
-    .await;
     push_model(&first, &model, "tiny", "1").await;
     let activated = troupe(args(&[
         "models", "activate", "tiny", "1", "--addr", &first, "--wait",

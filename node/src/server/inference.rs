@@ -14,7 +14,7 @@ use troupe_proto::v1::{EmbedRequest, EmbedResponse, Embedding};
 
 use super::status::serve_error;
 use crate::config::LimitSettings;
-use crate::forward::{trace_context, trace_id, Forwarder, FORWARDED_BY_HEADER};
+use crate::forward::{Forwarder, TraceContext, FORWARDED_BY_HEADER};
 use crate::metrics::NodeMetrics;
 
 /// Request metadata naming the API version the client speaks.
@@ -142,7 +142,7 @@ struct Admitted {
     request: EmbedRequest,
     received: Instant,
     deadline: Instant,
-    traceparent: String,
+    trace: TraceContext,
 }
 
 /// Codes after which the next node is tried: the node was full, or could not serve now.
@@ -169,7 +169,6 @@ impl InferenceCore {
         check_api_version(&request)?;
         let timeout = Duration::from_millis(self.limits.request_timeout_ms);
         let timeout = grpc_timeout(&request).map_or(timeout, |t| t.min(timeout));
-        let mut traceparent = String::new();
         let forwarded_by = request
             .metadata()
             .get(FORWARDED_BY_HEADER)
@@ -177,7 +176,7 @@ impl InferenceCore {
             .unwrap_or_default()
             .to_owned();
         let seed = format!("{}-{:?}", self.node_id, received);
-        traceparent.push_str(&trace_context(&request, &seed));
+        let trace = TraceContext::of(&request, &seed);
         let mut request = request.into_inner();
         if request.request_id.is_empty() {
             request.request_id = format!(
@@ -191,7 +190,14 @@ impl InferenceCore {
         span.record("task", request.task.as_str());
         span.record("request_id", request.request_id.as_str());
         span.record("node_id", self.node_id);
-        span.record("trace_id", trace_id(&traceparent));
+        span.record("trace_id", trace.trace_id.as_str());
+        span.record("span_id", trace.span_id.as_str());
+        if let Some(parent) = &trace.parent_id {
+            span.record("parent_id", parent.as_str());
+        }
+        if !trace.sampled() {
+            span.record("sampled", false);
+        }
         if !forwarded_by.is_empty() {
             span.record("forwarded_by", forwarded_by.as_str());
         }
@@ -200,7 +206,7 @@ impl InferenceCore {
             request,
             received,
             deadline: received + timeout,
-            traceparent,
+            trace,
         })
     }
 
@@ -337,7 +343,7 @@ impl InferenceCore {
                         &peer.peer_addr,
                         request.clone(),
                         admitted.deadline - now,
-                        &admitted.traceparent,
+                        &admitted.trace.traceparent(),
                     )
                     .await;
                 self.metrics
@@ -382,7 +388,7 @@ impl InferenceCore {
 impl Inference for InferenceService {
     #[tracing::instrument(
         skip_all,
-        fields(node_id = self.0.node_id, model, task, request_id, version, trace_id, forwarded_by, served_by)
+        fields(node_id = self.0.node_id, model, task, request_id, version, trace_id, span_id, parent_id, sampled, forwarded_by, served_by)
     )]
     async fn embed(
         &self,

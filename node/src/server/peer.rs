@@ -34,6 +34,9 @@ impl Peer for PeerService {
             request_id,
             version,
             trace_id,
+            span_id,
+            parent_id,
+            sampled,
             forwarded_by,
             served_by
         )

@@ -348,3 +348,139 @@ pub async fn serve_everywhere(
         .await;
     }
 }
+
+/// A port that was free on 127.0.0.1 a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `troupe node` process on 127.0.0.1 (free ports, data under `dir/node<id>`), killed when
+/// dropped.
+pub struct NodeProcess {
+    pub id: u64,
+    pub child: std::process::Child,
+    pub api: String,
+    pub peer: String,
+}
+
+impl NodeProcess {
+    /// Starts node `id`; `configure` adds environment or flags to its command first.
+    pub fn spawn(id: u64, dir: &std::path::Path, configure: impl FnOnce(&mut Command)) -> Self {
+        let (api, peer, metrics) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let mut command = Command::new(env!("CARGO_BIN_EXE_troupe"));
+        command
+            .args(["node", "--id", &id.to_string(), "--api", &api])
+            .args(["--peer", &peer, "--metrics", &metrics, "--data-dir"])
+            .arg(dir.join(format!("node{id}")))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit());
+        configure(&mut command);
+        let child = command.spawn().unwrap();
+        Self {
+            id,
+            child,
+            api,
+            peer,
+        }
+    }
+
+    /// `ID=PEER@API` for `cluster init --members`.
+    pub fn member(&self) -> String {
+        format!("{}={}@{}", self.id, self.peer, self.api)
+    }
+
+    /// SIGTERM (the node drains and stops), then its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child, which has not been waited for.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Forms `processes` into one cluster through `troupe cluster init` (retried until the nodes
+/// listen) and waits until the first knows a leader.
+pub async fn init_process_cluster(processes: &[NodeProcess]) {
+    let first = processes[0].api.clone();
+    let members = processes
+        .iter()
+        .map(NodeProcess::member)
+        .collect::<Vec<_>>()
+        .join(",");
+    let timeout = std::time::Duration::from_secs(30);
+    wait_for("the nodes to listen", timeout, || {
+        let (first, members) = (first.clone(), members.clone());
+        async move {
+            let init = troupe(args(&[
+                "cluster",
+                "init",
+                "--addr",
+                &first,
+                "--members",
+                &members,
+            ]))
+            .await;
+            init.status.success().then_some(())
+        }
+    })
+    .await;
+    wait_for("a leader", timeout, || {
+        let first = first.clone();
+        async move {
+            let output = troupe(args(&["cluster", "status", "--addr", &first, "--json"])).await;
+            let status: serde_json::Value = serde_json::from_str(&text(&output).0).ok()?;
+            status["leader"].as_u64()
+        }
+    })
+    .await;
+}
+
+/// Waits until the node at `api` has heard, through its heartbeats, that `peer` serves
+/// unversioned requests for `model`: only then does its router forward them there.
+pub async fn wait_peer_serves(api: &str, peer: u64, model: &str) {
+    let endpoint = format!("http://{api}");
+    wait_for(
+        &format!("node at {api} to see node {peer} serving {model}"),
+        std::time::Duration::from_secs(20),
+        || {
+            let endpoint = endpoint.clone();
+            async move {
+                let mut admin = troupe_proto::v1::admin_client::AdminClient::connect(endpoint)
+                    .await
+                    .ok()?;
+                let status = admin
+                    .node_status(troupe_proto::v1::NodeStatusRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                status
+                    .peers
+                    .iter()
+                    .any(|p| {
+                        p.node_id == peer
+                            && p.default_versions
+                                .iter()
+                                .any(|v| v.rsplit_once('@').map(|(name, _)| name) == Some(model))
+                    })
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
