@@ -15,8 +15,8 @@
 #
 # env: TROUPE_COMPOSE_PROJECT   compose project name (default troupe)
 #      TROUPE_IMAGE             image tag (default troupe:local)
-#      TROUPE_COMPOSE_NET       /24 prefix of the cluster network (default 10.177.0); the
-#                               Raft membership stores these addresses, keep it per project
+#      TROUPE_COMPOSE_NET       /24 prefix of the cluster network (default 10.177.0); one
+#                               per project on a host (members are service names, not IPs)
 #      TROUPE_COMPOSE_API1..3   published API ports on 127.0.0.1 (7700, 7710, 7720)
 #      TROUPE_COMPOSE_METRICS1..3  published metrics ports (7702, 7712, 7722)
 #      TROUPE_MODEL_DIR         model directory to push (default: fetched into the cache)
@@ -128,7 +128,8 @@ for n in 1 2 3; do wait_for "node$n to be healthy" healthy "node$n"; done
 
 api1=127.0.0.1:$TROUPE_COMPOSE_API1
 members=()
-for n in 1 2 3; do members+=("$n=$TROUPE_COMPOSE_NET.1$n:7701@$TROUPE_COMPOSE_NET.1$n:7700"); done
+# By service name: each node resolves the others through the compose network's DNS.
+for n in 1 2 3; do members+=("$n=node$n:7701@node$n:7700"); done
 init_out=$(IFS=,; troupe cluster init --addr "$api1" --members "${members[*]}")
 say "cluster init: $init_out"
 

@@ -3,8 +3,10 @@
 #   compose-up (static build, image, 3 nodes, init, push, activate, first Embed);
 #   an Embed through each node's published port (384 numbers);
 #   `restart node2`, wait until it is healthy and serving again, Embed through it;
-#   `down` (volumes kept), `up`: the cluster resumes from its volumes with nothing
-#   re-pushed (leader, the version still active, every node ready, Embeds answer), and
+#   the members are service names (node1:7701...), every node sees the others up, and a
+#   CLI inside a container reaches node1:7700 by name;
+#   `down` (volumes kept), `up` in an order that gives the nodes other IPs: the cluster
+#   finds itself by name and resumes from its volumes with nothing re-pushed (leader, the version still active, every node ready, Embeds answer), and
 #   compose-up on the resumed cluster changes nothing;
 #   `down -v`, and the test's image is removed.
 # Without a reachable Docker engine it prints SKIPPED and exits 0.
@@ -145,9 +147,32 @@ ready_everywhere() {
     python3 -c 'import json,sys; m=[v for v in json.load(sys.stdin) if v["name"]==sys.argv[1] and v["version"]==sys.argv[2]][0]; r={n["node_id"] for n in m["nodes"] if n["state"]=="ready"}; sys.exit(0 if r=={1,2,3} else 1)' "$model" "$1"
 }
 
+# The members are service names, and each node reaches the others by them. Asked inside
+# node1's container, where the names resolve (cluster status dials every member's API).
+names_and_peers_up() {
+  dc exec -T node1 /troupe cluster status --addr 127.0.0.1:7700 --json | python3 -c '
+import json, sys
+status = json.load(sys.stdin)
+nodes = {n["id"]: n for n in status["nodes"]}
+assert set(nodes) == {1, 2, 3}, nodes.keys()
+for id, node in nodes.items():
+    assert node["peer_addr"] == f"node{id}:7701", node["peer_addr"]
+    assert node["api_addr"] == f"node{id}:7700", node["api_addr"]
+    states = {p["node_id"]: p["state"] for p in node["peers"]}
+    assert all(states.get(o) == "up" for o in nodes if o != id), (id, states)'
+}
+# Node N's address on the compose network.
+ip_of() { docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$(dc ps -q "node$1")"; }
+
 check_embeds
 version=$(active_version) || fail "no single active version of $model after compose-up"
 say "active: $model@$version"
+wait_for "members named node1..node3, each seeing the others up" names_and_peers_up
+# A name resolved inside the image (static glibc, no NSS modules): node2's CLI reaches node1.
+dc exec -T node2 /troupe embed --addr node1:7700 --model "$model" --timeout-ms 20000 "by name" |
+  python3 -c 'import json,sys; sys.exit(0 if len(json.loads(sys.stdin.readline())) == 384 else 1)' ||
+  fail "node2 could not embed through node1:7700 by name"
+say "members by service name; peers up; node2 embeds through node1:7700 by name"
 
 say "restart node2"
 before=$(docker inspect -f '{{.State.StartedAt}}' "$(dc ps -q node2)")
@@ -159,12 +184,23 @@ wait_for "node2 serving after its restart" serving 2
 embed_384 2 || fail "Embed through node2 after its restart"
 say "node2 is back: healthy, serving, Embed answers through it"
 
-say "down (volumes kept), then up"
+say "down (volumes kept), then up in the reverse order of the IPs, so the nodes' IPs change"
+declare -A ip_before
+for n in 1 2 3; do ip_before[$n]=$(ip_of "$n"); done
+order=$(for n in 1 2 3; do echo "${ip_before[$n]} $n"; done | sort -t . -k 4,4nr | awk '{print $2}')
 dc down
 [[ -z $(dc ps -q) ]] || fail "containers left after down"
-dc up -d
+for n in $order; do dc up -d --no-deps "node$n"; done
+moved=""
+for n in 1 2 3; do
+  ip=$(ip_of "$n")
+  [[ $ip != "${ip_before[$n]}" ]] && moved+=" node$n ${ip_before[$n]}->$ip"
+done
+[[ -n $moved ]] || fail "no node's IP changed on up (before: ${ip_before[*]}); the name test proves nothing"
+say "new IPs:$moved"
 for n in 1 2 3; do wait_for "node$n healthy after up" healthy "$n"; done
 wait_for "a Raft leader after up" has_leader
+wait_for "peers up by name after the IPs changed" names_and_peers_up
 resumed=$(active_version) || fail "after down/up no version of $model is active: the state did not resume"
 [[ $resumed == "$version" ]] || fail "after down/up $model@$resumed is active, expected $version"
 wait_for "every node ready with $model@$version after up" ready_everywhere "$version"

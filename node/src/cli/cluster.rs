@@ -2,6 +2,7 @@
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
+use troupe_consensus::types::NodeAddr;
 use troupe_proto::v1::{ActorTreeRequest, AddLearnerRequest, ClusterInitRequest, Member, NodeRef};
 
 use super::peer_health::{print_table as print_peer_table, PeerHealthView};
@@ -175,22 +176,27 @@ pub struct StatusArgs {
 
 /// Parses `ID=PEER[@API]`.
 pub fn parse_member(text: &str) -> Result<Member, CliError> {
-    let usage = || {
+    let usage = |problem: &str| {
         CliError::Usage(format!(
-            "member {text:?} is not ID=PEER_ADDR[@API_ADDR], e.g. 1=127.0.0.1:7701@127.0.0.1:7700"
+            "member {text:?} is not ID=PEER_ADDR[@API_ADDR]{problem}, e.g. 1=127.0.0.1:7701@127.0.0.1:7700 or 1=node1:7701@node1:7700"
         ))
     };
-    let (id, addrs) = text.split_once('=').ok_or_else(usage)?;
-    let id: u64 = id.trim().parse().map_err(|_| usage())?;
+    let (id, addrs) = text.split_once('=').ok_or_else(|| usage(""))?;
+    let id: u64 = match id.trim().parse() {
+        Ok(id) if id > 0 => id,
+        _ => return Err(usage(": the id must be a positive integer")),
+    };
     let (peer, api) = match addrs.split_once('@') {
         Some((peer, api)) => (peer, api),
         None => (addrs, ""),
     };
-    if id == 0 || peer.parse::<std::net::SocketAddr>().is_err() {
-        return Err(usage());
-    }
-    if !api.is_empty() && api.parse::<std::net::SocketAddr>().is_err() {
-        return Err(usage());
+    for (what, addr) in [("peer", peer), ("API", api)] {
+        if what == "API" && addr.is_empty() {
+            continue;
+        }
+        if let Err(problem) = NodeAddr::check_dialable(addr) {
+            return Err(usage(&format!(": the {what} address {problem}")));
+        }
     }
     Ok(Member {
         id,

@@ -191,11 +191,19 @@ fn check_member(member: Option<Member>) -> Result<(u64, NodeAddr), Status> {
             "member id 0 is not valid: ids are positive",
         ));
     }
-    if member.peer_addr.parse::<std::net::SocketAddr>().is_err() {
+    if let Err(problem) = NodeAddr::check_dialable(&member.peer_addr) {
         return Err(Status::invalid_argument(format!(
-            "member {} peer address {:?} is not IP:PORT",
-            member.id, member.peer_addr
+            "member {} peer address {problem}",
+            member.id
         )));
+    }
+    if !member.api_addr.is_empty() {
+        if let Err(problem) = NodeAddr::check_dialable(&member.api_addr) {
+            return Err(Status::invalid_argument(format!(
+                "member {} API address {problem}",
+                member.id
+            )));
+        }
     }
     Ok((
         member.id,
