@@ -7,7 +7,7 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use troupe_proto::v1::admin_client::AdminClient;
 use troupe_proto::v1::inference_client::InferenceClient;
-use troupe_proto::v1::{NodeStatusRequest, NodeStatusResponse};
+use troupe_proto::v1::{EmbedRequest, EmbedResponse, NodeStatusRequest, NodeStatusResponse};
 
 use crate::error::CliError;
 
@@ -50,6 +50,27 @@ pub async fn inference(
     timeout: Duration,
 ) -> Result<InferenceClient<Channel>, CliError> {
     Ok(InferenceClient::new(channel(addr, timeout).await?).max_decoding_message_size(usize::MAX))
+}
+
+/// One Embed of `texts` with `model`'s active version, within `timeout` (sent as the
+/// request's deadline too).
+pub async fn embed_texts(
+    addr: &str,
+    model: &str,
+    texts: Vec<String>,
+    timeout: Duration,
+) -> Result<EmbedResponse, CliError> {
+    let mut request = tonic::Request::new(EmbedRequest {
+        model: model.to_owned(),
+        texts,
+        ..Default::default()
+    });
+    request.set_timeout(timeout);
+    Ok(inference(addr, timeout)
+        .await?
+        .embed(request)
+        .await?
+        .into_inner())
 }
 
 pub async fn node_status(addr: &str) -> Result<NodeStatusResponse, CliError> {

@@ -18,10 +18,10 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use troupe_models::artifact::Manifest;
 use troupe_models::fetch::{self, FetchOptions};
-use troupe_proto::v1::{ClusterInitRequest, EmbedRequest, Member, ReadRequest};
+use troupe_proto::v1::{ClusterInitRequest, Member, ReadRequest};
 
 use super::models::{self, ActivateArgs, PushArgs, StateArgs};
-use super::remote::{admin, inference, node_status, WriteOptions};
+use super::remote::{admin, embed_texts, node_status, WriteOptions};
 use super::shell::{self, Session};
 use crate::error::CliError;
 
@@ -448,14 +448,8 @@ async fn deploy_model(addr: &str, name: &str, dir: &Path) -> Result<String, CliE
 }
 
 async fn embed_once(addr: &str, model: &str) -> Result<(), CliError> {
-    let timeout = Duration::from_secs(10);
-    let mut request = tonic::Request::new(EmbedRequest {
-        model: model.to_owned(),
-        texts: vec!["troupe up".into()],
-        ..Default::default()
-    });
-    request.set_timeout(timeout);
-    inference(addr, timeout).await?.embed(request).await?;
+    let texts = vec!["troupe up".into()];
+    embed_texts(addr, model, texts, Duration::from_secs(10)).await?;
     Ok(())
 }
 

@@ -6,16 +6,14 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use tokio_stream::StreamExt;
-use troupe_proto::v1::{
-    EmbedRequest, HistoryRequest, ReadRequest, RestartActorRequest, WatchRequest,
-};
+use troupe_proto::v1::{HistoryRequest, ReadRequest, RestartActorRequest, WatchRequest};
 
 use super::complete::Names;
 use super::words;
 use crate::cli::cluster::{self, ActorsArgs, StatusArgs};
 use crate::cli::models::{self, ActivateArgs, PushArgs, StateArgs};
 use crate::cli::priorities::{self, SetArgs};
-use crate::cli::remote::{admin, inference, node_status, print_json, ListArgs, WriteOptions};
+use crate::cli::remote::{self, admin, node_status, print_json, ListArgs, WriteOptions};
 use crate::error::CliError;
 
 /// How long `embed` and `similar` wait for an answer.
@@ -586,7 +584,7 @@ async fn watch(
         None => node_status(addr).await?.applied_revision + 1,
     };
     // A watch runs until stopped: its deadline is a day.
-    let channel = crate::cli::remote::channel(addr, Duration::from_secs(86_400)).await?;
+    let channel = remote::channel(addr, Duration::from_secs(86_400)).await?;
     let mut stream = troupe_proto::v1::admin_client::AdminClient::new(channel)
         .watch(WatchRequest { from_revision })
         .await?
@@ -660,17 +658,7 @@ async fn embed_texts(
     texts: Vec<String>,
 ) -> Result<(String, troupe_proto::v1::EmbedResponse), CliError> {
     let model = pick_model(addr, model).await?;
-    let mut request = tonic::Request::new(EmbedRequest {
-        model: model.clone(),
-        texts,
-        ..Default::default()
-    });
-    request.set_timeout(EMBED_TIMEOUT);
-    let reply = inference(addr, EMBED_TIMEOUT)
-        .await?
-        .embed(request)
-        .await?
-        .into_inner();
+    let reply = remote::embed_texts(addr, &model, texts, EMBED_TIMEOUT).await?;
     Ok((model, reply))
 }
 
