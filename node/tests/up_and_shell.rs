@@ -334,6 +334,8 @@ fn interactive_session(api: &str, dir: &std::path::Path) {
         }
     }
     let _kill = Kill(session.clone());
+    // The pane stays after the shell exits, so its exit status can be read.
+    tmux(&["set-option", "-t", &session, "remain-on-exit", "on"]);
     let screen = || tmux(&["capture-pane", "-p", "-t", &session, "-S", "-200"]);
     let wait_screen = |what: &str| {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -367,13 +369,19 @@ fn interactive_session(api: &str, dir: &std::path::Path) {
     tmux(&["send-keys", "-t", &session, "raft", "Enter"]);
     wait_screen("committed index");
     tmux(&["send-keys", "-t", &session, "quit", "Enter"]);
-    let history = history_dir.join("shell_history");
+    // `quit` ends the shell with status 0, its history saved.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !history.exists() {
-        assert!(Instant::now() < deadline, "no history file written");
+    let pane = |format: &str| tmux(&["display-message", "-p", "-t", &session, format]);
+    while pane("#{pane_dead}").trim() != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "the shell did not exit after quit:\n{}",
+            screen()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let saved = std::fs::read_to_string(&history).unwrap();
+    assert_eq!(pane("#{pane_dead_status}").trim(), "0", "{}", screen());
+    let saved = std::fs::read_to_string(history_dir.join("shell_history")).unwrap();
     for typed in ["status", "similar one | one", "raft", "quit"] {
         assert!(
             saved.contains(typed),
