@@ -51,12 +51,7 @@ async fn killing_a_serving_node_under_load_fails_no_request_and_marks_it_down() 
     let mut processes: Vec<NodeProcess> = (1..=3).map(|id| spawn_node(id, dir.path())).collect();
     init_process_cluster(&processes).await;
     let first = processes[0].api.clone();
-    push_model(&first, &model, "tiny", "1").await;
-    let activated = troupe(args(&[
-        "models", "activate", "tiny", "1", "--addr", &first, "--wait",
-    ]))
-    .await;
-    assert!(activated.status.success(), "{:?}", text(&activated));
+    push_and_activate(&first, &model, "tiny", "1").await;
 
     // Clients on node 1; its router spreads their requests over every node.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{first}"))

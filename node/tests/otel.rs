@@ -116,12 +116,7 @@ async fn a_forwarded_request_is_one_trace_across_both_nodes_at_the_collector() {
         .collect();
     init_process_cluster(&nodes).await;
     let first = nodes[0].api.clone();
-    push_model(&first, &model, "tiny", "1").await;
-    let activated = troupe(args(&[
-        "models", "activate", "tiny", "1", "--addr", &first, "--wait",
-    ]))
-    .await;
-    assert!(activated.status.success(), "{:?}", text(&activated));
+    push_and_activate(&first, &model, "tiny", "1").await;
     wait_peer_serves(&first, 2, "tiny").await;
 
     // With the client's trace context, and without one.

@@ -88,15 +88,7 @@ pub async fn start_cluster_with(
     }
     let first = nodes[0].api_addr.to_string();
     let members = members_arg(&nodes);
-    let init = troupe(args(&[
-        "cluster",
-        "init",
-        "--addr",
-        &first,
-        "--members",
-        &members,
-    ]))
-    .await;
+    let init = cluster_init(&first, &members).await;
     assert!(init.status.success(), "{:?}", text(&init));
     for node in &nodes {
         node.metadata
@@ -321,13 +313,7 @@ pub async fn serve_everywhere(
     name: &str,
     version: &str,
 ) {
-    let first = nodes[0].api_addr.to_string();
-    push_model(&first, model, name, version).await;
-    let activated = troupe(args(&[
-        "models", "activate", name, version, "--addr", &first, "--wait",
-    ]))
-    .await;
-    assert!(activated.status.success(), "{:?}", text(&activated));
+    push_and_activate(&nodes[0].api_addr.to_string(), model, name, version).await;
     for node in nodes {
         wait_serving(node).await;
     }
@@ -427,15 +413,7 @@ pub async fn init_process_cluster(processes: &[NodeProcess]) {
     wait_for("the nodes to listen", timeout, || {
         let (first, members) = (first.clone(), members.clone());
         async move {
-            let init = troupe(args(&[
-                "cluster",
-                "init",
-                "--addr",
-                &first,
-                "--members",
-                &members,
-            ]))
-            .await;
+            let init = cluster_init(&first, &members).await;
             init.status.success().then_some(())
         }
     })
@@ -483,4 +461,28 @@ pub async fn wait_peer_serves(api: &str, peer: u64, model: &str) {
         },
     )
     .await;
+}
+
+/// `troupe cluster init --addr FIRST --members MEMBERS`.
+pub async fn cluster_init(first: &str, members: &str) -> Output {
+    troupe(args(&[
+        "cluster",
+        "init",
+        "--addr",
+        first,
+        "--members",
+        members,
+    ]))
+    .await
+}
+
+/// Pushes `model` as `name` `version` through `api`, activates it and waits (`--wait`) until
+/// it serves.
+pub async fn push_and_activate(api: &str, model: &std::path::Path, name: &str, version: &str) {
+    push_model(api, model, name, version).await;
+    let activated = troupe(args(&[
+        "models", "activate", name, version, "--addr", api, "--wait",
+    ]))
+    .await;
+    assert!(activated.status.success(), "{:?}", text(&activated));
 }
