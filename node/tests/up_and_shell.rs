@@ -372,15 +372,27 @@ fn interactive_session(api: &str, dir: &std::path::Path) {
     // `quit` ends the shell with status 0, its history saved.
     let deadline = Instant::now() + Duration::from_secs(10);
     let pane = |format: &str| tmux(&["display-message", "-p", "-t", &session, format]);
-    while pane("#{pane_dead}").trim() != "1" {
+    // tmux marks the pane dead when the terminal closes, and fills in the exit status (or
+    // the signal) only once it has reaped the process: wait for both.
+    let exit = loop {
+        let state = pane("#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}");
+        let state = state.trim();
+        if state.starts_with("1:") && state != "1::" {
+            break state.to_owned();
+        }
         assert!(
             Instant::now() < deadline,
-            "the shell did not exit after quit:\n{}",
+            "the shell did not exit after quit ({state}):\n{}",
             screen()
         );
         std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(pane("#{pane_dead_status}").trim(), "0", "{}", screen());
+    };
+    assert_eq!(
+        exit,
+        "1:0:",
+        "the shell's exit (dead:status:signal)\n{}",
+        screen()
+    );
     let saved = std::fs::read_to_string(history_dir.join("shell_history")).unwrap();
     for typed in ["status", "similar one | one", "raft", "quit"] {
         assert!(
