@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use troupe_models::artifact::Manifest;
 use troupe_models::fetch::{self, FetchOptions};
-use troupe_proto::v1::{ReadRequest, RegisterModelRequest, SetModelStateRequest};
+use troupe_proto::v1::{ReadRequest, RegisterModelRequest, SetModelStateRequest, WriteResponse};
 
 use super::remote::{admin, block_on, print_json, print_write, ListArgs, WriteOptions};
 use crate::error::CliError;
@@ -202,9 +202,17 @@ pub(super) async fn activate(args: ActivateArgs) -> Result<(), CliError> {
         args.target.write.addr.clone(),
     );
     let json = args.target.write.json;
-    set_state(args.target, "active").await?;
     if !args.wait {
-        return Ok(());
+        return set_state(args.target, "active").await;
+    }
+    let started = write_state(args.target, "active").await?;
+    if json {
+        print_write(&started, true)?;
+    } else {
+        println!(
+            "rollout of {name}@{version} at revision {}: waiting for every serving node to load and warm it",
+            started.revision
+        );
     }
     let mut client = admin(&addr).await?;
     let mut poll = tokio::time::interval(std::time::Duration::from_millis(100));
@@ -257,8 +265,14 @@ pub(super) async fn activate(args: ActivateArgs) -> Result<(), CliError> {
 }
 
 pub(super) async fn set_state(args: StateArgs, state: &str) -> Result<(), CliError> {
+    let json = args.write.json;
+    print_write(&write_state(args, state).await?, json)
+}
+
+/// Sets a version's state; the write's reply.
+async fn write_state(args: StateArgs, state: &str) -> Result<WriteResponse, CliError> {
     let write = args.write;
-    let reply = admin(&write.addr)
+    Ok(admin(&write.addr)
         .await?
         .set_model_state(SetModelStateRequest {
             name: args.name,
@@ -269,8 +283,7 @@ pub(super) async fn set_state(args: StateArgs, state: &str) -> Result<(), CliErr
             request_id: write.request_id.unwrap_or_default(),
         })
         .await?
-        .into_inner();
-    print_write(&reply, write.json)
+        .into_inner())
 }
 
 pub(super) async fn list(args: ListArgs) -> Result<(), CliError> {

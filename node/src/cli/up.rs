@@ -428,7 +428,6 @@ async fn deploy_model(addr: &str, name: &str, dir: &Path) -> Result<String, CliE
         }
     };
     if !active {
-        println!("activating {name}@{version} (a rollout: every node loads and warms it)");
         models::activate(ActivateArgs {
             target: StateArgs {
                 name: name.to_owned(),
