@@ -7,6 +7,7 @@
 #   scripts/troupe3.sh status      # troupe cluster status
 #   scripts/troupe3.sh kill9 N     # SIGKILL node N (by its PID file)
 #   scripts/troupe3.sh restart N   # start node N again on its existing data dir
+#   scripts/troupe3.sh env         # the export line a client of this cluster needs
 #   scripts/troupe3.sh stop        # SIGTERM (then SIGKILL) exactly the PIDs we started;
 #                                  # removes the run dir unless KEEP=1
 #
@@ -17,6 +18,9 @@
 #      "election_timeout_min_ms = 1000
 #       election_timeout_max_ms = 2000".
 #      TROUPE3_POINTER (default /tmp/troupe3.current): file naming the run dir.
+#      TROUPE3_TLS (default 1): 1 runs the nodes with mTLS (certificates from
+#      `troupe certs init` in <run dir>/certs; `troupe3.sh env` prints the TROUPE_CA,
+#      TROUPE_CERT and TROUPE_KEY a client needs), 0 runs them --insecure (plaintext).
 # Nothing is killed by name: only PIDs from <run dir>/nN.pid whose command line still names
 # that node's config file.
 set -euo pipefail
@@ -49,14 +53,29 @@ pid_alive() {
   echo "$pid"
 }
 
+TLS=${TROUPE3_TLS:-1}
+# The client side of this script's own calls: TLS with the admin certificate when the run uses it.
+client_env() {
+  local dir=$1
+  if [[ -d $dir/certs ]]; then
+    export TROUPE_CA=$dir/certs/ca.crt TROUPE_CERT=$dir/certs/client-admin.crt TROUPE_KEY=$dir/certs/client-admin.key
+  else
+    unset TROUPE_CA TROUPE_CERT TROUPE_KEY
+  fi
+}
+
 write_config() {
-  local dir=$1 n=$2
+  local dir=$1 n=$2 security
+  if [[ -d $dir/certs ]]; then security="[tls]
+dir = \"$dir/certs\""
+  else security="insecure = true"; fi
   cat >"$dir/n$n.toml" <<EOF
 id = $n
 api = "$(api "$n")"
 peer = "$(peer "$n")"
 metrics = "$(metrics "$n")"
 data_dir = "$dir/n$n.data"
+$security
 
 [raft]
 ${TROUPE3_RAFT:-}
@@ -105,6 +124,8 @@ cmd_start() {
   fi
   local dir n; dir=$(mktemp -d /tmp/troupe3.XXXXXX)
   echo "$dir" >"$POINTER"
+  if [[ $TLS == 1 ]]; then "$BIN" certs init --out "$dir/certs" --nodes 3 >/dev/null; fi
+  client_env "$dir"
   for n in 1 2 3; do write_config "$dir" "$n"; start_node "$dir" "$n"; done
   "$BIN" cluster init --addr "$(api 1)" --members "1=$(peer 1)@$(api 1),2=$(peer 2)@$(api 2),3=$(peer 3)@$(api 3)" >/dev/null
   echo "troupe3: run dir $dir (logs n1.log..n3.log)"
@@ -136,8 +157,17 @@ cmd_kill9() {
   echo "troupe3: SIGKILL n$n pid $pid"
 }
 
+cmd_env() {
+  local dir; dir=$(rundir)
+  if [[ -d $dir/certs ]]; then
+    echo "export TROUPE_CA=$dir/certs/ca.crt TROUPE_CERT=$dir/certs/client-admin.crt TROUPE_KEY=$dir/certs/client-admin.key"
+  else
+    echo "unset TROUPE_CA TROUPE_CERT TROUPE_KEY"
+  fi
+}
+
 cmd_restart() {
-  local n=${1:?node number 1..3} dir; dir=$(rundir)
+  local n=${1:?node number 1..3} dir; dir=$(rundir); client_env "$dir"
   start_node "$dir" "$n"
   echo "troupe3: restarted n$n pid $(cat "$dir/n$n.pid")"
 }
@@ -146,9 +176,10 @@ case ${1:-} in
   start)     cmd_start ;;
   stop)      cmd_stop ;;
   endpoints) endpoints ;;
-  status)    "$BIN" cluster status --addr "$(api 1)" ;;
+  status)    client_env "$(rundir)"; "$BIN" cluster status --addr "$(api 1)" ;;
+  env)       cmd_env ;;
   kill9)     cmd_kill9 "${2:-}" ;;
   restart)   cmd_restart "${2:-}" ;;
   dir)       rundir ;;
-  *) sed -n '2,21p' "$0"; exit 2 ;;
+  *) sed -n '2,25p' "$0"; exit 2 ;;
 esac

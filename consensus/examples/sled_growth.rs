@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use troupe_consensus::metadata::{Command, Proposal};
 use troupe_consensus::types::NodeAddr;
 use troupe_consensus::{Metadata, MetadataConfig};
+use troupe_transport::PeerTransport;
 
 fn resident_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -60,12 +61,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         config.snapshot_every_entries = every;
         config.keep_entries_after_snapshot = every / 10;
     }
-    let metadata = Arc::new(Metadata::start(config).await?);
+    let metadata = Arc::new(
+        Metadata::start(
+            config,
+            Arc::new(PeerTransport::insecure(Duration::from_secs(5))),
+        )
+        .await?,
+    );
     let service = metadata.peer_service();
+    let gate = metadata.transport().peer_gate(metadata.membership());
+    let incoming = metadata.transport().incoming(listener, "peer");
     tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(tonic::service::InterceptorLayer::new(gate))
             .add_service(service)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+            .serve_with_incoming(incoming),
     );
     let members = BTreeMap::from([(
         1,

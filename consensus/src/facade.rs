@@ -13,13 +13,15 @@ use serde::Serialize;
 use tokio::sync::{watch, RwLock};
 use troupe_proto::v1::raft_peer_client::RaftPeerClient;
 use troupe_proto::v1::raft_peer_server::RaftPeerServer;
+use troupe_transport::{Lane, Membership, PeerTransport};
 
 use crate::error::MetadataError;
 use crate::metadata::{MetadataState, Outcome, Proposal};
-use crate::network::client::{peer_channel, PeerNetworkFactory};
+use crate::network::client::PeerNetworkFactory;
 use crate::network::server::{ForwardedReadIndex, ForwardedWrite, RaftPeerService};
 use crate::network::{decode, encode};
 use crate::proposer::{Proposer, WriteFailure};
+use crate::removal::Removal;
 use crate::store::{self, Applied};
 use crate::types::{NodeAddr, NodeId, TypeConfig};
 use crate::watch::{ResyncingWatch, Watch, WatchError};
@@ -143,6 +145,9 @@ pub struct RaftStatus {
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     pub nodes: BTreeMap<NodeId, NodeAddr>,
+    /// Why this node considers itself removed from the cluster, if it does: it then neither
+    /// campaigns nor serves.
+    pub removed: Option<String>,
 }
 
 pub struct Metadata {
@@ -157,6 +162,8 @@ pub struct Metadata {
     /// Alive while any sled handle is; shutdown waits for it so the database is closed.
     open_handles: std::sync::Weak<()>,
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
+    transport: Arc<PeerTransport>,
+    removal: Arc<Removal>,
 }
 
 /// How long shutdown waits for storage handles held by Raft's tasks to be released.
@@ -164,8 +171,13 @@ const STORAGE_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Metadata {
     /// Opens the node's storage (rejoining with any Raft state already in `data_dir`) and
-    /// starts its Raft. Serve [`Metadata::peer_service`] on the peer address.
-    pub async fn start(config: MetadataConfig) -> Result<Self, MetadataError> {
+    /// starts its Raft. Serve [`Metadata::peer_service`] on the peer address, behind the
+    /// transport's peer gate with [`Metadata::membership`]. Raft and forwarded writes reach
+    /// peers through `transport`.
+    pub async fn start(
+        config: MetadataConfig,
+        transport: Arc<PeerTransport>,
+    ) -> Result<Self, MetadataError> {
         let raft_config = Arc::new(config.raft_config()?);
         let raft_dir = config.data_dir.join("raft");
         let (log_store, state_machine) = store::open_with_history(&raft_dir, config.watch_history)
@@ -179,8 +191,10 @@ impl Metadata {
         let snapshot_revision = state_machine.snapshot_revision();
         let history = state_machine.history();
         let open_handles = state_machine.open_handles();
+        let removal = Arc::new(Removal::new(config.node_id));
         let network = PeerNetworkFactory {
-            connect_timeout: config.forward_timeout,
+            transport: transport.clone(),
+            removal: removal.clone(),
         };
         let raft = Raft::new(
             config.node_id,
@@ -197,6 +211,7 @@ impl Metadata {
             raft.metrics(),
             Arc::downgrade(&leader_changes),
         ));
+        tokio::spawn(removal.clone().run(raft.clone()));
         Ok(Self {
             config,
             raft,
@@ -208,6 +223,8 @@ impl Metadata {
             history,
             open_handles,
             leader_changes,
+            transport,
+            removal,
         })
     }
 
@@ -220,9 +237,30 @@ impl Metadata {
         RaftPeerServer::new(RaftPeerService::new(
             self.raft.clone(),
             self.proposer.clone(),
+            self.transport.refusals().clone(),
+            self.removal.clone(),
         ))
         .max_decoding_message_size(crate::network::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::network::MAX_MESSAGE_BYTES)
+    }
+
+    /// Whether a node may use the peer port: a voter or a learner of this node's newest
+    /// membership (committed or not, so a node being added is one as soon as the leader
+    /// appends it). A node with no membership yet (about to be initialised or added) lets in
+    /// any node of its CA.
+    pub fn membership(&self) -> Membership {
+        let metrics = self.raft.metrics();
+        Arc::new(move |node: NodeId| {
+            let metrics = metrics.borrow();
+            let membership = metrics.membership_config.membership();
+            let mut nodes = membership.nodes().peekable();
+            nodes.peek().is_none() || membership.get_node(&node).is_some()
+        })
+    }
+
+    /// The transport this node's Raft uses.
+    pub fn transport(&self) -> &Arc<PeerTransport> {
+        &self.transport
     }
 
     fn this_node(&self) -> NodeAddr {
@@ -277,13 +315,14 @@ impl Metadata {
         leader: NodeId,
     ) -> Result<(RaftPeerClient<tonic::transport::Channel>, String), MetadataError> {
         let addr = self.leader_addr(leader).ok_or(MetadataError::NoLeader)?;
-        let channel = peer_channel(&addr.peer_addr, self.config.forward_timeout).map_err(|e| {
-            MetadataError::LeaderUnreachable {
+        let channel = self
+            .transport
+            .channel(Lane::Writes, leader, &addr.peer_addr)
+            .map_err(|e| MetadataError::LeaderUnreachable {
                 leader,
                 addr: addr.peer_addr.clone(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         Ok((crate::network::peer_client(channel), addr.peer_addr))
     }
 
@@ -590,6 +629,7 @@ impl Metadata {
             voters,
             learners,
             nodes,
+            removed: self.removal.reason(),
         }
     }
 

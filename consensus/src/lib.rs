@@ -18,6 +18,7 @@ pub mod facade;
 pub mod metadata;
 pub mod network;
 pub mod proposer;
+pub mod removal;
 pub mod store;
 pub mod tasks;
 pub mod types;

@@ -14,6 +14,7 @@ use troupe_consensus::types::NodeAddr;
 use troupe_consensus::{
     Metadata, MetadataConfig, MetadataError, ReadConsistency, Role, WatchError, WatchEvent,
 };
+use troupe_transport::PeerTransport;
 
 struct TestNode {
     metadata: Arc<Metadata>,
@@ -53,18 +54,25 @@ async fn start_node_at(
         dir.path().join(format!("node{id}")),
     );
     tweak(&mut config);
-    let metadata = Arc::new(Metadata::start(config).await.unwrap());
+    let metadata = Arc::new(
+        Metadata::start(
+            config,
+            Arc::new(PeerTransport::insecure(Duration::from_secs(5))),
+        )
+        .await
+        .unwrap(),
+    );
     let (stop, stopped) = oneshot::channel::<()>();
     let service = metadata.peer_service();
+    let gate = metadata.transport().peer_gate(metadata.membership());
+    let incoming = metadata.transport().incoming(listener, "peer");
     tokio::spawn(async move {
         tonic::transport::Server::builder()
+            .layer(tonic::service::InterceptorLayer::new(gate))
             .add_service(service)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
-                async {
-                    let _ = stopped.await;
-                },
-            )
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            })
             .await
     });
     TestNode {

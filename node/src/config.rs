@@ -29,7 +29,33 @@ pub struct NodeConfig {
     pub limits: LimitSettings,
     pub routing: RoutingSettings,
     pub cluster: ClusterSettings,
+    /// Certificates for both ports (`[tls]`). A node needs them, or `insecure`.
+    pub tls: TlsSettings,
+    /// Run both ports in plaintext and let any peer in: only for a trusted network.
+    pub insecure: bool,
 }
+
+/// Where a node's certificates are. `dir` is a directory made by `troupe certs init`, of
+/// which node `<id>` uses `ca.crt`, `node-<id>.crt` and `node-<id>.key`; `ca`, `cert` and
+/// `key` name files directly (and override the directory's).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    pub dir: Option<PathBuf>,
+    /// The CA bundle peers' and clients' certificates must chain to (old and new CA during a
+    /// rotation).
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// How often the files are checked for changes (SIGHUP checks at once); 0: default.
+    pub reload_interval_ms: u64,
+}
+
+/// Default time between two checks of the certificate files.
+pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What `troupe node` says when it has neither certificates nor `--insecure`.
+pub const NO_TLS_FIX: &str = "make certificates with `troupe certs init --out DIR --nodes N` and start each node with --tls-dir DIR (or [tls] ca, cert and key), or pass --insecure to run in plaintext on a trusted network";
 
 /// Batching, workers and supervision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -228,6 +254,8 @@ impl Default for NodeConfig {
             limits: LimitSettings::default(),
             routing: RoutingSettings::default(),
             cluster: ClusterSettings::default(),
+            tls: TlsSettings::default(),
+            insecure: false,
         }
     }
 }
@@ -292,9 +320,23 @@ impl NodeConfig {
         let mut tree =
             toml::Table::try_from(&*self).map_err(|e| invalid("TROUPE_*", "", e.to_string()))?;
         // `artifact_dir` is absent from the tree while unset, so list the keys by hand.
-        let top = ["id", "api", "peer", "metrics", "data_dir", "artifact_dir"];
-        // Likewise optional section keys, which take integers when set.
+        let top = [
+            "id",
+            "api",
+            "peer",
+            "metrics",
+            "data_dir",
+            "artifact_dir",
+            "insecure",
+        ];
+        // Likewise optional section keys: integers, and paths (strings).
         let optional_integers = [("cluster", "heartbeat_timeout_ms")];
+        let optional_paths = [
+            ("tls", "dir"),
+            ("tls", "ca"),
+            ("tls", "cert"),
+            ("tls", "key"),
+        ];
         let mut names: Vec<(String, Option<String>, String)> = top
             .iter()
             .map(|key| {
@@ -309,6 +351,7 @@ impl NodeConfig {
             if let toml::Value::Table(table) = value {
                 let optional = optional_integers
                     .iter()
+                    .chain(&optional_paths)
                     .filter(|(of, key)| of == section && !table.contains_key(*key))
                     .map(|(_, key)| (*key).to_owned());
                 for key in table.keys().cloned().chain(optional) {
@@ -699,7 +742,65 @@ impl NodeConfig {
                 "use e.g. 1000",
             );
         }
+        let tls = &self.tls;
+        let any_tls =
+            tls.dir.is_some() || tls.ca.is_some() || tls.cert.is_some() || tls.key.is_some();
+        if self.insecure && any_tls {
+            problem(
+                "insecure",
+                "is set together with [tls] certificates".into(),
+                "choose one: TLS (drop --insecure) or plaintext (drop the [tls] settings)",
+            );
+        } else if !self.insecure && !any_tls {
+            problem(
+                "tls",
+                "this node has no certificates, and would let anyone reach its Raft group".into(),
+                NO_TLS_FIX,
+            );
+        } else if any_tls && tls.dir.is_none() {
+            for (field, value) in [
+                ("tls.ca", &tls.ca),
+                ("tls.cert", &tls.cert),
+                ("tls.key", &tls.key),
+            ] {
+                if value.is_none() {
+                    problem(
+                        field,
+                        "is missing: without tls.dir, ca, cert and key are all needed".into(),
+                        "set it, or set tls.dir (--tls-dir) to a directory made by `troupe certs init`",
+                    );
+                }
+            }
+        }
         problems
+    }
+
+    /// The node's certificate files, or `None` when it runs insecure.
+    pub fn tls_files(&self) -> Option<troupe_transport::TlsFiles> {
+        if self.insecure {
+            return None;
+        }
+        let tls = &self.tls;
+        let from_dir = tls
+            .dir
+            .as_ref()
+            .map(|dir| troupe_transport::TlsFiles::for_node(dir, self.id));
+        let pick = |explicit: &Option<PathBuf>, of_dir: Option<&PathBuf>| {
+            explicit.clone().or_else(|| of_dir.cloned())
+        };
+        Some(troupe_transport::TlsFiles {
+            ca: pick(&tls.ca, from_dir.as_ref().map(|f| &f.ca))?,
+            cert: pick(&tls.cert, from_dir.as_ref().map(|f| &f.cert))?,
+            key: pick(&tls.key, from_dir.as_ref().map(|f| &f.key))?,
+        })
+    }
+
+    /// How often the certificate files are checked for changes.
+    pub fn tls_reload_interval(&self) -> Duration {
+        match self.tls.reload_interval_ms {
+            0 => TLS_RELOAD_INTERVAL,
+            ms => Duration::from_millis(ms),
+        }
     }
 
     /// The router's strategy (the config must be valid).

@@ -73,11 +73,36 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 
 impl From<tonic::Status> for CliError {
     fn from(status: tonic::Status) -> Self {
+        // A status made on this side from a transport error says little ("transport error");
+        // its sources say what failed (refused, a TLS handshake, a certificate).
+        let mut message = status.message().to_owned();
+        let mut source = std::error::Error::source(&status);
+        while let Some(error) = source {
+            let text = error.to_string();
+            if !message.contains(&text) {
+                message = format!("{message}: {text}");
+            }
+            source = error.source();
+        }
         CliError::Rpc {
             code: status.code(),
-            message: status.message().to_owned(),
+            message,
         }
     }
+}
+
+/// An error with its chain of sources, for a one-line message.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(error) = source {
+        let text = error.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        source = error.source();
+    }
+    message
 }
 
 impl CliError {
@@ -88,6 +113,12 @@ impl CliError {
             CliError::Usage(_) | CliError::InputEncoding { .. } => 2,
             CliError::Model(ModelError::EmptyInput | ModelError::BatchSize { .. }) => 2,
             CliError::Config(_) => 2,
+            // A node that cannot start on its configuration or its certificates.
+            CliError::Node(
+                crate::run::NodeError::Config(_)
+                | crate::run::NodeError::Tls(_)
+                | crate::run::NodeError::WrongIdentity { .. },
+            ) => 2,
             // A lost compare-and-set: re-read and retry.
             CliError::Rpc {
                 code: tonic::Code::Aborted,

@@ -1,20 +1,20 @@
 //! Forwarding an Embed request to a peer (`troupe.v1.Peer/Forward` on its peer port).
 //!
-//! Forwarded inference has connections of its own, one per peer, kept open and reused: it
-//! never shares an HTTP/2 connection with Raft, heartbeats or blob transfers, so none of them
-//! queues behind the others. The request keeps the client's remaining deadline (as
+//! Forwarded inference has connections of its own (the transport's forward lane), one per
+//! peer, kept open and reused: it never shares an HTTP/2 connection with Raft, heartbeats or
+//! blob transfers, so none of them queues behind the others. The request keeps the client's remaining deadline (as
 //! `grpc-timeout`), its task and its trace context (`traceparent`), and says which node sent
 //! it (`x-troupe-forwarded-by`): the receiver serves it itself or refuses, and never forwards
 //! it again.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Status;
 use troupe_proto::v1::peer_client::PeerClient;
 use troupe_proto::v1::{EmbedRequest, EmbedResponse};
+use troupe_transport::{Lane, PeerTransport};
 
 /// Metadata naming the node that forwarded a request.
 pub const FORWARDED_BY_HEADER: &str = "x-troupe-forwarded-by";
@@ -24,41 +24,25 @@ pub const TRACEPARENT_HEADER: &str = "traceparent";
 
 pub struct Forwarder {
     node_id: u64,
-    connect_timeout: Duration,
     max_message_bytes: usize,
-    channels: Mutex<HashMap<u64, (String, Channel)>>,
+    transport: Arc<PeerTransport>,
 }
 
 impl Forwarder {
-    pub fn new(node_id: u64, connect_timeout: Duration, max_message_bytes: usize) -> Self {
+    pub fn new(node_id: u64, transport: Arc<PeerTransport>, max_message_bytes: usize) -> Self {
         Self {
             node_id,
-            connect_timeout,
             max_message_bytes,
-            channels: Mutex::new(HashMap::new()),
+            transport,
         }
     }
 
     /// The peer's forwarding connection, opened on first use (and again if its address
     /// changed). tonic reconnects a broken one by itself.
     fn channel(&self, peer: u64, addr: &str) -> Result<Channel, Status> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((known, channel)) = channels.get(&peer) {
-            if known == addr {
-                return Ok(channel.clone());
-            }
-        }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| {
-                Status::unavailable(format!("node {peer} has a bad peer address {addr:?}: {e}"))
-            })?
-            .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
-        channels.insert(peer, (addr.to_owned(), channel.clone()));
-        Ok(channel)
+        self.transport
+            .channel(Lane::Forward, peer, addr)
+            .map_err(|e| Status::unavailable(e.to_string()))
     }
 
     /// Sends `request` to `peer` with `timeout` left of the client's deadline.

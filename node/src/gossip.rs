@@ -1,58 +1,29 @@
-//! Health gossip's client side: [`GrpcPeerProbe`] sends `troupe.v1.Peer/Heartbeat` over a
-//! connection of its own per peer (one HTTP/2 connection, kept and reused, TCP_NODELAY), so
-//! heartbeats never queue behind Raft, forwarded inference or blob transfers, which use
-//! connections of their own. A connection that fails is dropped and made again on the next
-//! heartbeat.
+//! Health gossip's client side: [`GrpcPeerProbe`] sends `troupe.v1.Peer/Heartbeat` over the
+//! transport's heartbeat lane (one HTTP/2 connection per peer, kept and reused), so
+//! heartbeats never queue behind Raft, forwarded inference or blob transfers, which use lanes
+//! of their own. A connection that fails is dropped and made again on the next heartbeat.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint};
 use troupe_actors::health::probe::unix_micros;
 use troupe_actors::{HeartbeatReply, ModelKey, PeerProbe, ServedVersion};
 use troupe_proto::v1::peer_client::PeerClient;
 use troupe_proto::v1::{HeartbeatRequest, HeartbeatResponse};
+use troupe_transport::{Lane, PeerTransport};
 
 /// Heartbeats peers over their own connections.
 pub struct GrpcPeerProbe {
     node_id: u64,
-    /// The heartbeat connection to each peer, with the address it goes to.
-    channels: Arc<Mutex<HashMap<u64, (String, Channel)>>>,
+    transport: Arc<PeerTransport>,
 }
 
 impl GrpcPeerProbe {
-    pub fn new(node_id: u64) -> Self {
-        Self {
-            node_id,
-            channels: Arc::default(),
-        }
+    pub fn new(node_id: u64, transport: Arc<PeerTransport>) -> Self {
+        Self { node_id, transport }
     }
-}
-
-fn cached(
-    channels: &Mutex<HashMap<u64, (String, Channel)>>,
-    peer_id: u64,
-    peer_addr: &str,
-) -> Option<Channel> {
-    let channels = channels.lock().unwrap_or_else(|p| p.into_inner());
-    channels
-        .get(&peer_id)
-        .filter(|(addr, _)| addr == peer_addr)
-        .map(|(_, channel)| channel.clone())
-}
-
-async fn connect(peer_addr: &str, timeout: Duration) -> Result<Channel, String> {
-    Endpoint::from_shared(format!("http://{peer_addr}"))
-        .map_err(|e| format!("peer address {peer_addr:?} is not usable: {e}"))?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect to {peer_addr}: {e}"))
 }
 
 impl PeerProbe for GrpcPeerProbe {
@@ -62,20 +33,12 @@ impl PeerProbe for GrpcPeerProbe {
         peer_addr: String,
         timeout: Duration,
     ) -> Pin<Box<dyn Future<Output = Result<HeartbeatReply, String>> + Send>> {
-        let channels = self.channels.clone();
+        let transport = self.transport.clone();
         let from_node = self.node_id;
         Box::pin(async move {
-            let channel = match cached(&channels, peer_id, &peer_addr) {
-                Some(channel) => channel,
-                None => {
-                    let channel = connect(&peer_addr, timeout).await?;
-                    channels
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(peer_id, (peer_addr.clone(), channel.clone()));
-                    channel
-                }
-            };
+            let channel = transport
+                .channel(Lane::Heartbeat, peer_id, &peer_addr)
+                .map_err(|e| e.to_string())?;
             let mut client = PeerClient::new(channel);
             let sent = unix_micros();
             let mut request = tonic::Request::new(HeartbeatRequest {
@@ -84,17 +47,22 @@ impl PeerProbe for GrpcPeerProbe {
             });
             request.set_timeout(timeout);
             let started = Instant::now();
-            let answer = client.heartbeat(request).await;
+            // The deadline covers connecting too (the channel connects on first use).
+            let answer = tokio::time::timeout(timeout, client.heartbeat(request))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(tonic::Status::deadline_exceeded(format!(
+                        "no answer within {} ms",
+                        timeout.as_millis()
+                    )))
+                });
             let round_trip = started.elapsed();
             let returned = unix_micros();
             match answer {
                 Ok(response) => reply(response.into_inner(), sent, returned, round_trip),
                 Err(status) => {
                     // Start over on a fresh connection next time (the peer may have restarted).
-                    channels
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&peer_id);
+                    transport.forget(Lane::Heartbeat, peer_id);
                     Err(format!("{}: {}", status.code(), status.message()))
                 }
             }

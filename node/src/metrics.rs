@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use troupe_transport::PeerTransport;
 
 use troupe_actors::batcher::BATCH_SIZE_BUCKETS;
 use troupe_actors::TreeView;
@@ -95,13 +96,20 @@ impl NodeMetrics {
     }
 
     /// The exposition text: recorded series, then the node's state as of now.
-    pub fn render(&self, node_id: u64, tree: &TreeView, metadata: &Metadata) -> String {
+    pub fn render(
+        &self,
+        node_id: u64,
+        tree: &TreeView,
+        metadata: &Metadata,
+        transport: &PeerTransport,
+    ) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let node = format!("node=\"{node_id}\"");
         self.render_requests(&mut out, &node);
         render_serving(&mut out, &node, tree);
         render_raft(&mut out, &node, metadata, tree);
         render_peers(&mut out, &node, tree);
+        render_transport(&mut out, &node, transport);
         family(
             &mut out,
             "troupe_blob_bytes_total",
@@ -210,6 +218,64 @@ impl NodeMetrics {
                 "troupe_forwarded_requests_total{{{node},peer=\"{peer}\",code=\"{code}\"}} {count}"
             );
         }
+    }
+}
+
+/// Whether the node runs TLS, its certificates, and whom its ports refused.
+fn render_transport(out: &mut String, node: &str, transport: &PeerTransport) {
+    let tls = transport.tls_state();
+    family(
+        out,
+        "troupe_insecure",
+        "gauge",
+        "1 when the node runs without TLS (--insecure): any peer is let in.",
+    );
+    let _ = writeln!(
+        out,
+        "troupe_insecure{{{node}}} {}",
+        u64::from(tls.is_none())
+    );
+    family(
+        out,
+        "troupe_peer_refusals_total",
+        "counter",
+        "Connections and calls refused on the peer and API ports, by reason.",
+    );
+    for (reason, count) in transport.refusals().snapshot() {
+        let _ = writeln!(
+            out,
+            "troupe_peer_refusals_total{{{node},reason=\"{reason}\"}} {count}"
+        );
+    }
+    if let Some(tls) = tls {
+        let material = tls.current();
+        family(
+            out,
+            "troupe_tls_cert_expiry_timestamp_seconds",
+            "gauge",
+            "When the node's certificate expires (Unix seconds).",
+        );
+        let _ = writeln!(
+            out,
+            "troupe_tls_cert_expiry_timestamp_seconds{{{node}}} {}",
+            material.not_after
+        );
+        family(
+            out,
+            "troupe_tls_reloads_total",
+            "counter",
+            "Certificate reloads, by result (a failed one keeps the previous certificates).",
+        );
+        let _ = writeln!(
+            out,
+            "troupe_tls_reloads_total{{{node},result=\"ok\"}} {}",
+            tls.reloads()
+        );
+        let _ = writeln!(
+            out,
+            "troupe_tls_reloads_total{{{node},result=\"failed\"}} {}",
+            tls.reload_failures()
+        );
     }
 }
 

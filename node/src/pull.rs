@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tonic::transport::Endpoint;
 use troupe_actors::supervisor::ArtifactFetcher;
 use troupe_actors::{PeerState, PeerTable};
 use troupe_consensus::Metadata;
@@ -35,6 +34,7 @@ pub struct PeerPuller {
     pub peers: Arc<PeerTable>,
     /// Bytes received from peers, for the metrics.
     pub received: Arc<std::sync::atomic::AtomicU64>,
+    pub transport: Arc<troupe_transport::PeerTransport>,
 }
 
 /// A token bucket over bytes: on average at most `rate` bytes a second. It starts empty and
@@ -100,10 +100,18 @@ impl ArtifactFetcher for PeerPuller {
         let store = self.store.clone();
         let bandwidth = self.bandwidth.clone();
         let received = self.received.clone();
+        let transport = self.transport.clone();
         Box::pin(async move {
             let mut failures = Vec::new();
             for (id, addr) in peers {
-                match pull_from(&store, &addr, &digest, bandwidth.as_deref(), &received).await {
+                let channel = transport.channel(troupe_transport::Lane::Blob, id, &addr);
+                let pulled = match channel {
+                    Ok(channel) => {
+                        pull_from(&store, channel, &digest, bandwidth.as_deref(), &received).await
+                    }
+                    Err(error) => Err(error.to_string()),
+                };
+                match pulled {
                     Ok(dir) => {
                         tracing::info!(%digest, peer = id, "artifact pulled from a peer");
                         return Ok(dir);
@@ -125,18 +133,11 @@ impl ArtifactFetcher for PeerPuller {
 
 async fn pull_from(
     store: &ArtifactStore,
-    addr: &str,
+    channel: tonic::transport::Channel,
     digest: &str,
     bandwidth: Option<&tokio::sync::Mutex<TokenBucket>>,
     received: &std::sync::atomic::AtomicU64,
 ) -> Result<PathBuf, String> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
     let mut client = ArtifactsClient::new(channel).max_decoding_message_size(usize::MAX);
     let files = client
         .get_manifest(GetManifestRequest {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::InterceptorLayer;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use troupe_actors::{ActorTree, NodeHealth, TreeArgs, TreeView};
@@ -30,6 +30,7 @@ use crate::server::peer::PeerService;
 use troupe_actors::Router;
 use troupe_proto::v1::artifacts_server::ArtifactsServer;
 use troupe_proto::v1::peer_server::PeerServer;
+use troupe_transport::{Identity, PeerTransport, TlsState};
 
 /// The service name grpc.health.v1 reports inference readiness under ("" is the node).
 pub const INFERENCE_SERVICE: &str = "troupe.v1.Inference";
@@ -51,6 +52,16 @@ pub enum NodeError {
     Server { what: &'static str, reason: String },
     #[error("cannot start the actor tree: {0}")]
     Actors(String),
+    #[error(
+        "{0} (fix the files, or make new ones with `troupe certs init` / `troupe certs add-node`)"
+    )]
+    Tls(#[from] troupe_transport::TlsError),
+    #[error("certificate {path} names {named}, but this is node {id}: use node-{id}.crt and node-{id}.key")]
+    WrongIdentity {
+        path: String,
+        named: String,
+        id: u64,
+    },
 }
 
 /// A started node. Dropping it does not stop it; call [`RunningNode::shutdown`].
@@ -62,6 +73,9 @@ pub struct RunningNode {
     pub metadata: Arc<Metadata>,
     /// The actor tree as request handlers see it (serving table, actors, health).
     pub tree: TreeView,
+    /// Peer connections, TLS material and refusal counts.
+    pub transport: Arc<PeerTransport>,
+    tls_tasks: Vec<JoinHandle<()>>,
     actors: ActorTree,
     drain_timeout: Duration,
     health_task: JoinHandle<()>,
@@ -106,8 +120,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     config.peer = peer_addr.to_string();
     config.metrics = metrics_addr.to_string();
     let node_metrics = Arc::new(NodeMetrics::default());
+    let (transport, tls_tasks) = transport(&config)?;
 
-    let metadata = Arc::new(Metadata::start(config.metadata_config()).await?);
+    let metadata = Arc::new(Metadata::start(config.metadata_config(), transport.clone()).await?);
     tracing::info!(node_id = config.id, %api_addr, %peer_addr, %metrics_addr, data_dir = %config.data_dir.display(), "node started");
 
     // The pool is process-wide: the first node of a process sizes it. Its threads run at a
@@ -140,10 +155,14 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             }),
             peers: peers.clone(),
             received: node_metrics.blob_bytes_received.clone(),
+            transport: transport.clone(),
         }),
         store: store.clone(),
         peers,
-        probe: Arc::new(crate::gossip::GrpcPeerProbe::new(config.id)),
+        probe: Arc::new(crate::gossip::GrpcPeerProbe::new(
+            config.id,
+            transport.clone(),
+        )),
         gossip: config.gossip_config(),
     })
     .await
@@ -157,7 +176,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             router: Router::new(config.routing_strategy()),
             forwarder: Forwarder::new(
                 config.id,
-                Duration::from_millis(config.routing.forward_connect_timeout_ms),
+                transport.clone(),
                 config.limits.max_message_bytes,
             ),
             max_attempts: config.routing.max_attempts,
@@ -181,17 +200,18 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         ),
     })
     .max_decoding_message_size(config.limits.max_message_bytes);
+    // Every peer RPC passes the gate: only member nodes, proven by certificate.
+    let peer_gate = InterceptorLayer::new(transport.peer_gate(metadata.membership()));
+    let peer_incoming = transport.incoming(peer_listener, "peer");
     let peer_task = tokio::spawn(async move {
         Server::builder()
+            .layer(peer_gate)
             .add_service(peer_service)
             .add_service(artifact_service)
             .add_service(peer_grpc)
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(peer_listener).with_nodelay(Some(true)),
-                async {
-                    let _ = peer_stopped.await;
-                },
-            )
+            .serve_with_incoming_shutdown(peer_incoming, async {
+                let _ = peer_stopped.await;
+            })
             .await
     });
 
@@ -224,23 +244,22 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     .max_decoding_message_size(limits.max_message_bytes);
     let inference = InferenceServer::new(InferenceService(inference_core))
         .max_decoding_message_size(limits.max_message_bytes);
+    let api_gate = InterceptorLayer::new(transport.api_gate());
+    let api_incoming = transport.incoming(api_listener, "api");
     let api_task = tokio::spawn(async move {
         Server::builder()
             .max_concurrent_streams(Some(limits.max_concurrent_streams))
             .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_s)))
             .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_s)))
-            .tcp_keepalive(Some(Duration::from_secs(limits.keepalive_interval_s)))
+            .layer(api_gate)
             .add_service(inference)
             .add_service(admin)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(api_listener).with_nodelay(Some(true)),
-                async {
-                    let _ = api_stopped.await;
-                },
-            )
+            .serve_with_incoming_shutdown(api_incoming, async {
+                let _ = api_stopped.await;
+            })
             .await
     });
     let metrics_app =
@@ -249,6 +268,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             metrics: node_metrics,
             tree: tree.clone(),
             metadata: metadata.clone(),
+            transport: transport.clone(),
         });
     let metrics_task = tokio::spawn(async move {
         if let Err(error) = axum::serve(metrics_listener, metrics_app).await {
@@ -261,6 +281,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         metrics_addr,
         metadata,
         tree,
+        transport,
+        tls_tasks,
         actors,
         drain_timeout: Duration::from_millis(config.serving.drain_timeout_ms),
         health_task,
@@ -302,12 +324,56 @@ impl RunningNode {
         self.actors.stop(self.drain_timeout).await;
         self.health_task.abort();
         self.metrics_task.abort();
+        for task in &self.tls_tasks {
+            task.abort();
+        }
         self.metadata.shutdown().await?;
         let _ = self.peer_stop.send(());
         join("peer", self.peer_task).await?;
         tracing::info!(node_id = self.metadata.node_id(), "node stopped");
         Ok(())
     }
+}
+
+/// The node's peer transport: mTLS with its certificates (checked to name this node, then
+/// reloaded when the files change or on SIGHUP), or plaintext when it runs insecure.
+fn transport(config: &NodeConfig) -> Result<(Arc<PeerTransport>, Vec<JoinHandle<()>>), NodeError> {
+    let connect_timeout = Duration::from_millis(config.routing.forward_connect_timeout_ms);
+    let Some(files) = config.tls_files() else {
+        tracing::warn!(
+            node_id = config.id,
+            "running INSECURE (--insecure): both ports are plaintext and any peer is let in; use this only on a trusted network"
+        );
+        return Ok((
+            Arc::new(PeerTransport::insecure(connect_timeout)),
+            Vec::new(),
+        ));
+    };
+    let state = TlsState::load(files.clone())?;
+    let named = state.current().identity.clone();
+    if named != Identity::Node(config.id) {
+        return Err(NodeError::WrongIdentity {
+            path: files.cert.display().to_string(),
+            named: named.to_string(),
+            id: config.id,
+        });
+    }
+    let now = Arc::new(tokio::sync::Notify::new());
+    let mut tasks = vec![state.spawn_reloader(config.tls_reload_interval(), now.clone())];
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangups) => tasks.push(tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP: checking the TLS certificate files");
+                now.notify_one();
+            }
+        })),
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGHUP; certificate files are still checked every few seconds")
+        }
+    }
+    tracing::info!(node_id = config.id, ca = %files.ca.display(), cert = %files.cert.display(), "peer and API ports use TLS; peers need a node certificate of this CA");
+    Ok((Arc::new(PeerTransport::tls(state, connect_timeout)), tasks))
 }
 
 /// Runs a node until `shutdown` completes, then stops it cleanly.

@@ -290,6 +290,7 @@ async fn the_watch_stream_replays_in_order_and_refuses_compacted_revisions() {
         peer: "127.0.0.1:0".into(),
         metrics: "127.0.0.1:0".into(),
         data_dir: dir.path().join("node1"),
+        insecure: true,
         raft: troupe::config::RaftSettings {
             watch_history: 5,
             ..Default::default()

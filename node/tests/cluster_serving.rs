@@ -115,6 +115,7 @@ async fn pulls_keep_to_the_bandwidth_cap() {
         ))),
         peers: nodes[1].tree.peers.clone(),
         received: Default::default(),
+        transport: nodes[1].transport.clone(),
     };
     // Heartbeats between the two nodes go on while the pull runs: sample their RTT.
     // Each answered heartbeat changes the peer table; the sampler wakes on those changes.

@@ -4,24 +4,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// GET `path` on `addr` over HTTP/1.1: the status code and the body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
-}
-
 /// One sample per series key (`name{labels}`), checking the exposition format on the way:
 /// every sample belongs to a family announced with HELP and TYPE, and its value is a number.
 fn parse(text: &str) -> BTreeMap<String, f64> {
@@ -81,9 +68,12 @@ async fn metrics_parse_and_move_with_the_requests_served() {
     serve_everywhere(&nodes, &model, "tiny", "1").await;
 
     let metrics = nodes[0].metrics_addr;
-    assert_eq!(get(metrics, "/healthz").await.0, 200);
-    assert_eq!(get(metrics, "/readyz").await, (200, "ready\n".to_owned()));
-    let (status, body) = get(metrics, "/metrics").await;
+    assert_eq!(http_get(metrics, "/healthz").await.0, 200);
+    assert_eq!(
+        http_get(metrics, "/readyz").await,
+        (200, "ready\n".to_owned())
+    );
+    let (status, body) = http_get(metrics, "/metrics").await;
     assert_eq!(status, 200);
     let before = parse(&body);
 
@@ -100,7 +90,7 @@ async fn metrics_parse_and_move_with_the_requests_served() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::NotFound);
 
-    let after = parse(&get(metrics, "/metrics").await.1);
+    let after = parse(&http_get(metrics, "/metrics").await.1);
     let ok = ["model=\"tiny\"", "task=\"default\"", "code=\"OK\""];
     let served_before = before
         .iter()
@@ -154,10 +144,10 @@ async fn metrics_parse_and_move_with_the_requests_served() {
         .iter()
         .find(|n| n.metadata.status().role == troupe_consensus::Role::Leader)
         .unwrap();
-    let leader_metrics = parse(&get(leader.metrics_addr, "/metrics").await.1);
+    let leader_metrics = parse(&http_get(leader.metrics_addr, "/metrics").await.1);
     assert!(find(&leader_metrics, "troupe_raft_commit_index", &[]) >= 1.0);
     // Node 2 pulled the version from node 1, and node 1 sent it.
-    let second = parse(&get(nodes[1].metrics_addr, "/metrics").await.1);
+    let second = parse(&http_get(nodes[1].metrics_addr, "/metrics").await.1);
     let received = find(
         &second,
         "troupe_blob_bytes_total",
@@ -180,18 +170,18 @@ async fn readyz_is_503_with_the_reason_until_the_node_can_serve() {
     let node = start_node(1, &dir).await;
     // Not initialised: no Raft leader.
     let (status, body) = wait_for("health to be computed", Duration::from_secs(10), || async {
-        let (status, body) = get(node.metrics_addr, "/readyz").await;
+        let (status, body) = http_get(node.metrics_addr, "/readyz").await;
         body.contains("raft has no leader")
             .then_some((status, body))
     })
     .await;
     assert_eq!(status, 503, "{body}");
-    assert_eq!(get(node.metrics_addr, "/healthz").await.0, 200);
+    assert_eq!(http_get(node.metrics_addr, "/healthz").await.0, 200);
     node.metadata.initialize(Default::default()).await.unwrap();
     wait_for("ready", Duration::from_secs(10), || async {
-        (get(node.metrics_addr, "/readyz").await.0 == 200).then_some(())
+        (http_get(node.metrics_addr, "/readyz").await.0 == 200).then_some(())
     })
     .await;
-    assert_eq!(get(node.metrics_addr, "/nope").await.0, 404);
+    assert_eq!(http_get(node.metrics_addr, "/nope").await.0, 404);
     node.shutdown().await.unwrap();
 }

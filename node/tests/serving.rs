@@ -87,6 +87,7 @@ async fn a_node_started_by_run_serves_embed_equal_to_the_local_engine() {
         peer: format!("127.0.0.1:{peer}"),
         metrics: "127.0.0.1:0".into(),
         data_dir: dir.path().join("node1"),
+        insecure: true,
         ..NodeConfig::default()
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -97,7 +97,12 @@ impl Actor for Health {
         let HealthMsg::Check = message;
         let args = &state.args;
         let mut reasons = Vec::new();
-        if args.metadata.status().leader.is_none() {
+        let raft = args.metadata.status();
+        if let Some(removed) = raft.removed {
+            reasons.push(format!(
+                "{removed}: add it back with `troupe cluster add-learner`, or stop it"
+            ));
+        } else if raft.leader.is_none() {
             reasons.push(
                 "raft has no leader: this node cannot reach a quorum (or the cluster is not initialised: run `troupe cluster init`)"
                     .to_owned(),

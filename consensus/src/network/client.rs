@@ -1,6 +1,6 @@
-//! openraft's network: a `RaftPeer` client per peer over one lazily connected tonic channel.
+//! openraft's network: a `RaftPeer` client per peer over the transport's Raft lane.
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -12,28 +12,20 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use troupe_proto::v1::raft_peer_client::RaftPeerClient;
 use troupe_proto::v1::RaftPayload;
+use troupe_transport::{Lane, PeerTransport, Refusal};
 
 use super::{decode, encode};
+use crate::removal::Removal;
 use crate::types::{NodeAddr, NodeId, TypeConfig};
 
-/// Opens a channel to `peer_addr` (`host:port`) that connects on first use.
-pub fn peer_channel(
-    peer_addr: &str,
-    connect_timeout: Duration,
-) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{peer_addr}"))?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .connect_lazy())
-}
-
 /// Builds a [`PeerClient`] for each peer openraft replicates to.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PeerNetworkFactory {
-    pub connect_timeout: Duration,
+    pub transport: Arc<PeerTransport>,
+    pub removal: Arc<Removal>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for PeerNetworkFactory {
@@ -42,15 +34,19 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetworkFactory {
     async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> PeerClient {
         PeerClient {
             target,
-            client: peer_channel(&node.peer_addr, self.connect_timeout)
+            client: self
+                .transport
+                .channel(Lane::Raft, target, &node.peer_addr)
                 .map(super::peer_client)
                 .map_err(|e| e.to_string()),
+            removal: self.removal.clone(),
         }
     }
 }
 
 pub struct PeerClient {
     target: NodeId,
+    removal: Arc<Removal>,
     /// The channel, or why the peer's address is unusable.
     client: Result<RaftPeerClient<Channel>, String>,
 }
@@ -81,6 +77,9 @@ impl PeerClient {
         let mut request = tonic::Request::new(payload);
         request.set_timeout(option.hard_ttl());
         let reply = method(client, request).await.map_err(|status| {
+            if Refusal::of(&status) == Some(Refusal::NotMember) {
+                self.removal.refused_by(self.target);
+            }
             let error = std::io::Error::other(format!("{}: {}", status.code(), status.message()));
             match status.code() {
                 tonic::Code::Unavailable
@@ -89,6 +88,7 @@ impl PeerClient {
                 _ => RPCError::Network(NetworkError::new(&error)),
             }
         })?;
+        self.removal.accepted_by(self.target);
         let result: Result<Resp, RaftError<NodeId, E>> =
             decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|error| RPCError::RemoteError(RemoteError::new(self.target, error)))

@@ -3,6 +3,7 @@
 //! the local Raft. Messages are openraft's own types as JSON inside a `RaftPayload`.
 
 pub mod client;
+pub mod guard;
 pub mod server;
 
 use serde::de::DeserializeOwned;

@@ -1,15 +1,20 @@
-//! The `troupe.v1.RaftPeer` service: decodes each RPC, hands it to the local Raft, encodes
-//! the result (success or Raft's own error) back.
+//! The `troupe.v1.RaftPeer` service: decodes each RPC, checks it ([`super::guard`]), hands it
+//! to the local Raft, and encodes the result (success or Raft's own error) back.
+
+use std::sync::Arc;
 
 use openraft::Raft;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 use troupe_proto::v1::raft_peer_server::RaftPeer;
 use troupe_proto::v1::RaftPayload;
+use troupe_transport::{Refusals, VerifiedPeer};
 
+use super::guard::{self, Refused};
 use super::{decode, encode};
 use crate::metadata::Proposal;
 use crate::proposer::{Proposer, WriteResult};
+use crate::removal::Removal;
 use crate::types::TypeConfig;
 
 /// The result of a forwarded write, as the follower receives it.
@@ -23,11 +28,38 @@ pub type ForwardedReadIndex = Result<u64, String>;
 pub struct RaftPeerService {
     raft: Raft<TypeConfig>,
     proposer: Proposer,
+    refusals: Arc<Refusals>,
+    removal: Arc<Removal>,
 }
 
 impl RaftPeerService {
-    pub fn new(raft: Raft<TypeConfig>, proposer: Proposer) -> Self {
-        Self { raft, proposer }
+    pub(crate) fn new(
+        raft: Raft<TypeConfig>,
+        proposer: Proposer,
+        refusals: Arc<Refusals>,
+        removal: Arc<Removal>,
+    ) -> Self {
+        Self {
+            raft,
+            proposer,
+            refusals,
+            removal,
+        }
+    }
+
+    fn own_term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
+    /// Counts and logs a refused message; the caller gets the refusal's status.
+    fn refuse<T>(&self, request: &Request<T>, refused: Refused) -> Status {
+        let remote = request
+            .extensions()
+            .get::<troupe_transport::ConnInfo>()
+            .and_then(|info| info.remote);
+        self.refusals
+            .refuse(refused.refusal, "peer", remote, &refused.reason);
+        refused.refusal.status(&refused.reason)
     }
 }
 
@@ -48,11 +80,20 @@ impl RaftPeer for RaftPeerService {
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode(request.get_ref()).map_err(|e| invalid("append_entries", e))?;
-        reply(&self.raft.append_entries(rpc).await)
+        guard::append_entries(&rpc, VerifiedPeer::of(&request), self.own_term())
+            .map_err(|refused| self.refuse(&request, refused))?;
+        let result = self.raft.append_entries(rpc).await;
+        if result.as_ref().is_ok_and(|response| response.is_success()) {
+            // A leader replicates only to members: whatever refusals said, this node is one.
+            self.removal.heard_from_leader();
+        }
+        reply(&result)
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode(request.get_ref()).map_err(|e| invalid("vote", e))?;
+        guard::vote(&rpc, VerifiedPeer::of(&request), self.own_term())
+            .map_err(|refused| self.refuse(&request, refused))?;
         reply(&self.raft.vote(rpc).await)
     }
 
@@ -61,6 +102,8 @@ impl RaftPeer for RaftPeerService {
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode(request.get_ref()).map_err(|e| invalid("install_snapshot", e))?;
+        guard::install_snapshot(&rpc, VerifiedPeer::of(&request), self.own_term())
+            .map_err(|refused| self.refuse(&request, refused))?;
         reply(&self.raft.install_snapshot(rpc).await)
     }
 

@@ -5,6 +5,7 @@
 mod bench;
 mod bench_raft;
 mod bench_serve;
+mod certs;
 mod cluster;
 mod config_check;
 mod embed;
@@ -13,7 +14,7 @@ mod node;
 mod peer_health;
 mod priorities;
 mod push;
-mod remote;
+pub(crate) mod remote;
 mod settings;
 mod shell;
 mod up;
@@ -34,6 +35,61 @@ use crate::error::CliError;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+/// How remote commands reach nodes. Without --ca they connect in plaintext (for nodes run
+/// with --insecure).
+#[derive(Debug, Clone, Args)]
+pub struct ClientTlsArgs {
+    /// The cluster CA (PEM) to verify nodes' certificates with: remote commands then use
+    /// TLS. `troupe certs init` writes it as ca.crt.
+    #[arg(
+        id = "tls_ca",
+        long = "ca",
+        global = true,
+        env = "TROUPE_CA",
+        value_name = "FILE"
+    )]
+    pub ca: Option<PathBuf>,
+    /// A client certificate to present (with --key), e.g. client-admin.crt.
+    #[arg(
+        id = "tls_cert",
+        long = "cert",
+        global = true,
+        env = "TROUPE_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's key.
+    #[arg(
+        id = "tls_key",
+        long = "key",
+        global = true,
+        env = "TROUPE_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    /// The TLS settings these flags ask for.
+    pub fn client_tls(&self) -> Result<Option<troupe_transport::ClientTls>, CliError> {
+        match (&self.ca, &self.cert, &self.key) {
+            (None, None, None) => Ok(None),
+            (None, _, _) => Err(CliError::Usage(
+                "--cert/--key need --ca (TROUPE_CA): the CA that signed the nodes' certificates"
+                    .into(),
+            )),
+            (Some(ca), cert, key) => Ok(Some(troupe_transport::ClientTls {
+                ca: ca.clone(),
+                identity: cert.clone().zip(key.clone()),
+            })),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,6 +112,9 @@ pub enum Command {
     /// versions in the cluster.
     #[command(subcommand)]
     Models(models::ModelsCommand),
+    /// The cluster CA and its node and client certificates (rcgen).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
     /// Check a node config file: names each bad field and the fix.
     #[command(subcommand)]
     Config(config_check::ConfigCommand),
@@ -158,7 +217,15 @@ pub(crate) fn init_threads(threads: usize) -> Result<(), CliError> {
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
+    // `troupe node` takes its own certificates (--tls-dir, [tls]); every other command is a
+    // client.
+    if !matches!(cli.command, Command::Node(_)) {
+        if let Some(tls) = cli.tls.client_tls()? {
+            remote::use_tls(tls)?;
+        }
+    }
     match cli.command {
+        Command::Certs(command) => certs::run(command),
         Command::Up(args) => up::run(args),
         Command::Node(args) => node::run(args),
         Command::Cluster(command) => cluster::run(command),

@@ -29,6 +29,14 @@ pub struct NodeArgs {
     /// Data directory; a directory holding Raft state rejoins with it.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Certificates made by `troupe certs init`: this node uses ca.crt, node-<id>.crt and
+    /// node-<id>.key, on both ports, reloaded when they change or on SIGHUP.
+    #[arg(long, value_name = "DIR", conflicts_with = "insecure")]
+    pub tls_dir: Option<PathBuf>,
+    /// Run without TLS: plaintext on both ports and any peer let in. Only for a trusted
+    /// network; a node without certificates refuses to start without it.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl NodeArgs {
@@ -52,6 +60,12 @@ impl NodeArgs {
         }
         if let Some(dir) = &self.data_dir {
             config.data_dir = dir.clone();
+        }
+        if let Some(dir) = &self.tls_dir {
+            config.tls.dir = Some(dir.clone());
+        }
+        if self.insecure {
+            config.insecure = true;
         }
         Ok(config)
     }
@@ -81,6 +95,7 @@ async fn shutdown_signal() {
 
 pub fn run(args: NodeArgs) -> Result<(), CliError> {
     let config = args.load()?;
+    config.validate()?;
     block_on(async move {
         crate::run(config, async {
             shutdown_signal().await;

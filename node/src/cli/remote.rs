@@ -2,12 +2,14 @@
 //! for membership changes, print JSON or a table.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 use troupe_proto::v1::admin_client::AdminClient;
 use troupe_proto::v1::inference_client::InferenceClient;
 use troupe_proto::v1::{EmbedRequest, EmbedResponse, NodeStatusRequest, NodeStatusResponse};
+use troupe_transport::ClientTls;
 
 use crate::error::CliError;
 
@@ -24,20 +26,58 @@ pub fn block_on<T>(future: impl Future<Output = Result<T, CliError>>) -> Result<
         .block_on(future)
 }
 
+/// How this process's remote commands reach nodes: plaintext (`None`), or TLS with `--ca`
+/// (and a client certificate with `--cert`/`--key`). Set once from the command line, or by
+/// `troupe up` for the cluster it made.
+static CLIENT_TLS: Mutex<Option<(ClientTls, ClientConfig)>> = Mutex::new(None);
+
+type ClientConfig = Arc<troupe_transport::rustls::ClientConfig>;
+
+/// Makes every later connection of this process use `tls` (files read now, so a bad one is
+/// named at once).
+pub fn use_tls(tls: ClientTls) -> Result<(), CliError> {
+    let config = tls.config().map_err(|e| {
+        CliError::Usage(format!(
+            "--ca/--cert/--key (TROUPE_CA, TROUPE_CERT, TROUPE_KEY): {e}"
+        ))
+    })?;
+    *CLIENT_TLS.lock().unwrap_or_else(|p| p.into_inner()) = Some((tls, config));
+    Ok(())
+}
+
+fn client_config() -> Option<ClientConfig> {
+    CLIENT_TLS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(|(_, config)| config.clone())
+}
+
+/// A channel on `endpoint` that connects on first use, over TLS when this process uses it.
+pub fn lazy_channel(endpoint: Endpoint) -> Channel {
+    troupe_transport::connect_client_lazy(endpoint, client_config())
+}
+
 /// A channel to a node's API address; every call on it times out after `timeout`.
 pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, CliError> {
+    let tls = client_config();
+    let hint = if tls.is_some() {
+        " (with --ca: does the node serve TLS with a certificate of that CA?)"
+    } else {
+        ""
+    };
     let connect = |reason: String| CliError::Connect {
         addr: addr.to_owned(),
-        reason,
+        reason: format!("{reason}{hint}"),
     };
-    Endpoint::from_shared(format!("http://{addr}"))
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| connect(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(timeout)
-        .tcp_nodelay(true)
-        .connect()
+        .tcp_nodelay(true);
+    troupe_transport::connect_client(endpoint, tls)
         .await
-        .map_err(|e| connect(e.to_string()))
+        .map_err(|e| connect(crate::error::chain(&e)))
 }
 
 pub async fn admin(addr: &str) -> Result<AdminClient<Channel>, CliError> {

@@ -7,6 +7,11 @@
 //! node serves it, prints the endpoints and opens the shell. Ctrl-D or `quit` (or, with
 //! `--no-shell`, SIGINT or SIGTERM) stops every node gracefully. The same data dir again
 //! resumes the same cluster.
+//!
+//! The cluster runs with TLS: the first `up` on a data dir makes a CA and the nodes' and the
+//! admin's certificates in `<data dir>/certs` (`troupe certs init`), every node starts with
+//! `--tls-dir` on it, and the shell connects with the admin certificate. `up` prints the
+//! `export TROUPE_CA=...` line other terminals need.
 
 use std::fs::File;
 use std::os::unix::process::CommandExt;
@@ -144,6 +149,7 @@ pub fn run(args: UpArgs) -> Result<(), CliError> {
     }
     std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
     check_layout(&dir, &args)?;
+    let certs = ensure_certs(&dir, args.nodes)?;
     let (model_name, model_dir) = resolve_model(&args.model)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -158,7 +164,9 @@ pub fn run(args: UpArgs) -> Result<(), CliError> {
         children: Vec::new(),
     };
     for node in &endpoints {
-        nodes.children.push((node.id, spawn_node(&dir, node)?));
+        nodes
+            .children
+            .push((node.id, spawn_node(&dir, node, &certs)?));
     }
     runtime.block_on(bring_up(
         &dir,
@@ -167,7 +175,7 @@ pub fn run(args: UpArgs) -> Result<(), CliError> {
         &model_name,
         &model_dir,
     ))?;
-    print_endpoints(&dir, &endpoints, &model_name);
+    print_endpoints(&dir, &endpoints, &model_name, &certs);
 
     let api = endpoints[0].api.clone();
     if args.no_shell {
@@ -247,7 +255,35 @@ fn resolve_model(model: &str) -> Result<(String, PathBuf), CliError> {
     Ok((known.name.to_owned(), dir))
 }
 
-fn spawn_node(dir: &Path, node: &Endpoints) -> Result<Child, CliError> {
+/// The cluster's certificates in `<dir>/certs`, made on the first `up` (a later `up` with more
+/// nodes adds theirs); this process's remote calls use the admin's from here on.
+fn ensure_certs(dir: &Path, nodes: u16) -> Result<PathBuf, CliError> {
+    use troupe_transport::certs;
+    let certs_dir = dir.join("certs");
+    let usage = |e: certs::CertsError| CliError::Usage(format!("{e} (in {})", certs_dir.display()));
+    if !certs_dir.join("ca.crt").is_file() {
+        certs::init(&certs_dir, u64::from(nodes), &[]).map_err(usage)?;
+    }
+    for id in 1..=u64::from(nodes) {
+        if !certs_dir.join(format!("node-{id}.crt")).is_file() {
+            certs::add_node(&certs_dir, id, &[]).map_err(usage)?;
+        }
+    }
+    super::remote::use_tls(admin_tls(&certs_dir))?;
+    Ok(certs_dir)
+}
+
+fn admin_tls(certs: &Path) -> troupe_transport::ClientTls {
+    troupe_transport::ClientTls {
+        ca: certs.join("ca.crt"),
+        identity: Some((
+            certs.join("client-admin.crt"),
+            certs.join("client-admin.key"),
+        )),
+    }
+}
+
+fn spawn_node(dir: &Path, node: &Endpoints, certs: &Path) -> Result<Child, CliError> {
     let exe = std::env::current_exe()
         .map_err(|e| CliError::Runtime(format!("cannot find the troupe binary: {e}")))?;
     let log_path = dir.join(format!("node-{}.log", node.id));
@@ -265,6 +301,8 @@ fn spawn_node(dir: &Path, node: &Endpoints) -> Result<Child, CliError> {
         .args(["--metrics", &node.metrics])
         .arg("--data-dir")
         .arg(dir.join(format!("node-{}", node.id)))
+        .arg("--tls-dir")
+        .arg(certs)
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -452,8 +490,11 @@ async fn embed_once(addr: &str, model: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-fn print_endpoints(dir: &Path, endpoints: &[Endpoints], model: &str) {
-    println!("\ncluster up: {} nodes serving {model}", endpoints.len());
+fn print_endpoints(dir: &Path, endpoints: &[Endpoints], model: &str, certs: &Path) {
+    println!(
+        "\ncluster up: {} nodes serving {model} over TLS",
+        endpoints.len()
+    );
     println!(
         "{:>4}  {:<16}  {:<16}  {:<30}  log",
         "node", "api (gRPC)", "peer", "metrics"
@@ -469,6 +510,15 @@ fn print_endpoints(dir: &Path, endpoints: &[Endpoints], model: &str) {
         );
     }
     println!("data: {}", dir.display());
+    let admin = admin_tls(certs);
+    let (cert, key) = admin.identity.unwrap_or_default();
+    println!("talk to it from another terminal after:");
+    println!(
+        "  export TROUPE_CA={} TROUPE_CERT={} TROUPE_KEY={}",
+        admin.ca.display(),
+        cert.display(),
+        key.display()
+    );
     println!(
         "try: troupe embed --addr {} --model {model} --input docs/sample.txt\n",
         endpoints[0].api

@@ -20,6 +20,7 @@ pub struct MetricsState {
     pub metrics: Arc<NodeMetrics>,
     pub tree: TreeView,
     pub metadata: Arc<Metadata>,
+    pub transport: Arc<troupe_transport::PeerTransport>,
 }
 
 pub fn router(state: MetricsState) -> Router {
@@ -31,9 +32,12 @@ pub fn router(state: MetricsState) -> Router {
 }
 
 async fn metrics(State(state): State<MetricsState>) -> impl IntoResponse {
-    let text = state
-        .metrics
-        .render(state.node_id, &state.tree, &state.metadata);
+    let text = state.metrics.render(
+        state.node_id,
+        &state.tree,
+        &state.metadata,
+        &state.transport,
+    );
     (
         [(
             header::CONTENT_TYPE,

@@ -21,6 +21,7 @@ pub fn node_config(id: u64, dir: &tempfile::TempDir) -> NodeConfig {
         peer: "127.0.0.1:0".into(),
         metrics: "127.0.0.1:0".into(),
         data_dir: dir.path().join(format!("node{id}")),
+        insecure: true,
         ..NodeConfig::default()
     }
 }
@@ -145,6 +146,7 @@ pub async fn serving_node(
         peer: "127.0.0.1:0".into(),
         metrics: "127.0.0.1:0".into(),
         data_dir: dir.path().join("node1"),
+        insecure: true,
         ..NodeConfig::default()
     };
     tweak(&mut config);
@@ -366,6 +368,7 @@ impl NodeProcess {
             .args(["node", "--id", &id.to_string(), "--api", &api])
             .args(["--peer", &peer, "--metrics", &metrics, "--data-dir"])
             .arg(dir.join(format!("node{id}")))
+            .arg("--insecure")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit());
         configure(&mut command);
@@ -485,4 +488,17 @@ pub async fn push_and_activate(api: &str, model: &std::path::Path, name: &str, v
     ]))
     .await;
     assert!(activated.status.success(), "{:?}", text(&activated));
+}
+
+/// `GET path` on a node's metrics port: the status code and the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
 }

@@ -80,11 +80,15 @@ impl Store {
     pub fn connect(kind: Kind, endpoints: &[String]) -> Result<Self, CliError> {
         let mut conns = Vec::with_capacity(endpoints.len());
         for addr in endpoints {
-            let channel = Endpoint::from_shared(format!("http://{addr}"))
+            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| CliError::Usage(format!("bad endpoint '{addr}': {e}")))?
                 .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .connect_lazy();
+                .tcp_nodelay(true);
+            // troupe over TLS with --ca; etcd is always plaintext here.
+            let channel = match kind {
+                Kind::Troupe => crate::cli::remote::lazy_channel(endpoint),
+                Kind::Etcd => endpoint.connect_lazy(),
+            };
             conns.push(match kind {
                 Kind::Troupe => Conn::Troupe(AdminClient::new(channel)),
                 Kind::Etcd => Conn::Etcd {

@@ -1,0 +1,644 @@
+//! Peer trust, over real sockets: three nodes with mTLS, attacked on the peer port the way an
+//! outsider (or a confused member) would, each attack refused, logged, counted in /metrics,
+//! and the cluster's state unchanged; certificate rotation under load without a failed
+//! request; a removed node that notices; and a node without certificates that will not start.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use troupe::RunningNode;
+use troupe_proto::v1::admin_client::AdminClient;
+use troupe_proto::v1::raft_peer_client::RaftPeerClient;
+use troupe_proto::v1::{RaftPayload, SetSettingRequest};
+use troupe_transport::certs::{self, Authority, Validity};
+use troupe_transport::{ClientTls, Identity, Refusal};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// `count` nodes with mTLS from the certificates in `certs`, formed into one cluster.
+async fn tls_cluster(dir: &tempfile::TempDir, certs: &Path, count: u64) -> Vec<RunningNode> {
+    let certs = certs.to_owned();
+    let mut nodes = Vec::new();
+    for id in 1..=count {
+        nodes.push(
+            start_node_with(id, dir, |config| {
+                config.insecure = false;
+                config.tls.dir = Some(certs.clone());
+                config.tls.reload_interval_ms = 50;
+            })
+            .await,
+        );
+    }
+    let members = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i as u64 + 1, n))
+        .map(|(id, n)| {
+            (
+                id,
+                troupe_consensus::types::NodeAddr {
+                    api_addr: n.api_addr.to_string(),
+                    peer_addr: n.peer_addr.to_string(),
+                },
+            )
+        })
+        .collect();
+    nodes[0].metadata.initialize(members).await.unwrap();
+    for node in &nodes {
+        node.metadata.wait_for_leader(WAIT).await.unwrap();
+    }
+    nodes
+}
+
+fn admin_tls(certs: &Path) -> ClientTls {
+    ClientTls {
+        ca: certs.join("ca.crt"),
+        identity: Some((
+            certs.join("client-admin.crt"),
+            certs.join("client-admin.key"),
+        )),
+    }
+}
+
+/// A channel to `addr` over TLS with `tls`, or plaintext without.
+async fn channel(addr: std::net::SocketAddr, tls: Option<&ClientTls>) -> tonic::transport::Channel {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(5));
+    let config = tls.map(|tls| tls.config().unwrap());
+    troupe_transport::connect_client_lazy(endpoint, config)
+}
+
+async fn admin(node: &RunningNode, certs: &Path) -> AdminClient<tonic::transport::Channel> {
+    AdminClient::new(channel(node.api_addr, Some(&admin_tls(certs))).await)
+}
+
+async fn set_setting(
+    client: &mut AdminClient<tonic::transport::Channel>,
+    key: &str,
+    value: &str,
+) -> Result<u64, tonic::Status> {
+    client
+        .set_setting(SetSettingRequest {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().revision)
+}
+
+/// Every node's (digest, revision, term), once they agree on the revision.
+async fn cluster_state(nodes: &[RunningNode]) -> Vec<(String, u64, u64)> {
+    wait_for("the nodes to apply the same revision", WAIT, || async {
+        let mut states = Vec::new();
+        for node in nodes {
+            let (digest, revision) = node.metadata.state_digest().await;
+            states.push((digest, revision, node.metadata.status().term));
+        }
+        states.iter().all(|s| s.1 == states[0].1).then_some(states)
+    })
+    .await
+}
+
+/// Writes `cert`/`key` PEM next to each other under `dir` and returns their ClientTls,
+/// trusting `ca`.
+fn client_files(dir: &Path, name: &str, ca: &Path, cert_pem: &str, key_pem: &str) -> ClientTls {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    ClientTls {
+        ca: ca.to_owned(),
+        identity: Some((cert, key)),
+    }
+}
+
+fn vote_json(term: u64, candidate: u64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "vote": {"leader_id": {"term": term, "node_id": candidate}, "committed": false},
+        "last_log_id": null
+    }))
+    .unwrap()
+}
+
+fn append_json(term: u64, leader: u64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "vote": {"leader_id": {"term": term, "node_id": leader}, "committed": true},
+        "prev_log_id": null,
+        "entries": [],
+        "leader_commit": null
+    }))
+    .unwrap()
+}
+
+/// Sends a Vote (or an AppendEntries) to `node`'s peer port as `tls` would.
+async fn raft_call(
+    node: &RunningNode,
+    tls: Option<&ClientTls>,
+    append: bool,
+    json: Vec<u8>,
+) -> Result<(), tonic::Status> {
+    let mut client = RaftPeerClient::new(channel(node.peer_addr, tls).await);
+    let request = RaftPayload { json };
+    if append {
+        client.append_entries(request).await.map(|_| ())
+    } else {
+        client.vote(request).await.map(|_| ())
+    }
+}
+
+/// An attack on the peer port: its name, the client's TLS, whether it is an AppendEntries
+/// (else a Vote), the message, the code expected (`None`: the handshake itself fails) and the
+/// refusal counted.
+type Attack<'a> = (
+    &'a str,
+    Option<&'a ClientTls>,
+    bool,
+    Vec<u8>,
+    Option<tonic::Code>,
+    Refusal,
+);
+
+/// `/metrics` on `node` shows `reason` refused at least `at_least` times.
+async fn metrics_count(node: &RunningNode, reason: &str) -> u64 {
+    let (_, body) = http_get(node.metrics_addr, "/metrics").await;
+    let series = format!("troupe_peer_refusals_total{{node=\"1\",reason=\"{reason}\"}} ");
+    body.lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_peer_port_admits_only_member_nodes_and_bad_raft_messages_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("certs");
+    certs::init(&certs_dir, 3, &[]).unwrap();
+    let nodes = tls_cluster(&dir, &certs_dir, 3).await;
+    let mut client = admin(&nodes[1], &certs_dir).await;
+    set_setting(&mut client, "before", "attacks").await.unwrap();
+    let before = cluster_state(&nodes).await;
+    let term = before[0].2;
+    let target = &nodes[0];
+    let ca = certs_dir.join("ca.crt");
+    let node2 = ClientTls {
+        ca: ca.clone(),
+        identity: Some((certs_dir.join("node-2.crt"), certs_dir.join("node-2.key"))),
+    };
+
+    // A CA of someone else's, and certificates this CA signed that must still fail.
+    let other = dir.path().join("other");
+    certs::init(&other, 3, &[]).unwrap();
+    let authority = Authority::load(&ca, &certs_dir.join("ca.key")).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let expired = authority
+        .issue(
+            &Identity::Node(2),
+            &certs::node_hosts(&[]),
+            Validity {
+                not_before: now - time::Duration::days(10),
+                not_after: now - time::Duration::days(1),
+            },
+        )
+        .unwrap();
+    let stranger = authority
+        .issue(
+            &Identity::Node(9),
+            &certs::node_hosts(&[]),
+            Validity::days(1),
+        )
+        .unwrap();
+    let files = dir.path().join("attack");
+    std::fs::create_dir_all(&files).unwrap();
+    let expired = client_files(&files, "expired", &ca, &expired.cert_pem, &expired.key_pem);
+    let stranger = client_files(&files, "node-9", &ca, &stranger.cert_pem, &stranger.key_pem);
+    let foreign = ClientTls {
+        ca: ca.clone(),
+        identity: Some((other.join("node-2.crt"), other.join("node-2.key"))),
+    };
+    let admin = admin_tls(&certs_dir);
+    let anonymous = ClientTls {
+        ca: ca.clone(),
+        identity: None,
+    };
+
+    // (case, client TLS, append?, message, expected code, or None when the handshake itself
+    // fails, and the refusal counted)
+    let cases: Vec<Attack> = vec![
+        (
+            "plaintext",
+            None,
+            false,
+            vote_json(term + 1, 2),
+            Some(tonic::Code::Unauthenticated),
+            Refusal::Plaintext,
+        ),
+        (
+            "TLS without a client certificate",
+            Some(&anonymous),
+            false,
+            vote_json(term + 1, 2),
+            Some(tonic::Code::Unauthenticated),
+            Refusal::NoCertificate,
+        ),
+        (
+            "a node certificate from another CA",
+            Some(&foreign),
+            false,
+            vote_json(term + 1, 2),
+            None,
+            Refusal::BadCertificate,
+        ),
+        (
+            "the admin client certificate",
+            Some(&admin),
+            false,
+            vote_json(term + 1, 2),
+            Some(tonic::Code::PermissionDenied),
+            Refusal::ClientCertificate,
+        ),
+        (
+            "an expired node certificate",
+            Some(&expired),
+            false,
+            vote_json(term + 1, 2),
+            None,
+            Refusal::BadCertificate,
+        ),
+        (
+            "node 2's certificate claiming node 3 in a Vote",
+            Some(&node2),
+            false,
+            vote_json(term + 1, 3),
+            Some(tonic::Code::PermissionDenied),
+            Refusal::WrongSender,
+        ),
+        (
+            "node 2's certificate claiming node 3 in an AppendEntries",
+            Some(&node2),
+            true,
+            append_json(term + 1, 3),
+            Some(tonic::Code::PermissionDenied),
+            Refusal::WrongSender,
+        ),
+        (
+            "a forged AppendEntries from a non-member certificate",
+            Some(&stranger),
+            true,
+            append_json(term, 9),
+            Some(tonic::Code::PermissionDenied),
+            Refusal::NotMember,
+        ),
+        (
+            "a Vote at term u64::MAX from a member certificate",
+            Some(&node2),
+            false,
+            vote_json(u64::MAX, 2),
+            Some(tonic::Code::InvalidArgument),
+            Refusal::BadMessage,
+        ),
+        (
+            "an AppendEntries at term u64::MAX from a member certificate",
+            Some(&node2),
+            true,
+            append_json(u64::MAX, 2),
+            Some(tonic::Code::InvalidArgument),
+            Refusal::BadMessage,
+        ),
+    ];
+    for (case, tls, append, json, code, refusal) in cases {
+        let counted = target.transport.refusals().count(refusal);
+        let answer = raft_call(target, tls, append, json).await;
+        let status = answer.expect_err(case);
+        match code {
+            Some(code) => {
+                assert_eq!(status.code(), code, "{case}: {status:?}");
+                assert_eq!(Refusal::of(&status), Some(refusal), "{case}: {status:?}");
+            }
+            // The handshake failed: the client sees a transport error, never an answer.
+            None => assert!(
+                matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+                ),
+                "{case}: {status:?}"
+            ),
+        }
+        wait_for(
+            &format!("{case}: the refusal to be counted"),
+            WAIT,
+            || async { (target.transport.refusals().count(refusal) > counted).then_some(()) },
+        )
+        .await;
+        assert!(
+            metrics_count(target, refusal.label()).await > counted,
+            "{case}: /metrics"
+        );
+        assert_eq!(
+            cluster_state(&nodes).await,
+            before,
+            "{case}: the cluster's state changed"
+        );
+    }
+    // The cluster is whole: same leader, and writes apply everywhere.
+    set_setting(&mut client, "after", "attacks").await.unwrap();
+    let after = cluster_state(&nodes).await;
+    assert!(
+        after.iter().all(|s| s.2 == term && s.0 == after[0].0),
+        "{after:?}"
+    );
+    for node in nodes {
+        node.shutdown().await.unwrap();
+    }
+}
+
+/// Replaces `path` atomically (the reloader never sees half a file).
+fn replace(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn wait_reloads(nodes: &[RunningNode], at_least: u64) {
+    for node in nodes {
+        let tls = node.transport.tls_state().unwrap().clone();
+        wait_for("every node to reload its certificates", WAIT, || async {
+            (tls.reloads() >= at_least).then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotating_every_certificate_to_a_new_ca_under_load_fails_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("certs");
+    certs::init(&certs_dir, 3, &[]).unwrap();
+    // The clients trust a bundle of both CAs for the whole run, as an operator's would.
+    let new_dir = dir.path().join("new");
+    certs::init(&new_dir, 3, &[]).unwrap();
+    let old_ca = std::fs::read_to_string(certs_dir.join("ca.crt")).unwrap();
+    let new_ca = std::fs::read_to_string(new_dir.join("ca.crt")).unwrap();
+    let bundle = format!("{old_ca}{new_ca}");
+    let client_ca = dir.path().join("client-ca.crt");
+    std::fs::write(&client_ca, &bundle).unwrap();
+    let nodes = tls_cluster(&dir, &certs_dir, 3).await;
+    let client_tls = ClientTls {
+        ca: client_ca.clone(),
+        identity: None,
+    };
+
+    // Load: writes through each node (followers forward them over the peer port), and
+    // linearizable reads, until told to stop.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut client = AdminClient::new(channel(node.api_addr, Some(&client_tls)).await);
+        let (stopped, done, failed) = (stopped.clone(), done.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !*stopped.borrow() {
+                n += 1;
+                match set_setting(&mut client, &format!("load-{i}"), &n.to_string()).await {
+                    Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(status) => {
+                        eprintln!("write through node {} failed: {status:?}", i + 1);
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    let progress = |at_least: u64| {
+        let done = done.clone();
+        async move {
+            wait_for("the load to make progress", WAIT, || async {
+                (done.load(Ordering::Relaxed) >= at_least).then_some(())
+            })
+            .await
+        }
+    };
+    progress(30).await;
+    // 1. Every node trusts both CAs.
+    replace(&certs_dir.join("ca.crt"), &bundle);
+    wait_reloads(&nodes, 1).await;
+    progress(done.load(Ordering::Relaxed) + 30).await;
+    // 2. Every node gets a certificate of the new CA (key first, then the certificate).
+    for id in 1..=3 {
+        let key = std::fs::read_to_string(new_dir.join(format!("node-{id}.key"))).unwrap();
+        let cert = std::fs::read_to_string(new_dir.join(format!("node-{id}.crt"))).unwrap();
+        replace(&certs_dir.join(format!("node-{id}.key")), &key);
+        replace(&certs_dir.join(format!("node-{id}.crt")), &cert);
+    }
+    wait_reloads(&nodes, 2).await;
+    progress(done.load(Ordering::Relaxed) + 30).await;
+    // 3. The old CA is dropped.
+    replace(&certs_dir.join("ca.crt"), &new_ca);
+    wait_reloads(&nodes, 3).await;
+    progress(done.load(Ordering::Relaxed) + 30).await;
+    // New connections prove the new material is in force: a client trusting only the new CA
+    // reaches every node, and a node certificate of the old CA is refused on the peer port.
+    let new_only = ClientTls {
+        ca: new_dir.join("ca.crt"),
+        identity: None,
+    };
+    // The old CA's key is still in the directory: a node certificate it issues now is one
+    // a node not yet rotated would hold.
+    let old_ca_file = dir.path().join("old-ca.crt");
+    std::fs::write(&old_ca_file, &old_ca).unwrap();
+    let stale = Authority::load(&old_ca_file, &certs_dir.join("ca.key"))
+        .unwrap()
+        .issue(
+            &Identity::Node(2),
+            &certs::node_hosts(&[]),
+            Validity::days(1),
+        )
+        .unwrap();
+    let stale = client_files(
+        dir.path(),
+        "stale-node-2",
+        &new_dir.join("ca.crt"),
+        &stale.cert_pem,
+        &stale.key_pem,
+    );
+    let counted = nodes[0].transport.refusals().count(Refusal::BadCertificate);
+    let term = nodes[0].metadata.status().term;
+    raft_call(&nodes[0], Some(&stale), false, vote_json(term + 1, 2))
+        .await
+        .unwrap_err();
+    wait_for("the old CA's certificate to be refused", WAIT, || async {
+        (nodes[0].transport.refusals().count(Refusal::BadCertificate) > counted).then_some(())
+    })
+    .await;
+    for node in &nodes {
+        let mut fresh = AdminClient::new(channel(node.api_addr, Some(&new_only)).await);
+        fresh
+            .node_status(troupe_proto::v1::NodeStatusRequest {})
+            .await
+            .unwrap();
+    }
+    stop.send_replace(true);
+    for task in load {
+        task.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the rotation"
+    );
+    assert!(done.load(Ordering::Relaxed) >= 120);
+    let states = cluster_state(&nodes).await;
+    assert!(states.iter().all(|s| s.0 == states[0].0));
+    for node in nodes {
+        node.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_node_is_refused_and_notices_it_was_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("certs");
+    certs::init(&certs_dir, 3, &[]).unwrap();
+    let nodes = tls_cluster(&dir, &certs_dir, 3).await;
+    let leader_id = nodes[0].metadata.status().leader.unwrap();
+    // Remove a follower (never the leader, so the remaining two keep their leader).
+    let removed_id = if leader_id == 3 { 2 } else { 3 };
+    let leader = &nodes[leader_id as usize - 1];
+    let removed = &nodes[removed_id as usize - 1];
+    leader.metadata.remove(removed_id).await.unwrap();
+
+    wait_for("the removed node to notice", WAIT, || async {
+        removed.metadata.status().removed
+    })
+    .await;
+    wait_for("the removed node to stop serving", WAIT, || async {
+        (!removed.tree.health.borrow().serving).then_some(())
+    })
+    .await;
+    let health = removed.tree.health.borrow().clone();
+    assert!(
+        health
+            .reasons
+            .iter()
+            .any(|r| r.contains("removed from the cluster")),
+        "{health:?}"
+    );
+    // Its certificate no longer opens the members' peer ports.
+    let its_cert = ClientTls {
+        ca: certs_dir.join("ca.crt"),
+        identity: Some((
+            certs_dir.join(format!("node-{removed_id}.crt")),
+            certs_dir.join(format!("node-{removed_id}.key")),
+        )),
+    };
+    let term = leader.metadata.status().term;
+    let status = raft_call(
+        leader,
+        Some(&its_cert),
+        false,
+        vote_json(term + 1, removed_id),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert_eq!(Refusal::of(&status), Some(Refusal::NotMember));
+    // It does not campaign: over many election timeouts its term stays put, and so does the
+    // members' (a campaign it won nothing with would still raise its own term).
+    let removed_term = removed.metadata.status().term;
+    let mut client = admin(leader, &certs_dir).await;
+    for i in 0..20 {
+        set_setting(&mut client, "after-removal", &i.to_string())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(removed.metadata.status().term, removed_term);
+    assert_eq!(leader.metadata.status().term, term);
+    assert_eq!(leader.metadata.status().voters.len(), 2);
+    for node in nodes {
+        node.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_node_without_certificates_or_insecure_exits_2_naming_both_fixes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node1").to_string_lossy().into_owned();
+    let output = troupe(args(&[
+        "node",
+        "--id",
+        "1",
+        "--api",
+        "127.0.0.1:0",
+        "--peer",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data,
+    ]))
+    .await;
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("troupe certs init") && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+    assert!(
+        !Path::new(&data).join("raft").exists(),
+        "it must not start at all"
+    );
+}
+
+#[tokio::test]
+async fn certs_init_writes_private_keys_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let out_arg = out.to_string_lossy().into_owned();
+    let made = troupe(args(&[
+        "certs", "init", "--out", &out_arg, "--nodes", "2", "--host", "node1",
+    ]))
+    .await;
+    assert!(made.status.success(), "{:?}", text(&made));
+    for name in ["ca", "node-1", "node-2", "client-admin"] {
+        let key: PathBuf = out.join(format!("{name}.key"));
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{name}"
+        );
+        assert!(out.join(format!("{name}.crt")).is_file());
+    }
+    let node1 = std::fs::read(out.join("node-1.crt")).unwrap();
+    let again = troupe(args(&["certs", "init", "--out", &out_arg, "--nodes", "2"])).await;
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        text(&again).1.contains("never overwrites"),
+        "{:?}",
+        text(&again)
+    );
+    assert_eq!(std::fs::read(out.join("node-1.crt")).unwrap(), node1);
+    let added = troupe(args(&["certs", "add-node", "--dir", &out_arg, "--id", "3"])).await;
+    assert!(added.status.success(), "{:?}", text(&added));
+    let again = troupe(args(&["certs", "add-node", "--dir", &out_arg, "--id", "3"])).await;
+    assert_eq!(again.status.code(), Some(2));
+    // Each certificate names its holder, and the material loads as a node's.
+    for id in 1..=3 {
+        let state =
+            troupe_transport::TlsState::load(troupe_transport::TlsFiles::for_node(&out, id))
+                .unwrap();
+        assert_eq!(state.current().identity, Identity::Node(id));
+    }
+    let admin = certs::Authority::load(&out.join("ca.crt"), &out.join("ca.key"));
+    assert!(admin.is_ok());
+}

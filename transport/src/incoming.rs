@@ -1,0 +1,236 @@
+//! The server side of both ports: accept TCP, tell TLS from plaintext by the first byte, run
+//! the handshake off the accept loop (with a deadline, so a silent client holds nothing), and
+//! hand tonic connections that carry who the client proved to be ([`ConnInfo`]).
+//!
+//! A plaintext client of a TLS port is not cut off mid-handshake: its connection is served,
+//! and [`crate::gate`] answers each of its calls `UNAUTHENTICATED` with the fix.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Connected;
+
+use crate::gate::{Refusal, Refusals};
+use crate::identity::Identity;
+use crate::tls::TlsState;
+
+/// How long a client has to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the transport learned about a connection.
+#[derive(Debug, Clone)]
+pub enum Security {
+    /// The port runs without TLS (`--insecure`).
+    Insecure,
+    /// A plaintext client on a TLS port.
+    Plaintext,
+    /// TLS without a client certificate.
+    Anonymous,
+    /// TLS with a client certificate that chains to the CA and is in date; the identity it
+    /// names, or why it names none.
+    Certified(Result<Identity, String>),
+}
+
+/// Per-connection information, in every request's extensions.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub remote: Option<SocketAddr>,
+    pub security: Security,
+}
+
+/// A served connection: TLS, or plain TCP.
+pub enum Conn {
+    Tls(Box<TlsStream<TcpStream>>, ConnInfo),
+    Plain(TcpStream, ConnInfo),
+}
+
+impl Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        match self {
+            Conn::Tls(_, info) | Conn::Plain(_, info) => info.clone(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+            Conn::Plain(stream, _) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+            Conn::Plain(stream, _) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_flush(cx),
+            Conn::Plain(stream, _) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+            Conn::Plain(stream, _) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+            Conn::Plain(stream, _) => Pin::new(stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Tls(stream, _) => stream.is_write_vectored(),
+            Conn::Plain(stream, _) => stream.is_write_vectored(),
+        }
+    }
+}
+
+/// Connections for `Server::serve_with_incoming`; the listener closes when the server drops
+/// the stream.
+pub type Incoming = tokio_stream::wrappers::ReceiverStream<Result<Conn, std::io::Error>>;
+
+/// Accepts on `listener`. With `tls`, every TLS connection is handshaken with the newest
+/// material; handshake failures (an unknown CA, an expired certificate) are logged with the
+/// peer's address and counted in `refusals`.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<Arc<TlsState>>,
+    refusals: Arc<Refusals>,
+    port: &'static str,
+) -> Incoming {
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = tx.closed() => return,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, port, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (tx, tls, refusals) = (tx.clone(), tls.clone(), refusals.clone());
+            tokio::spawn(async move {
+                let conn = match tls {
+                    None => Some(Conn::Plain(
+                        tcp,
+                        ConnInfo {
+                            remote: Some(remote),
+                            security: Security::Insecure,
+                        },
+                    )),
+                    Some(tls) => {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, remote, &tls))
+                            .await
+                        {
+                            Ok(Ok(conn)) => Some(conn),
+                            Ok(Err(reason)) => {
+                                refusals.refuse(
+                                    Refusal::BadCertificate,
+                                    port,
+                                    Some(remote),
+                                    &reason,
+                                );
+                                None
+                            }
+                            Err(_) => {
+                                refusals.refuse(
+                                    Refusal::BadCertificate,
+                                    port,
+                                    Some(remote),
+                                    "the TLS handshake did not finish in time",
+                                );
+                                None
+                            }
+                        }
+                    }
+                };
+                if let Some(conn) = conn {
+                    let _ = tx.send(Ok(conn)).await;
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+async fn handshake(tcp: TcpStream, remote: SocketAddr, tls: &TlsState) -> Result<Conn, String> {
+    let mut first = [0u8; 1];
+    let peeked = tcp.peek(&mut first).await.map_err(|e| e.to_string())?;
+    if peeked == 0 {
+        return Err("the client closed the connection before sending anything".into());
+    }
+    if first[0] != TLS_HANDSHAKE {
+        return Ok(Conn::Plain(
+            tcp,
+            ConnInfo {
+                remote: Some(remote),
+                security: Security::Plaintext,
+            },
+        ));
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.current().server.clone());
+    let stream = acceptor
+        .accept(tcp)
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let security = match stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+    {
+        None => Security::Anonymous,
+        Some(cert) => Security::Certified(Identity::from_certificate(cert)),
+    };
+    Ok(Conn::Tls(
+        Box::new(stream),
+        ConnInfo {
+            remote: Some(remote),
+            security,
+        },
+    ))
+}

@@ -1,0 +1,27 @@
+//! troupe-transport: how troupe processes reach each other, and whom they let in.
+//!
+//! - [`identity`]: the node or client a certificate names (`spiffe://troupe/node/<id>`).
+//! - [`tls`]: PEM files to rustls configurations (ring, the one crypto provider), reloaded
+//!   when the files change.
+//! - [`certs`]: the cluster CA and the certificates it issues (`troupe certs`).
+//! - [`peer`]: [`PeerTransport`], every node-to-node channel, one lane per kind of traffic.
+//! - [`connect`]: the client-side TLS connector that also checks the server's node identity.
+//! - [`incoming`]: the server side of both ports (TLS or plaintext, handshakes off the accept
+//!   loop).
+//! - [`gate`]: the interceptors that admit only member nodes to the peer port, and the
+//!   refusal counters.
+
+pub mod certs;
+pub mod connect;
+pub mod gate;
+pub mod identity;
+pub mod incoming;
+pub mod peer;
+pub mod tls;
+
+pub use gate::{ApiGate, Membership, PeerGate, Refusal, Refusals, VerifiedPeer};
+pub use identity::Identity;
+pub use incoming::{incoming, ConnInfo, Incoming, Security};
+pub use peer::{connect_client, connect_client_lazy, Lane, PeerTransport};
+pub use rustls;
+pub use tls::{ClientTls, TlsError, TlsFiles, TlsState};
