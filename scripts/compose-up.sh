@@ -3,7 +3,11 @@
 # embedding:
 #   1. builds troupe statically (glibc, +crt-static) and the image $TROUPE_IMAGE
 #      (troupe:local), FROM scratch: nothing is pulled, no registry is needed;
-#   2. starts node1..node3 and waits until their healthchecks pass;
+#   2. makes the cluster CA and certificates in the `certs` volume (once: `troupe certs init`
+#      with the service names as hosts), copies the CA and the admin's certificate to
+#      $static_target/compose-certs/<project> for host-side clients (it prints the export
+#      line; env file: that dir's `env`), starts node1..node3 with mTLS and waits until their
+#      healthchecks pass;
 #   3. forms the Raft group (`troupe cluster init`, a no-op on an initialised cluster);
 #   4. pushes all-MiniLM-L6-v2 to node1 (fetched into $TROUPE_HOME first when missing; the
 #      version is the digest's first 12 hex characters, so the same files are "unchanged")
@@ -86,7 +90,7 @@ build() {
   # The build context holds only what the image needs (never target/).
   local context=$static_target/image-context
   rm -rf "$context"
-  mkdir -p "$context/data" "$context/tmp"
+  mkdir -p "$context/data" "$context/tmp" "$context/certs"
   chmod 1777 "$context/tmp"
   cp "$bin" "$context/troupe"
   local certs
@@ -122,7 +126,27 @@ healthy() {
   [[ $status == healthy ]]
 }
 
-say "starting node1..node3 (project $project, network $TROUPE_COMPOSE_NET.0/24)"
+# The CA and certificates, made once in the certs volume (the nodes mount it read-only).
+certs_host=$static_target/compose-certs/$project
+if out=$(dc run --rm certs 2>&1); then
+  say "made the cluster CA and node certificates in the certs volume"
+elif [[ $out == *"never overwrites"* ]]; then
+  say "certificates: the certs volume already holds the cluster CA"
+else
+  die "cannot make the certificates: $out"
+fi
+rm -rf "$certs_host"
+mkdir -p "$certs_host"
+chmod 700 "$certs_host"
+copier=$(docker create -v "${project}_certs:/certs" "$TROUPE_IMAGE" --version)
+docker cp "$copier:/certs/tls/." "$certs_host/" >/dev/null || { docker rm "$copier" >/dev/null; die "cannot copy the certificates out of volume ${project}_certs"; }
+docker rm "$copier" >/dev/null
+chmod 600 "$certs_host"/*.key
+rm -f "$certs_host/ca.key" "$certs_host"/node-*.key
+export TROUPE_CA=$certs_host/ca.crt TROUPE_CERT=$certs_host/client-admin.crt TROUPE_KEY=$certs_host/client-admin.key
+printf 'export TROUPE_CA=%s TROUPE_CERT=%s TROUPE_KEY=%s\n' "$TROUPE_CA" "$TROUPE_CERT" "$TROUPE_KEY" >"$certs_host/env"
+
+say "starting node1..node3 with mTLS (project $project, network $TROUPE_COMPOSE_NET.0/24)"
 dc up -d
 for n in 1 2 3; do wait_for "node$n to be healthy" healthy "node$n"; done
 
@@ -134,7 +158,8 @@ init_out=$(IFS=,; troupe cluster init --addr "$api1" --members "${members[*]}")
 say "cluster init: $init_out"
 
 has_leader() {
-  troupe cluster status --addr "$api1" --json |
+  troupe cluster status --addr "$api1"
+say "host-side clients: $(cat "$certs_host/env")" --json |
     python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["leader"] else 1)'
 }
 wait_for "a Raft leader" has_leader
@@ -164,3 +189,4 @@ embeds() {
 wait_for "an Embed through node1 ($api1)" embeds
 say "cluster up: Embed answers on 127.0.0.1:$TROUPE_COMPOSE_API1, :$TROUPE_COMPOSE_API2, :$TROUPE_COMPOSE_API3 (client: $bin)"
 troupe cluster status --addr "$api1"
+say "host-side clients: $(cat "$certs_host/env")"

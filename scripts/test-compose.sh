@@ -100,6 +100,12 @@ bin=$static_target/$host_triple/release/troupe
 [[ -x $bin ]] || fail "compose-up left no client binary at $bin"
 troupe() { "$bin" "$@"; }
 api() { local v="TROUPE_COMPOSE_API$1"; echo "127.0.0.1:${!v}"; }
+# The cluster runs mTLS: host-side calls use the admin certificate compose-up copied out.
+# shellcheck disable=SC1090
+source "$static_target/compose-certs/$TROUPE_COMPOSE_PROJECT/env"
+[[ -f $TROUPE_CA ]] || fail "compose-up left no CA for host clients at $TROUPE_CA"
+plain=$(env -u TROUPE_CA -u TROUPE_CERT -u TROUPE_KEY "$bin" cluster status --addr "$(api 1)" 2>&1) && fail "a plaintext client was served: $plain"
+grep -q UNAUTHENTICATED <<<"$plain" || fail "a plaintext client was not told to use TLS: $plain"
 
 # One Embed through node N's published port must give one vector of 384 finite numbers.
 embed_384() {

@@ -99,10 +99,28 @@ impl Drop for Up {
     }
 }
 
-/// `troupe shell --addr ADDR -c LINE`: (exit code, stdout, stderr).
+/// The certificates `troupe up` made, which every client of its cluster needs.
+static CERTS: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+
+/// TROUPE_CA, TROUPE_CERT and TROUPE_KEY for the admin's certificate of `up`'s cluster.
+fn client_env() -> Vec<(&'static str, String)> {
+    let certs = CERTS.lock().unwrap().clone().expect("up's certificates");
+    [
+        ("TROUPE_CA", "ca.crt"),
+        ("TROUPE_CERT", "client-admin.crt"),
+        ("TROUPE_KEY", "client-admin.key"),
+    ]
+    .into_iter()
+    .map(|(name, file)| (name, certs.join(file).display().to_string()))
+    .collect()
+}
+
+/// `troupe shell --addr ADDR -c LINE` with the admin's certificate: (exit code, stdout,
+/// stderr).
 fn shell(addr: &str, line: &str) -> (i32, String, String) {
     let output = Command::new(BIN)
         .args(["shell", "--addr", addr, "-c", line])
+        .envs(client_env())
         .output()
         .unwrap();
     let (out, err) = text(&output);
@@ -121,10 +139,16 @@ fn shell_json(addr: &str, line: &str) -> serde_json::Value {
 }
 
 async fn embed_on(addr: &str, model: &str) -> troupe_proto::v1::EmbedResponse {
-    let mut client =
-        troupe_proto::v1::inference_client::InferenceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+    let certs = CERTS.lock().unwrap().clone().expect("up's certificates");
+    let tls = troupe_transport::ClientTls {
+        ca: certs.join("ca.crt"),
+        identity: None,
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    let channel = troupe_transport::connect_client(endpoint, Some(tls.config().unwrap()))
+        .await
+        .unwrap();
+    let mut client = troupe_proto::v1::inference_client::InferenceClient::new(channel);
     client
         .embed(embed_request(model, &["a text to embed"], ""))
         .await
@@ -146,6 +170,25 @@ async fn up_serves_a_three_node_cluster_and_the_shell_drives_it() {
     let mut up = Up::start(&data, &model, base);
     up.wait_line("serving until SIGINT or SIGTERM", Duration::from_secs(120));
     assert!(up.seen.iter().any(|l| l.contains("formed the cluster")));
+    // The cluster runs TLS, and up says what another terminal needs to reach it.
+    let certs = data.join("certs");
+    let export = format!("export TROUPE_CA={}", certs.join("ca.crt").display());
+    assert!(up.seen.iter().any(|l| l.contains(&export)), "{:?}", up.seen);
+    *CERTS.lock().unwrap() = Some(certs);
+    let (code, _, err) = {
+        let output = Command::new(BIN)
+            .args(["shell", "--addr", &apis[0], "-c", "status"])
+            .env_remove("TROUPE_CA")
+            .output()
+            .unwrap();
+        let (out, err) = text(&output);
+        (output.status.code(), out, err)
+    };
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("UNAUTHENTICATED") && err.contains("--ca"),
+        "{err}"
+    );
     assert!(up.seen.iter().any(|l| l.contains("pushing tiny")));
     for (i, addr) in apis.iter().enumerate() {
         let metrics = format!("127.0.0.1:{}", base + 10 * i as u16 + 2);
@@ -310,8 +353,13 @@ fn interactive_session(api: &str, dir: &std::path::Path) {
         assert!(output.status.success(), "tmux {args:?}: {:?}", output);
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
+    let env: Vec<String> = client_env()
+        .into_iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
     let command = format!(
-        "{BIN} shell --addr {api} --data-dir {}",
+        "env {} {BIN} shell --addr {api} --data-dir {}",
+        env.join(" "),
         history_dir.display()
     );
     tmux(&[
