@@ -41,6 +41,9 @@ stop_nodes() {
 }
 cleanup() { stop_nodes; rm -rf "$DATA"; }
 trap cleanup EXIT
+# mTLS between the nodes, and the clients with the admin certificate.
+"$TROUPE" certs init --out "$DATA/certs" --nodes 9 >/dev/null
+export TROUPE_CA=$DATA/certs/ca.crt TROUPE_CERT=$DATA/certs/client-admin.crt TROUPE_KEY=$DATA/certs/client-admin.key
 
 api() { echo "127.0.0.1:$((PORT_BASE + 10 * ($1 - 1)))"; }
 peer() { echo "127.0.0.1:$((PORT_BASE + 10 * ($1 - 1) + 1))"; }
@@ -51,7 +54,7 @@ start_cluster() {
   for ((i = 1; i <= n; i++)); do
     "$TROUPE" node --id "$i" --api "$(api "$i")" --peer "$(peer "$i")" \
       --metrics "127.0.0.1:$((PORT_BASE + 10 * (i - 1) + 2))" --data-dir "$DATA/$run/node$i" \
-      >"$OUT/$run-node$i.log" 2>&1 &
+      --tls-dir "$DATA/certs" >"$OUT/$run-node$i.log" 2>&1 &
     PIDS+=($!)
     members+=("$i=$(peer "$i")@$(api "$i")")
   done

@@ -13,7 +13,9 @@
 # Output: the troupe table on stdout, both JSON reports and Ray's summary.md in OUT_DIR
 # (default target/bench-serve).
 # Env: SECONDS_PER_POINT (10), ROUNDS (3), RAY (1; 0 skips the peer), PEERS (../shared/peers),
-#      RAY_DIR (~/.cache/troupe-peers/ray), PORT_BASE (27400).
+#      RAY_DIR (~/.cache/troupe-peers/ray), PORT_BASE (27400),
+#      TLS (1: the node serves TLS with certificates from `troupe certs init` and the clients
+#      verify it; 0: the node runs --insecure, plaintext).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,8 +44,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
+if [[ ${TLS:-1} == 1 ]]; then
+  "$TROUPE" certs init --out "$DATA/certs" --nodes 1 >/dev/null
+  security=(--tls-dir "$DATA/certs")
+  export TROUPE_CA=$DATA/certs/ca.crt TROUPE_CERT=$DATA/certs/client-admin.crt TROUPE_KEY=$DATA/certs/client-admin.key
+else
+  security=(--insecure)
+  unset TROUPE_CA TROUPE_CERT TROUPE_KEY
+fi
 "$TROUPE" node --id 1 --api "$API" --peer "127.0.0.1:$((PORT_BASE + 1))" \
-  --metrics "127.0.0.1:$((PORT_BASE + 2))" --data-dir "$DATA/node1" >"$OUT/node.log" 2>&1 &
+  --metrics "127.0.0.1:$((PORT_BASE + 2))" --data-dir "$DATA/node1" "${security[@]}" >"$OUT/node.log" 2>&1 &
 NODE_PID=$!
 until "$TROUPE" cluster init --addr "$API" --members "1=127.0.0.1:$((PORT_BASE + 1))@$API" >/dev/null 2>&1; do
   kill -0 "$NODE_PID" 2>/dev/null || { echo "bench-serve: the node died, see $OUT/node.log" >&2; exit 1; }

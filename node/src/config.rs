@@ -772,6 +772,30 @@ impl NodeConfig {
                 }
             }
         }
+        // The files themselves: present, parseable, matching, and naming this node.
+        if let Some(files) = self.tls_files() {
+            match troupe_transport::TlsState::load(files.clone()) {
+                Ok(state) => {
+                    let named = state.current().identity.clone();
+                    if named != troupe_transport::Identity::Node(self.id) {
+                        problems.push(ConfigProblem {
+                            field: "tls.cert".into(),
+                            problem: format!(
+                                "{} names {named}, not node {}",
+                                files.cert.display(),
+                                self.id
+                            ),
+                            fix: format!("use node-{}.crt and node-{}.key", self.id, self.id),
+                        });
+                    }
+                }
+                Err(error) => problems.push(ConfigProblem {
+                    field: "tls".into(),
+                    problem: error.to_string(),
+                    fix: "fix the files, or make new ones with `troupe certs init` (or `troupe certs add-node` for one more node)".into(),
+                }),
+            }
+        }
         problems
     }
 
@@ -871,6 +895,7 @@ mod tests {
             id: 0,
             api: "localhost".into(),
             data_dir: dir.path().join("data"),
+            insecure: true,
             ..NodeConfig::default()
         };
         let problems = config.problems();
@@ -890,6 +915,7 @@ mod tests {
                 max_texts_per_request: 0,
                 ..LimitSettings::default()
             },
+            insecure: true,
             ..NodeConfig::default()
         };
         let problems = config.problems();
@@ -995,6 +1021,7 @@ mod tests {
                 heartbeat_timeout_ms: Some(0),
                 backup: false,
             },
+            insecure: true,
             ..NodeConfig::default()
         };
         let problems = config.problems();
@@ -1015,6 +1042,7 @@ mod tests {
                 down_after: 4,
                 ..ClusterSettings::default()
             },
+            insecure: true,
             ..NodeConfig::default()
         };
         let problems = config.problems();
@@ -1024,9 +1052,73 @@ mod tests {
             .contains("does not exceed cluster.suspect_after (4)"));
         assert!(NodeConfig {
             data_dir: dir.path().join("data"),
+            insecure: true,
             ..NodeConfig::default()
         }
         .problems()
         .is_empty());
+    }
+
+    #[test]
+    fn a_node_needs_certificates_or_insecure_and_the_refusal_names_both_fixes() {
+        let bare = NodeConfig::default();
+        let problems = bare.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "tls");
+        assert!(
+            problems[0].fix.contains("troupe certs init") && problems[0].fix.contains("--insecure")
+        );
+        assert_eq!(bare.tls_files(), None);
+
+        // TROUPE_TLS_DIR and TROUPE_INSECURE reach the config like every other key.
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        troupe_transport::certs::init(&certs, 2, &[]).unwrap();
+        let mut config = NodeConfig {
+            id: 2,
+            data_dir: dir.path().join("data"),
+            ..NodeConfig::default()
+        };
+        config
+            .apply_env(|name| (name == "TROUPE_TLS_DIR").then(|| certs.display().to_string()))
+            .unwrap();
+        assert!(config.problems().is_empty(), "{:?}", config.problems());
+        let files = config.tls_files().unwrap();
+        assert_eq!(files.cert, certs.join("node-2.crt"));
+        assert_eq!(files.ca, certs.join("ca.crt"));
+        // The files must name this node.
+        config.id = 1;
+        config.tls.cert = Some(certs.join("node-2.crt"));
+        config.tls.key = Some(certs.join("node-2.key"));
+        let problems = config.problems();
+        assert_eq!(problems[0].field, "tls.cert", "{problems:?}");
+        assert!(problems[0].problem.contains("names node 2, not node 1"));
+        config.tls.cert = Some(certs.join("node-1.crt"));
+        let problems = config.problems();
+        assert!(
+            problems[0].problem.contains("does not match the key"),
+            "{problems:?}"
+        );
+        // An explicit file overrides the directory's.
+        config.tls.key = Some("/keys/two.key".into());
+        assert_eq!(config.tls_files().unwrap().key, Path::new("/keys/two.key"));
+        assert!(config.problems()[0].problem.contains("/keys/two.key"));
+        // Both at once is a contradiction.
+        config
+            .apply_env(|name| (name == "TROUPE_INSECURE").then(|| "true".into()))
+            .unwrap();
+        assert!(config.insecure);
+        assert_eq!(config.problems()[0].field, "insecure");
+
+        // Files without a directory must come as a set.
+        let partial = NodeConfig {
+            tls: TlsSettings {
+                ca: Some("/ca.crt".into()),
+                ..TlsSettings::default()
+            },
+            ..NodeConfig::default()
+        };
+        let fields: Vec<String> = partial.problems().into_iter().map(|p| p.field).collect();
+        assert_eq!(fields, ["tls.cert", "tls.key"]);
     }
 }

@@ -258,14 +258,31 @@ fn config_check_names_each_bad_field_and_the_fix() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    for needle in ["id:", "api:", "IP:PORT", "data_dir:"] {
+    for needle in ["id:", "api:", "IP:PORT", "data_dir:", "tls:", "--insecure"] {
         assert!(stderr.contains(needle), "{needle}: {stderr}");
     }
+    // Certificates that are not there are named.
+    let certs = dir.path().join("certs");
     std::fs::write(
         &path,
-        format!("id = 3\ndata_dir = {:?}\n", dir.path().join("d")),
+        format!(
+            "id = 3\ndata_dir = {:?}\n[tls]\ndir = {certs:?}\n",
+            dir.path().join("d")
+        ),
     )
     .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("ca.crt") && stderr.contains("troupe certs init"),
+        "{stderr}"
+    );
+    troupe_transport::certs::init(&certs, 3, &[]).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_troupe"))
         .args(["config", "check"])
         .arg(&path)

@@ -225,6 +225,11 @@ struct NodeView {
     sync_lag: Option<u64>,
     /// Its peers as its heartbeats see them; empty when it did not answer.
     peers: Vec<PeerHealthView>,
+    /// Whether it runs without TLS (`--insecure`), when it answered.
+    insecure: Option<bool>,
+    /// Why it considers itself removed from the cluster, if it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    removed: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -331,6 +336,11 @@ pub(super) async fn status(args: &StatusArgs) -> Result<(), CliError> {
             applied_index: remote.as_ref().map(|r| r.applied_index),
             term: remote.as_ref().map(|r| r.term),
             sync_lag: remote.as_ref().map(|r| r.sync_lag),
+            insecure: remote.as_ref().map(|r| r.insecure),
+            removed: remote
+                .as_ref()
+                .filter(|r| !r.removed.is_empty())
+                .map(|r| r.removed.clone()),
             peers: remote.map_or_else(Vec::new, |r| {
                 r.peers.into_iter().map(PeerHealthView::from).collect()
             }),
@@ -351,19 +361,30 @@ pub(super) async fn status(args: &StatusArgs) -> Result<(), CliError> {
         view.leader.map_or("none".into(), |l| l.to_string()),
         view.term
     );
+    if !local.removed.is_empty() {
+        println!("node {}: {}", local.id, local.removed);
+    }
     println!(
-        "{:>4}  {:<9}  {:>8}  {:<21}  {:<21}",
-        "id", "role", "applied", "peer", "api"
+        "{:>4}  {:<9}  {:>8}  {:<21}  {:<21}  {:<8}",
+        "id", "role", "applied", "peer", "api", "security"
     );
     for node in &view.nodes {
         println!(
-            "{:>4}  {:<9}  {:>8}  {:<21}  {:<21}",
+            "{:>4}  {:<9}  {:>8}  {:<21}  {:<21}  {:<8}",
             node.id,
             node.role.as_deref().unwrap_or("unreachable"),
             node.applied_revision.map_or("-".into(), |r| r.to_string()),
             node.peer_addr,
             node.api_addr.as_deref().unwrap_or("-"),
+            match node.insecure {
+                Some(true) => "INSECURE",
+                Some(false) => "mtls",
+                None => "-",
+            },
         );
+    }
+    if view.nodes.iter().any(|n| n.insecure == Some(true)) {
+        println!("INSECURE: nodes marked so run without TLS (--insecure): their ports are plaintext and let any peer in");
     }
     print_peer_table(view.nodes.iter().map(|n| (n.id, n.peers.as_slice())));
     Ok(())

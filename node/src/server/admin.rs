@@ -361,6 +361,8 @@ impl Admin for AdminService {
             sync_lag: self.tree.peers.own_sync_lag(),
             committed_index: status.committed_index,
             leader_changes: status.leader_changes,
+            insecure: self.metadata.transport().tls_state().is_none(),
+            removed: status.removed.unwrap_or_default(),
         }))
     }
 

@@ -513,6 +513,8 @@ struct RaftView {
     learners: Vec<u64>,
     leader_changes: u64,
     sync_lag: u64,
+    insecure: bool,
+    removed: String,
 }
 
 async fn raft(addr: &str, json: bool) -> Result<(), CliError> {
@@ -533,6 +535,8 @@ async fn raft(addr: &str, json: bool) -> Result<(), CliError> {
         learners: s.learners,
         leader_changes: s.leader_changes,
         sync_lag: s.sync_lag,
+        insecure: s.insecure,
+        removed: s.removed,
     };
     if json {
         return print_json(&view);
@@ -554,6 +558,23 @@ async fn raft(addr: &str, json: bool) -> Result<(), CliError> {
         ("learners", format!("{:?}", view.learners)),
         ("leader changes", view.leader_changes.to_string()),
         ("sync lag (entries)", view.sync_lag.to_string()),
+        (
+            "security",
+            if view.insecure {
+                "INSECURE (plaintext)"
+            } else {
+                "mtls"
+            }
+            .to_owned(),
+        ),
+        (
+            "removed",
+            if view.removed.is_empty() {
+                "no".to_owned()
+            } else {
+                view.removed.clone()
+            },
+        ),
     ] {
         println!("{field:<19} {value}");
     }
