@@ -14,6 +14,7 @@
 # (default target/bench-serve).
 # Env: SECONDS_PER_POINT (10), ROUNDS (3), RAY (1; 0 skips the peer), PEERS (../shared/peers),
 #      RAY_DIR (~/.cache/troupe-peers/ray), PORT_BASE (27400),
+#      CONCURRENCY (1,4,16,64), ENGINE (1; 0 skips the raw engine runs),
 #      TLS (1: the node serves TLS with certificates from `troupe certs init` and the clients
 #      verify it; 0: the node runs --insecure, plaintext).
 set -euo pipefail
@@ -64,8 +65,11 @@ done
 until "$TROUPE" embed --addr "$API" --model all-MiniLM-L6-v2 "warm" >/dev/null 2>&1; do sleep 0.2; done
 
 echo "== troupe ==" >&2
+engine=()
+[[ ${ENGINE:-1} == 1 ]] || engine=(--no-engine)
 "$TROUPE" bench serve --addr "$API" --model all-MiniLM-L6-v2 --model-dir "$MODEL_DIR" \
-  --concurrency 1,4,16,64 --seconds "$SECS" --rounds "$ROUNDS" --json-out "$OUT/troupe.json"
+  --concurrency "${CONCURRENCY:-1,4,16,64}" --seconds "$SECS" --rounds "$ROUNDS" "${engine[@]}" \
+  --json-out "$OUT/troupe.json"
 kill -TERM "$NODE_PID"; wait "$NODE_PID" 2>/dev/null || true; NODE_PID=
 
 [[ $RAY == 1 ]] || exit 0

@@ -8,8 +8,8 @@
 # 1. Raft puts: a 3-node cluster (scripts/troupe3.sh, TROUPE3_TLS=0 or 1), `troupe bench raft
 #    --phases put` at 1 and 64 clients (writes through every node; followers forward them to
 #    the leader over the peer port).
-# 2. Embed: one node serving all-MiniLM-L6-v2, `troupe bench serve` at 16 clients, no raw
-#    engine run.
+# 2. Embed: scripts/bench-serve.sh's node (TLS=0 or 1), `troupe bench serve` at 16 clients,
+#    without the raw engine or Ray runs.
 # JSON reports go to OUT_DIR (default target/bench-tls); the medians per mode are printed.
 # Env: SECONDS_PER_POINT (10), PAIRS (2), PORT_BASE (27500).
 set -euo pipefail
@@ -25,14 +25,7 @@ cd "$ROOT"
 cargo build --release -p troupe >&2
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 export TROUPE_BIN=$TARGET/release/troupe
-MODEL_DIR=$("$TROUPE_BIN" models fetch all-MiniLM-L6-v2 --quiet | tail -n 1)
-DATA=$(mktemp -d)
-NODE_PID=
-cleanup() {
-  bash scripts/troupe3.sh stop >/dev/null 2>&1 || true
-  [[ -n $NODE_PID ]] && kill -TERM "$NODE_PID" 2>/dev/null && wait "$NODE_PID" 2>/dev/null || true
-  rm -rf "$DATA"
-}
+cleanup() { bash scripts/troupe3.sh stop >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
 raft() { # MODE(0|1) RUN
@@ -43,29 +36,10 @@ raft() { # MODE(0|1) RUN
   bash scripts/troupe3.sh stop >&2
 }
 
-serve() { # MODE(0|1) RUN
-  local api=127.0.0.1:$PORT_BASE dir=$DATA/serve-$1-$2 security
-  mkdir -p "$dir"
-  if [[ $1 == 1 ]]; then
-    "$TROUPE_BIN" certs init --out "$dir/certs" --nodes 1 >/dev/null
-    security=(--tls-dir "$dir/certs")
-    export TROUPE_CA=$dir/certs/ca.crt TROUPE_CERT=$dir/certs/client-admin.crt TROUPE_KEY=$dir/certs/client-admin.key
-  else
-    security=(--insecure)
-    unset TROUPE_CA TROUPE_CERT TROUPE_KEY
-  fi
-  "$TROUPE_BIN" node --id 1 --api "$api" --peer "127.0.0.1:$((PORT_BASE + 1))" \
-    --metrics "127.0.0.1:$((PORT_BASE + 2))" --data-dir "$dir/node1" "${security[@]}" >"$OUT/serve-node-$1-$2.log" 2>&1 &
-  NODE_PID=$!
-  until "$TROUPE_BIN" cluster init --addr "$api" --members "1=127.0.0.1:$((PORT_BASE + 1))@$api" >/dev/null 2>&1; do
-    kill -0 "$NODE_PID" 2>/dev/null || { echo "bench-tls: the node died, see $OUT/serve-node-$1-$2.log" >&2; exit 1; }
-    sleep 0.2
-  done
-  "$TROUPE_BIN" models register all-MiniLM-L6-v2 --version 1 --dir "$MODEL_DIR" --addr "$api" >/dev/null
-  "$TROUPE_BIN" models activate all-MiniLM-L6-v2 1 --addr "$api" --wait >/dev/null
-  "$TROUPE_BIN" bench serve --addr "$api" --model all-MiniLM-L6-v2 --model-dir "$MODEL_DIR" \
-    --concurrency 16 --seconds "$SECS" --rounds 1 --no-engine --json-out "$OUT/serve-tls$1-$2.json" >&2
-  kill -TERM "$NODE_PID"; wait "$NODE_PID" 2>/dev/null || true; NODE_PID=
+serve() { # MODE(0|1) RUN: bench-serve.sh's node and load, at 16 clients only
+  TLS=$1 RAY=0 ROUNDS=1 CONCURRENCY=16 ENGINE=0 PORT_BASE=$PORT_BASE SECONDS_PER_POINT=$SECS \
+    bash scripts/bench-serve.sh "$OUT/serve-$1-$2" >&2
+  cp "$OUT/serve-$1-$2/troupe.json" "$OUT/serve-tls$1-$2.json"
 }
 
 for run in $(seq "$PAIRS"); do

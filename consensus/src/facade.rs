@@ -148,6 +148,9 @@ pub struct RaftStatus {
     /// Why this node considers itself removed from the cluster, if it does: it then neither
     /// campaigns nor serves.
     pub removed: Option<String>,
+    /// Set when this node's Raft core has stopped (it panicked, or its storage failed): the
+    /// node then takes no part in the cluster until it is restarted.
+    pub stopped: Option<String>,
 }
 
 pub struct Metadata {
@@ -630,6 +633,9 @@ impl Metadata {
             learners,
             nodes,
             removed: self.removal.reason(),
+            stopped: self.raft.metrics().has_changed().is_err().then(|| {
+                "the Raft core has stopped (a panic or a storage failure, see the log): restart the node".to_owned()
+            }),
         }
     }
 

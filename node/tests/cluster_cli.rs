@@ -251,11 +251,14 @@ fn config_check_names_each_bad_field_and_the_fix() {
         "id = 0\napi = \"nowhere\"\ndata_dir = \"/proc/forbidden\"\n",
     )
     .unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_troupe"))
-        .args(["config", "check"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_troupe"))
+            .args(["config", "check"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let output = check();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     for needle in ["id:", "api:", "IP:PORT", "data_dir:", "tls:", "--insecure"] {
@@ -271,11 +274,7 @@ fn config_check_names_each_bad_field_and_the_fix() {
         ),
     )
     .unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_troupe"))
-        .args(["config", "check"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = check();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -283,11 +282,7 @@ fn config_check_names_each_bad_field_and_the_fix() {
         "{stderr}"
     );
     troupe_transport::certs::init(&certs, 3, &[]).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_troupe"))
-        .args(["config", "check"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = check();
     assert!(
         output.status.success(),
         "{}",

@@ -98,7 +98,9 @@ impl Actor for Health {
         let args = &state.args;
         let mut reasons = Vec::new();
         let raft = args.metadata.status();
-        if let Some(removed) = raft.removed {
+        if let Some(stopped) = raft.stopped {
+            reasons.push(stopped);
+        } else if let Some(removed) = raft.removed {
             reasons.push(format!(
                 "{removed}: add it back with `troupe cluster add-learner`, or stop it"
             ));

@@ -139,3 +139,122 @@ pub fn install_snapshot(
         "its last log id",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Entry, EntryPayload};
+
+    use super::*;
+
+    fn log_id(term: u64, index: u64) -> LogId<NodeId> {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    fn append(
+        term: u64,
+        prev: Option<(u64, u64)>,
+        entries: &[(u64, u64)],
+    ) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(term, 1),
+            prev_log_id: prev.map(|(t, i)| log_id(t, i)),
+            entries: entries
+                .iter()
+                .map(|(t, i)| Entry {
+                    log_id: log_id(*t, *i),
+                    payload: EntryPayload::Blank,
+                })
+                .collect(),
+            leader_commit: None,
+        }
+    }
+
+    const LEADER: Option<VerifiedPeer> = Some(VerifiedPeer::Node(1));
+
+    fn refusal(result: Result<(), Refused>) -> Option<Refusal> {
+        result.err().map(|r| r.refusal)
+    }
+
+    #[test]
+    fn well_formed_appends_pass_and_malformed_ones_are_refused() {
+        assert_eq!(
+            refusal(append_entries(
+                &append(3, Some((2, 4)), &[(2, 5), (3, 6)]),
+                LEADER,
+                3
+            )),
+            None
+        );
+        assert_eq!(
+            refusal(append_entries(
+                &append(3, None, &[(1, 0), (1, 1)]),
+                LEADER,
+                3
+            )),
+            None
+        );
+        // A gap, a repeat, terms going backwards, an entry from a later term, a previous log id
+        // from a later term.
+        for bad in [
+            append(3, Some((2, 4)), &[(2, 6)]),
+            append(3, Some((2, 4)), &[(2, 5), (2, 5)]),
+            append(3, Some((2, 4)), &[(3, 5), (2, 6)]),
+            append(3, Some((2, 4)), &[(4, 5)]),
+            append(3, Some((4, 4)), &[]),
+            append(3, Some((2, u64::MAX)), &[(2, 0)]),
+        ] {
+            assert_eq!(
+                refusal(append_entries(&bad, LEADER, 3)),
+                Some(Refusal::BadMessage),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_sender_must_be_the_proven_node_and_terms_stay_near() {
+        let rpc = append(3, None, &[]);
+        assert_eq!(
+            refusal(append_entries(&rpc, Some(VerifiedPeer::Node(2)), 3)),
+            Some(Refusal::WrongSender)
+        );
+        assert_eq!(
+            refusal(append_entries(&rpc, None, 3)),
+            Some(Refusal::NoCertificate)
+        );
+        assert_eq!(
+            refusal(append_entries(&rpc, Some(VerifiedPeer::Insecure), 3)),
+            None
+        );
+        let vote = |term: u64, candidate: u64| VoteRequest {
+            vote: Vote::new(term, candidate),
+            last_log_id: Some(log_id(2, 9)),
+        };
+        assert_eq!(refusal(super::vote(&vote(4, 1), LEADER, 3)), None);
+        assert_eq!(
+            refusal(super::vote(&vote(3 + MAX_TERM_LEAP, 1), LEADER, 3)),
+            None
+        );
+        assert_eq!(
+            refusal(super::vote(&vote(4 + MAX_TERM_LEAP, 1), LEADER, 3)),
+            Some(Refusal::BadMessage)
+        );
+        assert_eq!(
+            refusal(super::vote(&vote(u64::MAX, 1), LEADER, u64::MAX - 1)),
+            None
+        );
+        assert_eq!(
+            refusal(super::vote(&vote(u64::MAX, 1), LEADER, 0)),
+            Some(Refusal::BadMessage)
+        );
+        assert_eq!(
+            refusal(super::vote(&vote(1, 1), LEADER, 3)),
+            Some(Refusal::BadMessage),
+            "its last log id is at term 2"
+        );
+        assert_eq!(
+            refusal(super::vote(&vote(4, 2), LEADER, 3)),
+            Some(Refusal::WrongSender)
+        );
+    }
+}

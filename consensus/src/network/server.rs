@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use openraft::error::RaftError;
 use openraft::Raft;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
@@ -15,7 +16,7 @@ use super::{decode, encode};
 use crate::metadata::Proposal;
 use crate::proposer::{Proposer, WriteResult};
 use crate::removal::Removal;
-use crate::types::TypeConfig;
+use crate::types::{NodeId, TypeConfig};
 
 /// The result of a forwarded write, as the follower receives it.
 pub type ForwardedWrite = WriteResult;
@@ -63,6 +64,23 @@ impl RaftPeerService {
     }
 }
 
+/// openraft's answer as the peer gets it. A fatal error (the core panicked, or its storage
+/// failed) is this node's failure, not an answer to the message: the peer gets
+/// `UNAVAILABLE`, and the node logs it.
+fn answer<T: Serialize, E: Serialize>(
+    result: Result<T, RaftError<NodeId, E>>,
+) -> Result<Response<RaftPayload>, Status> {
+    match result {
+        Err(RaftError::Fatal(fatal)) => {
+            tracing::error!(%fatal, "the Raft core has stopped: this node cannot take part in the cluster until it is restarted");
+            Err(Status::unavailable(format!(
+                "this node's Raft core has stopped ({fatal}): it must be restarted"
+            )))
+        }
+        result => reply(&result),
+    }
+}
+
 fn invalid(what: &str, error: serde_json::Error) -> Status {
     Status::invalid_argument(format!("malformed {what} payload: {error}"))
 }
@@ -87,14 +105,14 @@ impl RaftPeer for RaftPeerService {
             // A leader replicates only to members: whatever refusals said, this node is one.
             self.removal.heard_from_leader();
         }
-        reply(&result)
+        answer(result)
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode(request.get_ref()).map_err(|e| invalid("vote", e))?;
         guard::vote(&rpc, VerifiedPeer::of(&request), self.own_term())
             .map_err(|refused| self.refuse(&request, refused))?;
-        reply(&self.raft.vote(rpc).await)
+        answer(self.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(
@@ -104,7 +122,7 @@ impl RaftPeer for RaftPeerService {
         let rpc = decode(request.get_ref()).map_err(|e| invalid("install_snapshot", e))?;
         guard::install_snapshot(&rpc, VerifiedPeer::of(&request), self.own_term())
             .map_err(|refused| self.refuse(&request, refused))?;
-        reply(&self.raft.install_snapshot(rpc).await)
+        answer(self.raft.install_snapshot(rpc).await)
     }
 
     async fn propose(
