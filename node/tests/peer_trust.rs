@@ -323,12 +323,18 @@ async fn the_peer_port_admits_only_member_nodes_and_bad_raft_messages_change_not
                 assert_eq!(status.code(), code, "{case}: {status:?}");
                 assert_eq!(Refusal::of(&status), Some(refusal), "{case}: {status:?}");
             }
-            // The handshake failed: the client sees a transport error, never an answer.
+            // The handshake failed: the client sees a transport error, never an answer. With
+            // TLS 1.3 the client may finish its side before the server checks its certificate,
+            // so the connection can also close under the first call (CANCELLED).
             None => assert!(
-                matches!(
-                    status.code(),
-                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
-                ),
+                std::error::Error::source(&status).is_some()
+                    && matches!(
+                        status.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::Unknown
+                            | tonic::Code::Internal
+                            | tonic::Code::Cancelled
+                    ),
                 "{case}: {status:?}"
             ),
         }
