@@ -158,8 +158,7 @@ init_out=$(IFS=,; troupe cluster init --addr "$api1" --members "${members[*]}")
 say "cluster init: $init_out"
 
 has_leader() {
-  troupe cluster status --addr "$api1"
-say "host-side clients: $(cat "$certs_host/env")" --json |
+  troupe cluster status --addr "$api1" --json |
     python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["leader"] else 1)'
 }
 wait_for "a Raft leader" has_leader
