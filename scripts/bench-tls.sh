@@ -6,8 +6,8 @@
 #   scripts/bench-tls.sh [OUT_DIR]
 #
 # 1. Raft puts: a 3-node cluster (scripts/troupe3.sh, TROUPE3_TLS=0 or 1), `troupe bench raft
-#    --phases put` at 1 and 64 clients (writes through every node; followers forward them to
-#    the leader over the peer port).
+#    --phases put` at 1 and 64 clients (256-byte puts to the leader over the API port, which
+#    replicates each to the followers over the peer port).
 # 2. Embed: scripts/bench-serve.sh's node (TLS=0 or 1), `troupe bench serve` at 16 clients,
 #    without the raw engine or Ray runs.
 # JSON reports go to OUT_DIR (default target/bench-tls); the medians per mode are printed.
@@ -28,13 +28,13 @@ export TROUPE_BIN=$TARGET/release/troupe
 cleanup() { bash scripts/troupe3.sh stop >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
-raft() { # MODE(0|1) RUN
+raft() ( # MODE(0|1) RUN; a subshell, so the client's TROUPE_CA stays in it
   TROUPE3_TLS=$1 bash scripts/troupe3.sh start >&2
   eval "$(bash scripts/troupe3.sh env)"
   "$TROUPE_BIN" bench raft --addr "$(bash scripts/troupe3.sh endpoints)" \
     --clients 1,64 --seconds "$SECS" --phases put --json-out "$OUT/raft-tls$1-$2.json" >&2
   bash scripts/troupe3.sh stop >&2
-}
+)
 
 serve() { # MODE(0|1) RUN: bench-serve.sh's node and load, at 16 clients only
   TLS=$1 RAY=0 ROUNDS=1 CONCURRENCY=16 ENGINE=0 PORT_BASE=$PORT_BASE SECONDS_PER_POINT=$SECS \

@@ -221,7 +221,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     // client.
     if !matches!(cli.command, Command::Node(_)) {
         if let Some(tls) = cli.tls.client_tls()? {
-            remote::use_tls(tls)?;
+            remote::use_tls(tls);
         }
     }
     match cli.command {

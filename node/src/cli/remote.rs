@@ -27,40 +27,46 @@ pub fn block_on<T>(future: impl Future<Output = Result<T, CliError>>) -> Result<
 }
 
 /// How this process's remote commands reach nodes: plaintext (`None`), or TLS with `--ca`
-/// (and a client certificate with `--cert`/`--key`). Set once from the command line, or by
-/// `troupe up` for the cluster it made.
-static CLIENT_TLS: Mutex<Option<(ClientTls, ClientConfig)>> = Mutex::new(None);
+/// (and a client certificate with `--cert`/`--key`). Set from the command line, or by
+/// `troupe up` for the cluster it made. The files are read at the first connection, so a
+/// command that connects to nothing never reads them.
+static CLIENT_TLS: Mutex<Option<(ClientTls, Option<ClientConfig>)>> = Mutex::new(None);
 
 type ClientConfig = Arc<troupe_transport::rustls::ClientConfig>;
 
-/// Makes every later connection of this process use `tls` (files read now, so a bad one is
-/// named at once).
-pub fn use_tls(tls: ClientTls) -> Result<(), CliError> {
-    let config = tls.config().map_err(|e| {
-        CliError::Usage(format!(
-            "--ca/--cert/--key (TROUPE_CA, TROUPE_CERT, TROUPE_KEY): {e}"
-        ))
-    })?;
-    *CLIENT_TLS.lock().unwrap_or_else(|p| p.into_inner()) = Some((tls, config));
-    Ok(())
+/// Makes every later connection of this process use `tls`.
+pub fn use_tls(tls: ClientTls) {
+    *CLIENT_TLS.lock().unwrap_or_else(|p| p.into_inner()) = Some((tls, None));
 }
 
-fn client_config() -> Option<ClientConfig> {
-    CLIENT_TLS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .map(|(_, config)| config.clone())
+/// The client configuration connections use (built once from the files), or `None` for
+/// plaintext.
+fn client_config() -> Result<Option<ClientConfig>, CliError> {
+    let mut slot = CLIENT_TLS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some((tls, config)) = slot.as_mut() else {
+        return Ok(None);
+    };
+    if config.is_none() {
+        *config = Some(tls.config().map_err(|e| {
+            CliError::Usage(format!(
+                "--ca/--cert/--key (TROUPE_CA, TROUPE_CERT, TROUPE_KEY): {e}"
+            ))
+        })?);
+    }
+    Ok(config.clone())
 }
 
 /// A channel on `endpoint` that connects on first use, over TLS when this process uses it.
-pub fn lazy_channel(endpoint: Endpoint) -> Channel {
-    troupe_transport::connect_client_lazy(endpoint, client_config())
+pub fn lazy_channel(endpoint: Endpoint) -> Result<Channel, CliError> {
+    Ok(troupe_transport::connect_client_lazy(
+        endpoint,
+        client_config()?,
+    ))
 }
 
 /// A channel to a node's API address; every call on it times out after `timeout`.
 pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, CliError> {
-    let tls = client_config();
+    let tls = client_config()?;
     let hint = if tls.is_some() {
         " (with --ca: does the node serve TLS with a certificate of that CA?)"
     } else {

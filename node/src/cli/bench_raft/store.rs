@@ -86,7 +86,7 @@ impl Store {
                 .tcp_nodelay(true);
             // troupe over TLS with --ca; etcd is always plaintext here.
             let channel = match kind {
-                Kind::Troupe => crate::cli::remote::lazy_channel(endpoint),
+                Kind::Troupe => crate::cli::remote::lazy_channel(endpoint)?,
                 Kind::Etcd => endpoint.connect_lazy(),
             };
             conns.push(match kind {
