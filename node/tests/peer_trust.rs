@@ -689,3 +689,87 @@ async fn certs_init_writes_private_keys_and_never_overwrites() {
     let admin = certs::Authority::load(&out.join("ca.crt"), &out.join("ca.key"));
     assert!(admin.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificates_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("certs");
+    let new_dir = dir.path().join("new");
+    certs::init(&certs_dir, 1, &[]).unwrap();
+    certs::init(&new_dir, 1, &[]).unwrap();
+    let (api, peer, metrics) = (free_port(), free_port(), free_port());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args(["node", "--id", "1"])
+        .args(["--api", &format!("127.0.0.1:{api}")])
+        .args(["--peer", &format!("127.0.0.1:{peer}")])
+        .args(["--metrics", &format!("127.0.0.1:{metrics}")])
+        .arg("--data-dir")
+        .arg(dir.path().join("node1"))
+        .arg("--tls-dir")
+        .arg(&certs_dir)
+        // An hour between checks: only the signal can make it reload during this test.
+        .env("TROUPE_TLS_RELOAD_INTERVAL_MS", "3600000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = child.id() as libc::pid_t;
+    let child = Kill(&mut child);
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
+    let reloads = || async move {
+        let series = "troupe_tls_reloads_total{node=\"1\",result=\"ok\"} ";
+        let Ok(stream) = tokio::net::TcpStream::connect(metrics).await else {
+            return None;
+        };
+        drop(stream);
+        let (_, body) = http_get(metrics, "/metrics").await;
+        body.lines()
+            .find_map(|line| line.strip_prefix(series))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert_eq!(wait_for("the node's metrics", WAIT, reloads).await, 0);
+
+    // Rotate to the new CA in one step (this node is alone), then SIGHUP.
+    let bundle = std::fs::read_to_string(certs_dir.join("ca.crt")).unwrap()
+        + &std::fs::read_to_string(new_dir.join("ca.crt")).unwrap();
+    replace(&certs_dir.join("ca.crt"), &bundle);
+    for file in ["node-1.key", "node-1.crt"] {
+        replace(
+            &certs_dir.join(file),
+            &std::fs::read_to_string(new_dir.join(file)).unwrap(),
+        );
+    }
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    wait_for("the reload after SIGHUP", WAIT, || async {
+        (reloads().await? == 1).then_some(())
+    })
+    .await;
+    // A client that trusts only the new CA now reaches the API.
+    let new_only = ClientTls {
+        ca: new_dir.join("ca.crt"),
+        identity: None,
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{api}"))
+        .unwrap()
+        .timeout(Duration::from_secs(5));
+    let channel = troupe_transport::connect_client(endpoint, Some(new_only.config().unwrap()))
+        .await
+        .unwrap();
+    AdminClient::new(channel)
+        .node_status(troupe_proto::v1::NodeStatusRequest {})
+        .await
+        .unwrap();
+    // SIGTERM stops it cleanly.
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
