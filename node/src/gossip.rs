@@ -61,8 +61,11 @@ impl PeerProbe for GrpcPeerProbe {
             match answer {
                 Ok(response) => reply(response.into_inner(), sent, returned, round_trip),
                 Err(status) => {
-                    // Start over on a fresh connection next time (the peer may have restarted).
-                    transport.forget(Lane::Heartbeat, peer_id);
+                    // Start over on a fresh connection next time (the peer may have restarted),
+                    // unless the peer answered: a refusal came over a working connection.
+                    if troupe_transport::Refusal::of(&status).is_none() {
+                        transport.forget(Lane::Heartbeat, peer_id);
+                    }
                     Err(format!("{}: {}", status.code(), status.message()))
                 }
             }

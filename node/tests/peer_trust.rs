@@ -559,6 +559,12 @@ async fn a_removed_node_is_refused_and_notices_it_was_removed() {
     assert_eq!(Refusal::of(&status), Some(Refusal::NotMember));
     // It does not campaign: over many election timeouts its term stays put, and so does the
     // members' (a campaign it won nothing with would still raise its own term).
+    // Nor does it heartbeat the members any more: they would only refuse it again.
+    wait_for("the removed node to stop heartbeating", WAIT, || async {
+        removed.tree.peers.snapshot().is_empty().then_some(())
+    })
+    .await;
+    let refused = leader.transport.refusals().count(Refusal::NotMember);
     let removed_term = removed.metadata.status().term;
     let mut client = admin(leader, &certs_dir).await;
     for i in 0..20 {
@@ -569,6 +575,11 @@ async fn a_removed_node_is_refused_and_notices_it_was_removed() {
     }
     assert_eq!(removed.metadata.status().term, removed_term);
     assert_eq!(leader.metadata.status().term, term);
+    assert_eq!(
+        leader.transport.refusals().count(Refusal::NotMember),
+        refused,
+        "the removed node kept calling"
+    );
     assert_eq!(leader.metadata.status().voters.len(), 2);
 
     // A new node with a certificate from `certs add-node` joins as a learner: before it is a

@@ -37,7 +37,12 @@ impl RaftView for Metadata {
         RaftPosition {
             leader: status.leader,
             applied_index: status.applied_index,
-            members: status.nodes,
+            // A removed node has no peers left to heartbeat: the members refuse it anyway.
+            members: if status.removed.is_some() {
+                BTreeMap::new()
+            } else {
+                status.nodes
+            },
         }
     }
 }
