@@ -44,7 +44,8 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct ClientTlsArgs {
     /// The cluster CA (PEM) to verify nodes' certificates with: remote commands then use
-    /// TLS. `troupe certs init` writes it as ca.crt.
+    /// TLS. `troupe certs init` writes it as ca.crt. (`troupe node` ignores --ca, --cert and
+    /// --key: it takes its own with --tls-dir or [tls].)
     #[arg(
         id = "tls_ca",
         long = "ca",
