@@ -10,6 +10,18 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let cli = troupe::cli::Cli::parse();
+    // A command whose output goes to a pipe that closes early (`troupe cluster status | head`)
+    // ends quietly, as other command-line tools do, instead of panicking on the write. The
+    // long-running processes keep Rust's default (SIGPIPE ignored), and sockets never raise it.
+    if !matches!(
+        cli.command,
+        troupe::cli::Command::Node(_) | troupe::cli::Command::Up(_)
+    ) {
+        // SAFETY: restoring the default disposition of one signal before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let spans = init_tracing();
     let result = troupe::cli::run(cli);
     // `troupe node` returns here after SIGINT or SIGTERM: the spans still queued go to the
