@@ -139,8 +139,9 @@ rm -rf "$certs_host"
 mkdir -p "$certs_host"
 chmod 700 "$certs_host"
 copier=$(docker create -v "${project}_certs:/certs" "$TROUPE_IMAGE" --version)
-docker cp "$copier:/certs/tls/." "$certs_host/" >/dev/null || { docker rm "$copier" >/dev/null; die "cannot copy the certificates out of volume ${project}_certs"; }
-docker rm "$copier" >/dev/null
+docker cp "$copier:/certs/tls/." "$certs_host/" >/dev/null || { docker rm -v "$copier" >/dev/null; die "cannot copy the certificates out of volume ${project}_certs"; }
+# -v: the image's /data volume, made for this container, goes with it.
+docker rm -v "$copier" >/dev/null
 chmod 600 "$certs_host"/*.key
 rm -f "$certs_host/ca.key" "$certs_host"/node-*.key
 export TROUPE_CA=$certs_host/ca.crt TROUPE_CERT=$certs_host/client-admin.crt TROUPE_KEY=$certs_host/client-admin.key
