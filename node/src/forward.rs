@@ -19,6 +19,11 @@ use troupe_transport::{Lane, PeerTransport};
 /// Metadata naming the node that forwarded a request.
 pub const FORWARDED_BY_HEADER: &str = "x-troupe-forwarded-by";
 
+/// Metadata naming the serving-table revision the forwarding node routed at: the receiver
+/// serves only once its own table is at least there, so a rollout never looks undone to a
+/// client (a request served by the new version, then one forwarded to a node still on the old).
+pub const MIN_REVISION_HEADER: &str = "x-troupe-min-revision";
+
 /// W3C trace context.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 
@@ -53,6 +58,7 @@ impl Forwarder {
         request: EmbedRequest,
         timeout: Duration,
         traceparent: &str,
+        min_revision: u64,
     ) -> Result<EmbedResponse, Status> {
         let channel = self.channel(peer, addr)?;
         let mut client = PeerClient::new(channel)
@@ -62,6 +68,7 @@ impl Forwarder {
         request.set_timeout(timeout);
         let metadata = request.metadata_mut();
         metadata.insert(FORWARDED_BY_HEADER, self.node_id.into());
+        metadata.insert(MIN_REVISION_HEADER, min_revision.into());
         if let Ok(value) = traceparent.parse() {
             metadata.insert(TRACEPARENT_HEADER, value);
         }

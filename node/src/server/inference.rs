@@ -14,7 +14,7 @@ use troupe_proto::v1::{EmbedRequest, EmbedResponse, Embedding};
 
 use super::status::serve_error;
 use crate::config::LimitSettings;
-use crate::forward::{Forwarder, TraceContext, FORWARDED_BY_HEADER};
+use crate::forward::{Forwarder, TraceContext, FORWARDED_BY_HEADER, MIN_REVISION_HEADER};
 use crate::metrics::NodeMetrics;
 
 /// Request metadata naming the API version the client speaks.
@@ -307,6 +307,8 @@ impl InferenceCore {
     /// unavailable, at most `routing.max_attempts` nodes in all.
     async fn embed_routed(&self, admitted: Admitted) -> Result<EmbedResponse, Status> {
         let request = &admitted.request;
+        // Peers must serve at least what this node's table knows now.
+        let revision = self.tree.table.revision();
         let (candidates, local_error) = self.candidates(request)?;
         let key: Vec<u8> = if request.routing_key.is_empty() {
             request.texts.join("\u{0}").into_bytes()
@@ -344,6 +346,7 @@ impl InferenceCore {
                         request.clone(),
                         admitted.deadline - now,
                         &admitted.trace.traceparent(),
+                        revision,
                     )
                     .await;
                 self.metrics
@@ -379,8 +382,45 @@ impl InferenceCore {
         &self,
         request: Request<EmbedRequest>,
     ) -> Result<Response<EmbedResponse>, Status> {
+        let min_revision = match request.metadata().get(MIN_REVISION_HEADER) {
+            None => 0,
+            Some(value) => value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "{MIN_REVISION_HEADER} must be a revision number"
+                    ))
+                })?,
+        };
         let admitted = self.admit(request)?;
+        self.wait_for_revision(min_revision, admitted.deadline)
+            .await?;
         self.serve_local(&admitted).await.map(Response::new)
+    }
+
+    /// Waits until this node's serving table is at `revision` or later, up to `deadline`.
+    async fn wait_for_revision(&self, revision: u64, deadline: Instant) -> Result<(), Status> {
+        let table = &self.tree.table;
+        let mut changes = table.subscribe();
+        let caught_up = tokio::time::timeout_at(deadline.into(), async {
+            while table.revision() < revision {
+                if changes.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        match caught_up {
+            Ok(true) => Ok(()),
+            _ => Err(Status::unavailable(format!(
+                "node {} has not caught up with metadata revision {revision} (it is at {}): another node may serve",
+                self.node_id,
+                table.revision()
+            ))),
+        }
     }
 }
 
