@@ -23,6 +23,9 @@ pub struct Removal {
     changed: Notify,
     /// Why this node is removed, while it is.
     removed: watch::Sender<Option<String>>,
+    /// Whether this node has seen itself in a membership. A node being added replays the
+    /// older memberships (without it) first: that is no removal.
+    was_member: std::sync::atomic::AtomicBool,
 }
 
 impl Removal {
@@ -32,6 +35,7 @@ impl Removal {
             refused_by: Mutex::default(),
             changed: Notify::new(),
             removed: watch::channel(None).0,
+            was_member: Default::default(),
         }
     }
 
@@ -80,7 +84,11 @@ impl Removal {
             // Not initialised yet, or being added: nothing to conclude.
             return None;
         }
-        if !nodes.contains(&self.node_id) {
+        let member = nodes.contains(&self.node_id);
+        if member {
+            self.was_member
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        } else if self.was_member.load(std::sync::atomic::Ordering::Relaxed) {
             let at = metrics.membership_config.log_id().map_or(0, |l| l.index);
             return Some(format!(
                 "removed from the cluster: the membership at log index {at} no longer lists node {}",

@@ -567,18 +567,29 @@ async fn a_removed_node_is_refused_and_notices_it_was_removed() {
     let refused = leader.transport.refusals().count(Refusal::NotMember);
     let removed_term = removed.metadata.status().term;
     let mut client = admin(leader, &certs_dir).await;
-    for i in 0..20 {
-        set_setting(&mut client, "after-removal", &i.to_string())
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(removed.metadata.status().term, removed_term);
-    assert_eq!(leader.metadata.status().term, term);
-    assert_eq!(
-        leader.transport.refusals().count(Refusal::NotMember),
-        refused,
-        "the removed node kept calling"
+    // Writes go on for 2 s (many election timeouts); after each, look for any sign of a
+    // campaign or a call from the removed node. None may come before the window ends.
+    let campaigned = tokio::time::timeout(Duration::from_secs(2), async {
+        for i in 0u64.. {
+            set_setting(&mut client, "after-removal", &i.to_string())
+                .await
+                .unwrap();
+            let seen = (
+                removed.metadata.status().term,
+                leader.metadata.status().term,
+                leader.transport.refusals().count(Refusal::NotMember),
+            );
+            if seen != (removed_term, term, refused) {
+                return seen;
+            }
+        }
+        unreachable!()
+    })
+    .await;
+    assert!(
+        campaigned.is_err(),
+        "the removed node campaigned or kept calling: (its term, the leader's term, refusals) = {campaigned:?}, was {:?}",
+        (removed_term, term, refused)
     );
     assert_eq!(leader.metadata.status().voters.len(), 2);
 
