@@ -33,6 +33,33 @@ pub struct NodeConfig {
     pub tls: TlsSettings,
     /// Run both ports in plaintext and let any peer in: only for a trusted network.
     pub insecure: bool,
+    /// Who may call the API (`[auth]`): bearer-token verification.
+    pub auth: AuthSettings,
+}
+
+/// Bearer tokens on the API port. Tokens are verified with the keys in `jwks` (default:
+/// `jwks.json` in `tls.dir`), reloaded when the file changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    pub jwks: Option<PathBuf>,
+    /// The `iss` and `aud` a token must carry.
+    pub issuer: String,
+    pub audience: String,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_s: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        let policy = troupe_transport::TokenPolicy::default();
+        Self {
+            jwks: None,
+            issuer: policy.issuer,
+            audience: policy.audience,
+            leeway_s: policy.leeway.as_secs(),
+        }
+    }
 }
 
 /// Where a node's certificates are. `dir` is a directory made by `troupe certs init`, of
@@ -130,6 +157,14 @@ pub struct LimitSettings {
     /// HTTP/2 keepalive pings on idle connections, and how long to wait for the answer.
     pub keepalive_interval_s: u64,
     pub keepalive_timeout_s: u64,
+    /// A connection with no call in flight for this long is closed (0: never).
+    pub idle_timeout_s: u64,
+    /// Open connections per port (handshakes included). At the limit a new connection
+    /// closes the longest-idle one; when none is idle, the new one is refused.
+    pub max_connections: usize,
+    /// Largest cluster setting value, in bytes: a larger one is refused before it is
+    /// replicated.
+    pub max_setting_value_bytes: usize,
 }
 
 impl Default for LimitSettings {
@@ -142,6 +177,9 @@ impl Default for LimitSettings {
             request_timeout_ms: 30_000,
             keepalive_interval_s: 30,
             keepalive_timeout_s: 10,
+            idle_timeout_s: 300,
+            max_connections: 4096,
+            max_setting_value_bytes: 64 * 1024,
         }
     }
 }
@@ -256,6 +294,7 @@ impl Default for NodeConfig {
             cluster: ClusterSettings::default(),
             tls: TlsSettings::default(),
             insecure: false,
+            auth: AuthSettings::default(),
         }
     }
 }
@@ -336,6 +375,7 @@ impl NodeConfig {
             ("tls", "ca"),
             ("tls", "cert"),
             ("tls", "key"),
+            ("auth", "jwks"),
         ];
         let mut names: Vec<(String, Option<String>, String)> = top
             .iter()
@@ -796,6 +836,61 @@ impl NodeConfig {
                 }),
             }
         }
+        if self.auth.issuer.is_empty() || self.auth.audience.is_empty() {
+            problems.push(ConfigProblem {
+                field: "auth.issuer/auth.audience".into(),
+                problem: "may not be empty".into(),
+                fix: format!(
+                    "leave them out for the defaults ({:?} and {:?})",
+                    troupe_transport::token::DEFAULT_ISSUER,
+                    troupe_transport::token::DEFAULT_AUDIENCE
+                ),
+            });
+        }
+        if self.auth.leeway_s > 300 {
+            problems.push(ConfigProblem {
+                field: "auth.leeway_s".into(),
+                problem: format!("{} s lets expired tokens in for too long", self.auth.leeway_s),
+                fix: "use at most 300 (the default is 30)".into(),
+            });
+        }
+        // An explicit JWKS must be there; the default one in tls.dir may appear later.
+        if let (Some(path), false) = (&self.auth.jwks, self.insecure) {
+            if let Err(error) = troupe_transport::token::Jwks::load(path) {
+                problems.push(ConfigProblem {
+                    field: "auth.jwks".into(),
+                    problem: error.to_string(),
+                    fix: "point it at the jwks.json `troupe certs init` wrote".into(),
+                });
+            }
+        } else if let Some(path) = self.jwks_path().filter(|p| p.exists()) {
+            if let Err(error) = troupe_transport::token::Jwks::load(&path) {
+                problems.push(ConfigProblem {
+                    field: "auth.jwks".into(),
+                    problem: error.to_string(),
+                    fix: "fix the file, or remove it to accept client certificates only".into(),
+                });
+            }
+        }
+        if self.limits.max_connections < 16 {
+            problems.push(ConfigProblem {
+                field: "limits.max_connections".into(),
+                problem: format!("{} leaves no room for clients", self.limits.max_connections),
+                fix: "use at least 16 (the default is 4096)".into(),
+            });
+        }
+        if self.limits.max_setting_value_bytes == 0
+            || self.limits.max_setting_value_bytes > self.limits.max_message_bytes
+        {
+            problems.push(ConfigProblem {
+                field: "limits.max_setting_value_bytes".into(),
+                problem: format!(
+                    "{} is not between 1 and limits.max_message_bytes ({})",
+                    self.limits.max_setting_value_bytes, self.limits.max_message_bytes
+                ),
+                fix: "use e.g. 65536 (the default)".into(),
+            });
+        }
         problems
     }
 
@@ -817,6 +912,28 @@ impl NodeConfig {
             cert: pick(&tls.cert, from_dir.as_ref().map(|f| &f.cert))?,
             key: pick(&tls.key, from_dir.as_ref().map(|f| &f.key))?,
         })
+    }
+
+    /// The JWKS that verifies API tokens, or `None` when the node runs insecure.
+    pub fn jwks_path(&self) -> Option<PathBuf> {
+        if self.insecure {
+            return None;
+        }
+        self.auth.jwks.clone().or_else(|| {
+            self.tls
+                .dir
+                .as_ref()
+                .map(|dir| dir.join(troupe_transport::token::JWKS_FILE))
+        })
+    }
+
+    /// What an API token must say.
+    pub fn token_policy(&self) -> troupe_transport::TokenPolicy {
+        troupe_transport::TokenPolicy {
+            issuer: self.auth.issuer.clone(),
+            audience: self.auth.audience.clone(),
+            leeway: Duration::from_secs(self.auth.leeway_s),
+        }
     }
 
     /// How often the certificate files are checked for changes.

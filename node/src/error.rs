@@ -117,6 +117,7 @@ impl CliError {
             CliError::Node(
                 crate::run::NodeError::Config(_)
                 | crate::run::NodeError::Tls(_)
+                | crate::run::NodeError::Auth(_)
                 | crate::run::NodeError::WrongIdentity { .. },
             ) => 2,
             // A lost compare-and-set: re-read and retry.

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use troupe_transport::PeerTransport;
+use troupe_transport::{PeerTransport, Verifier};
 
 use troupe_actors::batcher::BATCH_SIZE_BUCKETS;
 use troupe_actors::TreeView;
@@ -55,6 +55,8 @@ pub struct NodeMetrics {
     /// Model bytes pulled from peers, and sent to peers.
     pub blob_bytes_received: Arc<AtomicU64>,
     pub blob_bytes_sent: Arc<AtomicU64>,
+    /// API calls the gate denied, by reason.
+    pub api_denials: Arc<troupe_transport::Denials>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -102,6 +104,7 @@ impl NodeMetrics {
         tree: &TreeView,
         metadata: &Metadata,
         transport: &PeerTransport,
+        verifier: Option<&Verifier>,
     ) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let node = format!("node=\"{node_id}\"");
@@ -110,6 +113,7 @@ impl NodeMetrics {
         render_raft(&mut out, &node, metadata, tree);
         render_peers(&mut out, &node, tree);
         render_transport(&mut out, &node, transport);
+        self.render_auth(&mut out, &node, verifier);
         family(
             &mut out,
             "troupe_blob_bytes_total",
@@ -156,6 +160,42 @@ impl NodeMetrics {
             );
         }
         out
+    }
+
+    /// Denied API calls by reason, and the token keys in use.
+    fn render_auth(&self, out: &mut String, node: &str, verifier: Option<&Verifier>) {
+        family(
+            out,
+            "troupe_api_denials_total",
+            "counter",
+            "API calls refused for their credential (UNAUTHENTICATED) or role (forbidden: PERMISSION_DENIED), by reason.",
+        );
+        for (reason, count) in self.api_denials.snapshot() {
+            let _ = writeln!(
+                out,
+                "troupe_api_denials_total{{{node},reason=\"{reason}\"}} {count}"
+            );
+        }
+        let Some(verifier) = verifier else { return };
+        family(
+            out,
+            "troupe_token_keys",
+            "gauge",
+            "Token verification keys in the node's JWKS.",
+        );
+        let _ = writeln!(out, "troupe_token_keys{{{node}}} {}", verifier.keys().len());
+        family(
+            out,
+            "troupe_jwks_reloads_total",
+            "counter",
+            "JWKS reloads, by result (a failed one keeps the previous keys).",
+        );
+        let (ok, failed) = verifier.reloads();
+        let _ = writeln!(out, "troupe_jwks_reloads_total{{{node},result=\"ok\"}} {ok}");
+        let _ = writeln!(
+            out,
+            "troupe_jwks_reloads_total{{{node},result=\"failed\"}} {failed}"
+        );
     }
 
     fn render_requests(&self, out: &mut String, node: &str) {

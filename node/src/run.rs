@@ -30,7 +30,11 @@ use crate::server::peer::PeerService;
 use troupe_actors::Router;
 use troupe_proto::v1::artifacts_server::ArtifactsServer;
 use troupe_proto::v1::peer_server::PeerServer;
-use troupe_transport::{Identity, PeerTransport, TlsState};
+use troupe_transport::token::Jwks;
+use troupe_transport::{Identity, PeerTransport, TlsState, Verifier};
+
+/// Largest header block an API call may send.
+const API_MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
 /// The service name grpc.health.v1 reports inference readiness under ("" is the node).
 pub const INFERENCE_SERVICE: &str = "troupe.v1.Inference";
@@ -56,6 +60,8 @@ pub enum NodeError {
         "{0} (fix the files, or make new ones with `troupe certs init` / `troupe certs add-node`)"
     )]
     Tls(#[from] troupe_transport::TlsError),
+    #[error("API token keys: {0} (fix the file `troupe certs init` wrote, or point [auth] jwks at one)")]
+    Auth(String),
     #[error("certificate {path} names {named}, but this is node {id}: use node-{id}.crt and node-{id}.key")]
     WrongIdentity {
         path: String,
@@ -120,7 +126,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     config.peer = peer_addr.to_string();
     config.metrics = metrics_addr.to_string();
     let node_metrics = Arc::new(NodeMetrics::default());
-    let (transport, tls_tasks) = transport(&config)?;
+    let (transport, mut tls_tasks) = transport(&config)?;
+    let verifier = token_verifier(&config, &mut tls_tasks)?;
 
     let metadata = Arc::new(Metadata::start(config.metadata_config(), transport.clone()).await?);
     tracing::info!(node_id = config.id, %api_addr, %peer_addr, %metrics_addr, data_dir = %config.data_dir.display(), "node started");
@@ -244,11 +251,19 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     .max_decoding_message_size(limits.max_message_bytes);
     let inference = InferenceServer::new(InferenceService(inference_core))
         .max_decoding_message_size(limits.max_message_bytes);
-    let api_gate = InterceptorLayer::new(transport.api_gate());
+    // Every API call passes the gate: a credential with the role the RPC needs.
+    let api_gate = transport.api_gate(
+        verifier.clone(),
+        crate::server::rbac::required_role,
+        node_metrics.api_denials.clone(),
+    );
     let api_incoming = transport.incoming(api_listener, "api");
     let api_task = tokio::spawn(async move {
         Server::builder()
             .max_concurrent_streams(Some(limits.max_concurrent_streams))
+            // Room for a token up to its limit (8 KiB) and the usual headers; a larger header
+            // block is answered 431 by HTTP/2 before anything reads it.
+            .http2_max_header_list_size(Some(API_MAX_HEADER_LIST_BYTES))
             .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_s)))
             .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_s)))
             .layer(api_gate)
@@ -269,6 +284,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             tree: tree.clone(),
             metadata: metadata.clone(),
             transport: transport.clone(),
+            verifier,
         });
     let metrics_task = tokio::spawn(async move {
         if let Err(error) = axum::serve(metrics_listener, metrics_app).await {
@@ -374,6 +390,47 @@ fn transport(config: &NodeConfig) -> Result<(Arc<PeerTransport>, Vec<JoinHandle<
     }
     tracing::info!(node_id = config.id, ca = %files.ca.display(), cert = %files.cert.display(), "peer and API ports use TLS; peers need a node certificate of this CA");
     Ok((Arc::new(PeerTransport::tls(state, connect_timeout)), tasks))
+}
+
+/// The API's token verifier with the node's JWKS, reloaded when the file changes (and on
+/// SIGHUP); `None` when the node runs insecure.
+fn token_verifier(
+    config: &NodeConfig,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<Option<Arc<Verifier>>, NodeError> {
+    let Some(path) = config.jwks_path() else {
+        tracing::warn!(
+            node_id = config.id,
+            "the API authenticates nobody (--insecure): every caller may do everything"
+        );
+        return Ok(None);
+    };
+    let keys = if path.exists() {
+        Jwks::load(&path).map_err(|e| NodeError::Auth(e.to_string()))?
+    } else {
+        tracing::warn!(path = %path.display(), "no JWKS: API tokens are refused until the file appears; client certificates with a role still work");
+        Jwks::default()
+    };
+    tracing::info!(path = %path.display(), kids = ?keys.kids(), "API tokens are verified with this JWKS");
+    let verifier = Arc::new(Verifier::new(config.token_policy(), keys));
+    let now = Arc::new(tokio::sync::Notify::new());
+    tasks.push(troupe_transport::token::spawn_jwks_reloader(
+        verifier.clone(),
+        path,
+        config.tls_reload_interval(),
+        now.clone(),
+    ));
+    #[cfg(unix)]
+    if let Ok(mut hangups) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    {
+        tasks.push(tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                now.notify_one();
+            }
+        }));
+    }
+    Ok(Some(verifier))
 }
 
 /// Runs a node until `shutdown` completes, then stops it cleanly.

@@ -78,11 +78,17 @@ async fn admin(node: &RunningNode, certs: &Path) -> AdminClient<tonic::transport
     AdminClient::new(channel(node.api_addr, Some(&admin_tls(certs))).await)
 }
 
-async fn set_setting(
-    client: &mut AdminClient<tonic::transport::Channel>,
+async fn set_setting<T>(
+    client: &mut AdminClient<T>,
     key: &str,
     value: &str,
-) -> Result<u64, tonic::Status> {
+) -> Result<u64, tonic::Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
     client
         .set_setting(SetSettingRequest {
             key: key.into(),
@@ -407,8 +413,13 @@ async fn rotating_every_certificate_to_a_new_ca_under_load_fails_no_request() {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut load = Vec::new();
+    // A token, not a client certificate: it outlives the CA it was minted under.
+    let token = mint(&certs_dir, troupe_transport::Role::Operator);
     for (i, node) in nodes.iter().enumerate() {
-        let mut client = AdminClient::new(channel(node.api_addr, Some(&client_tls)).await);
+        let mut client = AdminClient::new(authed(
+            channel(node.api_addr, Some(&client_tls)).await,
+            &token,
+        ));
         let (stopped, done, failed) = (stopped.clone(), done.clone(), failed.clone());
         load.push(tokio::spawn(async move {
             let mut n = 0u64;
@@ -486,7 +497,8 @@ async fn rotating_every_certificate_to_a_new_ca_under_load_fails_no_request() {
     })
     .await;
     for node in &nodes {
-        let mut fresh = AdminClient::new(channel(node.api_addr, Some(&new_only)).await);
+        let mut fresh =
+            AdminClient::new(authed(channel(node.api_addr, Some(&new_only)).await, &token));
         fresh
             .node_status(troupe_proto::v1::NodeStatusRequest {})
             .await
@@ -785,10 +797,13 @@ async fn sighup_reloads_the_certificates_at_once() {
     let channel = troupe_transport::connect_client(endpoint, Some(new_only.config().unwrap()))
         .await
         .unwrap();
-    AdminClient::new(channel)
-        .node_status(troupe_proto::v1::NodeStatusRequest {})
-        .await
-        .unwrap();
+    AdminClient::new(authed(
+        channel,
+        &mint(&certs_dir, troupe_transport::Role::Read),
+    ))
+    .node_status(troupe_proto::v1::NodeStatusRequest {})
+    .await
+    .unwrap();
     // SIGTERM stops it cleanly.
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);

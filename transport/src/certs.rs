@@ -4,7 +4,11 @@
 //! - `node-<id>.crt`, `node-<id>.key`: node `id`, for server and client auth, valid for
 //!   127.0.0.1, ::1, localhost and every extra host name, named `spiffe://troupe/node/<id>`.
 //! - `client-admin.crt`, `client-admin.key`: a client certificate (client auth only), named
-//!   `spiffe://troupe/client/admin`; the peer port never accepts it.
+//!   `spiffe://troupe/client/admin` with the API role `spiffe://troupe/role/admin`; the peer
+//!   port never accepts it.
+//!
+//! - `jwt-signing.key`, `jwks.json`: the Ed25519 key `troupe token issue` signs API tokens
+//!   with, and the public keys nodes verify them with ([`crate::token`]).
 //!
 //! Keys are written with mode 0600, and an existing file is never overwritten.
 
@@ -16,7 +20,8 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
-use crate::identity::Identity;
+use crate::identity::{role_uri, valid_client_name, Identity};
+use crate::token::Role;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertsError {
@@ -121,6 +126,17 @@ impl Authority {
         hosts: &[String],
         validity: Validity,
     ) -> Result<Issued, CertsError> {
+        self.issue_with_role(identity, None, hosts, validity)
+    }
+
+    /// As [`Authority::issue`]; a client certificate also names its API `role`.
+    pub fn issue_with_role(
+        &self,
+        identity: &Identity,
+        role: Option<Role>,
+        hosts: &[String],
+        validity: Validity,
+    ) -> Result<Issued, CertsError> {
         let key = KeyPair::generate()?;
         let mut params = match identity {
             Identity::Node(_) => CertificateParams::new(hosts.to_vec())
@@ -132,6 +148,12 @@ impl Authority {
             .try_into()
             .map_err(|e: rcgen::Error| CertsError::Invalid(e.to_string()))?;
         params.subject_alt_names.push(SanType::URI(uri));
+        if let (Identity::Client(_), Some(role)) = (identity, role) {
+            let uri = role_uri(role)
+                .try_into()
+                .map_err(|e: rcgen::Error| CertsError::Invalid(e.to_string()))?;
+            params.subject_alt_names.push(SanType::URI(uri));
+        }
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.distinguished_name.push(
             DnType::CommonName,
@@ -267,13 +289,18 @@ pub fn init(out: &Path, nodes: u64, hosts: &[String]) -> Result<Written, CertsEr
         put(format!("node-{id}.crt"), &issued.cert_pem, false)?;
         put(format!("node-{id}.key"), &issued.key_pem, true)?;
     }
-    let admin = ca.issue(
+    let admin = ca.issue_with_role(
         &Identity::Client("admin".into()),
+        Some(Role::Admin),
         &[],
         Validity::days(LEAF_DAYS),
     )?;
     put("client-admin.crt".into(), &admin.cert_pem, false)?;
     put("client-admin.key".into(), &admin.key_pem, true)?;
+    files.extend(crate::token::init_signing_key(out).map_err(|e| match e {
+        crate::token::KeysError::Write(e) => e,
+        other => CertsError::Invalid(other.to_string()),
+    })?);
     Ok(Written { files })
 }
 
@@ -298,6 +325,37 @@ pub fn add_node(dir: &Path, id: u64, hosts: &[String]) -> Result<Written, CertsE
     let issued = ca.issue(
         &Identity::Node(id),
         &node_hosts(hosts),
+        Validity::days(LEAF_DAYS),
+    )?;
+    write_new(&key, &issued.key_pem, true)?;
+    write_new(&cert, &issued.cert_pem, false)?;
+    Ok(Written {
+        files: vec![cert, key],
+    })
+}
+
+/// `troupe certs add-client`: a client certificate `client-<name>.crt/.key` granting `role`
+/// on the API port.
+pub fn add_client(dir: &Path, name: &str, role: Role) -> Result<Written, CertsError> {
+    if !valid_client_name(name) {
+        return Err(CertsError::Invalid(format!(
+            "--name {name:?}: a client name is 1 to 64 of a-z, 0-9, '.', '_' and '-'"
+        )));
+    }
+    let ca = Authority::load(&dir.join("ca.crt"), &dir.join("ca.key"))?;
+    let (cert, key) = (
+        dir.join(format!("client-{name}.crt")),
+        dir.join(format!("client-{name}.key")),
+    );
+    for path in [&cert, &key] {
+        if path.exists() {
+            return Err(CertsError::Exists(path.display().to_string()));
+        }
+    }
+    let issued = ca.issue_with_role(
+        &Identity::Client(name.to_owned()),
+        Some(role),
+        &[],
         Validity::days(LEAF_DAYS),
     )?;
     write_new(&key, &issued.key_pem, true)?;

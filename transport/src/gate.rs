@@ -97,7 +97,36 @@ pub const REFUSAL_HEADER: &str = "x-troupe-refusal";
 #[derive(Default)]
 pub struct Refusals {
     counts: [AtomicU64; 8],
-    log_window: Mutex<Option<(Instant, u32)>>,
+    log: LogLimit,
+}
+
+/// Lets at most [`LOG_BURST`] lines per [`LOG_WINDOW`] through, then says how many it held
+/// back, so a flood of bad callers cannot flood the log.
+#[derive(Debug, Default)]
+pub struct LogLimit {
+    window: Mutex<Option<(Instant, u32)>>,
+}
+
+impl LogLimit {
+    /// Whether this line may be logged.
+    pub fn admit(&self, port: &str) -> bool {
+        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let (start, logged) = window.get_or_insert((now, 0));
+        if now.duration_since(*start) > LOG_WINDOW {
+            if *logged > LOG_BURST {
+                tracing::warn!(
+                    port,
+                    suppressed = *logged - LOG_BURST,
+                    "more refused calls were not logged"
+                );
+            }
+            *start = now;
+            *logged = 0;
+        }
+        *logged += 1;
+        *logged <= LOG_BURST
+    }
 }
 
 /// At most this many refusal lines per window; the rest are counted and summed up.
@@ -108,22 +137,7 @@ impl Refusals {
     /// Counts a refusal and logs it, with the reason and the peer's address.
     pub fn refuse(&self, refusal: Refusal, port: &str, remote: Option<SocketAddr>, reason: &str) {
         self.counts[refusal as usize].fetch_add(1, Ordering::Relaxed);
-        let mut window = self.log_window.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let (start, logged) = window.get_or_insert((now, 0));
-        if now.duration_since(*start) > LOG_WINDOW {
-            if *logged > LOG_BURST {
-                tracing::warn!(
-                    port,
-                    suppressed = *logged - LOG_BURST,
-                    "more refused connections were not logged"
-                );
-            }
-            *start = now;
-            *logged = 0;
-        }
-        *logged += 1;
-        if *logged <= LOG_BURST {
+        if self.log.admit(port) {
             let remote = remote.map_or_else(|| "?".to_owned(), |a| a.to_string());
             tracing::warn!(port, %remote, refusal = refusal.label(), reason, "refused a connection");
         }
@@ -223,29 +237,5 @@ impl tonic::service::Interceptor for PeerGate {
                 Err(refusal.status(&reason))
             }
         }
-    }
-}
-
-/// The interceptor in front of the API port: on a TLS port, a plaintext client is told to
-/// use TLS. (Who may do what on the API is the API's business.)
-#[derive(Clone)]
-pub struct ApiGate {
-    pub refusals: Arc<Refusals>,
-}
-
-impl tonic::service::Interceptor for ApiGate {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let info = request.extensions().get::<ConnInfo>();
-        if let Some(ConnInfo {
-            remote,
-            security: Security::Plaintext,
-        }) = info
-        {
-            let reason = "plaintext connection refused: this node serves TLS; connect with --ca FILE (or TROUPE_CA) naming the cluster CA";
-            self.refusals
-                .refuse(Refusal::Plaintext, "api", *remote, reason);
-            return Err(Refusal::Plaintext.status(reason));
-        }
-        Ok(request)
     }
 }

@@ -73,6 +73,36 @@ impl Identity {
     }
 }
 
+/// The API role a client certificate grants: the URI SAN `spiffe://troupe/role/<role>`.
+/// None when the certificate names no role or two different ones.
+pub fn role_from_certificate(der: &[u8]) -> Option<crate::token::Role> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let names = cert.subject_alternative_name().ok()??;
+    let mut found = None;
+    for name in &names.value.general_names {
+        let GeneralName::URI(uri) = name else {
+            continue;
+        };
+        let Some(role) = uri
+            .strip_prefix(TRUST_DOMAIN)
+            .and_then(|rest| rest.strip_prefix("role/"))
+        else {
+            continue;
+        };
+        let role = crate::token::Role::parse(role)?;
+        if found.is_some_and(|other| other != role) {
+            return None;
+        }
+        found = Some(role);
+    }
+    found
+}
+
+/// The URI SAN that grants a client certificate `role`.
+pub fn role_uri(role: crate::token::Role) -> String {
+    format!("{TRUST_DOMAIN}role/{}", role.label())
+}
+
 /// A client name: 1 to 64 of `[a-z0-9._-]`.
 pub fn valid_client_name(name: &str) -> bool {
     !name.is_empty()

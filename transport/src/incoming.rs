@@ -43,6 +43,8 @@ pub enum Security {
 pub struct ConnInfo {
     pub remote: Option<SocketAddr>,
     pub security: Security,
+    /// The API role a client certificate grants (`spiffe://troupe/role/<role>`).
+    pub role: Option<crate::token::Role>,
 }
 
 /// A served connection: TLS, or plain TCP.
@@ -157,6 +159,7 @@ pub fn incoming(
                         ConnInfo {
                             remote: Some(remote),
                             security: Security::Insecure,
+                            role: None,
                         },
                     )),
                     Some(tls) => {
@@ -209,6 +212,7 @@ async fn handshake(tcp: TcpStream, remote: SocketAddr, tls: &TlsState) -> Result
             ConnInfo {
                 remote: Some(remote),
                 security: Security::Plaintext,
+                role: None,
             },
         ));
     }
@@ -217,20 +221,29 @@ async fn handshake(tcp: TcpStream, remote: SocketAddr, tls: &TlsState) -> Result
         .accept(tcp)
         .await
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
-    let security = match stream
+    let (security, role) = match stream
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
     {
-        None => Security::Anonymous,
-        Some(cert) => Security::Certified(Identity::from_certificate(cert)),
+        None => (Security::Anonymous, None),
+        Some(cert) => {
+            let identity = Identity::from_certificate(cert);
+            // Only a client certificate grants an API role.
+            let role = match identity {
+                Ok(Identity::Client(_)) => crate::identity::role_from_certificate(cert),
+                _ => None,
+            };
+            (Security::Certified(identity), role)
+        }
     };
     Ok(Conn::Tls(
         Box::new(stream),
         ConnInfo {
             remote: Some(remote),
             security,
+            role,
         },
     ))
 }

@@ -8,9 +8,12 @@
 //! - [`connect`]: the client-side TLS connector that also checks the server's node identity.
 //! - [`incoming`]: the server side of both ports (TLS or plaintext, handshakes off the accept
 //!   loop).
-//! - [`gate`]: the interceptors that admit only member nodes to the peer port, and the
+//! - [`gate`]: the interceptor that admits only member nodes to the peer port, and the
 //!   refusal counters.
+//! - [`token`]: API roles, bearer tokens (JWT, EdDSA/ES256), the JWKS and the signing key.
+//! - [`api_gate`]: the layer in front of the API port: credentials and the RBAC check.
 
+pub mod api_gate;
 pub mod certs;
 pub mod connect;
 pub mod gate;
@@ -18,10 +21,13 @@ pub mod identity;
 pub mod incoming;
 pub mod peer;
 pub mod tls;
+pub mod token;
 
-pub use gate::{ApiGate, Membership, PeerGate, Refusal, Refusals, VerifiedPeer};
+pub use api_gate::{ApiGateLayer, Denials, Rbac};
+pub use gate::{Membership, PeerGate, Refusal, Refusals, VerifiedPeer};
 pub use identity::Identity;
 pub use incoming::{incoming, ConnInfo, Incoming, Security};
 pub use peer::{connect_client, connect_client_lazy, Lane, PeerTransport};
 pub use rustls;
 pub use tls::{ClientTls, TlsError, TlsFiles, TlsState};
+pub use token::{Principal, Role, TokenPolicy, Verifier};

@@ -11,7 +11,9 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::connect::{ClientSource, TlsConnector};
-use crate::gate::{ApiGate, Membership, PeerGate, Refusals};
+use crate::api_gate::{ApiAuth, ApiGateLayer, Denials, Rbac};
+use crate::gate::{Membership, PeerGate, Refusals};
+use crate::token::Verifier;
 use crate::identity::Identity;
 use crate::incoming::Incoming;
 use crate::tls::TlsState;
@@ -91,11 +93,20 @@ impl PeerTransport {
         }
     }
 
-    /// The interceptor in front of the API port.
-    pub fn api_gate(&self) -> ApiGate {
-        ApiGate {
+    /// The layer in front of the API port: plaintext refused on a TLS port, then the
+    /// caller's credential checked against `rbac` (nothing is checked when insecure).
+    pub fn api_gate(
+        &self,
+        verifier: Option<Arc<Verifier>>,
+        rbac: Rbac,
+        denials: Arc<Denials>,
+    ) -> ApiGateLayer {
+        ApiGateLayer::new(Arc::new(ApiAuth {
+            verifier,
+            rbac,
+            denials,
             refusals: self.refusals.clone(),
-        }
+        }))
     }
 
     /// The endpoint for `addr` with the lane's settings.

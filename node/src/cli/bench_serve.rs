@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
-use tonic::transport::Channel;
 use troupe_models::bench::sentence_with_tokens;
 use troupe_models::{CpuBackend, Embedder, SentenceTokenizer};
 use troupe_proto::v1::inference_client::InferenceClient;
@@ -135,7 +134,7 @@ async fn load_point(
     let timeout = Duration::from_secs(30);
     let mut clients = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        let channel: Channel = channel(&args.addr, timeout).await?;
+        let channel = channel(&args.addr, timeout).await?;
         clients.push(InferenceClient::new(channel).max_decoding_message_size(usize::MAX));
     }
     let warmup = Duration::from_secs_f64(args.warmup);

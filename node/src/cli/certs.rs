@@ -11,11 +11,28 @@ use crate::error::CliError;
 pub enum CertsCommand {
     /// Make a new cluster CA (ca.crt, ca.key), node certificates node-<id>.crt/.key for ids
     /// 1..N (valid for 127.0.0.1, ::1, localhost and each --host), and an admin client
-    /// certificate (client-admin.crt/.key). Keys are written 0600; an existing, non-empty
+    /// certificate (client-admin.crt/.key, role admin), and the API token signing key with
+    /// its JWKS (jwt-signing.key, jwks.json). Keys are written 0600; an existing, non-empty
     /// DIR is never touched.
     Init(InitArgs),
     /// Issue one more node certificate (node-<id>.crt/.key) from the CA in DIR.
     AddNode(AddNodeArgs),
+    /// Issue a client certificate (client-<name>.crt/.key) that grants ROLE on the API port,
+    /// an alternative to a token.
+    AddClient(AddClientArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AddClientArgs {
+    /// A directory made by `troupe certs init` (it holds ca.crt and ca.key).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// The client's name: 1 to 64 of a-z, 0-9, '.', '_', '-'.
+    #[arg(long)]
+    pub name: String,
+    /// read, infer, operator or admin.
+    #[arg(long)]
+    pub role: troupe_transport::Role,
 }
 
 #[derive(Debug, Args)]
@@ -53,6 +70,7 @@ pub fn run(command: CertsCommand) -> Result<(), CliError> {
     let written = match command {
         CertsCommand::Init(args) => certs::init(&args.out, args.nodes, &args.hosts),
         CertsCommand::AddNode(args) => certs::add_node(&args.dir, args.id, &args.hosts),
+        CertsCommand::AddClient(args) => certs::add_client(&args.dir, &args.name, args.role),
     }
     .map_err(certs_error)?;
     for path in written.files {

@@ -17,6 +17,7 @@ mod push;
 pub(crate) mod remote;
 mod settings;
 mod shell;
+mod token;
 mod up;
 
 use std::path::PathBuf;
@@ -74,9 +75,38 @@ pub struct ClientTlsArgs {
         requires = "tls_cert"
     )]
     pub key: Option<PathBuf>,
+    /// A bearer token (`troupe token issue`) sent with every call; it wins over a client
+    /// certificate's role.
+    #[arg(
+        long,
+        global = true,
+        env = "TROUPE_TOKEN",
+        value_name = "JWT",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// A file holding the bearer token (keeps it out of the process list).
+    #[arg(long, global = true, env = "TROUPE_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 impl ClientTlsArgs {
+    /// The bearer token these flags give, if any.
+    pub fn token(&self) -> Result<Option<String>, CliError> {
+        if let Some(token) = &self.token {
+            return Ok(Some(token.clone()));
+        }
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        std::fs::read_to_string(path)
+            .map(|t| Some(t.trim().to_owned()))
+            .map_err(|e| {
+                CliError::Usage(format!("--token-file {}: {e}", path.display()))
+            })
+    }
+
     /// The TLS settings these flags ask for.
     pub fn client_tls(&self) -> Result<Option<troupe_transport::ClientTls>, CliError> {
         match (&self.ca, &self.cert, &self.key) {
@@ -116,6 +146,9 @@ pub enum Command {
     /// The cluster CA and its node and client certificates (rcgen).
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// API bearer tokens: mint one for a role, rotate the signing key, retire an old key.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Check a node config file: names each bad field and the fix.
     #[command(subcommand)]
     Config(config_check::ConfigCommand),
@@ -224,9 +257,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         if let Some(tls) = cli.tls.client_tls()? {
             remote::use_tls(tls);
         }
+        if let Some(token) = cli.tls.token()? {
+            remote::use_token(&token)?;
+        }
     }
     match cli.command {
         Command::Certs(command) => certs::run(command),
+        Command::Token(command) => token::run(command),
         Command::Up(args) => up::run(args),
         Command::Node(args) => node::run(args),
         Command::Cluster(command) => cluster::run(command),

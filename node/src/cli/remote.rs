@@ -5,6 +5,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use troupe_proto::v1::admin_client::AdminClient;
 use troupe_proto::v1::inference_client::InferenceClient;
@@ -39,6 +41,44 @@ pub fn use_tls(tls: ClientTls) {
     *CLIENT_TLS.lock().unwrap_or_else(|p| p.into_inner()) = Some((tls, None));
 }
 
+/// The bearer token every call of this process sends (`--token`, `--token-file`, or the
+/// one `troupe up` minted).
+static TOKEN: Mutex<Option<MetadataValue<Ascii>>> = Mutex::new(None);
+
+/// Makes every later call of this process send `token` as `authorization: Bearer`.
+pub fn use_token(token: &str) -> Result<(), CliError> {
+    let token = token.trim();
+    let value = format!("Bearer {token}").parse().map_err(|_| {
+        CliError::Usage(
+            "--token (TROUPE_TOKEN): a token is printable ASCII (a JWT from `troupe token issue`)"
+                .into(),
+        )
+    })?;
+    *TOKEN.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
+    Ok(())
+}
+
+/// Adds the process's bearer token to each call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request.metadata_mut().insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel to a node that sends this process's credentials.
+pub type Api = InterceptedService<Channel, Bearer>;
+
+fn with_token(channel: Channel) -> Api {
+    let token = TOKEN.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    InterceptedService::new(channel, Bearer(token))
+}
+
 /// The client configuration connections use (built once from the files), or `None` for
 /// plaintext.
 fn client_config() -> Result<Option<ClientConfig>, CliError> {
@@ -57,15 +97,15 @@ fn client_config() -> Result<Option<ClientConfig>, CliError> {
 }
 
 /// A channel on `endpoint` that connects on first use, over TLS when this process uses it.
-pub fn lazy_channel(endpoint: Endpoint) -> Result<Channel, CliError> {
-    Ok(troupe_transport::connect_client_lazy(
+pub fn lazy_channel(endpoint: Endpoint) -> Result<Api, CliError> {
+    Ok(with_token(troupe_transport::connect_client_lazy(
         endpoint,
         client_config()?,
-    ))
+    )))
 }
 
 /// A channel to a node's API address; every call on it times out after `timeout`.
-pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, CliError> {
+pub async fn channel(addr: &str, timeout: Duration) -> Result<Api, CliError> {
     let tls = client_config()?;
     let hint = if tls.is_some() {
         " (with --ca: does the node serve TLS with a certificate of that CA?)"
@@ -83,10 +123,11 @@ pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, CliError>
         .tcp_nodelay(true);
     troupe_transport::connect_client(endpoint, tls)
         .await
+        .map(with_token)
         .map_err(|e| connect(crate::error::chain(&e)))
 }
 
-pub async fn admin(addr: &str) -> Result<AdminClient<Channel>, CliError> {
+pub async fn admin(addr: &str) -> Result<AdminClient<Api>, CliError> {
     Ok(AdminClient::new(channel(addr, CALL_TIMEOUT).await?))
 }
 
@@ -94,7 +135,7 @@ pub async fn admin(addr: &str) -> Result<AdminClient<Channel>, CliError> {
 pub async fn inference(
     addr: &str,
     timeout: Duration,
-) -> Result<InferenceClient<Channel>, CliError> {
+) -> Result<InferenceClient<Api>, CliError> {
     Ok(InferenceClient::new(channel(addr, timeout).await?).max_decoding_message_size(usize::MAX))
 }
 

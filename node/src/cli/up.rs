@@ -10,7 +10,8 @@
 //!
 //! The cluster runs with TLS: the first `up` on a data dir makes a CA and the nodes' and the
 //! admin's certificates in `<data dir>/certs` (`troupe certs init`), every node starts with
-//! `--tls-dir` on it, and the shell connects with the admin certificate. `up` prints the
+//! `--tls-dir` on it, and the shell connects with the admin certificate. Each `up` also mints
+//! an admin API token into `<data dir>/admin.token`, which the shell sends. `up` prints the
 //! `export TROUPE_CA=...` line other terminals need.
 
 use std::fs::File;
@@ -258,7 +259,7 @@ fn resolve_model(model: &str) -> Result<(String, PathBuf), CliError> {
 /// The cluster's certificates in `<dir>/certs`, made on the first `up` (a later `up` with more
 /// nodes adds theirs); this process's remote calls use the admin's from here on.
 fn ensure_certs(dir: &Path, nodes: u16) -> Result<PathBuf, CliError> {
-    use troupe_transport::certs;
+    use troupe_transport::{certs, token};
     let certs_dir = dir.join("certs");
     let usage = |e: certs::CertsError| CliError::Usage(format!("{e} (in {})", certs_dir.display()));
     if !certs_dir.join("ca.crt").is_file() {
@@ -269,8 +270,43 @@ fn ensure_certs(dir: &Path, nodes: u16) -> Result<PathBuf, CliError> {
             certs::add_node(&certs_dir, id, &[]).map_err(usage)?;
         }
     }
+    // A data dir from before API tokens has no signing key yet.
+    if !certs_dir.join(token::SIGNING_KEY_FILE).is_file() {
+        token::init_signing_key(&certs_dir)
+            .map_err(|e| CliError::Usage(format!("{e} (in {})", certs_dir.display())))?;
+    }
     super::remote::use_tls(admin_tls(&certs_dir));
+    let token = mint_admin_token(dir, &certs_dir)?;
+    super::remote::use_token(&token)?;
     Ok(certs_dir)
+}
+
+/// How long the admin token `up` mints lasts; every `up` mints a new one.
+const ADMIN_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
+
+/// A fresh admin token in `<dir>/admin.token` (0600), for the shell and other terminals.
+fn mint_admin_token(dir: &Path, certs: &Path) -> Result<String, CliError> {
+    let usage = |e: &dyn std::fmt::Display| CliError::Usage(format!("{e} (in {})", certs.display()));
+    use troupe_transport::token;
+    let key = token::SigningKey::load(&certs.join(token::SIGNING_KEY_FILE)).map_err(|e| usage(&e))?;
+    let minted = key
+        .issue(
+            &troupe_transport::TokenPolicy::default(),
+            "troupe-up",
+            troupe_transport::Role::Admin,
+            ADMIN_TOKEN_TTL,
+        )
+        .map_err(|e| usage(&e))?;
+    let path = admin_token_path(dir);
+    let tmp = dir.join("admin.token.new");
+    let _ = std::fs::remove_file(&tmp);
+    troupe_transport::certs::write_new(&tmp, &format!("{minted}\n"), true).map_err(|e| usage(&e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| usage(&e))?;
+    Ok(minted)
+}
+
+fn admin_token_path(dir: &Path) -> PathBuf {
+    dir.join("admin.token")
 }
 
 fn admin_tls(certs: &Path) -> troupe_transport::ClientTls {
@@ -514,10 +550,11 @@ fn print_endpoints(dir: &Path, endpoints: &[Endpoints], model: &str, certs: &Pat
     let (cert, key) = admin.identity.unwrap_or_default();
     println!("talk to it from another terminal after:");
     println!(
-        "  export TROUPE_CA={} TROUPE_CERT={} TROUPE_KEY={}",
+        "  export TROUPE_CA={} TROUPE_CERT={} TROUPE_KEY={} TROUPE_TOKEN_FILE={}",
         admin.ca.display(),
         cert.display(),
-        key.display()
+        key.display(),
+        admin_token_path(dir).display()
     );
     println!(
         "try: troupe embed --addr {} --model {model} --input docs/sample.txt\n",

@@ -21,6 +21,7 @@ pub struct MetricsState {
     pub tree: TreeView,
     pub metadata: Arc<Metadata>,
     pub transport: Arc<troupe_transport::PeerTransport>,
+    pub verifier: Option<Arc<troupe_transport::Verifier>>,
 }
 
 pub fn router(state: MetricsState) -> Router {
@@ -37,6 +38,7 @@ async fn metrics(State(state): State<MetricsState>) -> impl IntoResponse {
         &state.tree,
         &state.metadata,
         &state.transport,
+        state.verifier.as_deref(),
     );
     (
         [(

@@ -8,4 +8,5 @@ pub mod inference;
 pub mod metrics_http;
 pub mod peer;
 pub mod push;
+pub mod rbac;
 pub mod status;

@@ -502,3 +502,42 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     (status, body.to_owned())
 }
+
+/// Sends a bearer token with each call.
+#[derive(Clone)]
+pub struct Bearer(pub tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry a bearer token.
+pub type Authed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+pub fn authed(channel: tonic::transport::Channel, token: &str) -> Authed {
+    tonic::service::interceptor::InterceptedService::new(
+        channel,
+        Bearer(format!("Bearer {token}").parse().unwrap()),
+    )
+}
+
+/// A token for `role`, signed with the key `troupe certs init` wrote into `certs`.
+pub fn mint(certs: &std::path::Path, role: troupe_transport::Role) -> String {
+    troupe_transport::token::SigningKey::load(
+        &certs.join(troupe_transport::token::SIGNING_KEY_FILE),
+    )
+    .unwrap()
+    .issue(
+        &troupe_transport::TokenPolicy::default(),
+        "test",
+        role,
+        std::time::Duration::from_secs(3600),
+    )
+    .unwrap()
+}

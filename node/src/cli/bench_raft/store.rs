@@ -37,7 +37,7 @@ impl Kind {
 
 #[derive(Clone)]
 enum Conn {
-    Troupe(AdminClient<Channel>),
+    Troupe(AdminClient<crate::cli::remote::Api>),
     Etcd {
         kv: KvClient<Channel>,
         maintenance: MaintenanceClient<Channel>,
@@ -85,16 +85,17 @@ impl Store {
                 .connect_timeout(Duration::from_secs(1))
                 .tcp_nodelay(true);
             // troupe over TLS with --ca; etcd is always plaintext here.
-            let channel = match kind {
-                Kind::Troupe => crate::cli::remote::lazy_channel(endpoint)?,
-                Kind::Etcd => endpoint.connect_lazy(),
-            };
             conns.push(match kind {
-                Kind::Troupe => Conn::Troupe(AdminClient::new(channel)),
-                Kind::Etcd => Conn::Etcd {
-                    kv: KvClient::new(channel.clone()),
-                    maintenance: MaintenanceClient::new(channel),
-                },
+                Kind::Troupe => Conn::Troupe(AdminClient::new(
+                    crate::cli::remote::lazy_channel(endpoint)?,
+                )),
+                Kind::Etcd => {
+                    let channel = endpoint.connect_lazy();
+                    Conn::Etcd {
+                        kv: KvClient::new(channel.clone()),
+                        maintenance: MaintenanceClient::new(channel),
+                    }
+                }
             });
         }
         Ok(Self {
