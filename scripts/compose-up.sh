@@ -143,9 +143,14 @@ docker cp "$copier:/certs/tls/." "$certs_host/" >/dev/null || { docker rm -v "$c
 # -v: the image's /data volume, made for this container, goes with it.
 docker rm -v "$copier" >/dev/null
 chmod 600 "$certs_host"/*.key
-rm -f "$certs_host/ca.key" "$certs_host"/node-*.key
+rm -f "$certs_host/ca.key" "$certs_host"/node-*.key "$certs_host/jwt-signing.key"
+# An admin API token, minted inside the volume (the signing key never leaves it).
+(umask 077; dc run --rm certs token issue --keys /certs/tls --role admin --ttl 30d --subject compose-admin \
+  2>/dev/null >"$certs_host/admin.token") || die "cannot mint the admin token"
+grep -q '^ey' "$certs_host/admin.token" || die "the admin token is not a JWT: $(head -c 200 "$certs_host/admin.token")"
 export TROUPE_CA=$certs_host/ca.crt TROUPE_CERT=$certs_host/client-admin.crt TROUPE_KEY=$certs_host/client-admin.key
-printf 'export TROUPE_CA=%s TROUPE_CERT=%s TROUPE_KEY=%s\n' "$TROUPE_CA" "$TROUPE_CERT" "$TROUPE_KEY" >"$certs_host/env"
+export TROUPE_TOKEN_FILE=$certs_host/admin.token
+printf 'export TROUPE_CA=%s TROUPE_CERT=%s TROUPE_KEY=%s TROUPE_TOKEN_FILE=%s\n' "$TROUPE_CA" "$TROUPE_CERT" "$TROUPE_KEY" "$TROUPE_TOKEN_FILE" >"$certs_host/env"
 
 say "starting node1..node3 with mTLS (project $project, network $TROUPE_COMPOSE_NET.0/24)"
 dc up -d

@@ -106,6 +106,11 @@ source "$static_target/compose-certs/$TROUPE_COMPOSE_PROJECT/env"
 [[ -f $TROUPE_CA ]] || fail "compose-up left no CA for host clients at $TROUPE_CA"
 plain=$(env -u TROUPE_CA -u TROUPE_CERT -u TROUPE_KEY "$bin" cluster status --addr "$(api 1)" 2>&1) && fail "a plaintext client was served: $plain"
 grep -q UNAUTHENTICATED <<<"$plain" || fail "a plaintext client was not told to use TLS: $plain"
+# TLS without a credential is refused; the minted admin token alone is enough.
+anon=$(env -u TROUPE_CERT -u TROUPE_KEY -u TROUPE_TOKEN_FILE "$bin" cluster status --addr "$(api 1)" 2>&1) && fail "a client without a credential was served: $anon"
+grep -q UNAUTHENTICATED <<<"$anon" || fail "a client without a credential was not told why: $anon"
+env -u TROUPE_CERT -u TROUPE_KEY "$bin" cluster status --addr "$(api 1)" >/dev/null || fail "the admin token from compose-up was refused"
+say "API: no credential is UNAUTHENTICATED, the admin token is let in"
 
 # One Embed through node N's published port must give one vector of 384 finite numbers.
 embed_384() {
