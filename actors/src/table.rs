@@ -223,6 +223,16 @@ impl ServingTable {
             .collect()
     }
 
+    /// Whether `model` is registered (any version): only those name metric series.
+    pub fn knows_model(&self, model: &str) -> bool {
+        self.read().models.contains_key(model)
+    }
+
+    /// Whether `task` has a priority set.
+    pub fn knows_task(&self, task: &str) -> bool {
+        self.read().tasks.lanes.contains_key(task)
+    }
+
     /// The version each model's unversioned requests go to.
     pub fn serving_version(&self, model: &str) -> Option<String> {
         self.read().serving.get(model).cloned()

@@ -13,7 +13,7 @@ pub enum MetadataError {
     #[error("no leader is known yet (election in progress or no quorum): retry shortly")]
     NoLeader,
 
-    #[error("node {node_id} is not the leader; the leader is {leader:?}: send membership changes to the leader")]
+    #[error("node {node_id} is not the leader; {}: send membership changes to the leader", match leader { Some(id) => format!("the leader is node {id}"), None => "no leader is known".to_owned() })]
     NotLeader {
         node_id: NodeId,
         leader: Option<NodeId>,

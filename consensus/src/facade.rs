@@ -332,6 +332,10 @@ impl Metadata {
     /// Proposes a write. On a follower it is forwarded once to the leader. Returns the
     /// state machine's outcome (applied, unchanged, CAS conflict or rejection).
     pub async fn propose(&self, proposal: Proposal) -> Result<Outcome, MetadataError> {
+        // An invalid command is refused here, before it costs a log entry on every node.
+        if let Err(reason) = crate::metadata::state::check_command(&proposal.command) {
+            return Ok(Outcome::Rejected { reason });
+        }
         match self.proposer.write(proposal.clone()).await {
             Ok(outcome) => Ok(outcome),
             Err(WriteFailure::ForwardToLeader(Some(leader))) if leader != self.config.node_id => {

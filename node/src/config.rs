@@ -162,8 +162,8 @@ pub struct LimitSettings {
     /// Open connections per port (handshakes included). At the limit a new connection
     /// closes the longest-idle one; when none is idle, the new one is refused.
     pub max_connections: usize,
-    /// Largest cluster setting value, in bytes: a larger one is refused before it is
-    /// replicated.
+    /// Largest cluster setting value, in bytes (at most 65536, the replicated state's own
+    /// cap): a larger one is refused before it is replicated.
     pub max_setting_value_bytes: usize,
 }
 
@@ -850,7 +850,10 @@ impl NodeConfig {
         if self.auth.leeway_s > 300 {
             problems.push(ConfigProblem {
                 field: "auth.leeway_s".into(),
-                problem: format!("{} s lets expired tokens in for too long", self.auth.leeway_s),
+                problem: format!(
+                    "{} s lets expired tokens in for too long",
+                    self.auth.leeway_s
+                ),
                 fix: "use at most 300 (the default is 30)".into(),
             });
         }
@@ -879,16 +882,15 @@ impl NodeConfig {
                 fix: "use at least 16 (the default is 4096)".into(),
             });
         }
-        if self.limits.max_setting_value_bytes == 0
-            || self.limits.max_setting_value_bytes > self.limits.max_message_bytes
-        {
+        let cap = troupe_consensus::metadata::state::MAX_SETTING_BYTES;
+        if self.limits.max_setting_value_bytes == 0 || self.limits.max_setting_value_bytes > cap {
             problems.push(ConfigProblem {
                 field: "limits.max_setting_value_bytes".into(),
                 problem: format!(
-                    "{} is not between 1 and limits.max_message_bytes ({})",
-                    self.limits.max_setting_value_bytes, self.limits.max_message_bytes
+                    "{} is not between 1 and {cap}, the most the replicated state accepts",
+                    self.limits.max_setting_value_bytes
                 ),
-                fix: "use e.g. 65536 (the default)".into(),
+                fix: format!("use at most {cap} (the default)"),
             });
         }
         problems
@@ -912,6 +914,15 @@ impl NodeConfig {
             cert: pick(&tls.cert, from_dir.as_ref().map(|f| &f.cert))?,
             key: pick(&tls.key, from_dir.as_ref().map(|f| &f.key))?,
         })
+    }
+
+    /// Connection limits of each port.
+    pub fn conn_limits(&self) -> troupe_transport::ConnLimits {
+        troupe_transport::ConnLimits {
+            max_connections: self.limits.max_connections,
+            idle_timeout: (self.limits.idle_timeout_s > 0)
+                .then(|| Duration::from_secs(self.limits.idle_timeout_s)),
+        }
     }
 
     /// The JWKS that verifies API tokens, or `None` when the node runs insecure.

@@ -57,6 +57,9 @@ pub struct NodeMetrics {
     pub blob_bytes_sent: Arc<AtomicU64>,
     /// API calls the gate denied, by reason.
     pub api_denials: Arc<troupe_transport::Denials>,
+    /// Open, idle-closed, evicted and refused connections of each port.
+    pub api_conns: Arc<troupe_transport::ConnStats>,
+    pub peer_conns: Arc<troupe_transport::ConnStats>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -114,6 +117,7 @@ impl NodeMetrics {
         render_peers(&mut out, &node, tree);
         render_transport(&mut out, &node, transport);
         self.render_auth(&mut out, &node, verifier);
+        self.render_conns(&mut out, &node);
         family(
             &mut out,
             "troupe_blob_bytes_total",
@@ -162,6 +166,43 @@ impl NodeMetrics {
         out
     }
 
+    /// Each port's connections.
+    fn render_conns(&self, out: &mut String, node: &str) {
+        let ports = [("api", &self.api_conns), ("peer", &self.peer_conns)];
+        family(
+            out,
+            "troupe_open_connections",
+            "gauge",
+            "Open connections (TLS handshakes included), by port.",
+        );
+        for (port, stats) in ports {
+            let _ = writeln!(
+                out,
+                "troupe_open_connections{{{node},port=\"{port}\"}} {}",
+                stats.open.load(Ordering::Relaxed)
+            );
+        }
+        family(
+            out,
+            "troupe_connections_closed_total",
+            "counter",
+            "Connections the node closed or refused, by port and reason: idle (no call for [limits] idle_timeout_s), evicted (the longest idle, for a new client at [limits] max_connections), refused (at the limit with none idle).",
+        );
+        for (port, stats) in ports {
+            for (reason, count) in [
+                ("idle", &stats.closed_idle),
+                ("evicted", &stats.evicted),
+                ("refused", &stats.refused),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "troupe_connections_closed_total{{{node},port=\"{port}\",reason=\"{reason}\"}} {}",
+                    count.load(Ordering::Relaxed)
+                );
+            }
+        }
+    }
+
     /// Denied API calls by reason, and the token keys in use.
     fn render_auth(&self, out: &mut String, node: &str, verifier: Option<&Verifier>) {
         family(
@@ -191,7 +232,10 @@ impl NodeMetrics {
             "JWKS reloads, by result (a failed one keeps the previous keys).",
         );
         let (ok, failed) = verifier.reloads();
-        let _ = writeln!(out, "troupe_jwks_reloads_total{{{node},result=\"ok\"}} {ok}");
+        let _ = writeln!(
+            out,
+            "troupe_jwks_reloads_total{{{node},result=\"ok\"}} {ok}"
+        );
         let _ = writeln!(
             out,
             "troupe_jwks_reloads_total{{{node},result=\"failed\"}} {failed}"

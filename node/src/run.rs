@@ -33,6 +33,13 @@ use troupe_proto::v1::peer_server::PeerServer;
 use troupe_transport::token::Jwks;
 use troupe_transport::{Identity, PeerTransport, TlsState, Verifier};
 
+/// What the API port serves (and its reflection lists).
+const API_SERVICES: &[&str] = &[
+    "troupe.v1.Admin",
+    "troupe.v1.Inference",
+    "grpc.health.v1.Health",
+];
+
 /// Largest header block an API call may send.
 const API_MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
@@ -60,7 +67,9 @@ pub enum NodeError {
         "{0} (fix the files, or make new ones with `troupe certs init` / `troupe certs add-node`)"
     )]
     Tls(#[from] troupe_transport::TlsError),
-    #[error("API token keys: {0} (fix the file `troupe certs init` wrote, or point [auth] jwks at one)")]
+    #[error(
+        "API token keys: {0} (fix the file `troupe certs init` wrote, or point [auth] jwks at one)"
+    )]
     Auth(String),
     #[error("certificate {path} names {named}, but this is node {id}: use node-{id}.crt and node-{id}.key")]
     WrongIdentity {
@@ -209,9 +218,22 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     .max_decoding_message_size(config.limits.max_message_bytes);
     // Every peer RPC passes the gate: only member nodes, proven by certificate.
     let peer_gate = InterceptorLayer::new(transport.peer_gate(metadata.membership()));
-    let peer_incoming = transport.incoming(peer_listener, "peer");
+    let peer_incoming = transport.incoming(
+        peer_listener,
+        "peer",
+        config.conn_limits(),
+        node_metrics.peer_conns.clone(),
+    );
+    let (keepalive, keepalive_timeout) = (
+        Duration::from_secs(config.limits.keepalive_interval_s),
+        Duration::from_secs(config.limits.keepalive_timeout_s),
+    );
     let peer_task = tokio::spawn(async move {
         Server::builder()
+            // Pings find a dead peer whose connection would otherwise look idle but open.
+            .http2_keepalive_interval(Some(keepalive))
+            .http2_keepalive_timeout(Some(keepalive_timeout))
+            .layer(troupe_transport::ActivityLayer)
             .layer(peer_gate)
             .add_service(peer_service)
             .add_service(artifact_service)
@@ -229,13 +251,20 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         what: "reflection",
         reason: e.to_string(),
     };
-    let reflection_builder = || {
-        tonic_reflection::server::Builder::configure()
+    // Each port lists only the services it serves.
+    let reflection_builder = |services: &[&str]| {
+        let mut builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(troupe_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for service in services {
+            builder = builder.with_service_name(*service);
+        }
+        builder
     };
-    let reflection = reflection_builder().build_v1().map_err(reflection_error)?;
-    let reflection_alpha = reflection_builder()
+    let reflection = reflection_builder(API_SERVICES)
+        .build_v1()
+        .map_err(reflection_error)?;
+    let reflection_alpha = reflection_builder(API_SERVICES)
         .build_v1alpha()
         .map_err(reflection_error)?;
 
@@ -247,6 +276,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         stopping,
         tree.clone(),
         store,
+        limits.max_setting_value_bytes,
     ))
     .max_decoding_message_size(limits.max_message_bytes);
     let inference = InferenceServer::new(InferenceService(inference_core))
@@ -257,7 +287,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         crate::server::rbac::required_role,
         node_metrics.api_denials.clone(),
     );
-    let api_incoming = transport.incoming(api_listener, "api");
+    let api_incoming = transport.incoming(
+        api_listener,
+        "api",
+        config.conn_limits(),
+        node_metrics.api_conns.clone(),
+    );
     let api_task = tokio::spawn(async move {
         Server::builder()
             .max_concurrent_streams(Some(limits.max_concurrent_streams))
@@ -266,6 +301,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             .http2_max_header_list_size(Some(API_MAX_HEADER_LIST_BYTES))
             .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_s)))
             .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_s)))
+            .layer(troupe_transport::ActivityLayer)
             .layer(api_gate)
             .add_service(inference)
             .add_service(admin)
@@ -421,8 +457,7 @@ fn token_verifier(
         now.clone(),
     ));
     #[cfg(unix)]
-    if let Ok(mut hangups) =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    if let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     {
         tasks.push(tokio::spawn(async move {
             while hangups.recv().await.is_some() {

@@ -75,7 +75,11 @@ fn claims(role: &str) -> serde_json::Value {
 }
 
 /// NodeStatus with `token` (or none) over anonymous TLS.
-async fn status_with(node: &RunningNode, certs: &Path, token: Option<&str>) -> Result<(), tonic::Status> {
+async fn status_with(
+    node: &RunningNode,
+    certs: &Path,
+    token: Option<&str>,
+) -> Result<(), tonic::Status> {
     let channel = channel(node.api_addr, &anonymous(certs));
     let result = match token {
         Some(token) => AdminClient::new(authed(channel, token))
@@ -157,16 +161,25 @@ async fn every_hostile_token_gets_its_code_and_the_node_keeps_serving() {
             Code::Unauthenticated,
             "algorithm",
         ),
-        ("HS256 signed with the public key", Some(hs256), Code::Unauthenticated, "algorithm"),
+        (
+            "HS256 signed with the public key",
+            Some(hs256),
+            Code::Unauthenticated,
+            "algorithm",
+        ),
         (
             "expired",
-            Some(with(serde_json::json!({"exp": now - 3600, "nbf": now - 7200}))),
+            Some(with(
+                serde_json::json!({"exp": now - 3600, "nbf": now - 7200}),
+            )),
             Code::Unauthenticated,
             "expired",
         ),
         (
             "nbf in the future",
-            Some(with(serde_json::json!({"nbf": now + 3600, "exp": now + 7200}))),
+            Some(with(
+                serde_json::json!({"nbf": now + 3600, "exp": now + 7200}),
+            )),
             Code::Unauthenticated,
             "not_yet_valid",
         ),
@@ -182,8 +195,18 @@ async fn every_hostile_token_gets_its_code_and_the_node_keeps_serving() {
             Code::Unauthenticated,
             "wrong_issuer",
         ),
-        ("unknown kid", Some(unknown_kid), Code::Unauthenticated, "unknown_kid"),
-        ("tampered signature", Some(tampered), Code::Unauthenticated, "bad_signature"),
+        (
+            "unknown kid",
+            Some(unknown_kid),
+            Code::Unauthenticated,
+            "unknown_kid",
+        ),
+        (
+            "tampered signature",
+            Some(tampered),
+            Code::Unauthenticated,
+            "bad_signature",
+        ),
         (
             "no exp",
             Some(sign(
@@ -200,7 +223,12 @@ async fn every_hostile_token_gets_its_code_and_the_node_keeps_serving() {
             Code::Unauthenticated,
             "bad_claims",
         ),
-        ("not a JWT", Some("hello".into()), Code::Unauthenticated, "malformed"),
+        (
+            "not a JWT",
+            Some("hello".into()),
+            Code::Unauthenticated,
+            "malformed",
+        ),
         (
             "a 16 KB token",
             Some("a".repeat(16 * 1024)),
@@ -222,14 +250,22 @@ async fn every_hostile_token_gets_its_code_and_the_node_keeps_serving() {
     // connection is closed with GOAWAY ENHANCE_YOUR_CALM, which the client sees as
     // RESOURCE_EXHAUSTED, or as a broken pipe when it was still sending.
     let huge = "a".repeat(1 << 20);
-    let status = status_with(&node, &certs_dir, Some(&huge)).await.unwrap_err();
+    let status = status_with(&node, &certs_dir, Some(&huge))
+        .await
+        .unwrap_err();
     assert!(
         matches!(status.code(), Code::ResourceExhausted | Code::Unknown),
         "{status:?}"
     );
     status_with(&node, &certs_dir, Some(&valid)).await.unwrap();
     // Counted by reason, never by the client's strings.
-    for reason in ["missing", "algorithm", "expired", "unknown_kid", "bad_signature"] {
+    for reason in [
+        "missing",
+        "algorithm",
+        "expired",
+        "unknown_kid",
+        "bad_signature",
+    ] {
         let series = format!("troupe_api_denials_total{{node=\"1\",reason=\"{reason}\"}} ");
         assert!(metric(&node, &series).await >= 1, "{reason}");
     }
@@ -299,7 +335,11 @@ async fn each_role_may_call_exactly_its_classes_of_rpc() {
     let denied = |code: Code| matches!(code, Code::PermissionDenied | Code::Unauthenticated);
     for role in Role::ALL {
         let token = mint(&certs_dir, role);
-        let codes = classes(&node, authed(channel(node.api_addr, &anonymous(&certs_dir)), &token)).await;
+        let codes = classes(
+            &node,
+            authed(channel(node.api_addr, &anonymous(&certs_dir)), &token),
+        )
+        .await;
         for (class, code) in [Role::Read, Role::Infer, Role::Operator, Role::Admin]
             .into_iter()
             .zip(codes)
@@ -313,14 +353,17 @@ async fn each_role_may_call_exactly_its_classes_of_rpc() {
     }
     // The denial names the role the RPC needs.
     let token = mint(&certs_dir, Role::Read);
-    let status = AdminClient::new(authed(channel(node.api_addr, &anonymous(&certs_dir)), &token))
-        .set_setting(SetSettingRequest {
-            key: "k".into(),
-            value: "v".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let status = AdminClient::new(authed(
+        channel(node.api_addr, &anonymous(&certs_dir)),
+        &token,
+    ))
+    .set_setting(SetSettingRequest {
+        key: "k".into(),
+        value: "v".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
     assert!(status.message().contains("'operator'"), "{status:?}");
 
     // A client certificate carries its role: `certs add-client --role read`.
@@ -406,8 +449,12 @@ async fn the_jwks_rotates_under_load_without_a_failed_request() {
     let mut load = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         let channel = channel(node.api_addr, &anonymous(&certs_dir));
-        let (stopped, done, failed, current) =
-            (stopped.clone(), done.clone(), failed.clone(), current.clone());
+        let (stopped, done, failed, current) = (
+            stopped.clone(),
+            done.clone(),
+            failed.clone(),
+            current.clone(),
+        );
         load.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !*stopped.borrow() {
@@ -471,7 +518,11 @@ async fn the_jwks_rotates_under_load_without_a_failed_request() {
     for task in load {
         task.await.unwrap();
     }
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during the rotation");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the rotation"
+    );
     for node in nodes {
         node.shutdown().await.unwrap();
     }

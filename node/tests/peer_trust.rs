@@ -497,8 +497,10 @@ async fn rotating_every_certificate_to_a_new_ca_under_load_fails_no_request() {
     })
     .await;
     for node in &nodes {
-        let mut fresh =
-            AdminClient::new(authed(channel(node.api_addr, Some(&new_only)).await, &token));
+        let mut fresh = AdminClient::new(authed(
+            channel(node.api_addr, Some(&new_only)).await,
+            &token,
+        ));
         fresh
             .node_status(troupe_proto::v1::NodeStatusRequest {})
             .await

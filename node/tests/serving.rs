@@ -170,8 +170,8 @@ async fn a_node_started_by_run_serves_embed_equal_to_the_local_engine() {
     let rows: Vec<Vec<f32>> = reply.embeddings.into_iter().map(|e| e.values).collect();
     assert_close(&rows, &expected);
 
-    // Server reflection (both protocol versions) lists every service, so grpcurl works
-    // without proto files.
+    // Server reflection (both protocol versions) lists every API service, so grpcurl works
+    // without proto files, and only those: the peer port's services are not here.
     for services in [
         reflected_services!(v1, addr),
         reflected_services!(v1alpha, addr),
@@ -182,6 +182,13 @@ async fn a_node_started_by_run_serves_embed_equal_to_the_local_engine() {
             "grpc.health.v1.Health",
         ] {
             assert!(services.iter().any(|s| s == service), "{services:?}");
+        }
+        for service in [
+            "troupe.v1.RaftPeer",
+            "troupe.v1.Peer",
+            "troupe.v1.Artifacts",
+        ] {
+            assert!(!services.iter().any(|s| s == service), "{services:?}");
         }
     }
 
@@ -246,7 +253,7 @@ async fn bad_input_gets_its_own_code_and_a_message_that_says_what_to_change() {
 
     let (code, message) = failure(call(embed_request("", &["a"], "")).await);
     assert_eq!(code, Code::InvalidArgument);
-    assert!(message.contains("model is empty"), "{message}");
+    assert!(message.contains("field 'model' is required"), "{message}");
 
     let mut versioned = embed_request("tiny", &["a"], "");
     versioned.version = "9".into();

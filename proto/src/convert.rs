@@ -16,7 +16,7 @@ pub enum ProtoError {
 }
 
 /// Longest model, version, task or request id name accepted.
-pub const MAX_NAME_LENGTH: usize = 256;
+pub const MAX_NAME_LENGTH: usize = crate::names::MAX_NAME_BYTES;
 
 /// An embed request whose names are well formed and which carries at least one text.
 /// Size limits (texts per request, characters per text) are server configuration and are
@@ -31,21 +31,10 @@ pub struct EmbedCall {
 }
 
 fn check_name(field: &'static str, value: &str) -> Result<(), ProtoError> {
-    if value.len() > MAX_NAME_LENGTH {
-        return Err(ProtoError::Invalid {
-            field,
-            reason: format!("{} bytes, the limit is {MAX_NAME_LENGTH}", value.len()),
-        });
+    match crate::names::name_problem(value) {
+        Some(reason) => Err(ProtoError::Invalid { field, reason }),
+        None => Ok(()),
     }
-    if let Some(bad) = value.chars().find(|c| c.is_control() || c.is_whitespace()) {
-        return Err(ProtoError::Invalid {
-            field,
-            reason: format!(
-                "contains {bad:?}; names may not hold whitespace or control characters"
-            ),
-        });
-    }
-    Ok(())
 }
 
 fn optional(field: &'static str, value: String) -> Result<Option<String>, ProtoError> {
@@ -54,6 +43,28 @@ fn optional(field: &'static str, value: String) -> Result<Option<String>, ProtoE
     }
     check_name(field, &value)?;
     Ok(Some(value))
+}
+
+/// The names an embed request carries: the model (required), and the version, task and
+/// request id when set. Checked before anything else reads them.
+pub fn check_embed_names(request: &v1::EmbedRequest) -> Result<(), ProtoError> {
+    if request.model.is_empty() {
+        return Err(ProtoError::Missing {
+            field: "model",
+            hint: "name a registered model, e.g. all-MiniLM-L6-v2",
+        });
+    }
+    check_name("model", &request.model)?;
+    for (field, value) in [
+        ("version", &request.version),
+        ("task", &request.task),
+        ("request_id", &request.request_id),
+    ] {
+        if !value.is_empty() {
+            check_name(field, value)?;
+        }
+    }
+    Ok(())
 }
 
 impl TryFrom<v1::EmbedRequest> for EmbedCall {

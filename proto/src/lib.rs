@@ -4,8 +4,10 @@
 //! - [`etcd`]: client stubs for the part of etcd's API the Raft benchmark drives.
 //! - [`convert`]: `TryFrom` conversions from wire messages to validated domain values.
 //!   A malformed message is an [`convert::ProtoError`], never a panic.
+//! - [`names`]: the one rule for names, shared with the state machine.
 
 pub mod convert;
+pub mod names;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {

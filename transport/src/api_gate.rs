@@ -225,6 +225,71 @@ pub struct ApiGateService<S> {
     auth: Arc<ApiAuth>,
 }
 
+/// The most bytes of `grpc-message` a client is sent: a longer message (one that echoes a
+/// client's huge string, say) would exceed the client's header limit and turn the real code
+/// into RESOURCE_EXHAUSTED.
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 1024;
+
+/// The last word on a status leaving the API port (trailers-only responses, which is how
+/// tonic answers a refused unary call):
+/// - a body that is not valid protobuf is the client's fault: tonic says INTERNAL, troupe
+///   says INVALID_ARGUMENT;
+/// - the message is cut to [`MAX_STATUS_MESSAGE_BYTES`].
+pub fn edge_status(headers: &mut http::HeaderMap) {
+    let decode_error = headers.get("grpc-status").is_some_and(|s| s == "13")
+        && headers.get("grpc-message").is_some_and(|m| {
+            m.as_bytes()
+                .starts_with(b"failed%20to%20decode%20Protobuf%20message")
+        });
+    if decode_error {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+    }
+    let Some(message) = headers.get("grpc-message") else {
+        return;
+    };
+    if message.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return;
+    }
+    // Percent-decode, cut at a character boundary, encode again (the gRPC spec's rule:
+    // bytes outside 0x20..=0x7E, and '%', are escaped).
+    let raw = message.as_bytes();
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            raw[i],
+            raw.get(i + 1).copied().and_then(hex),
+            raw.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                decoded.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (byte, _, _) => {
+                decoded.push(byte);
+                i += 1;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&decoded);
+    let mut end = (MAX_STATUS_MESSAGE_BYTES / 3).min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut encoded = String::with_capacity(MAX_STATUS_MESSAGE_BYTES + 16);
+    for byte in text[..end].bytes().chain("… (cut)".bytes()) {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    if let Ok(value) = http::HeaderValue::from_str(&encoded) {
+        headers.insert("grpc-message", value);
+    }
+}
+
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 impl<S, B, R> tower_service::Service<http::Request<B>> for ApiGateService<S>
@@ -247,7 +312,12 @@ where
                 if let Some(principal) = principal {
                     request.extensions_mut().insert(principal);
                 }
-                Box::pin(self.inner.call(request))
+                let call = self.inner.call(request);
+                Box::pin(async move {
+                    let mut response = call.await?;
+                    edge_status(response.headers_mut());
+                    Ok(response)
+                })
             }
             Err(status) => {
                 let response = status.into_http::<R>();

@@ -143,6 +143,11 @@ impl Refusals {
         }
     }
 
+    /// Whether a line about this port may be logged now (shares the refusals' rate limit).
+    pub fn log_admit(&self, port: &str) -> bool {
+        self.log.admit(port)
+    }
+
     pub fn count(&self, refusal: Refusal) -> u64 {
         self.counts[refusal as usize].load(Ordering::Relaxed)
     }

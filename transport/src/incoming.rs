@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
+use crate::conns::{Activity, Registration, Tracker};
 use crate::gate::{Refusal, Refusals};
 use crate::identity::Identity;
 use crate::tls::TlsState;
@@ -45,21 +46,29 @@ pub struct ConnInfo {
     pub security: Security,
     /// The API role a client certificate grants (`spiffe://troupe/role/<role>`).
     pub role: Option<crate::token::Role>,
+    /// Whether a call is in flight, for the idle timeout and the connection limit.
+    pub activity: Option<Arc<Activity>>,
 }
 
-/// A served connection: TLS, or plain TCP.
-pub enum Conn {
-    Tls(Box<TlsStream<TcpStream>>, ConnInfo),
-    Plain(TcpStream, ConnInfo),
+/// A served connection: TLS or plain TCP, with its place among the port's connections.
+pub struct Conn {
+    io: Io,
+    info: ConnInfo,
+    registration: Registration,
+}
+
+enum Io {
+    Tls(Box<TlsStream<TcpStream>>),
+    Plain(TcpStream),
 }
 
 impl Connected for Conn {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> ConnInfo {
-        match self {
-            Conn::Tls(_, info) | Conn::Plain(_, info) => info.clone(),
-        }
+        let mut info = self.info.clone();
+        info.activity = Some(self.registration.activity.clone());
+        info
     }
 }
 
@@ -69,9 +78,17 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_read(cx, buf),
-            Conn::Plain(stream, _) => Pin::new(stream).poll_read(cx, buf),
+        let this = self.get_mut();
+        // A closed connection (idle, or evicted for a new one) reads as end-of-file, so the
+        // server lets it go.
+        let activity = &this.registration.activity;
+        if activity.is_closed() {
+            return Poll::Ready(Ok(()));
+        }
+        activity.park_reader(cx);
+        match &mut this.io {
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+            Io::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
         }
     }
 }
@@ -82,23 +99,23 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_write(cx, buf),
-            Conn::Plain(stream, _) => Pin::new(stream).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+            Io::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_flush(cx),
-            Conn::Plain(stream, _) => Pin::new(stream).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+            Io::Plain(stream) => Pin::new(stream).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_shutdown(cx),
-            Conn::Plain(stream, _) => Pin::new(stream).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+            Io::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
         }
     }
 
@@ -107,16 +124,16 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
-            Conn::Plain(stream, _) => Pin::new(stream).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+            Io::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Conn::Tls(stream, _) => stream.is_write_vectored(),
-            Conn::Plain(stream, _) => stream.is_write_vectored(),
+        match &self.io {
+            Io::Tls(stream) => stream.is_write_vectored(),
+            Io::Plain(stream) => stream.is_write_vectored(),
         }
     }
 }
@@ -127,18 +144,26 @@ pub type Incoming = tokio_stream::wrappers::ReceiverStream<Result<Conn, std::io:
 
 /// Accepts on `listener`. With `tls`, every TLS connection is handshaken with the newest
 /// material; handshake failures (an unknown CA, an expired certificate) are logged with the
-/// peer's address and counted in `refusals`.
+/// peer's address and counted in `refusals`. `tracker` bounds the open connections and closes
+/// idle ones.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<TlsState>>,
     refusals: Arc<Refusals>,
+    tracker: Arc<Tracker>,
     port: &'static str,
 ) -> Incoming {
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
+        let mut reap = tokio::time::interval(tracker.reap_interval());
+        reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
+                _ = reap.tick() => {
+                    tracker.reap();
+                    continue;
+                }
                 _ = tx.closed() => return,
             };
             let (tcp, remote) = match accepted {
@@ -150,45 +175,55 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Some(registration) = tracker.admit() else {
+                if refusals.log_admit(port) {
+                    tracing::warn!(port, %remote, "refused a connection: every open connection has a call in flight ([limits] max_connections)");
+                }
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let (tx, tls, refusals) = (tx.clone(), tls.clone(), refusals.clone());
             tokio::spawn(async move {
-                let conn = match tls {
-                    None => Some(Conn::Plain(
-                        tcp,
+                let accepted = match tls {
+                    None => Some((
+                        Io::Plain(tcp),
                         ConnInfo {
                             remote: Some(remote),
                             security: Security::Insecure,
                             role: None,
+                            activity: None,
                         },
                     )),
                     Some(tls) => {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, remote, &tls))
-                            .await
-                        {
-                            Ok(Ok(conn)) => Some(conn),
-                            Ok(Err(reason)) => {
-                                refusals.refuse(
-                                    Refusal::BadCertificate,
-                                    port,
-                                    Some(remote),
-                                    &reason,
-                                );
-                                None
-                            }
-                            Err(_) => {
-                                refusals.refuse(
-                                    Refusal::BadCertificate,
-                                    port,
-                                    Some(remote),
-                                    "the TLS handshake did not finish in time",
-                                );
-                                None
-                            }
+                        let activity = registration.activity.clone();
+                        tokio::select! {
+                            handshaken = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, remote, &tls)) => match handshaken {
+                                Ok(Ok(accepted)) => Some(accepted),
+                                Ok(Err(reason)) => {
+                                    refusals.refuse(Refusal::BadCertificate, port, Some(remote), &reason);
+                                    None
+                                }
+                                Err(_) => {
+                                    refusals.refuse(
+                                        Refusal::BadCertificate,
+                                        port,
+                                        Some(remote),
+                                        "the TLS handshake did not finish in time",
+                                    );
+                                    None
+                                }
+                            },
+                            // Evicted for a newer connection while still handshaking.
+                            _ = activity.closing.notified() => None,
                         }
                     }
                 };
-                if let Some(conn) = conn {
+                if let Some((io, info)) = accepted {
+                    let conn = Conn {
+                        io,
+                        info,
+                        registration,
+                    };
                     let _ = tx.send(Ok(conn)).await;
                 }
             });
@@ -200,19 +235,24 @@ pub fn incoming(
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
 
-async fn handshake(tcp: TcpStream, remote: SocketAddr, tls: &TlsState) -> Result<Conn, String> {
+async fn handshake(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    tls: &TlsState,
+) -> Result<(Io, ConnInfo), String> {
     let mut first = [0u8; 1];
     let peeked = tcp.peek(&mut first).await.map_err(|e| e.to_string())?;
     if peeked == 0 {
         return Err("the client closed the connection before sending anything".into());
     }
     if first[0] != TLS_HANDSHAKE {
-        return Ok(Conn::Plain(
-            tcp,
+        return Ok((
+            Io::Plain(tcp),
             ConnInfo {
                 remote: Some(remote),
                 security: Security::Plaintext,
                 role: None,
+                activity: None,
             },
         ));
     }
@@ -238,12 +278,13 @@ async fn handshake(tcp: TcpStream, remote: SocketAddr, tls: &TlsState) -> Result
             (Security::Certified(identity), role)
         }
     };
-    Ok(Conn::Tls(
-        Box::new(stream),
+    Ok((
+        Io::Tls(Box::new(stream)),
         ConnInfo {
             remote: Some(remote),
             security,
             role,
+            activity: None,
         },
     ))
 }

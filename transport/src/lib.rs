@@ -8,6 +8,8 @@
 //! - [`connect`]: the client-side TLS connector that also checks the server's node identity.
 //! - [`incoming`]: the server side of both ports (TLS or plaintext, handshakes off the accept
 //!   loop).
+//! - [`conns`]: bounded connections: a limit per port, idle ones closed, the oldest idle one
+//!   making room for a new client.
 //! - [`gate`]: the interceptor that admits only member nodes to the peer port, and the
 //!   refusal counters.
 //! - [`token`]: API roles, bearer tokens (JWT, EdDSA/ES256), the JWKS and the signing key.
@@ -16,6 +18,7 @@
 pub mod api_gate;
 pub mod certs;
 pub mod connect;
+pub mod conns;
 pub mod gate;
 pub mod identity;
 pub mod incoming;
@@ -24,6 +27,7 @@ pub mod tls;
 pub mod token;
 
 pub use api_gate::{ApiGateLayer, Denials, Rbac};
+pub use conns::{ActivityLayer, ConnLimits, ConnStats};
 pub use gate::{Membership, PeerGate, Refusal, Refusals, VerifiedPeer};
 pub use identity::Identity;
 pub use incoming::{incoming, ConnInfo, Incoming, Security};

@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
-use crate::connect::{ClientSource, TlsConnector};
 use crate::api_gate::{ApiAuth, ApiGateLayer, Denials, Rbac};
+use crate::connect::{ClientSource, TlsConnector};
+use crate::conns::{ConnLimits, ConnStats, Tracker};
 use crate::gate::{Membership, PeerGate, Refusals};
-use crate::token::Verifier;
 use crate::identity::Identity;
 use crate::incoming::Incoming;
 use crate::tls::TlsState;
+use crate::token::Verifier;
 
 /// A kind of peer traffic, with a connection of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,8 +82,20 @@ impl PeerTransport {
 
     /// Connections for a server on `listener` (`port` names it in logs): TLS with this
     /// node's material, or plaintext when insecure.
-    pub fn incoming(&self, listener: tokio::net::TcpListener, port: &'static str) -> Incoming {
-        crate::incoming::incoming(listener, self.tls.clone(), self.refusals.clone(), port)
+    pub fn incoming(
+        &self,
+        listener: tokio::net::TcpListener,
+        port: &'static str,
+        limits: ConnLimits,
+        stats: Arc<ConnStats>,
+    ) -> Incoming {
+        crate::incoming::incoming(
+            listener,
+            self.tls.clone(),
+            self.refusals.clone(),
+            Tracker::new(limits, stats),
+            port,
+        )
     }
 
     /// The interceptor every peer-port RPC passes: only current members, by certificate.

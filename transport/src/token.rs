@@ -418,15 +418,12 @@ impl Verifier {
                 ),
             ));
         }
-        let kid = header
-            .get("kid")
-            .and_then(|k| k.as_str())
-            .ok_or_else(|| {
-                Refused::new(
-                    Denial::UnknownKey,
-                    "the token names no key (\"kid\"): mint it with `troupe token issue`",
-                )
-            })?;
+        let kid = header.get("kid").and_then(|k| k.as_str()).ok_or_else(|| {
+            Refused::new(
+                Denial::UnknownKey,
+                "the token names no key (\"kid\"): mint it with `troupe token issue`",
+            )
+        })?;
         let keys = self.keys();
         let Some(key) = keys.keys.get(kid) else {
             return Err(Refused::new(
@@ -638,11 +635,10 @@ fn read_jwks_values(path: &Path) -> Result<Vec<serde_json::Value>, KeysError> {
         path: path.display().to_string(),
         reason,
     })?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| KeysError::Invalid {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| KeysError::Invalid {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
     Ok(value["keys"].as_array().cloned().unwrap_or_default())
 }
 
@@ -661,11 +657,12 @@ fn replace_file(path: &Path, contents: &str) -> Result<(), KeysError> {
 }
 
 fn write_jwks(path: &Path, keys: Vec<serde_json::Value>) -> Result<(), KeysError> {
-    let text = serde_json::to_string_pretty(&serde_json::json!({ "keys": keys }))
-        .map_err(|e| KeysError::Invalid {
+    let text = serde_json::to_string_pretty(&serde_json::json!({ "keys": keys })).map_err(|e| {
+        KeysError::Invalid {
             path: path.display().to_string(),
             reason: e.to_string(),
-        })?;
+        }
+    })?;
     replace_file(path, &(text + "\n"))
 }
 
@@ -813,7 +810,10 @@ mod tests {
             r#"{"alg":"none","typ":"JWT"}"#,
             r#"{"role":"admin","iss":"troupe","aud":"troupe-api","exp":99999999999,"nbf":0}"#,
         );
-        assert_eq!(verifier.verify(&none).unwrap_err().denial, Denial::Algorithm);
+        assert_eq!(
+            verifier.verify(&none).unwrap_err().denial,
+            Denial::Algorithm
+        );
         let hs = unsigned(
             &format!(r#"{{"alg":"HS256","kid":"{}"}}"#, key.kid),
             r#"{"role":"admin"}"#,

@@ -18,7 +18,7 @@ use crate::tasks::TaskPriority;
 pub const IDEMPOTENCY_WINDOW: usize = 100_000;
 
 /// Longest name (model, version, task, setting key) accepted.
-pub const MAX_NAME_BYTES: usize = 256;
+pub const MAX_NAME_BYTES: usize = troupe_proto::names::MAX_NAME_BYTES;
 
 /// Largest setting value accepted.
 pub const MAX_SETTING_BYTES: usize = 64 * 1024;
@@ -92,22 +92,7 @@ pub struct MetadataState {
 }
 
 fn check_name(field: &str, value: &str) -> Result<(), Rejection> {
-    let reason = if value.is_empty() {
-        Some("must not be empty".to_owned())
-    } else if value.len() > MAX_NAME_BYTES {
-        Some(format!(
-            "{} bytes, the limit is {MAX_NAME_BYTES}",
-            value.len()
-        ))
-    } else if value
-        .chars()
-        .any(|c| c.is_whitespace() || c.is_control() || c == '/')
-    {
-        Some("may not contain whitespace, control characters or '/'".to_owned())
-    } else {
-        None
-    };
-    match reason {
+    match troupe_proto::names::name_problem(value) {
         Some(reason) => Err(Rejection::Invalid {
             field: field.to_owned(),
             reason,
@@ -126,7 +111,9 @@ fn check_reason(reason: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
-fn check_command(command: &Command) -> Result<(), Rejection> {
+/// Whether `command` is well formed. The state machine applies only commands that pass, and
+/// the facade checks before proposing, so an invalid command never reaches the log.
+pub fn check_command(command: &Command) -> Result<(), Rejection> {
     match command {
         Command::RegisterModelVersion {
             name,

@@ -102,9 +102,7 @@ impl ClientTlsArgs {
         };
         std::fs::read_to_string(path)
             .map(|t| Some(t.trim().to_owned()))
-            .map_err(|e| {
-                CliError::Usage(format!("--token-file {}: {e}", path.display()))
-            })
+            .map_err(|e| CliError::Usage(format!("--token-file {}: {e}", path.display())))
     }
 
     /// The TLS settings these flags ask for.

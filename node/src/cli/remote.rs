@@ -63,9 +63,14 @@ pub fn use_token(token: &str) -> Result<(), CliError> {
 pub struct Bearer(Option<MetadataValue<Ascii>>);
 
 impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(token) = &self.0 {
-            request.metadata_mut().insert("authorization", token.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
         }
         Ok(request)
     }
@@ -132,10 +137,7 @@ pub async fn admin(addr: &str) -> Result<AdminClient<Api>, CliError> {
 }
 
 /// An Inference client that accepts replies as large as a node may send.
-pub async fn inference(
-    addr: &str,
-    timeout: Duration,
-) -> Result<InferenceClient<Api>, CliError> {
+pub async fn inference(addr: &str, timeout: Duration) -> Result<InferenceClient<Api>, CliError> {
     Ok(InferenceClient::new(channel(addr, timeout).await?).max_decoding_message_size(usize::MAX))
 }
 

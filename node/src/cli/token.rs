@@ -62,7 +62,10 @@ pub struct RetireArgs {
 
 /// `90s`, `30m`, `12h`, `7d`; at most 366 days.
 fn parse_ttl(text: &str) -> Result<Duration, String> {
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
     let number: u64 = number
         .parse()
         .map_err(|_| format!("{text:?}: use a number and a unit, e.g. 30m, 12h or 7d"))?;
@@ -83,8 +86,8 @@ pub fn run(command: TokenCommand) -> Result<(), CliError> {
     let usage = |e: &dyn std::fmt::Display| CliError::Usage(e.to_string());
     match command {
         TokenCommand::Issue(args) => {
-            let key = SigningKey::load(&args.keys.keys.join(SIGNING_KEY_FILE))
-                .map_err(|e| usage(&e))?;
+            let key =
+                SigningKey::load(&args.keys.keys.join(SIGNING_KEY_FILE)).map_err(|e| usage(&e))?;
             let policy = TokenPolicy {
                 issuer: args.issuer,
                 audience: args.audience,

@@ -286,9 +286,11 @@ const ADMIN_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
 
 /// A fresh admin token in `<dir>/admin.token` (0600), for the shell and other terminals.
 fn mint_admin_token(dir: &Path, certs: &Path) -> Result<String, CliError> {
-    let usage = |e: &dyn std::fmt::Display| CliError::Usage(format!("{e} (in {})", certs.display()));
+    let usage =
+        |e: &dyn std::fmt::Display| CliError::Usage(format!("{e} (in {})", certs.display()));
     use troupe_transport::token;
-    let key = token::SigningKey::load(&certs.join(token::SIGNING_KEY_FILE)).map_err(|e| usage(&e))?;
+    let key =
+        token::SigningKey::load(&certs.join(token::SIGNING_KEY_FILE)).map_err(|e| usage(&e))?;
     let minted = key
         .issue(
             &troupe_transport::TokenPolicy::default(),
@@ -300,7 +302,8 @@ fn mint_admin_token(dir: &Path, certs: &Path) -> Result<String, CliError> {
     let path = admin_token_path(dir);
     let tmp = dir.join("admin.token.new");
     let _ = std::fs::remove_file(&tmp);
-    troupe_transport::certs::write_new(&tmp, &format!("{minted}\n"), true).map_err(|e| usage(&e))?;
+    troupe_transport::certs::write_new(&tmp, &format!("{minted}\n"), true)
+        .map_err(|e| usage(&e))?;
     std::fs::rename(&tmp, &path).map_err(|e| usage(&e))?;
     Ok(minted)
 }

@@ -33,6 +33,8 @@ const WATCH_STREAM_BUFFER: usize = 256;
 
 pub struct AdminService {
     metadata: Arc<Metadata>,
+    /// `[limits] max_setting_value_bytes`: checked before a setting is proposed.
+    max_setting_value_bytes: usize,
     tree: TreeView,
     store: ArtifactStore,
     /// Becomes true when the node stops; open watch streams end then, so they do not hold
@@ -46,9 +48,11 @@ impl AdminService {
         stopping: tokio::sync::watch::Receiver<bool>,
         tree: TreeView,
         store: ArtifactStore,
+        max_setting_value_bytes: usize,
     ) -> Self {
         Self {
             metadata,
+            max_setting_value_bytes,
             tree,
             store,
             stopping,
@@ -278,7 +282,34 @@ impl Admin for AdminService {
                 "give at least one member: --members 1=HOST:PEERPORT,...",
             ));
         }
-        let already = !self.metadata.status().voters.is_empty();
+        let status = self.metadata.status();
+        let already = !status.voters.is_empty();
+        if already {
+            // Initialising a formed cluster is a no-op only when it names the same members;
+            // anything else would be silently ignored, so it is refused.
+            let mut have: Vec<u64> = status
+                .voters
+                .iter()
+                .chain(&status.learners)
+                .copied()
+                .collect();
+            have.sort_unstable();
+            have.dedup();
+            let asked: Vec<u64> = members.keys().copied().collect();
+            if asked != have {
+                let list = |ids: &[u64]| {
+                    ids.iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                return Err(Status::failed_precondition(format!(
+                    "the cluster is already formed with members {}; init cannot change them (asked for {}): use `troupe cluster add-learner`, `promote` and `remove`",
+                    list(&have),
+                    list(&asked)
+                )));
+            }
+        }
         self.metadata
             .initialize(members)
             .await
@@ -517,6 +548,13 @@ impl Admin for AdminService {
         request: Request<SetSettingRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
         let request = request.into_inner();
+        if request.value.len() > self.max_setting_value_bytes {
+            return Err(Status::invalid_argument(format!(
+                "setting value: {} bytes, the limit is {} ([limits] max_setting_value_bytes)",
+                request.value.len(),
+                self.max_setting_value_bytes
+            )));
+        }
         let command = Command::SetSetting {
             key: request.key,
             value: request.value,

@@ -104,11 +104,8 @@ fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
 impl InferenceCore {
     fn validate(&self, request: &EmbedRequest) -> Result<(), Status> {
         let limits = &self.limits;
-        if request.model.is_empty() {
-            return Err(Status::invalid_argument(
-                "model is empty: name a registered model, e.g. all-MiniLM-L6-v2 (`troupe models list` shows them)",
-            ));
-        }
+        troupe_proto::convert::check_embed_names(request)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if request.texts.is_empty() {
             return Err(Status::invalid_argument(
                 "texts is empty: send at least one text",
@@ -185,6 +182,8 @@ impl InferenceCore {
                 self.next_request.fetch_add(1, Ordering::Relaxed)
             );
         }
+        // Validated before any field is used (a span field, a log line, a lookup).
+        self.validate(&request)?;
         let span = tracing::Span::current();
         span.record("model", request.model.as_str());
         span.record("task", request.task.as_str());
@@ -201,7 +200,6 @@ impl InferenceCore {
         if !forwarded_by.is_empty() {
             span.record("forwarded_by", forwarded_by.as_str());
         }
-        self.validate(&request)?;
         Ok(Admitted {
             request,
             received,
@@ -424,6 +422,9 @@ impl InferenceCore {
     }
 }
 
+/// The metric label of a model or task that is not registered.
+const OTHER: &str = "other";
+
 #[tonic::async_trait]
 impl Inference for InferenceService {
     #[tracing::instrument(
@@ -435,10 +436,24 @@ impl Inference for InferenceService {
         request: Request<EmbedRequest>,
     ) -> Result<Response<EmbedResponse>, Status> {
         let started = Instant::now();
-        let (model, task) = (
-            request.get_ref().model.clone(),
-            request.get_ref().task.clone(),
-        );
+        // Metric labels name only registered models and tasks with a priority: a client's
+        // made-up names all count as "other", so they cannot grow /metrics.
+        let (model, task) = {
+            let (model, task) = (&request.get_ref().model, &request.get_ref().task);
+            let table = &self.0.tree.table;
+            (
+                if table.knows_model(model) {
+                    model.clone()
+                } else {
+                    OTHER.to_owned()
+                },
+                if task.is_empty() || table.knows_task(task) {
+                    task.clone()
+                } else {
+                    OTHER.to_owned()
+                },
+            )
+        };
         let result = match self.0.admit(request) {
             Ok(admitted) => self.0.embed_routed(admitted).await,
             Err(status) => Err(status),

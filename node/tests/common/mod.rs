@@ -512,13 +512,16 @@ impl tonic::service::Interceptor for Bearer {
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert("authorization", self.0.clone());
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
         Ok(request)
     }
 }
 
 /// A channel whose calls carry a bearer token.
-pub type Authed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+pub type Authed =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
 
 pub fn authed(channel: tonic::transport::Channel, token: &str) -> Authed {
     tonic::service::interceptor::InterceptedService::new(

@@ -86,9 +86,9 @@ impl Store {
                 .tcp_nodelay(true);
             // troupe over TLS with --ca; etcd is always plaintext here.
             conns.push(match kind {
-                Kind::Troupe => Conn::Troupe(AdminClient::new(
-                    crate::cli::remote::lazy_channel(endpoint)?,
-                )),
+                Kind::Troupe => Conn::Troupe(AdminClient::new(crate::cli::remote::lazy_channel(
+                    endpoint,
+                )?)),
                 Kind::Etcd => {
                     let channel = endpoint.connect_lazy();
                     Conn::Etcd {
