@@ -90,11 +90,22 @@ fn collect_files(root: &Path, relative: &Path, out: &mut Vec<PathBuf>) -> Result
             continue;
         }
         let path = relative.join(&name);
+        // The entry itself, never what a link points to: a link could take the push
+        // anywhere on this machine (/etc/passwd), so links and special files are refused.
         let kind = entry.file_type().map_err(ModelError::io(entry.path()))?;
         if kind.is_dir() {
             collect_files(root, &path, out)?;
-        } else if kind.is_file() || (kind.is_symlink() && entry.path().is_file()) {
+        } else if kind.is_file() {
             out.push(path);
+        } else {
+            return Err(ModelError::NotARegularFile {
+                path: entry.path(),
+                what: if kind.is_symlink() {
+                    "a symbolic link"
+                } else {
+                    "not a regular file (a device, socket or pipe)"
+                },
+            });
         }
     }
     Ok(())
@@ -202,6 +213,27 @@ impl ArtifactStore {
             std::fs::copy(&from, &to).map_err(ModelError::io(&from))?;
         }
         self.commit(&staging, &manifest)
+    }
+
+    /// Removes staging directories left by a push or import that never finished (the
+    /// process was killed midway). Call at start, before any push can begin. Returns how
+    /// many were removed.
+    pub fn remove_leftover_staging(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.ends_with(".partial") {
+                match std::fs::remove_dir_all(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(error) => tracing::warn!(path = %entry.path().display(), %error, "cannot remove a leftover staging directory"),
+                }
+            }
+        }
+        removed
     }
 
     /// A fresh, empty directory of its own to assemble `digest` in; concurrent uploads or

@@ -50,6 +50,9 @@ pub enum ModelError {
         actual: String,
     },
 
+    #[error("{path} is {what}: a model directory may hold only regular files and directories (copy the file in place of the link, or remove it)")]
+    NotARegularFile { path: PathBuf, what: &'static str },
+
     #[error("empty input: give at least one text")]
     EmptyInput,
 

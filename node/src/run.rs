@@ -154,6 +154,14 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         })
         .build_global();
     let store = ArtifactStore::new(config.model_store_dir());
+    // Pushes cut off by a crash left staging directories; no push is running yet.
+    let leftovers = store.remove_leftover_staging();
+    if leftovers > 0 {
+        tracing::info!(
+            count = leftovers,
+            "removed staging directories of pushes that never finished"
+        );
+    }
     let peers = Arc::new(troupe_actors::PeerTable::default());
     let actors = ActorTree::start(TreeArgs {
         node_id: config.id,

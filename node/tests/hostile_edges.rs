@@ -378,3 +378,139 @@ async fn metric_value(node: &RunningNode, series: &str) -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// The header of a push of `model` as `name`.
+fn push_header(model: &std::path::Path, name: &str) -> troupe_proto::v1::PushModelChunk {
+    use troupe_proto::v1::{push_model_chunk::Part, ManifestFileEntry, PushModelHeader};
+    let manifest = troupe_models::artifact::Manifest::of_dir(model).unwrap();
+    troupe_proto::v1::PushModelChunk {
+        part: Some(Part::Header(PushModelHeader {
+            name: name.into(),
+            version: "1".into(),
+            files: manifest
+                .files
+                .iter()
+                .map(|f| ManifestFileEntry {
+                    path: f.path.clone(),
+                    size_bytes: f.size_bytes,
+                    sha256: f.sha256.clone(),
+                })
+                .collect(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Everything in node 1's artifact store.
+fn store_entries(dir: &tempfile::TempDir) -> Vec<String> {
+    std::fs::read_dir(dir.path().join("node1").join("models"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pushes_store_nothing_they_should_not() {
+    use troupe_proto::v1::push_model_chunk::Part;
+    use troupe_proto::v1::FileChunk;
+    let dir = tempfile::tempdir().unwrap();
+    // A staging directory left by a push cut off by a crash is removed at start.
+    let leftover = dir.path().join("node1/models/.abc.1-0.partial");
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("model.safetensors"), vec![0u8; 4096]).unwrap();
+    let nodes = start_cluster(&dir, 1).await;
+    let node = &nodes[0];
+    assert!(!leftover.exists(), "the leftover staging dir is still there");
+    let model = tiny_model_dir(&dir);
+    let addr = node.api_addr.to_string();
+
+    // An invalid name is refused before a byte is stored.
+    let header = push_header(&model, "bad name");
+    let chunk = troupe_proto::v1::PushModelChunk {
+        part: Some(Part::Chunk(FileChunk {
+            file: 0,
+            offset: 0,
+            data: vec![1, 2, 3],
+        })),
+    };
+    let status = admin(node)
+        .await
+        .push_model(tokio_stream::iter([header, chunk]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(store_entries(&dir).is_empty(), "{:?}", store_entries(&dir));
+
+    // A client that stops midway: its staging directory goes with it.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(push_header(&model, "cut-off")).await.unwrap();
+    let big = model.join("model.safetensors");
+    let bytes = std::fs::read(&big).unwrap();
+    let index = troupe_models::artifact::Manifest::of_dir(&model)
+        .unwrap()
+        .files
+        .iter()
+        .position(|f| f.path == "model.safetensors")
+        .unwrap() as u32;
+    tx.send(troupe_proto::v1::PushModelChunk {
+        part: Some(Part::Chunk(FileChunk {
+            file: index,
+            offset: 0,
+            data: bytes[..bytes.len() / 2].to_vec(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut client = admin(node).await;
+    let call = tokio::spawn(async move {
+        client
+            .push_model(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    wait_for("the push to start staging", WAIT, || async {
+        store_entries(&dir)
+            .iter()
+            .any(|e| e.ends_with(".partial"))
+            .then_some(())
+    })
+    .await;
+    call.abort();
+    drop(tx);
+    wait_for("the cut-off push's staging dir to go", WAIT, || async {
+        (!store_entries(&dir).iter().any(|e| e.ends_with(".partial"))).then_some(())
+    })
+    .await;
+
+    // A symlink in the pushed directory is refused by name, and nothing is sent.
+    let linked = dir.path().join("linked");
+    troupe_models::write_tiny_model_dir(&linked, 7).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", linked.join("passwd")).unwrap();
+    let pushed = troupe(args(&[
+        "models",
+        "push",
+        &linked.to_string_lossy(),
+        "--name",
+        "linked",
+        "--addr",
+        &addr,
+        "--quiet",
+    ]))
+    .await;
+    let (_, stderr) = text(&pushed);
+    assert!(!pushed.status.success());
+    assert!(
+        stderr.contains("passwd") && stderr.contains("symbolic link"),
+        "{stderr}"
+    );
+    assert!(store_entries(&dir).is_empty(), "{:?}", store_entries(&dir));
+
+    // An honest push still works.
+    push_model(&addr, &model, "tiny", "1").await;
+    for node in nodes {
+        node.shutdown().await.unwrap();
+    }
+}

@@ -93,6 +93,28 @@ pub async fn receive(
     } else {
         header.version.clone()
     };
+    // The whole registration is checked before a byte is stored: a push with a bad name is
+    // refused here, not after its files are on disk.
+    let command = Command::RegisterModelVersion {
+        name: header.name.clone(),
+        version: version.clone(),
+        digest: digest.clone(),
+        size_bytes,
+        format: if header.format.is_empty() {
+            "safetensors".into()
+        } else {
+            header.format.clone()
+        },
+        source: None,
+    };
+    troupe_consensus::metadata::state::check_command(&command)
+        .map_err(|reason| Status::invalid_argument(reason.to_string()))?;
+    if let Some(problem) = (!header.request_id.is_empty())
+        .then(|| troupe_proto::names::name_problem(&header.request_id))
+        .flatten()
+    {
+        return Err(Status::invalid_argument(format!("request_id: {problem}")));
+    }
     let (name, lookup) = (header.name.clone(), version.clone());
     let existing = metadata
         .read(ReadConsistency::Linearizable, move |state| {
@@ -132,36 +154,22 @@ pub async fn receive(
             .map_err(blocking_failed)?
             .map_err(|e| Status::internal(e.to_string()))?
     };
-    let received = receive_files(&mut stream, &header, &staging).await;
-    let bytes_received = match received {
-        Ok(bytes) => bytes,
-        Err(status) => {
-            let _ = tokio::fs::remove_dir_all(&staging).await;
-            return Err(status);
-        }
-    };
+    // Removed however this ends: an error, a client that disconnects midway (the handler is
+    // dropped), or after the commit moved it (then there is nothing left to remove).
+    let staging = StagingDir(staging);
+    let bytes_received = receive_files(&mut stream, &header, &staging.0).await?;
     {
-        let (store, manifest) = (store.clone(), manifest.clone());
-        tokio::task::spawn_blocking(move || store.commit(&staging, &manifest))
+        let (store, manifest, path) = (store.clone(), manifest.clone(), staging.0.clone());
+        tokio::task::spawn_blocking(move || store.commit(&path, &manifest))
             .await
             .map_err(blocking_failed)?
             .map_err(|e| {
                 Status::data_loss(format!("{e}; nothing was stored: push the files again"))
             })?;
     }
+    drop(staging);
     let proposal = Proposal {
-        command: Command::RegisterModelVersion {
-            name: header.name.clone(),
-            version: version.clone(),
-            digest: digest.clone(),
-            size_bytes,
-            format: if header.format.is_empty() {
-                "safetensors".into()
-            } else {
-                header.format.clone()
-            },
-            source: None,
-        },
+        command,
         expected_revision: None,
         request_id: (!header.request_id.is_empty()).then(|| header.request_id.clone()),
     };
@@ -176,6 +184,19 @@ pub async fn receive(
         changed,
         bytes_received,
     })
+}
+
+/// A push's staging directory, removed when dropped.
+struct StagingDir(std::path::PathBuf);
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.0) {
+            Ok(()) => tracing::debug!(path = %self.0.display(), "removed a push's staging directory"),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => tracing::warn!(path = %self.0.display(), %error, "cannot remove a push's staging directory; the next start removes it"),
+        }
+    }
 }
 
 /// Writes the chunks into `staging`, checking order and sizes; returns the bytes received.
