@@ -184,11 +184,14 @@ pub fn spawn_rechecks(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A source whose sender is gone (the Raft core stopped, say) is no longer watched,
+        // but the ticks go on: that is exactly when a recheck must still happen.
+        let (mut first_open, mut second_open) = (true, true);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                changed = first.changed() => if changed.is_err() { return },
-                changed = second.changed() => if changed.is_err() { return },
+                changed = first.changed(), if first_open => first_open = changed.is_ok(),
+                changed = second.changed(), if second_open => second_open = changed.is_ok(),
             }
             check();
         }

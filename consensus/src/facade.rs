@@ -637,9 +637,17 @@ impl Metadata {
             learners,
             nodes,
             removed: self.removal.reason(),
-            stopped: self.raft.metrics().has_changed().is_err().then(|| {
-                "the Raft core has stopped (a panic or a storage failure, see the log): restart the node".to_owned()
-            }),
+            stopped: match &metrics.running_state {
+                // A storage failure (a full disk, an I/O error) or a panic ends the core; its
+                // error says which.
+                Err(fatal) => Some(format!(
+                    "the Raft core has stopped: {fatal} (free disk space or fix the storage, then restart the node)"
+                )),
+                Ok(()) if self.raft.metrics().has_changed().is_err() => Some(
+                    "the Raft core has stopped (a panic or a storage failure, see the log): restart the node".to_owned(),
+                ),
+                Ok(()) => None,
+            },
         }
     }
 

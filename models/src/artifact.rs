@@ -229,7 +229,9 @@ impl ArtifactStore {
             if name.starts_with('.') && name.ends_with(".partial") {
                 match std::fs::remove_dir_all(entry.path()) {
                     Ok(()) => removed += 1,
-                    Err(error) => tracing::warn!(path = %entry.path().display(), %error, "cannot remove a leftover staging directory"),
+                    Err(error) => {
+                        tracing::warn!(path = %entry.path().display(), %error, "cannot remove a leftover staging directory")
+                    }
                 }
             }
         }

@@ -424,7 +424,10 @@ async fn pushes_store_nothing_they_should_not() {
     std::fs::write(leftover.join("model.safetensors"), vec![0u8; 4096]).unwrap();
     let nodes = start_cluster(&dir, 1).await;
     let node = &nodes[0];
-    assert!(!leftover.exists(), "the leftover staging dir is still there");
+    assert!(
+        !leftover.exists(),
+        "the leftover staging dir is still there"
+    );
     let model = tiny_model_dir(&dir);
     let addr = node.api_addr.to_string();
 

@@ -129,10 +129,26 @@ fn run_flusher(db: sled::Db, queue: mpsc::Receiver<LogFlushed<TypeConfig>>, guar
             callback.log_io_completed(match &result {
                 Ok(()) => Ok(()),
                 Err(error) => Err(std::io::Error::other(format!(
-                    "flushing the raft log: {error}"
+                    "flushing the raft log: {}",
+                    storage_error_text(error)
                 ))),
             });
         }
+    }
+}
+
+/// A sled error in words: sled shows an I/O error's Rust debug form, which a full disk makes
+/// the most common one an operator sees.
+pub(crate) fn storage_error_text(error: &sled::Error) -> String {
+    match error {
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            "no space left on the device holding the data dir".to_owned()
+        }
+        sled::Error::Io(io) => match io.raw_os_error() {
+            Some(code) => std::io::Error::from_raw_os_error(code).to_string(),
+            None => io.kind().to_string(),
+        },
+        other => other.to_string(),
     }
 }
 

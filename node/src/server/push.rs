@@ -192,9 +192,13 @@ struct StagingDir(std::path::PathBuf);
 impl Drop for StagingDir {
     fn drop(&mut self) {
         match std::fs::remove_dir_all(&self.0) {
-            Ok(()) => tracing::debug!(path = %self.0.display(), "removed a push's staging directory"),
+            Ok(()) => {
+                tracing::debug!(path = %self.0.display(), "removed a push's staging directory")
+            }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => tracing::warn!(path = %self.0.display(), %error, "cannot remove a push's staging directory; the next start removes it"),
+            Err(error) => {
+                tracing::warn!(path = %self.0.display(), %error, "cannot remove a push's staging directory; the next start removes it")
+            }
         }
     }
 }
