@@ -70,7 +70,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let service = metadata.peer_service();
     let gate = metadata.transport().peer_gate(metadata.membership());
-    let incoming = metadata.transport().incoming(listener, "peer");
+    let incoming = metadata.transport().incoming(
+        listener,
+        "peer",
+        troupe_transport::ConnLimits::default(),
+        Default::default(),
+    );
     tokio::spawn(
         tonic::transport::Server::builder()
             .layer(tonic::service::InterceptorLayer::new(gate))

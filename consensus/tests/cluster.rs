@@ -65,7 +65,12 @@ async fn start_node_at(
     let (stop, stopped) = oneshot::channel::<()>();
     let service = metadata.peer_service();
     let gate = metadata.transport().peer_gate(metadata.membership());
-    let incoming = metadata.transport().incoming(listener, "peer");
+    let incoming = metadata.transport().incoming(
+        listener,
+        "peer",
+        troupe_transport::ConnLimits::default(),
+        Default::default(),
+    );
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .layer(tonic::service::InterceptorLayer::new(gate))

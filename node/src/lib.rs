@@ -11,12 +11,16 @@
 //! - [`error`]: the CLI's error type; every command fails with one line that names the
 //!   problem and the fix.
 //!
+//! - `fuzz_entry`: the edges the fuzz targets in `fuzz/` drive (hidden from the docs).
+//!
 //! `main.rs` only sets up the allocator and tracing and calls [`cli::run`].
 
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod gossip;
 pub mod loader;
 pub mod metrics;

@@ -102,13 +102,12 @@ impl Drop for Up {
 /// The certificates `troupe up` made, which every client of its cluster needs.
 static CERTS: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
 
-/// TROUPE_CA, TROUPE_CERT and TROUPE_KEY for the admin's certificate of `up`'s cluster.
+/// TROUPE_CA, and the admin token `up` minted (TROUPE_TOKEN_FILE), for `up`'s cluster.
 fn client_env() -> Vec<(&'static str, String)> {
     let certs = CERTS.lock().unwrap().clone().expect("up's certificates");
     [
         ("TROUPE_CA", "ca.crt"),
-        ("TROUPE_CERT", "client-admin.crt"),
-        ("TROUPE_KEY", "client-admin.key"),
+        ("TROUPE_TOKEN_FILE", "../admin.token"),
     ]
     .into_iter()
     .map(|(name, file)| (name, certs.join(file).display().to_string()))
@@ -148,7 +147,10 @@ async fn embed_on(addr: &str, model: &str) -> troupe_proto::v1::EmbedResponse {
     let channel = troupe_transport::connect_client(endpoint, Some(tls.config().unwrap()))
         .await
         .unwrap();
-    let mut client = troupe_proto::v1::inference_client::InferenceClient::new(channel);
+    // The admin token `up` minted next to its certificates.
+    let token = std::fs::read_to_string(certs.parent().unwrap().join("admin.token")).unwrap();
+    let mut client =
+        troupe_proto::v1::inference_client::InferenceClient::new(authed(channel, token.trim()));
     client
         .embed(embed_request(model, &["a text to embed"], ""))
         .await
@@ -174,6 +176,11 @@ async fn up_serves_a_three_node_cluster_and_the_shell_drives_it() {
     let certs = data.join("certs");
     let export = format!("export TROUPE_CA={}", certs.join("ca.crt").display());
     assert!(up.seen.iter().any(|l| l.contains(&export)), "{:?}", up.seen);
+    assert!(
+        up.seen.iter().any(|l| l.contains("TROUPE_TOKEN_FILE=")),
+        "up names the admin token it minted: {:?}",
+        up.seen
+    );
     *CERTS.lock().unwrap() = Some(certs);
     let (code, _, err) = {
         let output = Command::new(BIN)

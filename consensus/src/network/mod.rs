@@ -34,3 +34,29 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Result<RaftPayload, serde_json:
 pub(crate) fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, serde_json::Error> {
     serde_json::from_slice(&payload.json)
 }
+
+/// Decodes `bytes` as every payload the peer port's Raft service takes, and runs the guard and
+/// the command check on whatever decodes. For the fuzz target and its corpus replay: it must
+/// never panic, whatever the bytes.
+#[doc(hidden)]
+pub fn fuzz_payload(bytes: &[u8]) {
+    use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+    use troupe_transport::VerifiedPeer;
+    let payload = RaftPayload {
+        json: bytes.to_vec(),
+    };
+    let peer = Some(VerifiedPeer::Node(1));
+    let own_term = bytes.first().copied().map_or(1, u64::from);
+    if let Ok(rpc) = decode::<VoteRequest<crate::types::NodeId>>(&payload) {
+        let _ = guard::vote(&rpc, peer, own_term);
+    }
+    if let Ok(rpc) = decode::<AppendEntriesRequest<crate::types::TypeConfig>>(&payload) {
+        let _ = guard::append_entries(&rpc, peer, own_term);
+    }
+    if let Ok(rpc) = decode::<InstallSnapshotRequest<crate::types::TypeConfig>>(&payload) {
+        let _ = guard::install_snapshot(&rpc, peer, own_term);
+    }
+    if let Ok(proposal) = decode::<crate::metadata::Proposal>(&payload) {
+        let _ = crate::metadata::state::check_command(&proposal.command);
+    }
+}

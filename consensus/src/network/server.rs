@@ -130,7 +130,13 @@ impl RaftPeer for RaftPeerService {
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let proposal: Proposal = decode(request.get_ref()).map_err(|e| invalid("propose", e))?;
-        let result: ForwardedWrite = self.proposer.write(proposal).await;
+        // A forwarded write is checked here too: nothing invalid reaches the log, whoever
+        // proposes it.
+        let result: ForwardedWrite = match crate::metadata::state::check_command(&proposal.command)
+        {
+            Err(reason) => Ok(crate::metadata::Outcome::Rejected { reason }),
+            Ok(()) => self.proposer.write(proposal).await,
+        };
         reply(&result)
     }
 

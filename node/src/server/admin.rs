@@ -188,7 +188,7 @@ fn member(id: u64, addr: &NodeAddr) -> Member {
     }
 }
 
-fn check_member(member: Option<Member>) -> Result<(u64, NodeAddr), Status> {
+pub(crate) fn check_member(member: Option<Member>) -> Result<(u64, NodeAddr), Status> {
     let member = member.ok_or_else(|| Status::invalid_argument("field 'member' is required"))?;
     if member.id == 0 {
         return Err(Status::invalid_argument(

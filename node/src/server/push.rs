@@ -24,7 +24,7 @@ fn blocking_failed(error: tokio::task::JoinError) -> Status {
 
 /// The header's manifest, checked: plain relative paths, no duplicates, the files a model
 /// needs, sha256 digests as 64 lowercase hex characters.
-fn manifest_of(header: &PushModelHeader) -> Result<Manifest, Status> {
+pub(crate) fn manifest_of(header: &PushModelHeader) -> Result<Manifest, Status> {
     if header.files.is_empty() {
         return Err(Status::invalid_argument(
             "the manifest lists no files: push a model directory (config.json, tokenizer.json, model.safetensors)",

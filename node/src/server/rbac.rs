@@ -80,7 +80,7 @@ mod tests {
                 }
             }
         }
-        assert!(seen >= 20, "{seen}");
+        assert!(seen >= 19, "only {seen} RPCs found in the descriptor set");
     }
 
     #[test]
