@@ -16,7 +16,9 @@
 #      RAY_DIR (~/.cache/troupe-peers/ray), PORT_BASE (27400),
 #      CONCURRENCY (1,4,16,64), ENGINE (1; 0 skips the raw engine runs),
 #      TLS (1: the node serves TLS with certificates from `troupe certs init` and the clients
-#      verify it; 0: the node runs --insecure, plaintext).
+#      verify it; 0: the node runs --insecure, plaintext),
+#      TOKEN (0; 1 with TLS=1: clients send a bearer token instead of relying on the admin
+#      certificate's role).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,6 +51,12 @@ if [[ ${TLS:-1} == 1 ]]; then
   "$TROUPE" certs init --out "$DATA/certs" --nodes 1 >/dev/null
   security=(--tls-dir "$DATA/certs")
   export TROUPE_CA=$DATA/certs/ca.crt TROUPE_CERT=$DATA/certs/client-admin.crt TROUPE_KEY=$DATA/certs/client-admin.key
+  # TOKEN=1: every call also carries a bearer token, which wins over the certificate, so the
+  # node verifies a token on each call instead of reading the role from the certificate.
+  if [[ ${TOKEN:-0} == 1 ]]; then
+    TROUPE_TOKEN=$("$TROUPE" token issue --keys "$DATA/certs" --role admin --ttl 2h)
+    export TROUPE_TOKEN
+  fi
 else
   security=(--insecure)
   unset TROUPE_CA TROUPE_CERT TROUPE_KEY

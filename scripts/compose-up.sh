@@ -144,6 +144,10 @@ docker cp "$copier:/certs/tls/." "$certs_host/" >/dev/null || { docker rm -v "$c
 docker rm -v "$copier" >/dev/null
 chmod 600 "$certs_host"/*.key
 rm -f "$certs_host/ca.key" "$certs_host"/node-*.key "$certs_host/jwt-signing.key"
+# A certs volume made before API tokens has no signing key: make one (never replaced).
+if ! out=$(dc run --rm certs token init --keys /certs/tls 2>&1) && [[ $out != *"already exists"* ]]; then
+  die "cannot make the token signing key: $out"
+fi
 # An admin API token, minted inside the volume (the signing key never leaves it).
 (umask 077; dc run --rm certs token issue --keys /certs/tls --role admin --ttl 30d --subject compose-admin \
   2>/dev/null >"$certs_host/admin.token") || die "cannot mint the admin token"

@@ -142,8 +142,11 @@ pub fn manifest(data: &[u8]) {
     let _ = troupe_models::artifact::check_manifest_path(&String::from_utf8_lossy(data));
 }
 
+/// One fuzzed edge: what it does with arbitrary bytes.
+pub type Entry = fn(&[u8]);
+
 /// The targets by name, as `fuzz/fuzz_targets/` and `fuzz/corpus/` name them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Entry)] = &[
     ("proto", proto),
     ("raft_payload", raft_payload),
     ("config", config),

@@ -155,7 +155,6 @@ async fn garbage_and_oversized_input_is_refused_before_the_log() {
     let status = client
         .restart_actor(RestartActorRequest {
             path: huge.clone(),
-            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -253,6 +252,14 @@ async fn made_up_names_do_not_grow_metrics() {
             .unwrap_err();
         assert_eq!(status.code(), Code::NotFound, "{status:?}");
     }
+    // A NUL byte or a newline in a name is refused before it can reach a label.
+    for bad in ["nul\0model", "line\nbreak"] {
+        let status = client
+            .embed(embed_request(bad, &["x"], ""))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
     let after = size().await;
     assert!(
         after < before + 1024,
@@ -263,7 +270,7 @@ async fn made_up_names_do_not_grow_metrics() {
         body.contains("model=\"other\""),
         "unknown models count as other"
     );
-    assert!(!body.contains("model-17"));
+    assert!(!body.contains("model-17") && !body.contains('\0'));
     for node in nodes {
         node.shutdown().await.unwrap();
     }
@@ -300,7 +307,6 @@ async fn idle_connections_close_and_a_flood_cannot_lock_clients_out() {
     let mut watch = client
         .watch(WatchRequest {
             from_revision: 0,
-            ..Default::default()
         })
         .await
         .unwrap()

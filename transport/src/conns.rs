@@ -171,9 +171,10 @@ impl Tracker {
     pub fn admit(self: &Arc<Self>) -> Option<Registration> {
         let now_ms = self.epoch.elapsed().as_millis() as u64;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        // Connections already closed (and not yet dropped) do not count.
-        let live = conns.values().filter(|a| !a.is_closed()).count();
-        if live >= self.limits.max_connections.max(1) {
+        // Connections already closed (and not yet dropped) do not count; below the limit
+        // nothing is scanned.
+        let max = self.limits.max_connections.max(1);
+        if conns.len() >= max && conns.values().filter(|a| !a.is_closed()).count() >= max {
             let oldest = conns
                 .values()
                 .filter(|a| !a.is_closed())

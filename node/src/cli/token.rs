@@ -11,6 +11,10 @@ use crate::error::CliError;
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
+    /// Make the signing key (jwt-signing.key) and add its public key to jwks.json, in a
+    /// certificate directory made before tokens existed. `troupe certs init` already does
+    /// this; an existing key is never replaced (that is `rotate`).
+    Init(KeysArgs),
     /// Print a token for ROLE, signed with DIR/jwt-signing.key. Nodes accept it while its
     /// key is in their jwks.json.
     Issue(IssueArgs),
@@ -97,6 +101,11 @@ pub fn run(command: TokenCommand) -> Result<(), CliError> {
                 .issue(&policy, &args.subject, args.role, args.ttl)
                 .map_err(|e| usage(&e))?;
             println!("{token}");
+        }
+        TokenCommand::Init(args) => {
+            for path in token::init_signing_key(&args.keys).map_err(|e| usage(&e))? {
+                println!("{}", path.display());
+            }
         }
         TokenCommand::Rotate(args) => {
             let (old, new) = token::rotate_signing_key(&args.keys).map_err(|e| usage(&e))?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use troupe_actors::table::LocalState;
-use troupe_actors::{ModelKey, RestartError, TreeView};
+use troupe_actors::{ModelKey, TreeView};
 use troupe_consensus::metadata::ModelState;
 use troupe_consensus::metadata::{Command, Proposal};
 use troupe_consensus::metadata::{MetadataState, SettingRecord};
@@ -607,7 +607,7 @@ impl Admin for AdminService {
             .metadata
             .state_at(revision)
             .await
-            .map_err(|e| Status::out_of_range(e.to_string()))?;
+            .map_err(|e| super::status::status(&e))?;
         Ok(Response::new(HistoryResponse {
             revision: state.revision,
             models: model_entries(&state),
@@ -628,13 +628,7 @@ impl Admin for AdminService {
             self.tree
                 .restart(&path, RESTART_TIMEOUT)
                 .await
-                .map_err(|error| match error {
-                    RestartError::NoSuchActor(_) => Status::not_found(error.to_string()),
-                    RestartError::Root => Status::invalid_argument(error.to_string()),
-                    RestartError::Gone(_) | RestartError::NotRestarted { .. } => {
-                        Status::failed_precondition(error.to_string())
-                    }
-                })?;
+                .map_err(|error| super::status::status(&error))?;
         Ok(Response::new(RestartActorResponse { path, restarts }))
     }
 

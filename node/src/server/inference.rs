@@ -104,8 +104,7 @@ fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
 impl InferenceCore {
     fn validate(&self, request: &EmbedRequest) -> Result<(), Status> {
         let limits = &self.limits;
-        troupe_proto::convert::check_embed_names(request)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        troupe_proto::convert::check_embed_names(request).map_err(|e| super::status::status(&e))?;
         if request.texts.is_empty() {
             return Err(Status::invalid_argument(
                 "texts is empty: send at least one text",

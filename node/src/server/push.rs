@@ -108,7 +108,7 @@ pub async fn receive(
         source: None,
     };
     troupe_consensus::metadata::state::check_command(&command)
-        .map_err(|reason| Status::invalid_argument(reason.to_string()))?;
+        .map_err(|reason| super::status::status(&reason))?;
     if let Some(problem) = (!header.request_id.is_empty())
         .then(|| troupe_proto::names::name_problem(&header.request_id))
         .flatten()

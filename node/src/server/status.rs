@@ -1,25 +1,125 @@
-//! The one place errors become gRPC status codes.
+//! The one place errors become gRPC status codes. Every error a handler can meet implements
+//! [`ServiceError`] (its code), and [`status`] is the one conversion to a `Status`: the code
+//! from the table, the message from `Display`, bounded. (quickwit's `ServiceError::error_code`
+//! is the model.)
 
 use tonic::{Code, Status};
+use troupe_actors::RestartError;
 use troupe_consensus::metadata::{Outcome, Rejection};
-use troupe_consensus::{MetadataError, WatchError};
+use troupe_consensus::{HistoryError, MetadataError, WatchError};
+use troupe_proto::convert::ProtoError;
+
+/// An error that knows the gRPC code it is answered with.
+pub trait ServiceError: std::fmt::Display {
+    fn code(&self) -> Code;
+}
+
+/// The longest message a status carries from here (the API gate cuts anything longer too).
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// The one conversion: the error's code and its message, cut to a bounded length so that no
+/// client string echoed in it can crowd the real code out.
+pub fn status(error: &impl ServiceError) -> Status {
+    let mut message = error.to_string();
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("… (cut)");
+    }
+    Status::new(error.code(), message)
+}
+
+impl ServiceError for MetadataError {
+    fn code(&self) -> Code {
+        match self {
+            MetadataError::NoLeader
+            | MetadataError::LeaderUnreachable { .. }
+            | MetadataError::ShutDown => Code::Unavailable,
+            MetadataError::Timeout { .. } => Code::DeadlineExceeded,
+            MetadataError::NotLeader { .. } | MetadataError::Membership(_) => {
+                Code::FailedPrecondition
+            }
+            // The Raft core failed (a full disk, a storage fault): this node cannot write,
+            // another node may.
+            MetadataError::Raft(_) => Code::Unavailable,
+            MetadataError::Config(_) | MetadataError::StorageOpen { .. } => Code::Internal,
+        }
+    }
+}
+
+impl ServiceError for Rejection {
+    fn code(&self) -> Code {
+        match self {
+            Rejection::UnknownModelVersion { .. } => Code::NotFound,
+            Rejection::VersionExists { .. } => Code::AlreadyExists,
+            Rejection::Invalid { .. } => Code::InvalidArgument,
+        }
+    }
+}
+
+impl ServiceError for ProtoError {
+    fn code(&self) -> Code {
+        Code::InvalidArgument
+    }
+}
+
+impl ServiceError for HistoryError {
+    fn code(&self) -> Code {
+        Code::OutOfRange
+    }
+}
+
+impl ServiceError for RestartError {
+    fn code(&self) -> Code {
+        match self {
+            RestartError::NoSuchActor(_) => Code::NotFound,
+            RestartError::Root => Code::InvalidArgument,
+            RestartError::Gone(_) | RestartError::NotRestarted { .. } => {
+                Code::FailedPrecondition
+            }
+        }
+    }
+}
+
+impl ServiceError for troupe_actors::ServeError {
+    fn code(&self) -> Code {
+        use troupe_actors::ServeError as E;
+        match self {
+            E::UnknownModel { .. } | E::UnknownVersion { .. } | E::UnknownTask { .. } => {
+                Code::NotFound
+            }
+            E::NoActiveVersion { .. } | E::VersionNotServed { .. } | E::LoadFailed { .. } => {
+                Code::FailedPrecondition
+            }
+            E::Loading { .. }
+            | E::RollingOut { .. }
+            | E::WorkerFailed { .. }
+            | E::Unavailable { .. }
+            | E::ShuttingDown => Code::Unavailable,
+            E::QueueFull { .. } => Code::ResourceExhausted,
+            E::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            E::InvalidText { .. } => Code::InvalidArgument,
+        }
+    }
+}
+
+impl ServiceError for WatchError {
+    fn code(&self) -> Code {
+        match self {
+            WatchError::Compacted { .. } | WatchError::Lagged => Code::OutOfRange,
+            WatchError::Closed => Code::Unavailable,
+        }
+    }
+}
 
 /// Metadata on an ABORTED (lost compare-and-set) status: the key's current revision.
 pub const CURRENT_REVISION_HEADER: &str = "x-troupe-current-revision";
 
 pub fn metadata_error(error: MetadataError) -> Status {
-    let code = match &error {
-        MetadataError::NoLeader
-        | MetadataError::LeaderUnreachable { .. }
-        | MetadataError::ShutDown => Code::Unavailable,
-        MetadataError::Timeout { .. } => Code::DeadlineExceeded,
-        MetadataError::NotLeader { .. } => Code::FailedPrecondition,
-        MetadataError::Membership(_) => Code::FailedPrecondition,
-        MetadataError::Config(_) | MetadataError::StorageOpen { .. } | MetadataError::Raft(_) => {
-            Code::Internal
-        }
-    };
-    Status::new(code, error.to_string())
+    status(&error)
 }
 
 /// A write's outcome as `(revision, changed)`, or the status a refused write maps to.
@@ -41,47 +141,24 @@ pub fn write_outcome(outcome: Outcome) -> Result<(u64, bool), Status> {
                 metadata,
             ))
         }
-        Outcome::Rejected { reason } => Err(match reason {
-            Rejection::UnknownModelVersion { .. } => Status::not_found(reason.to_string()),
-            Rejection::VersionExists { .. } => Status::already_exists(reason.to_string()),
-            Rejection::Invalid { .. } => Status::invalid_argument(reason.to_string()),
-        }),
+        Outcome::Rejected { reason } => Err(status(&reason)),
     }
 }
 
 pub fn watch_error(error: WatchError) -> Status {
-    match error {
-        WatchError::Compacted {
-            snapshot_revision, ..
-        } => {
-            let mut status = Status::out_of_range(format!("{error}"));
-            if let Ok(value) = snapshot_revision.to_string().parse() {
-                status
-                    .metadata_mut()
-                    .insert("x-troupe-snapshot-revision", value);
-            }
-            status
-        }
-        WatchError::Lagged => Status::out_of_range(error.to_string()),
-        WatchError::Closed => Status::unavailable(error.to_string()),
+    let mut status = status(&error);
+    if let WatchError::Compacted {
+        snapshot_revision, ..
+    } = error
+    {
+        status
+            .metadata_mut()
+            .insert("x-troupe-snapshot-revision", snapshot_revision.into());
     }
+    status
 }
 
 /// A request the actor tree could not serve.
 pub fn serve_error(error: troupe_actors::ServeError) -> Status {
-    use troupe_actors::ServeError as E;
-    let code = match &error {
-        E::UnknownModel { .. } | E::UnknownVersion { .. } | E::UnknownTask { .. } => Code::NotFound,
-        E::NoActiveVersion { .. } | E::VersionNotServed { .. } => Code::FailedPrecondition,
-        E::LoadFailed { .. } => Code::FailedPrecondition,
-        E::Loading { .. }
-        | E::RollingOut { .. }
-        | E::WorkerFailed { .. }
-        | E::Unavailable { .. }
-        | E::ShuttingDown => Code::Unavailable,
-        E::QueueFull { .. } => Code::ResourceExhausted,
-        E::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-        E::InvalidText { .. } => Code::InvalidArgument,
-    };
-    Status::new(code, error.to_string())
+    status(&error)
 }
