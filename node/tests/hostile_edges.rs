@@ -153,9 +153,7 @@ async fn garbage_and_oversized_input_is_refused_before_the_log() {
     assert!(status.message().len() < 300);
     // An unknown 10 KB actor path: NOT_FOUND, the message bounded.
     let status = client
-        .restart_actor(RestartActorRequest {
-            path: huge.clone(),
-        })
+        .restart_actor(RestartActorRequest { path: huge.clone() })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
@@ -305,9 +303,7 @@ async fn idle_connections_close_and_a_flood_cannot_lock_clients_out() {
     // A watch stream with nothing to say is a call in flight: it outlives the idle timeout.
     let mut client = admin(node).await;
     let mut watch = client
-        .watch(WatchRequest {
-            from_revision: 0,
-        })
+        .watch(WatchRequest { from_revision: 0 })
         .await
         .unwrap()
         .into_inner();

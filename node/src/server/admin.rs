@@ -624,11 +624,11 @@ impl Admin for AdminService {
     ) -> Result<Response<RestartActorResponse>, Status> {
         let path = request.into_inner().path;
         tracing::warn!(actor = %path, "restart requested by an operator");
-        let restarts =
-            self.tree
-                .restart(&path, RESTART_TIMEOUT)
-                .await
-                .map_err(|error| super::status::status(&error))?;
+        let restarts = self
+            .tree
+            .restart(&path, RESTART_TIMEOUT)
+            .await
+            .map_err(|error| super::status::status(&error))?;
         Ok(Response::new(RestartActorResponse { path, restarts }))
     }
 

@@ -77,9 +77,7 @@ impl ServiceError for RestartError {
         match self {
             RestartError::NoSuchActor(_) => Code::NotFound,
             RestartError::Root => Code::InvalidArgument,
-            RestartError::Gone(_) | RestartError::NotRestarted { .. } => {
-                Code::FailedPrecondition
-            }
+            RestartError::Gone(_) | RestartError::NotRestarted { .. } => Code::FailedPrecondition,
         }
     }
 }
