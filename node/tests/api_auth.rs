@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -444,50 +443,29 @@ async fn the_jwks_rotates_under_load_without_a_failed_request() {
     // The token clients send; swapped once every node knows the new key.
     let old_token = mint(&certs_dir, Role::Operator);
     let current = Arc::new(Mutex::new(old_token.clone()));
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut load = Vec::new();
+    let mut writers = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
-        let channel = channel(node.api_addr, &anonymous(&certs_dir));
-        let (stopped, done, failed, current) = (
-            stopped.clone(),
-            done.clone(),
-            failed.clone(),
+        let (channel, current) = (
+            channel(node.api_addr, &anonymous(&certs_dir)),
             current.clone(),
         );
-        load.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while !*stopped.borrow() {
-                n += 1;
-                let token = current.lock().unwrap().clone();
-                let mut client = AdminClient::new(authed(channel.clone(), &token));
-                let write = client
+        writers.push(move |n: u64| {
+            let token = current.lock().unwrap().clone();
+            let mut client = AdminClient::new(authed(channel.clone(), &token));
+            async move {
+                client
                     .set_setting(SetSettingRequest {
                         key: format!("load-{i}"),
                         value: n.to_string(),
                         ..Default::default()
                     })
-                    .await;
-                match write {
-                    Ok(_) => done.fetch_add(1, Ordering::Relaxed),
-                    Err(status) => {
-                        eprintln!("write through node {} failed: {status:?}", i + 1);
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
+                    .await
+                    .map(|_| ())
             }
-        }));
+        });
     }
-    let progress = |at_least: u64| {
-        let done = done.clone();
-        async move {
-            wait_for("the load to make progress", WAIT, || async {
-                (done.load(Ordering::Relaxed) >= at_least).then_some(())
-            })
-            .await
-        }
-    };
-    progress(30).await;
+    let load = WriteLoad::start(writers);
+    load.progress(30).await;
     // 1. A new signing key; both keys are in the JWKS.
     let (old_kid, new_kid) = token::rotate_signing_key(&certs_dir).unwrap();
     let new_token = mint(&certs_dir, Role::Operator);
@@ -499,7 +477,7 @@ async fn the_jwks_rotates_under_load_without_a_failed_request() {
     }
     // 2. Clients move to the new token.
     *current.lock().unwrap() = new_token.clone();
-    progress(done.load(Ordering::Relaxed) + 30).await;
+    load.progress(30).await;
     // 3. The old key is retired: its tokens stop working everywhere.
     let jwks = std::fs::read_to_string(certs_dir.join(JWKS_FILE)).unwrap();
     assert!(jwks.contains(&old_kid) && jwks.contains(&new_kid));
@@ -513,16 +491,10 @@ async fn the_jwks_rotates_under_load_without_a_failed_request() {
         })
         .await;
     }
-    progress(done.load(Ordering::Relaxed) + 30).await;
-    stop.send_replace(true);
-    for task in load {
-        task.await.unwrap();
-    }
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "requests failed during the rotation"
-    );
+    load.progress(30).await;
+    let (done, failed) = load.stop().await;
+    assert_eq!(failed, 0, "requests failed during the rotation");
+    assert!(done >= 90, "{done}");
     for node in nodes {
         node.shutdown().await.unwrap();
     }

@@ -234,8 +234,14 @@ async fn made_up_names_do_not_grow_metrics() {
     .await
     .unwrap();
     let size = || async { http_get(node.metrics_addr, "/metrics").await.1.len() };
+    // Every kind of series the probes below can make exists once before measuring: an
+    // unknown model and task (NOT_FOUND), and a refused name (INVALID_ARGUMENT).
     client
         .embed(embed_request("warm-up", &["x"], "t"))
+        .await
+        .unwrap_err();
+    client
+        .embed(embed_request("warm up", &["x"], ""))
         .await
         .unwrap_err();
     let before = size().await;

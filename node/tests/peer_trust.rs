@@ -6,8 +6,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -408,47 +406,30 @@ async fn rotating_every_certificate_to_a_new_ca_under_load_fails_no_request() {
         identity: None,
     };
 
-    // Load: writes through each node (followers forward them over the peer port), and
-    // linearizable reads, until told to stop.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut load = Vec::new();
-    // A token, not a client certificate: it outlives the CA it was minted under.
+    // Load: writes through each node (followers forward them over the peer port), until
+    // told to stop. A token, not a client certificate: it outlives the CA it was minted under.
     let token = mint(&certs_dir, troupe_transport::Role::Operator);
+    let mut writers = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
-        let mut client = AdminClient::new(authed(
+        let client = AdminClient::new(authed(
             channel(node.api_addr, Some(&client_tls)).await,
             &token,
         ));
-        let (stopped, done, failed) = (stopped.clone(), done.clone(), failed.clone());
-        load.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while !*stopped.borrow() {
-                n += 1;
-                match set_setting(&mut client, &format!("load-{i}"), &n.to_string()).await {
-                    Ok(_) => done.fetch_add(1, Ordering::Relaxed),
-                    Err(status) => {
-                        eprintln!("write through node {} failed: {status:?}", i + 1);
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
+        writers.push(move |n: u64| {
+            let mut client = client.clone();
+            async move {
+                set_setting(&mut client, &format!("load-{i}"), &n.to_string())
+                    .await
+                    .map(|_| ())
             }
-        }));
+        });
     }
-    let progress = |at_least: u64| {
-        let done = done.clone();
-        async move {
-            wait_for("the load to make progress", WAIT, || async {
-                (done.load(Ordering::Relaxed) >= at_least).then_some(())
-            })
-            .await
-        }
-    };
-    progress(30).await;
+    let load = WriteLoad::start(writers);
+    load.progress(30).await;
     // 1. Every node trusts both CAs.
     replace(&certs_dir.join("ca.crt"), &bundle);
     wait_reloads(&nodes, 1).await;
-    progress(done.load(Ordering::Relaxed) + 30).await;
+    load.progress(30).await;
     // 2. Every node gets a certificate of the new CA (key first, then the certificate).
     for id in 1..=3 {
         let key = std::fs::read_to_string(new_dir.join(format!("node-{id}.key"))).unwrap();
@@ -457,11 +438,11 @@ async fn rotating_every_certificate_to_a_new_ca_under_load_fails_no_request() {
         replace(&certs_dir.join(format!("node-{id}.crt")), &cert);
     }
     wait_reloads(&nodes, 2).await;
-    progress(done.load(Ordering::Relaxed) + 30).await;
+    load.progress(30).await;
     // 3. The old CA is dropped.
     replace(&certs_dir.join("ca.crt"), &new_ca);
     wait_reloads(&nodes, 3).await;
-    progress(done.load(Ordering::Relaxed) + 30).await;
+    load.progress(30).await;
     // New connections prove the new material is in force: a client trusting only the new CA
     // reaches every node, and a node certificate of the old CA is refused on the peer port.
     let new_only = ClientTls {
@@ -506,16 +487,9 @@ async fn rotating_every_certificate_to_a_new_ca_under_load_fails_no_request() {
             .await
             .unwrap();
     }
-    stop.send_replace(true);
-    for task in load {
-        task.await.unwrap();
-    }
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "requests failed during the rotation"
-    );
-    assert!(done.load(Ordering::Relaxed) >= 120);
+    let (done, failed) = load.stop().await;
+    assert_eq!(failed, 0, "requests failed during the rotation");
+    assert!(done >= 120);
     let states = cluster_state(&nodes).await;
     assert!(states.iter().all(|s| s.0 == states[0].0));
     for node in nodes {

@@ -312,21 +312,35 @@ pub fn add_node(dir: &Path, id: u64, hosts: &[String]) -> Result<Written, CertsE
     for host in hosts {
         check_host(host)?;
     }
+    issue_into(
+        dir,
+        &format!("node-{id}"),
+        &Identity::Node(id),
+        None,
+        &node_hosts(hosts),
+    )
+}
+
+/// Issues a certificate from the CA in `dir` into `<stem>.crt` and `<stem>.key` there, never
+/// replacing either.
+fn issue_into(
+    dir: &Path,
+    stem: &str,
+    identity: &Identity,
+    role: Option<Role>,
+    hosts: &[String],
+) -> Result<Written, CertsError> {
     let ca = Authority::load(&dir.join("ca.crt"), &dir.join("ca.key"))?;
     let (cert, key) = (
-        dir.join(format!("node-{id}.crt")),
-        dir.join(format!("node-{id}.key")),
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
     );
     for path in [&cert, &key] {
         if path.exists() {
             return Err(CertsError::Exists(path.display().to_string()));
         }
     }
-    let issued = ca.issue(
-        &Identity::Node(id),
-        &node_hosts(hosts),
-        Validity::days(LEAF_DAYS),
-    )?;
+    let issued = ca.issue_with_role(identity, role, hosts, Validity::days(LEAF_DAYS))?;
     write_new(&key, &issued.key_pem, true)?;
     write_new(&cert, &issued.cert_pem, false)?;
     Ok(Written {
@@ -342,27 +356,13 @@ pub fn add_client(dir: &Path, name: &str, role: Role) -> Result<Written, CertsEr
             "--name {name:?}: a client name is 1 to 64 of a-z, 0-9, '.', '_' and '-'"
         )));
     }
-    let ca = Authority::load(&dir.join("ca.crt"), &dir.join("ca.key"))?;
-    let (cert, key) = (
-        dir.join(format!("client-{name}.crt")),
-        dir.join(format!("client-{name}.key")),
-    );
-    for path in [&cert, &key] {
-        if path.exists() {
-            return Err(CertsError::Exists(path.display().to_string()));
-        }
-    }
-    let issued = ca.issue_with_role(
+    issue_into(
+        dir,
+        &format!("client-{name}"),
         &Identity::Client(name.to_owned()),
         Some(role),
         &[],
-        Validity::days(LEAF_DAYS),
-    )?;
-    write_new(&key, &issued.key_pem, true)?;
-    write_new(&cert, &issued.cert_pem, false)?;
-    Ok(Written {
-        files: vec![cert, key],
-    })
+    )
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), CertsError> {

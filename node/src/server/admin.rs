@@ -623,7 +623,7 @@ impl Admin for AdminService {
         request: Request<RestartActorRequest>,
     ) -> Result<Response<RestartActorResponse>, Status> {
         let path = request.into_inner().path;
-        tracing::warn!(actor = %path, "restart requested by an operator");
+        tracing::warn!(actor = %troupe_proto::names::bounded(&path), "restart requested by an operator");
         let restarts = self
             .tree
             .restart(&path, RESTART_TIMEOUT)

@@ -544,3 +544,77 @@ pub fn mint(certs: &std::path::Path, role: troupe_transport::Role) -> String {
     )
     .unwrap()
 }
+
+/// Writes in a loop on each of several tasks until stopped, counting successes and failures:
+/// the load that rotations must not disturb.
+pub struct WriteLoad {
+    stop: tokio::sync::watch::Sender<bool>,
+    pub done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl WriteLoad {
+    /// One task per `writer`; each calls its writer with an increasing sequence number.
+    pub fn start<W, Fut>(writers: Vec<W>) -> Self
+    where
+        W: FnMut(u64) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
+    {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let tasks = writers
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut write)| {
+                let (stopped, done, failed) = (stopped.clone(), done.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while !*stopped.borrow() {
+                        n += 1;
+                        match write(n).await {
+                            Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                            Err(status) => {
+                                eprintln!("writer {} failed: {status:?}", i + 1);
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            done,
+            failed,
+            tasks,
+        }
+    }
+
+    /// Waits until `more` writes beyond the current count have succeeded.
+    pub async fn progress(&self, more: u64) {
+        use std::sync::atomic::Ordering;
+        let target = self.done.load(Ordering::Relaxed) + more;
+        wait_for(
+            "the load to make progress",
+            std::time::Duration::from_secs(20),
+            || async { (self.done.load(Ordering::Relaxed) >= target).then_some(()) },
+        )
+        .await
+    }
+
+    /// Stops the writers; `(done, failed)`.
+    pub async fn stop(self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        self.stop.send_replace(true);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        (
+            self.done.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
