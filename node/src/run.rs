@@ -134,6 +134,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     config.api = api_addr.to_string();
     config.peer = peer_addr.to_string();
     config.metrics = metrics_addr.to_string();
+    raise_fd_limit(2 * config.limits.max_connections as u64 + 1024);
     let node_metrics = Arc::new(NodeMetrics::default());
     let (transport, mut tls_tasks) = transport(&config)?;
     let verifier = token_verifier(&config, &mut tls_tasks)?;
@@ -434,6 +435,38 @@ fn transport(config: &NodeConfig) -> Result<(Arc<PeerTransport>, Vec<JoinHandle<
     }
     tracing::info!(node_id = config.id, ca = %files.ca.display(), cert = %files.cert.display(), "peer and API ports use TLS; peers need a node certificate of this CA");
     Ok((Arc::new(PeerTransport::tls(state, connect_timeout)), tasks))
+}
+
+/// Raises the open-file limit to its hard maximum, so that both ports' connection limits can
+/// be reached before the process runs out of descriptors; warns when even that is below
+/// `wanted`.
+fn raise_fd_limit(wanted: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    if limit.rlim_cur < wanted {
+        tracing::warn!(
+            open_files = limit.rlim_cur,
+            wanted,
+            "the open-file limit is below what [limits] max_connections needs on both ports: raise it (ulimit -n) or lower max_connections"
+        );
+    }
 }
 
 /// The API's token verifier with the node's JWKS, reloaded when the file changes (and on
