@@ -252,8 +252,12 @@ async fn every_hostile_token_gets_its_code_and_the_node_keeps_serving() {
     let status = status_with(&node, &certs_dir, Some(&huge))
         .await
         .unwrap_err();
+    // How the client words a connection closed under it depends on how far it got sending.
     assert!(
-        matches!(status.code(), Code::ResourceExhausted | Code::Unknown),
+        matches!(
+            status.code(),
+            Code::ResourceExhausted | Code::Unknown | Code::Internal | Code::Unavailable
+        ),
         "{status:?}"
     );
     status_with(&node, &certs_dir, Some(&valid)).await.unwrap();
