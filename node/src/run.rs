@@ -136,8 +136,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     config.metrics = metrics_addr.to_string();
     raise_fd_limit(2 * config.limits.max_connections as u64 + 1024);
     let node_metrics = Arc::new(NodeMetrics::default());
-    let (transport, mut tls_tasks) = transport(&config)?;
-    let verifier = token_verifier(&config, &mut tls_tasks)?;
+    // Each file reloader (certificates, JWKS) gets a notify that SIGHUP pulls.
+    let mut reload_now = Vec::new();
+    let (transport, mut tls_tasks) = transport(&config, &mut reload_now)?;
+    let verifier = token_verifier(&config, &mut tls_tasks, &mut reload_now)?;
+    tls_tasks.extend(on_sighup(reload_now));
 
     let metadata = Arc::new(Metadata::start(config.metadata_config(), transport.clone()).await?);
     tracing::info!(node_id = config.id, %api_addr, %peer_addr, %metrics_addr, data_dir = %config.data_dir.display(), "node started");
@@ -398,7 +401,10 @@ impl RunningNode {
 
 /// The node's peer transport: mTLS with its certificates (checked to name this node, then
 /// reloaded when the files change or on SIGHUP), or plaintext when it runs insecure.
-fn transport(config: &NodeConfig) -> Result<(Arc<PeerTransport>, Vec<JoinHandle<()>>), NodeError> {
+fn transport(
+    config: &NodeConfig,
+    reload_now: &mut Vec<Arc<tokio::sync::Notify>>,
+) -> Result<(Arc<PeerTransport>, Vec<JoinHandle<()>>), NodeError> {
     let connect_timeout = Duration::from_millis(config.routing.forward_connect_timeout_ms);
     let Some(files) = config.tls_files() else {
         tracing::warn!(
@@ -420,19 +426,8 @@ fn transport(config: &NodeConfig) -> Result<(Arc<PeerTransport>, Vec<JoinHandle<
         });
     }
     let now = Arc::new(tokio::sync::Notify::new());
-    let mut tasks = vec![state.spawn_reloader(config.tls_reload_interval(), now.clone())];
-    #[cfg(unix)]
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(mut hangups) => tasks.push(tokio::spawn(async move {
-            while hangups.recv().await.is_some() {
-                tracing::info!("SIGHUP: checking the TLS certificate files");
-                now.notify_one();
-            }
-        })),
-        Err(error) => {
-            tracing::warn!(%error, "cannot watch SIGHUP; certificate files are still checked every few seconds")
-        }
-    }
+    reload_now.push(now.clone());
+    let tasks = vec![state.spawn_reloader(config.tls_reload_interval(), now)];
     tracing::info!(node_id = config.id, ca = %files.ca.display(), cert = %files.cert.display(), "peer and API ports use TLS; peers need a node certificate of this CA");
     Ok((Arc::new(PeerTransport::tls(state, connect_timeout)), tasks))
 }
@@ -474,6 +469,7 @@ fn raise_fd_limit(wanted: u64) {
 fn token_verifier(
     config: &NodeConfig,
     tasks: &mut Vec<JoinHandle<()>>,
+    reload_now: &mut Vec<Arc<tokio::sync::Notify>>,
 ) -> Result<Option<Arc<Verifier>>, NodeError> {
     let Some(path) = config.jwks_path() else {
         tracing::warn!(
@@ -491,22 +487,39 @@ fn token_verifier(
     tracing::info!(path = %path.display(), kids = ?keys.kids(), "API tokens are verified with this JWKS");
     let verifier = Arc::new(Verifier::new(config.token_policy(), keys));
     let now = Arc::new(tokio::sync::Notify::new());
+    reload_now.push(now.clone());
     tasks.push(troupe_transport::token::spawn_jwks_reloader(
         verifier.clone(),
         path,
         config.tls_reload_interval(),
-        now.clone(),
+        now,
     ));
-    #[cfg(unix)]
-    if let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    {
-        tasks.push(tokio::spawn(async move {
-            while hangups.recv().await.is_some() {
-                now.notify_one();
-            }
-        }));
-    }
     Ok(Some(verifier))
+}
+
+/// One SIGHUP listener for the node: each signal asks every file reloader (certificates,
+/// JWKS) to look at its files at once. Nothing to listen for on an insecure node.
+fn on_sighup(reload_now: Vec<Arc<tokio::sync::Notify>>) -> Option<JoinHandle<()>> {
+    if reload_now.is_empty() {
+        return None;
+    }
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            return Some(tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::info!("SIGHUP: checking the certificate and JWKS files");
+                    for now in &reload_now {
+                        now.notify_one();
+                    }
+                }
+            }))
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGHUP; certificate and JWKS files are still checked every few seconds")
+        }
+    }
+    None
 }
 
 /// Runs a node until `shutdown` completes, then stops it cleanly.

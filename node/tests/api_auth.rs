@@ -22,16 +22,6 @@ use troupe_transport::{ClientTls, Role};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn tls_node(dir: &tempfile::TempDir, certs: &Path, id: u64) -> RunningNode {
-    let certs = certs.to_owned();
-    start_node_with(id, dir, |config| {
-        config.insecure = false;
-        config.tls.dir = Some(certs.clone());
-        config.tls.reload_interval_ms = 50;
-    })
-    .await
-}
-
 fn anonymous(certs: &Path) -> ClientTls {
     ClientTls {
         ca: certs.join("ca.crt"),
@@ -295,21 +285,7 @@ async fn each_role_may_call_exactly_its_classes_of_rpc() {
     let dir = tempfile::tempdir().unwrap();
     let certs_dir = dir.path().join("certs");
     certs::init(&certs_dir, 1, &[]).unwrap();
-    let node = tls_node(&dir, &certs_dir, 1).await;
-    node.metadata
-        .initialize(
-            [(
-                1,
-                troupe_consensus::types::NodeAddr {
-                    api_addr: node.api_addr.to_string(),
-                    peer_addr: node.peer_addr.to_string(),
-                },
-            )]
-            .into(),
-        )
-        .await
-        .unwrap();
-    node.metadata.wait_for_leader(WAIT).await.unwrap();
+    let node = tls_cluster(&dir, &certs_dir, 1).await.remove(0);
 
     // The code each class answers for a caller.
     async fn classes(node: &RunningNode, channel: Authed) -> [Code; 4] {
@@ -423,27 +399,7 @@ async fn the_jwks_rotates_under_load_without_a_failed_request() {
     let dir = tempfile::tempdir().unwrap();
     let certs_dir = dir.path().join("certs");
     certs::init(&certs_dir, 3, &[]).unwrap();
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        nodes.push(tls_node(&dir, &certs_dir, id).await);
-    }
-    let members = nodes
-        .iter()
-        .zip(1..)
-        .map(|(n, id)| {
-            (
-                id,
-                troupe_consensus::types::NodeAddr {
-                    api_addr: n.api_addr.to_string(),
-                    peer_addr: n.peer_addr.to_string(),
-                },
-            )
-        })
-        .collect();
-    nodes[0].metadata.initialize(members).await.unwrap();
-    for node in &nodes {
-        node.metadata.wait_for_leader(WAIT).await.unwrap();
-    }
+    let nodes = tls_cluster(&dir, &certs_dir, 3).await;
     // The token clients send; swapped once every node knows the new key.
     let old_token = mint(&certs_dir, Role::Operator);
     let current = Arc::new(Mutex::new(old_token.clone()));

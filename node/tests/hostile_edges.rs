@@ -389,21 +389,13 @@ async fn metric_value(node: &RunningNode, series: &str) -> u64 {
 
 /// The header of a push of `model` as `name`.
 fn push_header(model: &std::path::Path, name: &str) -> troupe_proto::v1::PushModelChunk {
-    use troupe_proto::v1::{push_model_chunk::Part, ManifestFileEntry, PushModelHeader};
+    use troupe_proto::v1::{push_model_chunk::Part, PushModelHeader};
     let manifest = troupe_models::artifact::Manifest::of_dir(model).unwrap();
     troupe_proto::v1::PushModelChunk {
         part: Some(Part::Header(PushModelHeader {
             name: name.into(),
             version: "1".into(),
-            files: manifest
-                .files
-                .iter()
-                .map(|f| ManifestFileEntry {
-                    path: f.path.clone(),
-                    size_bytes: f.size_bytes,
-                    sha256: f.sha256.clone(),
-                })
-                .collect(),
+            files: troupe::server::push::manifest_entries(&manifest),
             ..Default::default()
         })),
     }

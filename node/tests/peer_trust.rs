@@ -18,41 +18,6 @@ use troupe_transport::{ClientTls, Identity, Refusal};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// `count` nodes with mTLS from the certificates in `certs`, formed into one cluster.
-async fn tls_cluster(dir: &tempfile::TempDir, certs: &Path, count: u64) -> Vec<RunningNode> {
-    let certs = certs.to_owned();
-    let mut nodes = Vec::new();
-    for id in 1..=count {
-        nodes.push(
-            start_node_with(id, dir, |config| {
-                config.insecure = false;
-                config.tls.dir = Some(certs.clone());
-                config.tls.reload_interval_ms = 50;
-            })
-            .await,
-        );
-    }
-    let members = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (i as u64 + 1, n))
-        .map(|(id, n)| {
-            (
-                id,
-                troupe_consensus::types::NodeAddr {
-                    api_addr: n.api_addr.to_string(),
-                    peer_addr: n.peer_addr.to_string(),
-                },
-            )
-        })
-        .collect();
-    nodes[0].metadata.initialize(members).await.unwrap();
-    for node in &nodes {
-        node.metadata.wait_for_leader(WAIT).await.unwrap();
-    }
-    nodes
-}
-
 fn admin_tls(certs: &Path) -> ClientTls {
     ClientTls {
         ca: certs.join("ca.crt"),

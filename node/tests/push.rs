@@ -10,7 +10,7 @@ use tonic::Code;
 use troupe_models::artifact::Manifest;
 use troupe_proto::v1::admin_client::AdminClient;
 use troupe_proto::v1::push_model_chunk::Part;
-use troupe_proto::v1::{FileChunk, ManifestFileEntry, PushModelChunk, PushModelHeader};
+use troupe_proto::v1::{FileChunk, PushModelChunk, PushModelHeader};
 
 async fn started(dir: &tempfile::TempDir) -> troupe::RunningNode {
     start_cluster(dir, 1).await.remove(0)
@@ -27,15 +27,7 @@ async fn raw_push(
     let header = PushModelHeader {
         name: "tiny".into(),
         version: version.into(),
-        files: manifest
-            .files
-            .iter()
-            .map(|f| ManifestFileEntry {
-                path: f.path.clone(),
-                size_bytes: f.size_bytes,
-                sha256: f.sha256.clone(),
-            })
-            .collect(),
+        files: troupe::server::push::manifest_entries(&manifest),
         format: String::new(),
         request_id: String::new(),
     };

@@ -24,6 +24,8 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 use sha2::{Digest, Sha256};
 
+use troupe_proto::names::bounded;
+
 use crate::certs::{write_new, CertsError};
 
 /// What a caller may do. Each role includes every role before it: `infer` may read,
@@ -323,19 +325,6 @@ fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// At most this much of a client's string goes into a message.
-fn bounded(text: &str) -> String {
-    const LIMIT: usize = 64;
-    if text.len() <= LIMIT {
-        return format!("{text:?}");
-    }
-    let mut end = LIMIT;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{:?}… ({} bytes)", &text[..end], text.len())
 }
 
 impl Verifier {
@@ -776,6 +765,17 @@ mod tests {
         (dir, key, Verifier::new(TokenPolicy::default(), jwks))
     }
 
+    /// A token for a minute with the default policy.
+    fn mint(key: &SigningKey, subject: &str, role: Role) -> String {
+        key.issue(
+            &TokenPolicy::default(),
+            subject,
+            role,
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
     fn unsigned(header: &str, claims: &str) -> String {
         format!(
             "{}.{}.{}",
@@ -788,14 +788,7 @@ mod tests {
     #[test]
     fn a_minted_token_verifies_with_its_role() {
         let (_dir, key, verifier) = keys_dir();
-        let token = key
-            .issue(
-                &TokenPolicy::default(),
-                "ci",
-                Role::Operator,
-                Duration::from_secs(60),
-            )
-            .unwrap();
+        let token = mint(&key, "ci", Role::Operator);
         let principal = verifier.verify(&token).unwrap();
         assert_eq!(principal.role, Role::Operator);
         assert_eq!(principal.subject, "ci");
@@ -830,14 +823,7 @@ mod tests {
         );
         let big = "a".repeat(MAX_TOKEN_BYTES + 1);
         assert_eq!(verifier.verify(&big).unwrap_err().denial, Denial::TooLarge);
-        let token = key
-            .issue(
-                &TokenPolicy::default(),
-                "x",
-                Role::Read,
-                Duration::from_secs(60),
-            )
-            .unwrap();
+        let token = mint(&key, "x", Role::Read);
         let mut tampered = token.clone().into_bytes();
         let last = tampered.len() - 2;
         tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
@@ -862,14 +848,7 @@ mod tests {
     #[test]
     fn replacing_the_keys_drops_cached_tokens() {
         let (_dir, key, verifier) = keys_dir();
-        let token = key
-            .issue(
-                &TokenPolicy::default(),
-                "x",
-                Role::Read,
-                Duration::from_secs(60),
-            )
-            .unwrap();
+        let token = mint(&key, "x", Role::Read);
         verifier.verify(&token).unwrap();
         verifier.replace_keys(Jwks::default());
         assert_eq!(

@@ -9,9 +9,7 @@ use tokio::io::AsyncReadExt;
 use troupe_models::artifact::Manifest;
 use troupe_proto::v1::admin_client::AdminClient;
 use troupe_proto::v1::push_model_chunk::Part;
-use troupe_proto::v1::{
-    FileChunk, ManifestFileEntry, PushModelChunk, PushModelHeader, ReadRequest,
-};
+use troupe_proto::v1::{FileChunk, PushModelChunk, PushModelHeader, ReadRequest};
 
 use super::models::PushArgs;
 use super::remote::{channel, print_json};
@@ -86,15 +84,7 @@ pub async fn push(args: PushArgs) -> Result<(), CliError> {
     let header = PushModelHeader {
         name: args.name.clone(),
         version: version.clone(),
-        files: manifest
-            .files
-            .iter()
-            .map(|f| ManifestFileEntry {
-                path: f.path.clone(),
-                size_bytes: f.size_bytes,
-                sha256: f.sha256.clone(),
-            })
-            .collect(),
+        files: crate::server::push::manifest_entries(&manifest),
         format: args.format.clone(),
         request_id: String::new(),
     };

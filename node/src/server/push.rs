@@ -69,6 +69,19 @@ pub(crate) fn manifest_of(header: &PushModelHeader) -> Result<Manifest, Status> 
     Ok(Manifest { files })
 }
 
+/// The manifest as a push header lists it: the inverse of [`manifest_of`].
+pub fn manifest_entries(manifest: &Manifest) -> Vec<troupe_proto::v1::ManifestFileEntry> {
+    manifest
+        .files
+        .iter()
+        .map(|f| troupe_proto::v1::ManifestFileEntry {
+            path: f.path.clone(),
+            size_bytes: f.size_bytes,
+            sha256: f.sha256.clone(),
+        })
+        .collect()
+}
+
 /// Receives one push; see the module doc.
 pub async fn receive(
     metadata: &Metadata,

@@ -618,3 +618,47 @@ impl WriteLoad {
         )
     }
 }
+
+/// Node `id` with mTLS from the certificates in `certs` (checked for changes every 50 ms).
+pub async fn tls_node(dir: &tempfile::TempDir, certs: &std::path::Path, id: u64) -> RunningNode {
+    let certs = certs.to_owned();
+    start_node_with(id, dir, |config| {
+        config.insecure = false;
+        config.tls.dir = Some(certs.clone());
+        config.tls.reload_interval_ms = 50;
+    })
+    .await
+}
+
+/// `count` [`tls_node`]s formed into one cluster, each knowing the leader.
+pub async fn tls_cluster(
+    dir: &tempfile::TempDir,
+    certs: &std::path::Path,
+    count: u64,
+) -> Vec<RunningNode> {
+    let mut nodes = Vec::new();
+    for id in 1..=count {
+        nodes.push(tls_node(dir, certs, id).await);
+    }
+    let members = nodes
+        .iter()
+        .zip(1..)
+        .map(|(n, id)| {
+            (
+                id,
+                troupe_consensus::types::NodeAddr {
+                    api_addr: n.api_addr.to_string(),
+                    peer_addr: n.peer_addr.to_string(),
+                },
+            )
+        })
+        .collect();
+    nodes[0].metadata.initialize(members).await.unwrap();
+    for node in &nodes {
+        node.metadata
+            .wait_for_leader(std::time::Duration::from_secs(20))
+            .await
+            .unwrap();
+    }
+    nodes
+}
