@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench-raft.sh -- troupe's metadata store against etcd, side by side in one run, through the
 # same Rust load generator (`troupe bench raft`): 256-byte puts at 1/16/64 clients, contended
-# CAS (16 clients, 8 keys), and 5 leader kill -9s, as in shared/peers/etcd_bench.py.
+# CAS (16 clients, 8 keys), 5 leader kill -9s, as in shared/peers/etcd_bench.py, and 5 leader
+# pauses (SIGSTOP for PAUSE_SECS, default 5, with a probe put every 20 ms through the others).
 #
 #   scripts/bench-raft.sh [OUT_DIR]
 #
@@ -12,15 +13,22 @@
 #   2. same election timeout, 300 ms: etcd --heartbeat-interval=60 --election-timeout=300
 #      (etcd wants the timeout >= 5 heartbeats; it draws each timeout from [300, 600) ms) and
 #      troupe with heartbeat 60 ms and election_timeout_max_ms 300 (a follower of a live leader
-#      waits the 300 ms lease plus its own timeout, drawn from [150, 300) ms): failover only.
+#      waits the 300 ms lease plus its own timeout, drawn from [150, 300) ms): failover and
+#      pause.
 # The tables (Markdown) are printed; the JSON reports go to OUT_DIR (default target/bench-raft).
-# Env: SECONDS_PER_POINT (default 10), PEERS (default ../shared/peers from the repo root).
+# Env: SECONDS_PER_POINT (default 10), PAUSE_SECS (default 5), PHASES (default
+#      put,cas,failover,pause for the first run), PEERS (default ../shared/peers from the repo
+#      root).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PEERS=${PEERS:-$ROOT/../shared/peers}
 OUT=${1:-$ROOT/target/bench-raft}
 SECS=${SECONDS_PER_POINT:-10}
+PAUSE_SECS=${PAUSE_SECS:-5}
+PHASES=${PHASES:-put,cas,failover,pause}
+# etcd3.sh has no pause verb: signal the PID it recorded for member N.
+etcd_signal() { echo "kill -$1 \$(cat \$(cat \${ETCD3_POINTER:-/tmp/etcd3-peer.current})/m{n}.pid)"; }
 mkdir -p "$OUT"
 
 if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
@@ -54,11 +62,16 @@ run() { # NAME PHASES ETCD_EXTRA TROUPE_RAFT
     --restart-cmd "bash $ROOT/scripts/troupe3.sh restart {n}" \
     --etcd-kill-cmd "bash $PEERS/etcd3.sh kill9 {n}" \
     --etcd-restart-cmd "bash $PEERS/etcd3.sh restart {n}" \
+    --pause-cmd "bash $ROOT/scripts/troupe3.sh pause {n}" \
+    --resume-cmd "bash $ROOT/scripts/troupe3.sh resume {n}" \
+    --etcd-pause-cmd "$(etcd_signal STOP)" \
+    --etcd-resume-cmd "$(etcd_signal CONT)" \
+    --pause-secs "$PAUSE_SECS" \
     --json-out "$OUT/$name.json"
 }
 
-run defaults put,cas,failover "" ""
-run same-election-timeout failover "--heartbeat-interval=60 --election-timeout=300" \
+run defaults "$PHASES" "" ""
+run same-election-timeout failover,pause "--heartbeat-interval=60 --election-timeout=300" \
   "heartbeat_interval_ms = 60
 election_timeout_min_ms = 150
 election_timeout_max_ms = 300"

@@ -7,6 +7,8 @@
 #   scripts/troupe3.sh status      # troupe cluster status
 #   scripts/troupe3.sh kill9 N     # SIGKILL node N (by its PID file)
 #   scripts/troupe3.sh restart N   # start node N again on its existing data dir
+#   scripts/troupe3.sh pause N     # SIGSTOP node N (it keeps its sockets, answers nothing)
+#   scripts/troupe3.sh resume N    # SIGCONT node N
 #   scripts/troupe3.sh env         # the export line a client of this cluster needs
 #   scripts/troupe3.sh stop        # SIGTERM (then SIGKILL) exactly the PIDs we started;
 #                                  # removes the run dir unless KEEP=1
@@ -157,6 +159,13 @@ cmd_kill9() {
   echo "troupe3: SIGKILL n$n pid $pid"
 }
 
+cmd_signal() { # SIGNAL N
+  local sig=$1 n=${2:?node number 1..3} dir pid; dir=$(rundir)
+  pid=$(pid_alive "$dir" "$n") || { echo "troupe3: n$n not running" >&2; return 1; }
+  kill "-$sig" "$pid"
+  echo "troupe3: SIG$sig n$n pid $pid"
+}
+
 cmd_env() {
   local dir; dir=$(rundir)
   if [[ -d $dir/certs ]]; then
@@ -180,6 +189,8 @@ case ${1:-} in
   env)       cmd_env ;;
   kill9)     cmd_kill9 "${2:-}" ;;
   restart)   cmd_restart "${2:-}" ;;
+  pause)     cmd_signal STOP "${2:-}" ;;
+  resume)    cmd_signal CONT "${2:-}" ;;
   dir)       rundir ;;
-  *) sed -n '2,25p' "$0"; exit 2 ;;
+  *) sed -n '2,27p' "$0"; exit 2 ;;
 esac

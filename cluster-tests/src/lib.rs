@@ -1,11 +1,18 @@
-//! troupe-cluster-tests: what multi-node tests share.
+//! troupe-cluster-tests: the fault tier.
 //!
 //! - [`history`]: a linearizability checker for register histories (write, read,
 //!   compare-and-set) recorded by clients of a cluster under faults.
+//! - [`client`]: the register client over the Admin API, and how its answers are sorted into
+//!   definite and unknown outcomes.
+//! - [`local`]: a cluster of real `troupe node` processes, each in a network namespace of its
+//!   own (when run as root), that can be killed, paused and partitioned.
+//! - [`runner`]: one run: the workload, a nemesis on a seeded schedule, and the checks.
 //! - [`wait`]: waiting on a condition with a deadline, never a fixed sleep.
 //!
-//! The in-process N-node sandbox and the docker tier join this crate with the consensus
-//! and cluster issues.
+//! `troupe-jepsen` (src/main.rs) is the command line over these.
 
+pub mod client;
 pub mod history;
+pub mod local;
+pub mod runner;
 pub mod wait;

@@ -167,6 +167,35 @@ pub struct Metadata {
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
     transport: Arc<PeerTransport>,
     removal: Arc<Removal>,
+    write_ids: WriteIds,
+}
+
+/// Request ids that troupe assigns start with this; a client's may not.
+pub const ASSIGNED_ID_PREFIX: &str = "~";
+
+/// Request ids for writes whose client gave none: a random prefix per process and a counter,
+/// so no two proposals anywhere share one.
+struct WriteIds {
+    prefix: String,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl WriteIds {
+    fn new(node_id: NodeId) -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the operating system's randomness.
+        let mut nonce = std::collections::hash_map::RandomState::new().build_hasher();
+        nonce.write_u64(node_id);
+        Self {
+            prefix: format!("{ASSIGNED_ID_PREFIX}{node_id}.{:016x}.", nonce.finish()),
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{}{n}", self.prefix)
+    }
 }
 
 /// How long shutdown waits for storage handles held by Raft's tasks to be released.
@@ -215,6 +244,7 @@ impl Metadata {
             Arc::downgrade(&leader_changes),
         ));
         tokio::spawn(removal.clone().run(raft.clone()));
+        let write_ids = WriteIds::new(config.node_id);
         Ok(Self {
             config,
             raft,
@@ -226,6 +256,7 @@ impl Metadata {
             history,
             open_handles,
             leader_changes,
+            write_ids,
             transport,
             removal,
         })
@@ -329,28 +360,146 @@ impl Metadata {
         Ok((crate::network::peer_client(channel), addr.peer_addr))
     }
 
-    /// Proposes a write. On a follower it is forwarded once to the leader. Returns the
-    /// state machine's outcome (applied, unchanged, CAS conflict or rejection).
-    pub async fn propose(&self, proposal: Proposal) -> Result<Outcome, MetadataError> {
+    /// Proposes a write and waits for the state machine's outcome (applied, unchanged, CAS
+    /// conflict or rejection). On a follower the write is forwarded to the leader. When that
+    /// leader stops answering (it crashed, is paused or is cut off), the write goes to the next
+    /// leader as soon as this node knows one, within `forward_timeout` in all. Every proposal
+    /// carries a request id (one is assigned when the client gave none), so a write that the
+    /// old leader had already replicated applies once however often it is sent.
+    pub async fn propose(&self, mut proposal: Proposal) -> Result<Outcome, MetadataError> {
         // An invalid command is refused here, before it costs a log entry on every node.
-        if let Err(reason) = crate::metadata::state::check_command(&proposal.command) {
+        if let Err(reason) = crate::metadata::state::check_proposal(&proposal) {
             return Ok(Outcome::Rejected { reason });
         }
-        match self.proposer.write(proposal.clone()).await {
-            Ok(outcome) => Ok(outcome),
-            Err(WriteFailure::ForwardToLeader(Some(leader))) if leader != self.config.node_id => {
-                self.forward_write(leader, proposal).await
+        if let Some(id) = &proposal.request_id {
+            if id.starts_with(ASSIGNED_ID_PREFIX) {
+                return Ok(Outcome::Rejected {
+                    reason: crate::metadata::Rejection::Invalid {
+                        field: "request_id".into(),
+                        reason: format!(
+                            "ids starting with '{ASSIGNED_ID_PREFIX}' are reserved for the ids troupe assigns: choose another"
+                        ),
+                    },
+                });
             }
-            Err(WriteFailure::ForwardToLeader(_)) => Err(MetadataError::NoLeader),
-            Err(WriteFailure::Membership(e)) => Err(MetadataError::Membership(e)),
-            Err(WriteFailure::Fatal(e)) => Err(MetadataError::Raft(e)),
         }
+        proposal
+            .request_id
+            .get_or_insert_with(|| self.write_ids.next());
+        let deadline = tokio::time::Instant::now() + self.config.forward_timeout;
+        // Set once an attempt may have reached a leader's log: from then on a failure does not
+        // mean that the write did not apply.
+        let mut submitted = false;
+        let unknown = |submitted: bool, error: MetadataError| {
+            if submitted {
+                MetadataError::OutcomeUnknown {
+                    reason: error.to_string(),
+                }
+            } else {
+                error
+            }
+        };
+        loop {
+            let seen = self.leader_view();
+            submitted |= seen.0 == Some(self.config.node_id);
+            let failure = match self.proposer.write(proposal.clone()).await {
+                Ok(outcome) => return Ok(outcome),
+                Err(WriteFailure::ForwardToLeader(Some(leader)))
+                    if leader != self.config.node_id =>
+                {
+                    submitted = true;
+                    match self
+                        .until_leader_moves(
+                            leader,
+                            deadline,
+                            self.forward_write(leader, &proposal, deadline),
+                        )
+                        .await
+                    {
+                        Some(Ok(outcome)) => return Ok(outcome),
+                        Some(Err(error)) if !error.is_retryable() => {
+                            return Err(unknown(submitted, error))
+                        }
+                        Some(Err(error)) => error,
+                        // A newer leader is known: send the write there.
+                        None => continue,
+                    }
+                }
+                Err(WriteFailure::ForwardToLeader(_)) => MetadataError::NoLeader,
+                Err(WriteFailure::Membership(e)) => return Err(MetadataError::Membership(e)),
+                Err(WriteFailure::Fatal(e)) => {
+                    return Err(unknown(submitted, MetadataError::Raft(e)))
+                }
+            };
+            if !self.await_leader_change(seen, deadline).await {
+                return Err(unknown(submitted, failure));
+            }
+        }
+    }
+
+    /// The leader and term this node knows now.
+    fn leader_view(&self) -> (Option<NodeId>, u64) {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        (metrics.current_leader, metrics.current_term)
+    }
+
+    /// Runs `call` (a request to `leader`) until it answers, or returns `None` as soon as this
+    /// node knows that `leader` no longer leads (a new term or another leader): the answer of
+    /// a leader that has stopped responding is not worth waiting for.
+    async fn until_leader_moves<T>(
+        &self,
+        leader: NodeId,
+        deadline: tokio::time::Instant,
+        call: impl std::future::Future<Output = Result<T, MetadataError>>,
+    ) -> Option<Result<T, MetadataError>> {
+        let mut metrics = self.raft.metrics();
+        let term = metrics.borrow().current_term;
+        let moved = async move {
+            let stopped = metrics
+                .wait_for(|m| m.current_term != term || m.current_leader != Some(leader))
+                .await
+                .is_err();
+            if stopped {
+                // Raft has stopped: let the call finish or time out on its own.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            answer = call => Some(answer),
+            () = moved => None,
+            () = tokio::time::sleep_until(deadline) => Some(Err(MetadataError::Timeout {
+                what: format!("leader {leader} to answer"),
+                millis: self.config.forward_timeout.as_millis() as u64,
+            })),
+        }
+    }
+
+    /// After a failed attempt made while this node knew `seen` as (leader, term): waits until
+    /// it knows another leader or a newer term, or one heartbeat interval (a restarted leader,
+    /// or a connection that failed once, may answer the next attempt). False when `deadline`
+    /// has passed.
+    async fn await_leader_change(
+        &self,
+        seen: (Option<NodeId>, u64),
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        let mut metrics = self.raft.metrics();
+        let changed = metrics
+            .wait_for(|m| m.current_leader.is_some() && (m.current_leader, m.current_term) != seen);
+        let pause = (tokio::time::Instant::now() + self.config.heartbeat_interval).min(deadline);
+        let _ = tokio::time::timeout_at(pause, changed).await;
+        tokio::time::Instant::now() < deadline
     }
 
     async fn forward_write(
         &self,
         leader: NodeId,
-        proposal: Proposal,
+        proposal: &Proposal,
+        deadline: tokio::time::Instant,
     ) -> Result<Outcome, MetadataError> {
         let (mut client, addr) = self.peer_client(leader).await?;
         let unreachable = |reason: String| MetadataError::LeaderUnreachable {
@@ -358,9 +507,9 @@ impl Metadata {
             addr: addr.clone(),
             reason,
         };
-        let payload = encode(&proposal).map_err(|e| MetadataError::Raft(e.to_string()))?;
+        let payload = encode(proposal).map_err(|e| MetadataError::Raft(e.to_string()))?;
         let mut request = tonic::Request::new(payload);
-        request.set_timeout(self.config.forward_timeout);
+        request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let reply = client
             .propose(request)
             .await
@@ -369,7 +518,7 @@ impl Metadata {
             decode(reply.get_ref()).map_err(|e| unreachable(format!("malformed reply: {e}")))?;
         match result {
             Ok(outcome) => Ok(outcome),
-            // The leader changed under us: the write did not apply there; the caller retries.
+            // The leader changed under us: the write did not apply there; it is sent again.
             Err(WriteFailure::ForwardToLeader(_)) => Err(MetadataError::NoLeader),
             Err(WriteFailure::Membership(e)) => Err(MetadataError::Membership(e)),
             Err(WriteFailure::Fatal(e)) => Err(unreachable(e)),
@@ -400,25 +549,49 @@ impl Metadata {
 
     /// The log index a linearizable read must see applied: the leader's commit point,
     /// confirmed by a quorum.
+    /// As with writes, a leader that stops answering is given up for the next one.
     async fn read_index(&self) -> Result<u64, MetadataError> {
-        match self.raft.ensure_linearizable().await {
-            Ok(log_id) => Ok(log_id.map_or(0, |l| l.index)),
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
-                forward,
-            ))) => match forward.leader_id {
-                Some(leader) if leader != self.config.node_id => {
-                    self.forward_read_index(leader).await
-                }
-                _ => Err(MetadataError::NoLeader),
-            },
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(_))) => {
-                Err(MetadataError::NoLeader)
+        let deadline = tokio::time::Instant::now() + self.config.forward_timeout;
+        loop {
+            let seen = self.leader_view();
+            let failure = match self.raft.ensure_linearizable().await {
+                Ok(log_id) => return Ok(log_id.map_or(0, |l| l.index)),
+                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
+                    forward,
+                ))) => match forward.leader_id {
+                    Some(leader) if leader != self.config.node_id => {
+                        match self
+                            .until_leader_moves(
+                                leader,
+                                deadline,
+                                self.forward_read_index(leader, deadline),
+                            )
+                            .await
+                        {
+                            Some(Ok(index)) => return Ok(index),
+                            Some(Err(error)) if !error.is_retryable() => return Err(error),
+                            Some(Err(error)) => error,
+                            None => continue,
+                        }
+                    }
+                    _ => MetadataError::NoLeader,
+                },
+                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(
+                    _,
+                ))) => MetadataError::NoLeader,
+                Err(RaftError::Fatal(fatal)) => return Err(MetadataError::Raft(fatal.to_string())),
+            };
+            if !self.await_leader_change(seen, deadline).await {
+                return Err(failure);
             }
-            Err(RaftError::Fatal(fatal)) => Err(MetadataError::Raft(fatal.to_string())),
         }
     }
 
-    async fn forward_read_index(&self, leader: NodeId) -> Result<u64, MetadataError> {
+    async fn forward_read_index(
+        &self,
+        leader: NodeId,
+        deadline: tokio::time::Instant,
+    ) -> Result<u64, MetadataError> {
         let (mut client, addr) = self.peer_client(leader).await?;
         let unreachable = |reason: String| MetadataError::LeaderUnreachable {
             leader,
@@ -427,7 +600,7 @@ impl Metadata {
         };
         let payload = encode(&()).map_err(|e| MetadataError::Raft(e.to_string()))?;
         let mut request = tonic::Request::new(payload);
-        request.set_timeout(self.config.forward_timeout);
+        request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let reply = client
             .read_index(request)
             .await

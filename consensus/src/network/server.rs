@@ -132,8 +132,7 @@ impl RaftPeer for RaftPeerService {
         let proposal: Proposal = decode(request.get_ref()).map_err(|e| invalid("propose", e))?;
         // A forwarded write is checked here too: nothing invalid reaches the log, whoever
         // proposes it.
-        let result: ForwardedWrite = match crate::metadata::state::check_command(&proposal.command)
-        {
+        let result: ForwardedWrite = match crate::metadata::state::check_proposal(&proposal) {
             Err(reason) => Ok(crate::metadata::Outcome::Rejected { reason }),
             Ok(()) => self.proposer.write(proposal).await,
         };

@@ -23,7 +23,7 @@ use troupe_proto::v1::{
     SetSettingRequest, SettingEntry, TaskPriorityEntry, WatchRequest, WatchResponse, WriteResponse,
 };
 
-use super::status::{metadata_error, watch_error, write_outcome};
+use super::status::{metadata_error, watch_error, write_error, write_outcome};
 
 /// Longest RestartActor waits for the new incarnation to run.
 const RESTART_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -92,11 +92,7 @@ impl AdminService {
             expected_revision,
             request_id: (!request_id.is_empty()).then_some(request_id),
         };
-        let outcome = self
-            .metadata
-            .propose(proposal)
-            .await
-            .map_err(metadata_error)?;
+        let outcome = self.metadata.propose(proposal).await.map_err(write_error)?;
         let (revision, changed) = write_outcome(outcome)?;
         Ok(Response::new(WriteResponse { revision, changed }))
     }

@@ -16,7 +16,7 @@ use troupe_models::artifact::{
 use troupe_proto::v1::push_model_chunk::Part;
 use troupe_proto::v1::{PushModelChunk, PushModelHeader, PushModelResponse};
 
-use super::status::{metadata_error, write_outcome};
+use super::status::{metadata_error, write_error, write_outcome};
 
 fn blocking_failed(error: tokio::task::JoinError) -> Status {
     Status::internal(format!("a blocking task failed: {error}"))
@@ -186,7 +186,7 @@ pub async fn receive(
         expected_revision: None,
         request_id: (!header.request_id.is_empty()).then(|| header.request_id.clone()),
     };
-    let outcome = metadata.propose(proposal).await.map_err(metadata_error)?;
+    let outcome = metadata.propose(proposal).await.map_err(write_error)?;
     let (revision, changed) = write_outcome(outcome)?;
     tracing::info!(model = %header.name, %version, %digest, bytes_received, "model version pushed");
     Ok(PushModelResponse {

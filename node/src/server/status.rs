@@ -38,7 +38,10 @@ impl ServiceError for MetadataError {
             MetadataError::NoLeader
             | MetadataError::LeaderUnreachable { .. }
             | MetadataError::ShutDown => Code::Unavailable,
-            MetadataError::Timeout { .. } => Code::DeadlineExceeded,
+            // gRPC's DEADLINE_EXCEEDED: a change may have happened even so.
+            MetadataError::Timeout { .. } | MetadataError::OutcomeUnknown { .. } => {
+                Code::DeadlineExceeded
+            }
             MetadataError::NotLeader { .. } | MetadataError::Membership(_) => {
                 Code::FailedPrecondition
             }
@@ -118,6 +121,25 @@ pub const CURRENT_REVISION_HEADER: &str = "x-troupe-current-revision";
 
 pub fn metadata_error(error: MetadataError) -> Status {
     status(&error)
+}
+
+/// Metadata on a failed write that certainly did not apply (it reached no leader's log), so
+/// that a client can tell it from one whose outcome is unknown: `not-applied`.
+pub const OUTCOME_HEADER: &str = "x-troupe-outcome";
+
+/// A failed write's status. Every failure but [`MetadataError::OutcomeUnknown`] (answered with
+/// DEADLINE_EXCEEDED) happened before the write reached a leader's log, and says so in the
+/// [`OUTCOME_HEADER`] trailer.
+pub fn write_error(error: MetadataError) -> Status {
+    let certain = !matches!(error, MetadataError::OutcomeUnknown { .. });
+    let mut status = status(&error);
+    if certain {
+        status.metadata_mut().insert(
+            OUTCOME_HEADER,
+            tonic::metadata::MetadataValue::from_static("not-applied"),
+        );
+    }
+    status
 }
 
 /// A write's outcome as `(revision, changed)`, or the status a refused write maps to.

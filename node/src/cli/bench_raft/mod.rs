@@ -1,5 +1,5 @@
 //! `troupe bench raft`: the metadata store's put throughput and latency, contended
-//! compare-and-set, and leader failover, run with the identical workload against troupe and,
+//! compare-and-set, and leader failover (kill -9) and pause (SIGSTOP), run with the identical workload against troupe and,
 //! in the same run, against etcd (the workload of shared/peers/etcd_bench.py).
 
 mod phases;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use self::phases::{CasResult, FailoverResult, PutResult, Workload};
+use self::phases::{CasResult, Fault, FaultResult, PutResult, Workload};
 use self::store::{Kind, Store};
 use super::remote::print_json;
 use crate::error::CliError;
@@ -20,6 +20,7 @@ pub enum Phase {
     Put,
     Cas,
     Failover,
+    Pause,
 }
 
 #[derive(Debug, Args)]
@@ -53,7 +54,7 @@ pub struct RaftArgs {
     /// Keys the CAS clients contend on.
     #[arg(long, default_value_t = 8)]
     pub cas_keys: usize,
-    /// Leader kills in the failover phase.
+    /// Rounds of the failover phase (leader kills) and of the pause phase (leader pauses).
     #[arg(long, default_value_t = 5)]
     pub failover_rounds: usize,
     /// Shell command that kill -9s troupe member {n} (1-based, --addr order; also {i}, {ep}).
@@ -68,7 +69,22 @@ pub struct RaftArgs {
     /// As --restart-cmd, for etcd.
     #[arg(long, value_name = "TEMPLATE")]
     pub etcd_restart_cmd: Option<String>,
-    /// Phases to run, in this order.
+    /// Shell command that pauses troupe member {n} (SIGSTOP), for the pause phase.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub pause_cmd: Option<String>,
+    /// Shell command that resumes troupe member {n} (SIGCONT).
+    #[arg(long, value_name = "TEMPLATE")]
+    pub resume_cmd: Option<String>,
+    /// As --pause-cmd, for etcd.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub etcd_pause_cmd: Option<String>,
+    /// As --resume-cmd, for etcd.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub etcd_resume_cmd: Option<String>,
+    /// Seconds the leader stays paused in each pause round.
+    #[arg(long, default_value_t = 5.0)]
+    pub pause_secs: f64,
+    /// Phases to run, in this order (pause runs only when asked for).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Phase::Put, Phase::Cas, Phase::Failover])]
     pub phases: Vec<Phase>,
     /// Deadline of each put, read and CAS.
@@ -98,7 +114,8 @@ pub struct StoreReport {
     endpoints: Vec<String>,
     put: Vec<PutResult>,
     cas: Option<CasResult>,
-    failover: Option<FailoverResult>,
+    failover: Option<FaultResult>,
+    pause: Option<FaultResult>,
     /// Why a requested phase did not run.
     skipped: Vec<String>,
 }
@@ -158,50 +175,67 @@ impl RaftArgs {
     }
 }
 
+/// The commands that make one store's members faulty and heal them.
+#[derive(Clone)]
+struct FaultCommands {
+    kill: Option<String>,
+    restart: Option<String>,
+    pause: Option<String>,
+    resume: Option<String>,
+}
+
 struct Target {
     store: Store,
-    kill_cmd: Option<String>,
-    restart_cmd: Option<String>,
+    commands: FaultCommands,
     report: StoreReport,
 }
 
 pub fn run(args: RaftArgs) -> Result<(), CliError> {
     let workload = args.workload()?;
     let mut targets = Vec::new();
-    for (kind, endpoints, kill_cmd, restart_cmd) in [
-        (Kind::Troupe, &args.addr, &args.kill_cmd, &args.restart_cmd),
+    let pause_hold = seconds("pause-secs", args.pause_secs)?;
+    for (kind, endpoints, commands) in [
+        (
+            Kind::Troupe,
+            &args.addr,
+            FaultCommands {
+                kill: args.kill_cmd.clone(),
+                restart: args.restart_cmd.clone(),
+                pause: args.pause_cmd.clone(),
+                resume: args.resume_cmd.clone(),
+            },
+        ),
         (
             Kind::Etcd,
             &args.etcd,
-            &args.etcd_kill_cmd,
-            &args.etcd_restart_cmd,
+            FaultCommands {
+                kill: args.etcd_kill_cmd.clone(),
+                restart: args.etcd_restart_cmd.clone(),
+                pause: args.etcd_pause_cmd.clone(),
+                resume: args.etcd_resume_cmd.clone(),
+            },
         ),
     ] {
         if endpoints.is_empty() {
             continue;
         }
-        targets.push((
-            kind,
-            endpoints.clone(),
-            kill_cmd.clone(),
-            restart_cmd.clone(),
-        ));
+        targets.push((kind, endpoints.clone(), commands));
     }
     let json = args.json;
     let json_out = args.json_out.clone();
     let report = super::remote::block_on(async move {
         let mut stores = Vec::new();
-        for (kind, endpoints, kill_cmd, restart_cmd) in targets {
+        for (kind, endpoints, commands) in targets {
             stores.push(Target {
                 store: Store::connect(kind, &endpoints)?,
-                kill_cmd,
-                restart_cmd,
+                commands,
                 report: StoreReport {
                     store: kind,
                     endpoints,
                     put: Vec::new(),
                     cas: None,
                     failover: None,
+                    pause: None,
                     skipped: Vec::new(),
                 },
             });
@@ -224,23 +258,49 @@ pub fn run(args: RaftArgs) -> Result<(), CliError> {
                         progress(json, &format!("{name:<6} {}", result.line()));
                         target.report.cas = Some(result);
                     }
-                    Phase::Failover => match (&target.kill_cmd, &target.restart_cmd) {
-                        (Some(kill), Some(restart)) => {
-                            let result =
-                                phases::failover(store, &workload, kill, restart, |line| {
-                                    progress(json, &format!("{name:<6} {line}"))
-                                })
-                                .await?;
-                            target.report.failover = Some(result);
+                    Phase::Failover | Phase::Pause => {
+                        let (fault, inject, heal, hold, flags) = match phase {
+                            Phase::Failover => (
+                                "failover",
+                                &target.commands.kill,
+                                &target.commands.restart,
+                                Duration::ZERO,
+                                ["kill", "restart"],
+                            ),
+                            _ => (
+                                "pause",
+                                &target.commands.pause,
+                                &target.commands.resume,
+                                pause_hold,
+                                ["pause", "resume"],
+                            ),
+                        };
+                        let (Some(inject), Some(heal)) = (inject, heal) else {
+                            let prefix = match store.kind {
+                                Kind::Troupe => "",
+                                Kind::Etcd => "etcd-",
+                            };
+                            target.report.skipped.push(format!(
+                                "{fault}: give the {name} {} and {} commands (--{prefix}{}-cmd, --{prefix}{}-cmd)",
+                                flags[0], flags[1], flags[0], flags[1]
+                            ));
+                            continue;
+                        };
+                        let spec = Fault {
+                            name: fault,
+                            inject,
+                            heal,
+                            hold,
+                        };
+                        let result = phases::fault_rounds(store, &workload, &spec, |line| {
+                            progress(json, &format!("{name:<6} {line}"))
+                        })
+                        .await?;
+                        match phase {
+                            Phase::Failover => target.report.failover = Some(result),
+                            _ => target.report.pause = Some(result),
                         }
-                        _ => target.report.skipped.push(format!(
-                            "failover: give the {name} kill and restart commands ({})",
-                            match store.kind {
-                                Kind::Troupe => "--kill-cmd, --restart-cmd",
-                                Kind::Etcd => "--etcd-kill-cmd, --etcd-restart-cmd",
-                            }
-                        )),
-                    },
+                    }
                 }
             }
         }
@@ -304,13 +364,27 @@ fn print_table(report: &Report) {
             s.cas.as_ref().and_then(|c| c.conflict_rate)
         });
     }
-    if stores.iter().any(|s| s.failover.is_some()) {
-        row("failover: median s".into(), &|s| {
-            s.failover.as_ref().and_then(|f| f.median_s)
-        });
-        row("failover: max s".into(), &|s| {
-            s.failover.as_ref().and_then(|f| f.max_s)
-        });
+    for (fault, of) in [
+        (
+            "failover",
+            (|s| s.failover.as_ref()) as fn(&StoreReport) -> Option<&FaultResult>,
+        ),
+        ("pause", |s| s.pause.as_ref()),
+    ] {
+        if stores.iter().any(|s| of(s).is_some()) {
+            row(format!("{fault}: first put ok, median s"), &|s| {
+                of(s).and_then(|f| f.median_s)
+            });
+            row(format!("{fault}: first put ok, max s"), &|s| {
+                of(s).and_then(|f| f.max_s)
+            });
+            row(format!("{fault}: longest gap, median s"), &|s| {
+                of(s).and_then(|f| f.max_gap_median_s)
+            });
+            row(format!("{fault}: longest gap, max s"), &|s| {
+                of(s).and_then(|f| f.max_gap_max_s)
+            });
+        }
     }
     let ratio = stores.len() == 2;
     let names: Vec<&str> = stores.iter().map(|s| s.store.name()).collect();
@@ -337,16 +411,20 @@ fn print_table(report: &Report) {
     }
     for store in stores {
         let name = store.store.name();
-        if let Some(failover) = &store.failover {
-            let rounds: Vec<String> = failover
+        for fault in [&store.failover, &store.pause].into_iter().flatten() {
+            let rounds: Vec<String> = fault
                 .rounds
                 .iter()
                 .map(|r| {
-                    r.unavailable_s
-                        .map_or("-".to_owned(), |s| format!("{s:.3}"))
+                    let secs = |v: Option<f64>| v.map_or("-".to_owned(), |s| format!("{s:.3}"));
+                    format!("{}/{}", secs(r.unavailable_s), secs(r.max_gap_s))
                 })
                 .collect();
-            println!("{name} failover rounds (s): {}", rounds.join(", "));
+            println!(
+                "{name} {} rounds (first ok / longest gap, s): {}",
+                fault.fault,
+                rounds.join(", ")
+            );
         }
         if store.cas.as_ref().is_some_and(|c| !c.lost_update_check_ok) {
             println!("{name}: LOST UPDATE: the counters do not add up to the successful CAS");

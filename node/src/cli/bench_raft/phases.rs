@@ -1,5 +1,5 @@
 //! The three workloads, as in shared/peers/etcd_bench.py: closed-loop puts, contended
-//! compare-and-set, and leader kill -9 with probe puts at the survivors.
+//! compare-and-set, and a faulty leader (kill -9, or SIGSTOP) with probe puts at the survivors.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -112,24 +112,46 @@ impl CasResult {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct FailoverRound {
+pub struct FaultRound {
     pub round: usize,
-    /// 1-based, in endpoint order.
-    pub killed_member: usize,
-    /// Seconds from the kill until the first probe put was acknowledged; `None`: never
+    /// 1-based, in endpoint order: the leader when the fault began.
+    pub faulty_member: usize,
+    /// Seconds from the fault until the first probe put was acknowledged; `None`: never
     /// within the round's limit.
     pub unavailable_s: Option<f64>,
+    /// The longest time without an acknowledged probe, from the fault until `settle` after it
+    /// was healed; `None` when no probe was acknowledged.
+    pub max_gap_s: Option<f64>,
     pub probes: u64,
+    pub failed_probes: u64,
     pub new_leader: Option<usize>,
     pub term_before: u64,
     pub term_after: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct FailoverResult {
-    pub rounds: Vec<FailoverRound>,
+pub struct FaultResult {
+    /// How the leader was made faulty: `kill` (kill -9, restarted after the first
+    /// acknowledged probe) or `pause` (SIGSTOP, SIGCONT after the hold).
+    pub fault: &'static str,
+    /// Seconds the fault was held (0 for a kill: it is healed as soon as a probe succeeds).
+    pub hold_s: f64,
+    pub rounds: Vec<FaultRound>,
+    /// Of `unavailable_s` over the rounds.
     pub median_s: Option<f64>,
     pub max_s: Option<f64>,
+    /// Of `max_gap_s` over the rounds.
+    pub max_gap_median_s: Option<f64>,
+    pub max_gap_max_s: Option<f64>,
+}
+
+/// One way to make the leader faulty, and to heal it.
+pub struct Fault<'a> {
+    pub name: &'static str,
+    pub inject: &'a str,
+    pub heal: &'a str,
+    /// How long the fault lasts at least; a kill lasts until the first acknowledged probe.
+    pub hold: Duration,
 }
 
 fn timeout_error(what: &str, store: &Store) -> CliError {
@@ -385,37 +407,51 @@ async fn run_template(template: &str, member: usize, endpoint: &str) -> Result<(
     Ok(())
 }
 
-pub async fn failover(
+/// Rounds of: wait for a leader, make it faulty, send a probe put to a survivor every
+/// `probe_interval` (round robin, each with `probe_timeout`), heal the member once the fault has
+/// lasted `hold` and a probe has succeeded, and keep probing for `settle`.
+pub async fn fault_rounds(
     store: &Store,
     work: &Workload,
-    kill: &str,
-    restart: &str,
+    fault: &Fault<'_>,
     mut report: impl FnMut(&str),
-) -> Result<FailoverResult, CliError> {
+) -> Result<FaultResult, CliError> {
     let members: Vec<usize> = (0..store.endpoints.len()).collect();
     let mut rounds = Vec::new();
-    let probe_key = store.key(format_args!("failover/probe"));
+    let probe_key = store.key(format_args!("{}/probe", fault.name));
     for round in 1..=work.failover_rounds {
-        let leader = wait_ready(store, "failover").await?;
+        let leader = wait_ready(store, fault.name).await?;
         let term_before = store
             .status(leader, Duration::from_secs(1))
             .await
             .map_or(0, |s| s.term);
         let survivors: Vec<usize> = members.iter().copied().filter(|&m| m != leader).collect();
         for &member in &survivors {
-            // Connect the survivors' channels before the kill, so the probe measures Raft.
-            let warm = store.key(format_args!("failover/warm"));
+            // Connect the survivors' channels before the fault, so the probe measures Raft.
+            let warm = store.key(format_args!("{}/warm", fault.name));
             let _ = store.put(member, &warm, "x", Duration::from_secs(5)).await;
         }
         tokio::time::sleep(work.settle).await;
 
-        run_template(kill, leader, &store.endpoints[leader]).await?;
-        let killed_at = Instant::now();
-        let mut first_ok: Option<Instant> = None;
-        let mut probes = 0u64;
+        run_template(fault.inject, leader, &store.endpoints[leader]).await?;
+        let faulted_at = Instant::now();
+        let mut acks: Vec<Instant> = Vec::new();
+        let (mut probes, mut failed) = (0u64, 0u64);
+        let mut healed_at: Option<Instant> = None;
         let mut inflight = tokio::task::JoinSet::new();
         let mut ticker = tokio::time::interval(work.probe_interval);
-        while first_ok.is_none() && killed_at.elapsed() < FAILOVER_MAX {
+        loop {
+            let now = Instant::now();
+            match healed_at {
+                Some(at) if now >= at + work.settle => break,
+                None if (!acks.is_empty() && now >= faulted_at + fault.hold)
+                    || now >= faulted_at + FAILOVER_MAX.max(fault.hold) =>
+                {
+                    run_template(fault.heal, leader, &store.endpoints[leader]).await?;
+                    healed_at = Some(Instant::now());
+                }
+                _ => {}
+            }
             tokio::select! {
                 _ = ticker.tick() => {
                     let member = survivors[probes as usize % survivors.len()];
@@ -426,12 +462,25 @@ pub async fn failover(
                     });
                     probes += 1;
                 }
-                Some(Ok(Some(at))) = inflight.join_next(), if !inflight.is_empty() => {
-                    first_ok = Some(at);
+                Some(joined) = inflight.join_next(), if !inflight.is_empty() => {
+                    match joined {
+                        Ok(Some(at)) => acks.push(at),
+                        _ => failed += 1,
+                    }
                 }
             }
         }
         inflight.abort_all();
+        acks.sort();
+        let first_ok = acks.first().copied();
+        let max_gap = first_ok.map(|_| {
+            std::iter::once(faulted_at)
+                .chain(acks.iter().copied())
+                .collect::<Vec<_>>()
+                .windows(2)
+                .map(|pair| (pair[1] - pair[0]).as_secs_f64())
+                .fold(0.0, f64::max)
+        });
         let new_leader = store.leader_index(&survivors, Duration::from_secs(1)).await;
         let term_after = match new_leader {
             Some(member) => store
@@ -440,33 +489,48 @@ pub async fn failover(
                 .map(|s| s.term),
             None => None,
         };
-        let record = FailoverRound {
+        let record = FaultRound {
             round,
-            killed_member: leader + 1,
-            unavailable_s: first_ok.map(|at| (at - killed_at).as_secs_f64()),
+            faulty_member: leader + 1,
+            unavailable_s: first_ok.map(|at| (at - faulted_at).as_secs_f64()),
+            max_gap_s: max_gap,
             probes,
+            failed_probes: failed,
             new_leader: new_leader.map(|m| m + 1),
             term_before,
             term_after,
         };
+        let secs = |v: Option<f64>| v.map_or("-".to_owned(), |s| format!("{s:.3}"));
         report(&format!(
-            "failover round {round}: killed member {}, first put ok after {} s, new leader {:?}, term {} -> {:?}",
-            record.killed_member,
-            record.unavailable_s.map_or("-".to_owned(), |s| format!("{s:.3}")),
+            "{} round {round}: member {}, first put ok after {} s, longest gap {} s, {} of {} probes failed, new leader {:?}, term {} -> {:?}",
+            fault.name,
+            record.faulty_member,
+            secs(record.unavailable_s),
+            secs(record.max_gap_s),
+            record.failed_probes,
+            record.probes,
             record.new_leader,
             record.term_before,
             record.term_after
         ));
         rounds.push(record);
-        run_template(restart, leader, &store.endpoints[leader]).await?;
-        wait_ready(store, "failover").await?;
+        wait_ready(store, fault.name).await?;
         tokio::time::sleep(work.settle).await;
     }
-    let mut ok: Vec<f64> = rounds.iter().filter_map(|r| r.unavailable_s).collect();
-    ok.sort_by(f64::total_cmp);
-    Ok(FailoverResult {
-        median_s: ok.get(ok.len() / 2).copied(),
-        max_s: ok.last().copied(),
+    let sorted = |values: Vec<Option<f64>>| {
+        let mut ok: Vec<f64> = values.into_iter().flatten().collect();
+        ok.sort_by(f64::total_cmp);
+        (ok.get(ok.len() / 2).copied(), ok.last().copied())
+    };
+    let (median_s, max_s) = sorted(rounds.iter().map(|r| r.unavailable_s).collect());
+    let (max_gap_median_s, max_gap_max_s) = sorted(rounds.iter().map(|r| r.max_gap_s).collect());
+    Ok(FaultResult {
+        fault: fault.name,
+        hold_s: fault.hold.as_secs_f64(),
         rounds,
+        median_s,
+        max_s,
+        max_gap_median_s,
+        max_gap_max_s,
     })
 }

@@ -1,0 +1,554 @@
+//! The local tier: a 3-node (or N-node) troupe cluster of real `troupe node` processes with
+//! mTLS, each in a network namespace of its own on a bridge this run creates, so that the
+//! nemesis can cut links between nodes with iptables inside the namespaces. Without root (or
+//! without `ip`), the nodes run on 127.0.0.1 and partitions are not available.
+//!
+//! Everything this creates (processes, namespaces, the bridge, one host firewall rule that
+//! lets the bridge forward) is removed on drop.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::client::NodeClient;
+use troupe_proto::v1::{ClusterInitRequest, Member};
+
+const API_PORT: u16 = 7001;
+const PEER_PORT: u16 = 7101;
+const METRICS_PORT: u16 = 7201;
+
+/// The namespaces and bridge of one run.
+struct Network {
+    tag: String,
+    subnet: [u8; 3],
+    nodes: usize,
+    /// iptables rules (as `-A`-style arguments) that were added in the host namespace.
+    host_rules: Vec<Vec<String>>,
+}
+
+impl Network {
+    fn bridge(&self) -> String {
+        format!("tjb{}", self.tag)
+    }
+    fn namespace(&self, node: usize) -> String {
+        format!("tj{}n{}", self.tag, node + 1)
+    }
+    fn veth(&self, node: usize) -> String {
+        format!("tj{}v{}", self.tag, node + 1)
+    }
+    fn ip(&self, node: usize) -> Ipv4Addr {
+        let [a, b, c] = self.subnet;
+        Ipv4Addr::new(a, b, c, node as u8 + 1)
+    }
+
+    fn create(nodes: usize, tag: String) -> Result<Self, String> {
+        // A /24 no route on this host uses yet.
+        let routes = output("ip", &["-4", "route", "show"])?;
+        let seed = u32::from_str_radix(&tag, 16).unwrap_or(0);
+        let subnet = (0..250u32)
+            .map(|i| [10u8, 201, ((seed + i) % 250) as u8 + 1])
+            .find(|[a, b, c]| !routes.contains(&format!("{a}.{b}.{c}.")))
+            .ok_or("no free 10.201.x.0/24 subnet for the test network")?;
+        let mut network = Self {
+            tag,
+            subnet,
+            nodes: 0,
+            host_rules: Vec::new(),
+        };
+        let bridge = network.bridge();
+        let [a, b, c] = subnet;
+        run("ip", &["link", "add", &bridge, "type", "bridge"])?;
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{a}.{b}.{c}.254/24"),
+                "dev",
+                &bridge,
+            ],
+        )?;
+        run("ip", &["link", "set", &bridge, "up"])?;
+        // Docker sets the host's FORWARD policy to DROP; with br_netfilter that also drops
+        // bridged frames between the namespaces. Let this bridge's own traffic through.
+        let rule: Vec<String> = ["FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut insert = vec!["-I".to_owned()];
+        insert.extend(rule.iter().cloned());
+        if run_args("iptables", &insert).is_ok() {
+            network.host_rules.push(rule);
+        }
+        for node in 0..nodes {
+            let (ns, veth) = (network.namespace(node), network.veth(node));
+            run("ip", &["netns", "add", &ns])?;
+            network.nodes = node + 1;
+            run(
+                "ip",
+                &[
+                    "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ],
+            )?;
+            run("ip", &["link", "set", &veth, "master", &bridge, "up"])?;
+            let ip = format!("{}/24", network.ip(node));
+            run("ip", &["-n", &ns, "addr", "add", &ip, "dev", "eth0"])?;
+            run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
+            run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(network)
+    }
+
+    /// Drops every packet between the nodes of each pair (both directions).
+    fn cut(&self, pairs: &[(usize, usize)]) -> Result<(), String> {
+        for &(a, b) in pairs {
+            for (here, there) in [(a, b), (b, a)] {
+                let ns = self.namespace(here);
+                let peer = self.ip(there).to_string();
+                for (chain, flag) in [("INPUT", "-s"), ("OUTPUT", "-d")] {
+                    run(
+                        "ip",
+                        &[
+                            "netns", "exec", &ns, "iptables", "-A", chain, flag, &peer, "-j",
+                            "DROP",
+                        ],
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn heal(&self) -> Result<(), String> {
+        for node in 0..self.nodes {
+            let ns = self.namespace(node);
+            for chain in ["INPUT", "OUTPUT"] {
+                run("ip", &["netns", "exec", &ns, "iptables", "-F", chain])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for node in 0..self.nodes {
+            let _ = run("ip", &["netns", "del", &self.namespace(node)]);
+        }
+        let _ = run("ip", &["link", "del", &self.bridge()]);
+        for rule in &self.host_rules {
+            let mut delete = vec!["-D".to_owned()];
+            delete.extend(rule.iter().cloned());
+            let _ = run_args("iptables", &delete);
+        }
+    }
+}
+
+struct Node {
+    api: String,
+    peer: String,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    paused: bool,
+}
+
+/// A running local cluster.
+pub struct LocalCluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    keep_dir: bool,
+    nodes: Vec<Node>,
+    network: Option<Network>,
+    tls: Arc<troupe_transport::rustls::ClientConfig>,
+}
+
+/// Whether this process can make network namespaces (root, and `ip` present).
+pub fn can_partition() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && Command::new("iptables")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+impl LocalCluster {
+    /// Starts `count` nodes of `bin` under `dir` (created; removed on drop unless a check
+    /// failed), forms the cluster and waits for a leader. `raft` adds lines to each node's
+    /// `[raft]` section.
+    pub async fn start(
+        bin: &Path,
+        dir: &Path,
+        count: usize,
+        partitions: bool,
+        raft: &str,
+    ) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let tag = format!("{:04x}", (std::process::id() ^ nanos()) & 0xffff);
+        let network = if partitions {
+            Some(Network::create(count, tag)?)
+        } else {
+            None
+        };
+        let hosts: Vec<String> = match &network {
+            Some(net) => (0..count).map(|i| net.ip(i).to_string()).collect(),
+            None => vec!["127.0.0.1".to_owned(); count],
+        };
+        let certs = dir.join("certs");
+        let mut init = Command::new(bin);
+        init.args(["certs", "init", "--out"])
+            .arg(&certs)
+            .args(["--nodes", &count.to_string()]);
+        for host in hosts.iter().filter(|h| *h != "127.0.0.1") {
+            init.args(["--host", host]);
+        }
+        run_command(&mut init)?;
+        let tls = troupe_transport::ClientTls {
+            ca: certs.join("ca.crt"),
+            identity: Some((
+                certs.join("client-admin.crt"),
+                certs.join("client-admin.key"),
+            )),
+        }
+        .config()
+        .map_err(|e| format!("client TLS: {e}"))?;
+
+        let mut nodes = Vec::new();
+        for (i, host) in hosts.iter().enumerate() {
+            let (api, peer, metrics) = match network {
+                Some(_) => (
+                    format!("{host}:{API_PORT}"),
+                    format!("{host}:{PEER_PORT}"),
+                    format!("{host}:{METRICS_PORT}"),
+                ),
+                None => (free_port()?, free_port()?, free_port()?),
+            };
+            let config = dir.join(format!("n{}.toml", i + 1));
+            let text = format!(
+                "id = {id}\napi = \"{api}\"\npeer = \"{peer}\"\nmetrics = \"{metrics}\"\ndata_dir = \"{data}\"\n\n[tls]\ndir = \"{certs}\"\n\n[raft]\n{raft}\n",
+                id = i + 1,
+                data = dir.join(format!("n{}.data", i + 1)).display(),
+                certs = certs.display(),
+            );
+            std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
+            nodes.push(Node {
+                api,
+                peer,
+                config,
+                log: dir.join(format!("n{}.log", i + 1)),
+                child: None,
+                paused: false,
+            });
+        }
+        let mut cluster = Self {
+            bin: bin.to_owned(),
+            dir: dir.to_owned(),
+            keep_dir: false,
+            nodes,
+            network,
+            tls,
+        };
+        for i in 0..count {
+            cluster.spawn(i)?;
+        }
+        let members = cluster
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Member {
+                id: i as u64 + 1,
+                peer_addr: n.peer.clone(),
+                api_addr: n.api.clone(),
+            })
+            .collect();
+        let first = cluster.client(0, Duration::from_secs(5))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let request = ClusterInitRequest {
+                members: Vec::clone(&members),
+            };
+            match first.admin().cluster_init(request).await {
+                Ok(_) => break,
+                Err(status) if Instant::now() < deadline => {
+                    tracing_line(&format!("cluster init: {} (retrying)", status.message()));
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(status) => return Err(format!("cluster init: {status}")),
+            }
+        }
+        cluster.wait_converged(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    pub fn partitions(&self) -> bool {
+        self.network.is_some()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Keep the run directory (logs, data) after the cluster is dropped.
+    pub fn keep(&mut self) {
+        self.keep_dir = true;
+    }
+
+    pub fn api_addr(&self, node: usize) -> &str {
+        &self.nodes[node].api
+    }
+
+    pub fn client(&self, node: usize, timeout: Duration) -> Result<NodeClient, String> {
+        NodeClient::new(&self.nodes[node].api, Some(self.tls.clone()), timeout)
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<(), String> {
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .map_err(|e| format!("{}: {e}", node.log.display()))?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        let mut command = match &self.network {
+            Some(net) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &net.namespace(i)]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        command
+            .arg("node")
+            .arg("--config")
+            .arg(&node.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        let child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.bin.display()))?;
+        node.child = Some(child);
+        node.paused = false;
+        Ok(())
+    }
+
+    fn pid(&self, i: usize) -> Option<i32> {
+        self.nodes[i].child.as_ref().map(|c| c.id() as i32)
+    }
+
+    fn signal(&self, i: usize, signal: i32) -> Result<(), String> {
+        let pid = self
+            .pid(i)
+            .ok_or(format!("node {} is not running", i + 1))?;
+        // SAFETY: kill has no memory preconditions; the pid is our own child's.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(format!(
+                "signal {signal} to node {}: {}",
+                i + 1,
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
+    /// kill -9 (the node's process, so `ip netns exec` has exec'd into it).
+    pub fn kill(&mut self, i: usize) -> Result<(), String> {
+        if self.nodes[i].paused {
+            self.resume(i)?;
+        }
+        self.signal(i, libc::SIGKILL)?;
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+
+    pub fn restart(&mut self, i: usize) -> Result<(), String> {
+        if self.nodes[i].child.is_some() {
+            return Ok(());
+        }
+        self.spawn(i)
+    }
+
+    pub fn pause(&mut self, i: usize) -> Result<(), String> {
+        self.signal(i, libc::SIGSTOP)?;
+        self.nodes[i].paused = true;
+        Ok(())
+    }
+
+    pub fn resume(&mut self, i: usize) -> Result<(), String> {
+        self.signal(i, libc::SIGCONT)?;
+        self.nodes[i].paused = false;
+        Ok(())
+    }
+
+    /// Cuts the links between every node of `a` and every node of `b`.
+    pub fn partition(&self, pairs: &[(usize, usize)]) -> Result<(), String> {
+        match &self.network {
+            Some(net) => net.cut(pairs),
+            None => {
+                Err("partitions need network namespaces (run as root with ip and iptables)".into())
+            }
+        }
+    }
+
+    pub fn heal_network(&self) -> Result<(), String> {
+        match &self.network {
+            Some(net) => net.heal(),
+            None => Ok(()),
+        }
+    }
+
+    /// Heals everything: resumes paused nodes, restarts killed ones, reconnects the network.
+    pub fn heal_all(&mut self) -> Result<(), String> {
+        self.heal_network()?;
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].paused {
+                self.resume(i)?;
+            }
+            self.restart(i)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every node answers, names the same leader, and has applied the same
+    /// revision.
+    pub async fn wait_converged(&self, timeout: Duration) -> Result<u64, String> {
+        let deadline = Instant::now() + timeout;
+        let clients: Vec<NodeClient> = (0..self.nodes.len())
+            .map(|i| self.client(i, Duration::from_secs(1)))
+            .collect::<Result<_, _>>()?;
+        let mut last = String::new();
+        loop {
+            let mut views = Vec::new();
+            for client in &clients {
+                match client.status().await {
+                    Ok(view) => views.push(view),
+                    Err(e) => {
+                        last = format!("{}: {e}", client.addr);
+                        break;
+                    }
+                }
+            }
+            if views.len() == clients.len() {
+                let leader = views[0].leader;
+                let revision = views[0].applied_revision;
+                if leader.is_some()
+                    && views
+                        .iter()
+                        .all(|v| v.leader == leader && v.applied_revision == revision)
+                {
+                    return Ok(revision);
+                }
+                last = format!("{views:?}");
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the cluster did not converge within {timeout:?}: {last}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The node that every answering node names as leader, as a 0-based index.
+    pub async fn leader(&self) -> Option<usize> {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].paused || self.nodes[i].child.is_none() {
+                continue;
+            }
+            let Ok(client) = self.client(i, Duration::from_millis(500)) else {
+                continue;
+            };
+            if let Ok(view) = client.status().await {
+                if let Some(leader) = view.leader {
+                    return Some(leader as usize - 1);
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                // SAFETY: as in `signal`.
+                unsafe {
+                    libc::kill(child.id() as i32, libc::SIGCONT);
+                    libc::kill(child.id() as i32, libc::SIGKILL);
+                }
+                let _ = child.wait();
+            }
+        }
+        self.network.take();
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn nanos() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+}
+
+fn free_port() -> Result<String, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    Ok(addr.to_string())
+}
+
+fn tracing_line(line: &str) {
+    eprintln!("jepsen: {line}");
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    run_command(Command::new(program).args(args))
+}
+
+fn run_args(program: &str, args: &[String]) -> Result<(), String> {
+    run_command(Command::new(program).args(args))
+}
+
+fn output(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run_command(command: &mut Command) -> Result<(), String> {
+    let shown = format!("{command:?}");
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,814 @@
+//! One Jepsen-style run: clients doing reads, writes and compare-and-sets on a few registers
+//! (cluster settings) against random nodes, a nemesis injecting one fault at a time on a
+//! schedule drawn from a seed, a watcher on every node, and the checks at the end:
+//!
+//! - each register's history is linearizable ([`crate::history`]);
+//! - every acknowledged write is in every node's watch stream, at the revision it was
+//!   acknowledged with (no acknowledged write lost);
+//! - every node's watch stream is the same sequence of revisions, with no gap;
+//! - no write applied twice: every value written is unique, and appears at most once in a
+//!   stream, whatever the retries and leader changes in between.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use troupe_proto::v1::WatchRequest;
+
+use crate::client::{Answer, NodeClient};
+use crate::history::{self, Event, Op};
+use crate::local::LocalCluster;
+
+/// A fault the nemesis can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// kill -9, restarted at the heal.
+    Kill,
+    /// SIGSTOP, SIGCONT at the heal.
+    Pause,
+    /// The target cut off from every other node.
+    Isolate,
+    /// The target and one other node can talk, but not to the rest (a majority in a cluster of
+    /// 5, the pair in a cluster of 3 keeps quorum).
+    Minority,
+    /// Two halves that both see the target, and not each other.
+    Bridge,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 5] = [
+        FaultKind::Kill,
+        FaultKind::Pause,
+        FaultKind::Isolate,
+        FaultKind::Minority,
+        FaultKind::Bridge,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Pause => "pause",
+            FaultKind::Isolate => "isolate",
+            FaultKind::Minority => "minority",
+            FaultKind::Bridge => "bridge",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    pub fn is_partition(self) -> bool {
+        matches!(
+            self,
+            FaultKind::Isolate | FaultKind::Minority | FaultKind::Bridge
+        )
+    }
+}
+
+/// Which node a fault hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// Whichever node leads when the fault begins.
+    Leader,
+    /// A node by 0-based index.
+    Node(usize),
+}
+
+/// One step of the schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Step {
+    /// Quiet time before the fault, ms.
+    pub quiet_ms: u64,
+    pub fault: FaultKind,
+    pub target: Target,
+    /// How long the fault lasts, ms.
+    pub hold_ms: u64,
+}
+
+/// SplitMix64: a small, well-mixed generator, so that a seed is all a schedule needs.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `low..=high`.
+    pub fn between(&mut self, low: u64, high: u64) -> u64 {
+        low + self.next_u64() % (high - low + 1)
+    }
+}
+
+/// The schedule a seed gives: faults from `faults`, one at a time, until `total` is used up.
+pub fn schedule(seed: u64, faults: &[FaultKind], nodes: usize, total: Duration) -> Vec<Step> {
+    let mut rng = Rng::new(seed);
+    let mut steps = Vec::new();
+    let mut used = 0u64;
+    let total = total.as_millis() as u64;
+    if faults.is_empty() {
+        return steps;
+    }
+    loop {
+        let quiet_ms = rng.between(1_000, 3_000);
+        let hold_ms = rng.between(1_000, 5_000);
+        if used + quiet_ms + hold_ms > total {
+            break;
+        }
+        used += quiet_ms + hold_ms;
+        let fault = faults[rng.next_u64() as usize % faults.len()];
+        let target = if rng.next_u64() % 2 == 0 {
+            Target::Leader
+        } else {
+            Target::Node(rng.next_u64() as usize % nodes)
+        };
+        steps.push(Step {
+            quiet_ms,
+            fault,
+            target,
+            hold_ms,
+        });
+    }
+    steps
+}
+
+/// What a run is asked to do.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub seed: u64,
+    pub duration: Duration,
+    pub clients: usize,
+    pub keys: usize,
+    pub faults: Vec<FaultKind>,
+    /// Each request's deadline.
+    pub op_timeout: Duration,
+}
+
+/// One client operation as recorded.
+#[derive(Debug, Clone)]
+struct Record {
+    key: usize,
+    op: Op,
+    invoked: u64,
+    completed: Option<u64>,
+    /// For an acknowledged write: the revision it applied at.
+    revision: Option<u64>,
+}
+
+/// A fault as it happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultEvent {
+    pub fault: FaultKind,
+    /// The node hit, 1-based.
+    pub node: usize,
+    pub was_leader: bool,
+    /// ms since the run began.
+    pub began_ms: u64,
+    pub healed_ms: u64,
+    /// The longest time without an acknowledged write, from the fault until 1 s after the
+    /// heal, ms.
+    pub max_gap_ms: u64,
+}
+
+/// Everything a run found.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    pub seed: u64,
+    pub schedule: Vec<Step>,
+    pub faults: Vec<FaultEvent>,
+    pub ops: usize,
+    pub ok: usize,
+    pub failed: usize,
+    pub unknown: usize,
+    /// Keys whose history is not linearizable, with the check's explanation.
+    pub non_linearizable: Vec<String>,
+    /// Acknowledged writes missing from a node's watch stream, or there at another revision.
+    pub lost_writes: Vec<String>,
+    /// Watch streams that differ, go backwards, or miss revisions others have.
+    pub watch_anomalies: Vec<String>,
+    /// Values that applied more than once.
+    pub duplicates: Vec<String>,
+    /// The longest time without an acknowledged write in the whole run, ms.
+    pub max_gap_ms: u64,
+    pub final_revision: u64,
+    /// Things that stopped the run from checking what it meant to.
+    pub errors: Vec<String>,
+}
+
+impl Report {
+    pub fn anomalies(&self) -> usize {
+        self.non_linearizable.len()
+            + self.lost_writes.len()
+            + self.watch_anomalies.len()
+            + self.duplicates.len()
+    }
+
+    pub fn passed(&self) -> bool {
+        self.anomalies() == 0 && self.errors.is_empty()
+    }
+}
+
+/// A watch stream as one node delivered it: (revision, key, the setting's value).
+type Stream = Vec<(u64, String, Option<String>)>;
+
+fn now_ms(start: Instant) -> u64 {
+    start.elapsed().as_micros() as u64
+}
+
+/// Runs the workload and the schedule against `cluster`, then checks the histories.
+pub async fn run(cluster: &mut LocalCluster, config: &RunConfig, log: impl Fn(&str)) -> Report {
+    let nodes = cluster.len();
+    let faults: Vec<FaultKind> = config
+        .faults
+        .iter()
+        .copied()
+        .filter(|f| !f.is_partition() || cluster.partitions())
+        .collect();
+    let mut report = Report {
+        seed: config.seed,
+        schedule: schedule(config.seed, &faults, nodes, config.duration),
+        ..Report::default()
+    };
+    if faults.len() < config.faults.len() {
+        report.errors.push(
+            "partitions were asked for but this run cannot make network namespaces (run as root)"
+                .into(),
+        );
+    }
+    log(&format!("seed {} schedule:", config.seed));
+    for (i, step) in report.schedule.iter().enumerate() {
+        log(&format!(
+            "  {}: after {} ms quiet, {} {:?} for {} ms",
+            i + 1,
+            step.quiet_ms,
+            step.fault.name(),
+            step.target,
+            step.hold_ms
+        ));
+    }
+    let start = Instant::now();
+    let prefix = format!("jepsen-{:x}", config.seed & 0xffff_ffff);
+    let keys: Vec<String> = (0..config.keys).map(|k| format!("{prefix}-k{k}")).collect();
+
+    // Watchers, one per node, from the first revision.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut watchers = Vec::new();
+    let streams: Vec<Arc<Mutex<Stream>>> = (0..nodes).map(|_| Arc::default()).collect();
+    for (node, stream) in streams.iter().enumerate() {
+        let client = match cluster.client(node, Duration::from_secs(3600)) {
+            Ok(c) => c,
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
+        };
+        watchers.push(tokio::spawn(watch_node(
+            client,
+            stream.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    // Clients.
+    let records: Arc<Mutex<Vec<Record>>> = Arc::default();
+    let acks: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..config.clients {
+        let clients: Vec<NodeClient> = match (0..nodes)
+            .map(|i| cluster.client(i, config.op_timeout))
+            .collect()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
+        };
+        let (records, acks, keys) = (records.clone(), acks.clone(), keys.clone());
+        let refused = refused.clone();
+        let mut stop = stop_rx.clone();
+        let seed = config.seed ^ ((c as u64 + 1) << 48);
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(seed);
+            let mut seq = 0u64;
+            while !*stop.borrow_and_update() {
+                let node = rng.next_u64() as usize % clients.len();
+                let key = rng.next_u64() as usize % keys.len();
+                let client = &clients[node];
+                // Unique values: client in the top bits, a sequence number below.
+                seq += 1;
+                let value = ((c as u64 + 1) << 32) | seq;
+                let request_id = format!("{}-c{c}-{seq}", keys[key]);
+                let mut done = Vec::new();
+                match rng.next_u64() % 5 {
+                    0 | 1 => done.push(read(client, key, &keys[key], start).await),
+                    2 | 3 => done.push(
+                        write(client, key, &keys[key], value, None, &request_id, start).await,
+                    ),
+                    _ => {
+                        // Compare-and-set from what a read just returned.
+                        let (record, register) =
+                            read_register(client, key, &keys[key], start).await;
+                        if let Some(record) = record {
+                            done.push(Some(record));
+                        }
+                        if let Some(register) = register {
+                            let mut cas = write(
+                                client,
+                                key,
+                                &keys[key],
+                                value,
+                                Some(register),
+                                &request_id,
+                                start,
+                            )
+                            .await;
+                            if let Some(record) = &mut cas {
+                                if let Op::Write { value } = record.op {
+                                    let succeeded =
+                                        record.completed.is_none() || record.revision.is_some();
+                                    record.op = Op::Cas {
+                                        expected: register.value,
+                                        new: value,
+                                        succeeded,
+                                    };
+                                }
+                            }
+                            done.push(cas);
+                        }
+                    }
+                }
+                let asked = done.len();
+                let done: Vec<Record> = done.into_iter().flatten().collect();
+                refused.fetch_add(asked - done.len(), std::sync::atomic::Ordering::Relaxed);
+                for record in done {
+                    if matches!(
+                        record.op,
+                        Op::Write { .. }
+                            | Op::Cas {
+                                succeeded: true,
+                                ..
+                            }
+                    ) && record.revision.is_some()
+                    {
+                        acks.lock().unwrap().push(record.completed.unwrap_or(0));
+                    }
+                    records.lock().unwrap().push(record);
+                }
+            }
+        }));
+    }
+
+    // The nemesis.
+    for step in report.schedule.clone() {
+        tokio::time::sleep(Duration::from_millis(step.quiet_ms)).await;
+        let leader = cluster.leader().await;
+        let node = match step.target {
+            Target::Leader => leader.unwrap_or(0),
+            Target::Node(i) => i,
+        };
+        let others: Vec<usize> = (0..nodes).filter(|&n| n != node).collect();
+        let began_ms = now_ms(start) / 1000;
+        let injected = match step.fault {
+            FaultKind::Kill => cluster.kill(node),
+            FaultKind::Pause => cluster.pause(node),
+            FaultKind::Isolate => {
+                cluster.partition(&others.iter().map(|&o| (node, o)).collect::<Vec<_>>())
+            }
+            FaultKind::Minority => {
+                // The target and one other node on one side.
+                let buddy = others[0];
+                let pairs: Vec<(usize, usize)> = [node, buddy]
+                    .iter()
+                    .flat_map(|&a| {
+                        others
+                            .iter()
+                            .filter(move |&&o| o != buddy)
+                            .map(move |&o| (a, o))
+                    })
+                    .collect();
+                cluster.partition(&pairs)
+            }
+            FaultKind::Bridge => {
+                let (left, right) = others.split_at(others.len() / 2);
+                let pairs: Vec<(usize, usize)> = left
+                    .iter()
+                    .flat_map(|&a| right.iter().map(move |&b| (a, b)))
+                    .collect();
+                cluster.partition(&pairs)
+            }
+        };
+        log(&format!(
+            "{:>7.2} s: {} node {}{}",
+            began_ms as f64 / 1e3,
+            step.fault.name(),
+            node + 1,
+            if leader == Some(node) {
+                " (the leader)"
+            } else {
+                ""
+            }
+        ));
+        if let Err(e) = injected {
+            report.errors.push(format!("{}: {e}", step.fault.name()));
+        }
+        tokio::time::sleep(Duration::from_millis(step.hold_ms)).await;
+        let healed = match step.fault {
+            FaultKind::Kill => cluster.restart(node),
+            FaultKind::Pause => cluster.resume(node),
+            _ => cluster.heal_network(),
+        };
+        let healed_ms = now_ms(start) / 1000;
+        log(&format!("{:>7.2} s: healed", healed_ms as f64 / 1e3));
+        if let Err(e) = healed {
+            report
+                .errors
+                .push(format!("heal {}: {e}", step.fault.name()));
+        }
+        report.faults.push(FaultEvent {
+            fault: step.fault,
+            node: node + 1,
+            was_leader: leader == Some(node),
+            began_ms,
+            healed_ms,
+            max_gap_ms: 0,
+        });
+    }
+    let remaining = config.duration.saturating_sub(start.elapsed());
+    tokio::time::sleep(remaining).await;
+
+    // Stop the clients, heal everything, let the cluster converge.
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    if let Err(e) = cluster.heal_all() {
+        report.errors.push(format!("final heal: {e}"));
+    }
+    let final_revision = match cluster.wait_converged(Duration::from_secs(60)).await {
+        Ok(revision) => revision,
+        Err(e) => {
+            report.errors.push(e);
+            0
+        }
+    };
+    report.final_revision = final_revision;
+    // Final reads of every key on every node join the histories.
+    let mut records = std::mem::take(&mut *records.lock().unwrap());
+    for node in 0..nodes {
+        if let Ok(client) = cluster.client(node, Duration::from_secs(10)) {
+            for (k, key) in keys.iter().enumerate() {
+                if let Some(record) = read(&client, k, key, start).await {
+                    records.push(record);
+                }
+            }
+        }
+    }
+    // Streams: every watcher up to the last change any of them has seen.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lasts: Vec<Option<u64>> = streams
+            .iter()
+            .map(|s| s.lock().unwrap().last().map(|c| c.0))
+            .collect();
+        let all_there = lasts.iter().all(|l| *l == lasts[0]);
+        if all_there || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop_tx.send(true);
+    for watcher in watchers {
+        if let Err(e) = watcher.await {
+            report.errors.push(format!("a watcher failed: {e}"));
+        }
+    }
+    let streams: Vec<Stream> = streams
+        .iter()
+        .map(|s| std::mem::take(&mut *s.lock().unwrap()))
+        .collect();
+
+    // Counts and availability.
+    report.failed = refused.load(std::sync::atomic::Ordering::Relaxed);
+    report.ops = records.len() + report.failed;
+    for record in &records {
+        match record.completed {
+            None => report.unknown += 1,
+            Some(_) => report.ok += 1,
+        }
+    }
+    let mut acks = std::mem::take(&mut *acks.lock().unwrap());
+    acks.sort_unstable();
+    report.max_gap_ms = max_gap(&acks, 0, now_ms(start)) / 1000;
+    for fault in &mut report.faults {
+        fault.max_gap_ms = max_gap(
+            &acks,
+            fault.began_ms * 1000,
+            (fault.healed_ms + 1000) * 1000,
+        ) / 1000;
+    }
+    check(&mut report, &records, &keys, &streams);
+    report
+}
+
+/// The longest interval in `from..to` (µs) with no acknowledgement in `acks` (sorted).
+fn max_gap(acks: &[u64], from: u64, to: u64) -> u64 {
+    let mut last = from;
+    let mut gap = 0;
+    for &at in acks.iter().filter(|&&a| a > from && a <= to) {
+        gap = gap.max(at - last);
+        last = at;
+    }
+    gap.max(to.saturating_sub(last))
+}
+
+async fn read(client: &NodeClient, key: usize, name: &str, start: Instant) -> Option<Record> {
+    read_register(client, key, name, start).await.0
+}
+
+async fn read_register(
+    client: &NodeClient,
+    key: usize,
+    name: &str,
+    start: Instant,
+) -> (Option<Record>, Option<crate::client::Register>) {
+    let invoked = now_ms(start);
+    match client.read(name).await {
+        Answer::Ok(register) => (
+            Some(Record {
+                key,
+                op: Op::Read {
+                    value: register.value,
+                },
+                invoked,
+                completed: Some(now_ms(start)),
+                revision: None,
+            }),
+            Some(register),
+        ),
+        // A failed read observed nothing.
+        _ => (None, None),
+    }
+}
+
+async fn write(
+    client: &NodeClient,
+    key: usize,
+    name: &str,
+    value: u64,
+    expected: Option<crate::client::Register>,
+    request_id: &str,
+    start: Instant,
+) -> Option<Record> {
+    let invoked = now_ms(start);
+    let answer = client
+        .write(name, value, expected.map(|r| r.mod_revision), request_id)
+        .await;
+    let completed = now_ms(start);
+    let (completed, revision) = match answer {
+        Answer::Ok(revision) => (Some(completed), Some(revision)),
+        // A lost compare-and-set is a definite outcome.
+        Answer::Conflict => (Some(completed), None),
+        // It did not apply: it has no place in the history.
+        Answer::Failed(_) => return None,
+        Answer::Unknown(_) => (None, None),
+    };
+    Some(Record {
+        key,
+        op: Op::Write { value },
+        invoked,
+        completed,
+        revision,
+    })
+}
+
+/// Follows one node's watch stream until told to stop, reconnecting from the next revision
+/// after a failure (a killed or paused node).
+async fn watch_node(
+    client: NodeClient,
+    stream: Arc<Mutex<Stream>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let from = stream.lock().unwrap().last().map_or(1, |(r, _, _)| r + 1);
+        let request = tonic::Request::new(WatchRequest {
+            from_revision: from,
+        });
+        let mut admin = client.admin();
+        let opened = tokio::select! {
+            opened = admin.watch(request) => opened,
+            _ = stop.changed() => return,
+        };
+        if let Ok(response) = opened {
+            let mut incoming = response.into_inner();
+            loop {
+                let next = tokio::select! {
+                    next = incoming.message() => next,
+                    _ = stop.changed() => return,
+                };
+                let Ok(Some(change)) = next else { break };
+                let value = serde_json::from_str::<serde_json::Value>(&change.value_json)
+                    .ok()
+                    .and_then(|v| {
+                        v.pointer("/record/value")
+                            .and_then(|v| v.as_str())
+                            .map(str::to_owned)
+                    });
+                stream
+                    .lock()
+                    .unwrap()
+                    .push((change.revision, change.key, value));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+fn check(report: &mut Report, records: &[Record], keys: &[String], streams: &[Stream]) {
+    // Linearizability, key by key.
+    for (k, key) in keys.iter().enumerate() {
+        let events: Vec<Event> = records
+            .iter()
+            .filter(|r| r.key == k)
+            .map(|r| Event {
+                op: r.op.clone(),
+                invoked: r.invoked,
+                completed: r.completed,
+            })
+            .collect();
+        if let Err(violation) = history::check(&events) {
+            if violation.undecided {
+                report.errors.push(format!(
+                    "{key}: the linearizability search gave up after {} steps ({} operations): undecided",
+                    history::SEARCH_BUDGET,
+                    events.len()
+                ));
+                continue;
+            }
+            let stuck = &events[violation.stuck_at];
+            report.non_linearizable.push(format!(
+                "{key}: {} operations; no order places {:?} (invoked at {:.3} s, completed at {:?} µs) after {} others",
+                events.len(),
+                stuck.op,
+                stuck.invoked as f64 / 1e6,
+                stuck.completed,
+                violation.placed
+            ));
+        }
+    }
+    // Watch streams: ordered, alike, and holding every acknowledged write once.
+    let setting = |k: usize| format!("settings/{}", keys[k]);
+    for (node, stream) in streams.iter().enumerate() {
+        if let Some(pair) = stream.windows(2).find(|p| p[1].0 <= p[0].0) {
+            report.watch_anomalies.push(format!(
+                "node {}: revision {} after {}",
+                node + 1,
+                pair[1].0,
+                pair[0].0
+            ));
+        }
+        let mut counts: HashMap<(&str, &str), usize> = HashMap::new();
+        for (_, key, value) in stream {
+            if let Some(value) = value {
+                *counts.entry((key, value)).or_default() += 1;
+            }
+        }
+        for ((key, value), count) in counts {
+            if count > 1 && keys.iter().any(|k| key.ends_with(k.as_str())) {
+                report.duplicates.push(format!(
+                    "node {}: {key} = {value} applied {count} times",
+                    node + 1
+                ));
+            }
+        }
+        let by_revision: BTreeMap<u64, (&str, Option<&str>)> = stream
+            .iter()
+            .map(|(r, k, v)| (*r, (k.as_str(), v.as_deref())))
+            .collect();
+        for record in records {
+            let (Some(revision), value) = (record.revision, &record.op) else {
+                continue;
+            };
+            let value = match value {
+                Op::Write { value } | Op::Cas { new: value, .. } => value.to_string(),
+                Op::Read { .. } => continue,
+            };
+            let expected_key = setting(record.key);
+            match by_revision.get(&revision) {
+                Some((key, Some(v))) if *key == expected_key && *v == value => {}
+                found => report.lost_writes.push(format!(
+                    "node {}: {expected_key} = {value} was acknowledged at revision {revision}; the stream has {found:?}",
+                    node + 1
+                )),
+            }
+        }
+    }
+    if let Some(first) = streams.first() {
+        for (node, stream) in streams.iter().enumerate().skip(1) {
+            if stream != first {
+                let at = first
+                    .iter()
+                    .zip(stream)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(first.len().min(stream.len()));
+                report.watch_anomalies.push(format!(
+                    "node {} and node 1 differ at change {at} of {}/{}: {:?} vs {:?}",
+                    node + 1,
+                    stream.len(),
+                    first.len(),
+                    stream.get(at),
+                    first.get(at)
+                ));
+            }
+        }
+    }
+    report.lost_writes.truncate(20);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_gives_one_schedule() {
+        let faults = [FaultKind::Kill, FaultKind::Pause, FaultKind::Isolate];
+        let a = schedule(42, &faults, 3, Duration::from_secs(120));
+        let b = schedule(42, &faults, 3, Duration::from_secs(120));
+        let c = schedule(43, &faults, 3, Duration::from_secs(120));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!(a.len() >= 10, "{}", a.len());
+        let used: u64 = a.iter().map(|s| s.quiet_ms + s.hold_ms).sum();
+        assert!(used <= 120_000);
+        assert!(a.iter().all(|s| faults.contains(&s.fault)));
+    }
+
+    #[test]
+    fn the_longest_gap_counts_the_edges() {
+        assert_eq!(max_gap(&[], 0, 100), 100);
+        assert_eq!(max_gap(&[10, 20, 90], 0, 100), 70);
+        assert_eq!(max_gap(&[10, 20, 30], 15, 100), 70);
+    }
+
+    fn record(key: usize, op: Op, revision: Option<u64>) -> Record {
+        Record {
+            key,
+            op,
+            invoked: 0,
+            completed: Some(1),
+            revision,
+        }
+    }
+
+    #[test]
+    fn a_lost_or_doubled_write_and_diverging_streams_are_caught() {
+        let keys = vec!["r".to_owned()];
+        let stream = |values: &[(u64, &str)]| -> Stream {
+            values
+                .iter()
+                .map(|(rev, v)| (*rev, "settings/r".to_owned(), Some(v.to_string())))
+                .collect()
+        };
+        let records = vec![
+            record(0, Op::Write { value: 5 }, Some(3)),
+            record(0, Op::Write { value: 6 }, Some(4)),
+        ];
+        let mut clean = Report::default();
+        let good = stream(&[(3, "5"), (4, "6")]);
+        check(&mut clean, &records, &keys, &[good.clone(), good.clone()]);
+        assert!(clean.passed(), "{clean:?}");
+
+        let mut lost = Report::default();
+        check(
+            &mut lost,
+            &records,
+            &keys,
+            &[good.clone(), stream(&[(3, "5")])],
+        );
+        assert_eq!(lost.lost_writes.len(), 1, "{lost:?}");
+        assert_eq!(lost.watch_anomalies.len(), 1, "{lost:?}");
+
+        let mut doubled = Report::default();
+        let twice = stream(&[(3, "5"), (4, "6"), (5, "5")]);
+        check(&mut doubled, &records, &keys, &[twice.clone(), twice]);
+        assert_eq!(doubled.duplicates.len(), 2, "{doubled:?}");
+    }
+}
