@@ -72,7 +72,7 @@ pub struct Violation {
 }
 
 /// Search steps before the checker gives up and says it could not decide.
-pub const SEARCH_BUDGET: u64 = 20_000_000;
+pub const SEARCH_BUDGET: u64 = 200_000_000;
 
 /// True when `history` (starting from an absent key) is linearizable.
 pub fn is_linearizable(history: &[Event]) -> bool {
@@ -132,7 +132,7 @@ pub fn check(history: &[Event]) -> Result<(), Violation> {
     let mut order: Vec<usize> = (0..2 * n).collect();
     let time = |e: usize| {
         let event = &history[e / 2];
-        if e % 2 == 0 {
+        if e.is_multiple_of(2) {
             (event.invoked, 0u8)
         } else {
             (event.completed.unwrap_or(u64::MAX), 1u8)
@@ -199,7 +199,7 @@ pub fn check(history: &[Event]) -> Result<(), Violation> {
         }
         let event = order[cursor];
         let op = event / 2;
-        if event % 2 == 0 {
+        if event.is_multiple_of(2) {
             let known = history[op].completed.is_some();
             if let Some(after) = step(state, &history[op].op, known) {
                 let (mut with, mut with_unknown) = (placed.clone(), placed_unknown.clone());

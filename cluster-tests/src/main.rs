@@ -86,7 +86,12 @@ fn main() -> ExitCode {
             }
         }
     }
-    if args.nodes < 3 || args.clients == 0 || args.keys == 0 || !(args.time > 0.0) {
+    if args.nodes < 3
+        || args.clients == 0
+        || args.keys == 0
+        || !args.time.is_finite()
+        || args.time <= 0.0
+    {
         eprintln!("troupe-jepsen: --nodes must be >= 3, --clients and --keys >= 1, --time > 0");
         return ExitCode::from(2);
     }

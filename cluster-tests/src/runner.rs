@@ -128,7 +128,7 @@ pub fn schedule(seed: u64, faults: &[FaultKind], nodes: usize, total: Duration) 
         }
         used += quiet_ms + hold_ms;
         let fault = faults[rng.next_u64() as usize % faults.len()];
-        let target = if rng.next_u64() % 2 == 0 {
+        let target = if rng.next_u64().is_multiple_of(2) {
             Target::Leader
         } else {
             Target::Node(rng.next_u64() as usize % nodes)
@@ -154,6 +154,9 @@ pub struct RunConfig {
     /// Each request's deadline.
     pub op_timeout: Duration,
 }
+
+/// Why a node's watch stream could not be followed (it is then not compared).
+type WatchFailures = Arc<Mutex<Vec<String>>>;
 
 /// One client operation as recorded.
 #[derive(Debug, Clone)]
@@ -265,6 +268,7 @@ pub async fn run(cluster: &mut LocalCluster, config: &RunConfig, log: impl Fn(&s
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut watchers = Vec::new();
     let streams: Vec<Arc<Mutex<Stream>>> = (0..nodes).map(|_| Arc::default()).collect();
+    let watch_failures = WatchFailures::default();
     for (node, stream) in streams.iter().enumerate() {
         let client = match cluster.client(node, Duration::from_secs(3600)) {
             Ok(c) => c,
@@ -274,8 +278,10 @@ pub async fn run(cluster: &mut LocalCluster, config: &RunConfig, log: impl Fn(&s
             }
         };
         watchers.push(tokio::spawn(watch_node(
+            node,
             client,
             stream.clone(),
+            watch_failures.clone(),
             stop_rx.clone(),
         )));
     }
@@ -303,8 +309,13 @@ pub async fn run(cluster: &mut LocalCluster, config: &RunConfig, log: impl Fn(&s
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng::new(seed);
             let mut seq = 0u64;
+            // Each client talks to one node, as Jepsen's do: a client of a faulty node waits
+            // it out, the others measure what the healthy nodes give.
+            let node = c % clients.len();
             while !*stop.borrow_and_update() {
-                let node = rng.next_u64() as usize % clients.len();
+                // A stagger between operations, as Jepsen's clients have: it keeps histories
+                // to a size the checker can search.
+                tokio::time::sleep(Duration::from_millis(rng.between(5, 25))).await;
                 let key = rng.next_u64() as usize % keys.len();
                 let client = &clients[node];
                 // Unique values: client in the top bits, a sequence number below.
@@ -476,17 +487,15 @@ pub async fn run(cluster: &mut LocalCluster, config: &RunConfig, log: impl Fn(&s
             }
         }
     }
-    // Streams: every watcher up to the last change any of them has seen.
+    // Streams: every watcher up to the last acknowledged write (later revisions may be
+    // refused writes, which change nothing and send no change).
+    let last_ack = records.iter().filter_map(|r| r.revision).max().unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let lasts: Vec<Option<u64>> = streams
+    while Instant::now() < deadline
+        && streams
             .iter()
-            .map(|s| s.lock().unwrap().last().map(|c| c.0))
-            .collect();
-        let all_there = lasts.iter().all(|l| *l == lasts[0]);
-        if all_there || Instant::now() >= deadline {
-            break;
-        }
+            .any(|s| s.lock().unwrap().last().map_or(0, |c| c.0) < last_ack)
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = stop_tx.send(true);
@@ -499,6 +508,9 @@ pub async fn run(cluster: &mut LocalCluster, config: &RunConfig, log: impl Fn(&s
         .iter()
         .map(|s| std::mem::take(&mut *s.lock().unwrap()))
         .collect();
+    report
+        .errors
+        .extend(watch_failures.lock().unwrap().iter().cloned());
 
     // Counts and availability.
     report.failed = refused.load(std::sync::atomic::Ordering::Relaxed);
@@ -511,7 +523,7 @@ pub async fn run(cluster: &mut LocalCluster, config: &RunConfig, log: impl Fn(&s
     }
     let mut acks = std::mem::take(&mut *acks.lock().unwrap());
     acks.sort_unstable();
-    report.max_gap_ms = max_gap(&acks, 0, now_ms(start)) / 1000;
+    report.max_gap_ms = max_gap(&acks, 0, config.duration.as_micros() as u64) / 1000;
     for fault in &mut report.faults {
         fault.max_gap_ms = max_gap(
             &acks,
@@ -597,8 +609,10 @@ async fn write(
 /// Follows one node's watch stream until told to stop, reconnecting from the next revision
 /// after a failure (a killed or paused node).
 async fn watch_node(
+    node: usize,
     client: NodeClient,
     stream: Arc<Mutex<Stream>>,
+    failures: WatchFailures,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -614,6 +628,25 @@ async fn watch_node(
             opened = admin.watch(request) => opened,
             _ = stop.changed() => return,
         };
+        if let Err(status) = &opened {
+            // Down, paused or cut off: expected during a fault, and retried. Anything else
+            // (a compacted history) is reported.
+            if !matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+            ) {
+                let failure = format!(
+                    "node {}: watch from revision {from}: {:?}: {}",
+                    node + 1,
+                    status.code(),
+                    status.message()
+                );
+                let mut failures = failures.lock().unwrap();
+                if !failures.contains(&failure) {
+                    failures.push(failure);
+                }
+            }
+        }
         if let Ok(response) = opened {
             let mut incoming = response.into_inner();
             loop {

@@ -17,7 +17,7 @@ pub enum BenchCommand {
     Engine(EngineArgs),
     /// Put throughput and latency, contended CAS and leader failover of the metadata store,
     /// with the same workload against etcd in the same run (`--etcd`).
-    Raft(super::bench_raft::RaftArgs),
+    Raft(Box<super::bench_raft::RaftArgs>),
     /// Closed-loop Embed load against a node at several concurrencies, with the raw engine
     /// in the same run: throughput, latency, batch size, serving efficiency, batching gain.
     Serve(super::bench_serve::ServeArgs),
@@ -62,7 +62,7 @@ struct Report {
 pub fn run(command: BenchCommand) -> Result<(), CliError> {
     match command {
         BenchCommand::Engine(args) => engine(args),
-        BenchCommand::Raft(args) => super::bench_raft::run(args),
+        BenchCommand::Raft(args) => super::bench_raft::run(*args),
         BenchCommand::Serve(args) => super::bench_serve::run(args),
     }
 }
