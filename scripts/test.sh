@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: formatting, lints, every test (with the real model weights, fetched
-# into the cache on first use), the alert rules, the docker-compose cluster (skipped without
-# a Docker engine) and the CUDA build check. Runs on a fresh
+# into the cache on first use), a 60 s Jepsen-style fault run, the alert rules, the
+# docker-compose cluster (skipped without a Docker engine) and the CUDA build check. Runs on a fresh
 # machine with only the Rust toolchain, gcc and Python 3 with pip; as root it installs
 # promtool (Debian package prometheus) and tmux with apt-get when missing.
 #
@@ -52,6 +52,12 @@ echo "model: $model_dir"
 
 step "cargo test"
 TROUPE_MODEL_DIR="$model_dir" TROUPE_REQUIRE_MODEL=1 cargo test --workspace --all-targets
+
+step "fault tier: a 60 s Jepsen-style run (troupe-jepsen, local tier; scripts/faults.sh runs long ones)"
+# 3 node processes (in network namespaces as root, so partitions are in the schedule), kill -9,
+# pauses and partitions from a fresh seed, then the checks. A failure prints the seed that
+# reproduces its schedule and keeps the nodes' logs.
+"$target_dir/debug/troupe-jepsen" --bin "$target_dir/debug/troupe" --time 60
 
 step "cargo test --features otel (OTLP export to a collector)"
 cargo test -p troupe --features otel --test otel

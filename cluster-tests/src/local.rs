@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::client::NodeClient;
 use troupe_proto::v1::{ClusterInitRequest, Member};
@@ -269,20 +269,22 @@ impl LocalCluster {
             })
             .collect();
         let first = cluster.client(0, Duration::from_secs(5))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        // The nodes may still be binding their ports.
+        let last_error = std::sync::Mutex::new(String::new());
+        crate::wait::until("cluster init", Duration::from_secs(30), || async {
             let request = ClusterInitRequest {
                 members: Vec::clone(&members),
             };
             match first.admin().cluster_init(request).await {
-                Ok(_) => break,
-                Err(status) if Instant::now() < deadline => {
-                    tracing_line(&format!("cluster init: {} (retrying)", status.message()));
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok(_) => Some(()),
+                Err(status) => {
+                    *last_error.lock().unwrap() = status.to_string();
+                    None
                 }
-                Err(status) => return Err(format!("cluster init: {status}")),
             }
-        }
+        })
+        .await
+        .map_err(|e| format!("{e}: {}", last_error.lock().unwrap()))?;
         cluster.wait_converged(Duration::from_secs(30)).await?;
         Ok(cluster)
     }
@@ -430,41 +432,33 @@ impl LocalCluster {
     /// Waits until every node answers, names the same leader, and has applied the same
     /// revision.
     pub async fn wait_converged(&self, timeout: Duration) -> Result<u64, String> {
-        let deadline = Instant::now() + timeout;
         let clients: Vec<NodeClient> = (0..self.nodes.len())
             .map(|i| self.client(i, Duration::from_secs(1)))
             .collect::<Result<_, _>>()?;
-        let mut last = String::new();
-        loop {
+        let last = std::sync::Mutex::new(String::new());
+        crate::wait::until("the cluster to converge", timeout, || async {
             let mut views = Vec::new();
             for client in &clients {
                 match client.status().await {
                     Ok(view) => views.push(view),
                     Err(e) => {
-                        last = format!("{}: {e}", client.addr);
-                        break;
+                        *last.lock().unwrap() = format!("{}: {e}", client.addr);
+                        return None;
                     }
                 }
             }
-            if views.len() == clients.len() {
-                let leader = views[0].leader;
-                let revision = views[0].applied_revision;
-                if leader.is_some()
-                    && views
-                        .iter()
-                        .all(|v| v.leader == leader && v.applied_revision == revision)
-                {
-                    return Ok(revision);
-                }
-                last = format!("{views:?}");
+            let (leader, revision) = (views[0].leader, views[0].applied_revision);
+            let converged = leader.is_some()
+                && views
+                    .iter()
+                    .all(|v| v.leader == leader && v.applied_revision == revision);
+            if !converged {
+                *last.lock().unwrap() = format!("{views:?}");
             }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the cluster did not converge within {timeout:?}: {last}"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            converged.then_some(revision)
+        })
+        .await
+        .map_err(|e| format!("{e}: {}", last.lock().unwrap()))
     }
 
     /// The node that every answering node names as leader, as a 0-based index.
@@ -515,10 +509,6 @@ fn free_port() -> Result<String, String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     Ok(addr.to_string())
-}
-
-fn tracing_line(line: &str) {
-    eprintln!("jepsen: {line}");
 }
 
 fn run(program: &str, args: &[&str]) -> Result<(), String> {

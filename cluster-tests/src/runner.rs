@@ -200,7 +200,7 @@ pub struct Report {
     pub lost_writes: Vec<String>,
     /// Watch streams that differ, go backwards, or miss revisions others have.
     pub watch_anomalies: Vec<String>,
-    /// Values that applied more than once.
+    /// Values that applied more than once (at more than one revision).
     pub duplicates: Vec<String>,
     /// The longest time without an acknowledged write in the whole run, ms.
     pub max_gap_ms: u64,
@@ -222,8 +222,35 @@ impl Report {
     }
 }
 
-/// A watch stream as one node delivered it: (revision, key, the setting's value).
-type Stream = Vec<(u64, String, Option<String>)>;
+/// The changes of a watch stream as one node delivered them: (revision, key, the setting's
+/// value).
+type Changes = Vec<(u64, String, Option<String>)>;
+
+/// One node's watch stream, and the revision ranges (inclusive) it could not deliver: when a
+/// restarted node's history starts after the watcher's position, the node answers OUT_OF_RANGE
+/// with its snapshot revision, and the watcher goes on from there. Those revisions are not
+/// compared.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Stream {
+    changes: Changes,
+    skipped: Vec<(u64, u64)>,
+}
+
+impl Stream {
+    /// The revision to watch from next.
+    fn next_revision(&self) -> u64 {
+        let changed = self.changes.last().map_or(0, |c| c.0);
+        let skipped = self.skipped.last().map_or(0, |s| s.1);
+        changed.max(skipped) + 1
+    }
+
+    fn covers(&self, revision: u64) -> bool {
+        !self
+            .skipped
+            .iter()
+            .any(|(from, to)| (*from..=*to).contains(&revision))
+    }
+}
 
 fn now_ms(start: Instant) -> u64 {
     start.elapsed().as_micros() as u64
@@ -264,8 +291,10 @@ pub async fn run(cluster: &mut LocalCluster, config: &RunConfig, log: impl Fn(&s
     let prefix = format!("jepsen-{:x}", config.seed & 0xffff_ffff);
     let keys: Vec<String> = (0..config.keys).map(|k| format!("{prefix}-k{k}")).collect();
 
-    // Watchers, one per node, from the first revision.
+    // Watchers, one per node, from the first revision. They stop on their own signal, after
+    // the clients and after the cluster has converged.
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_watchers, watchers_stop) = watch::channel(false);
     let mut watchers = Vec::new();
     let streams: Vec<Arc<Mutex<Stream>>> = (0..nodes).map(|_| Arc::default()).collect();
     let watch_failures = WatchFailures::default();
@@ -282,7 +311,7 @@ pub async fn run(cluster: &mut LocalCluster, config: &RunConfig, log: impl Fn(&s
             client,
             stream.clone(),
             watch_failures.clone(),
-            stop_rx.clone(),
+            watchers_stop.clone(),
         )));
     }
 
@@ -490,15 +519,20 @@ pub async fn run(cluster: &mut LocalCluster, config: &RunConfig, log: impl Fn(&s
     // Streams: every watcher up to the last acknowledged write (later revisions may be
     // refused writes, which change nothing and send no change).
     let last_ack = records.iter().filter_map(|r| r.revision).max().unwrap_or(0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline
-        && streams
-            .iter()
-            .any(|s| s.lock().unwrap().last().map_or(0, |c| c.0) < last_ack)
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = stop_tx.send(true);
+    let caught_up = crate::wait::until(
+        "every watch stream to reach the last acknowledged write",
+        Duration::from_secs(30),
+        || {
+            let behind = streams
+                .iter()
+                .any(|s| s.lock().unwrap().next_revision() <= last_ack);
+            std::future::ready((!behind).then_some(()))
+        },
+    )
+    .await;
+    // A stream that never caught up is reported by the checks below, change by change.
+    drop(caught_up);
+    let _ = stop_watchers.send(true);
     for watcher in watchers {
         if let Err(e) = watcher.await {
             report.errors.push(format!("a watcher failed: {e}"));
@@ -619,7 +653,7 @@ async fn watch_node(
         if *stop.borrow() {
             return;
         }
-        let from = stream.lock().unwrap().last().map_or(1, |(r, _, _)| r + 1);
+        let from = stream.lock().unwrap().next_revision();
         let request = tonic::Request::new(WatchRequest {
             from_revision: from,
         });
@@ -628,9 +662,19 @@ async fn watch_node(
             opened = admin.watch(request) => opened,
             _ = stop.changed() => return,
         };
+        let compacted_to = opened.as_ref().err().and_then(|status| {
+            (status.code() == tonic::Code::OutOfRange)
+                .then(|| status.metadata().get("x-troupe-snapshot-revision"))
+                .flatten()
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        });
+        if let Some(to) = compacted_to {
+            stream.lock().unwrap().skipped.push((from, to));
+            continue;
+        }
         if let Err(status) = &opened {
             // Down, paused or cut off: expected during a fault, and retried. Anything else
-            // (a compacted history) is reported.
+            // is reported.
             if !matches!(
                 status.code(),
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
@@ -665,6 +709,7 @@ async fn watch_node(
                 stream
                     .lock()
                     .unwrap()
+                    .changes
                     .push((change.revision, change.key, value));
             }
         }
@@ -710,7 +755,8 @@ fn check(report: &mut Report, records: &[Record], keys: &[String], streams: &[St
     // Watch streams: ordered, alike, and holding every acknowledged write once.
     let setting = |k: usize| format!("settings/{}", keys[k]);
     for (node, stream) in streams.iter().enumerate() {
-        if let Some(pair) = stream.windows(2).find(|p| p[1].0 <= p[0].0) {
+        let changes = &stream.changes;
+        if let Some(pair) = changes.windows(2).find(|p| p[1].0 <= p[0].0) {
             report.watch_anomalies.push(format!(
                 "node {}: revision {} after {}",
                 node + 1,
@@ -718,21 +764,24 @@ fn check(report: &mut Report, records: &[Record], keys: &[String], streams: &[St
                 pair[0].0
             ));
         }
-        let mut counts: HashMap<(&str, &str), usize> = HashMap::new();
-        for (_, key, value) in stream {
+        // Values are unique: one seen at two revisions applied twice; one seen twice at the
+        // same revision was delivered twice (caught above as a revision out of order).
+        let mut seen_at: HashMap<(&str, &str), Vec<u64>> = HashMap::new();
+        for (revision, key, value) in changes {
             if let Some(value) = value {
-                *counts.entry((key, value)).or_default() += 1;
+                seen_at.entry((key, value)).or_default().push(*revision);
             }
         }
-        for ((key, value), count) in counts {
-            if count > 1 && keys.iter().any(|k| key.ends_with(k.as_str())) {
+        for ((key, value), mut revisions) in seen_at {
+            revisions.dedup();
+            if revisions.len() > 1 && keys.iter().any(|k| key.ends_with(k.as_str())) {
                 report.duplicates.push(format!(
-                    "node {}: {key} = {value} applied {count} times",
+                    "node {}: {key} = {value} applied at revisions {revisions:?}",
                     node + 1
                 ));
             }
         }
-        let by_revision: BTreeMap<u64, (&str, Option<&str>)> = stream
+        let by_revision: BTreeMap<u64, (&str, Option<&str>)> = changes
             .iter()
             .map(|(r, k, v)| (*r, (k.as_str(), v.as_deref())))
             .collect();
@@ -740,6 +789,9 @@ fn check(report: &mut Report, records: &[Record], keys: &[String], streams: &[St
             let (Some(revision), value) = (record.revision, &record.op) else {
                 continue;
             };
+            if !stream.covers(revision) {
+                continue;
+            }
             let value = match value {
                 Op::Write { value } | Op::Cas { new: value, .. } => value.to_string(),
                 Op::Read { .. } => continue,
@@ -754,21 +806,30 @@ fn check(report: &mut Report, records: &[Record], keys: &[String], streams: &[St
             }
         }
     }
+    // Node by node against the first, over the revisions both delivered.
     if let Some(first) = streams.first() {
         for (node, stream) in streams.iter().enumerate().skip(1) {
-            if stream != first {
-                let at = first
+            let both = |s: &Stream| -> Changes {
+                s.changes
                     .iter()
-                    .zip(stream)
-                    .position(|(a, b)| a != b)
-                    .unwrap_or(first.len().min(stream.len()));
+                    .filter(|c| first.covers(c.0) && stream.covers(c.0))
+                    .cloned()
+                    .collect()
+            };
+            let (a, b) = (both(first), both(stream));
+            if a != b {
+                let at = a
+                    .iter()
+                    .zip(&b)
+                    .position(|(x, y)| x != y)
+                    .unwrap_or(a.len().min(b.len()));
                 report.watch_anomalies.push(format!(
                     "node {} and node 1 differ at change {at} of {}/{}: {:?} vs {:?}",
                     node + 1,
-                    stream.len(),
-                    first.len(),
-                    stream.get(at),
-                    first.get(at)
+                    b.len(),
+                    a.len(),
+                    b.get(at),
+                    a.get(at)
                 ));
             }
         }
@@ -815,10 +876,13 @@ mod tests {
     fn a_lost_or_doubled_write_and_diverging_streams_are_caught() {
         let keys = vec!["r".to_owned()];
         let stream = |values: &[(u64, &str)]| -> Stream {
-            values
-                .iter()
-                .map(|(rev, v)| (*rev, "settings/r".to_owned(), Some(v.to_string())))
-                .collect()
+            Stream {
+                changes: values
+                    .iter()
+                    .map(|(rev, v)| (*rev, "settings/r".to_owned(), Some(v.to_string())))
+                    .collect(),
+                skipped: Vec::new(),
+            }
         };
         let records = vec![
             record(0, Op::Write { value: 5 }, Some(3)),
@@ -839,9 +903,26 @@ mod tests {
         assert_eq!(lost.lost_writes.len(), 1, "{lost:?}");
         assert_eq!(lost.watch_anomalies.len(), 1, "{lost:?}");
 
+        // A node that restarted behind the watcher and skipped revisions 3-4 is compared
+        // on the rest only.
+        let mut skipped = Report::default();
+        let mut partial = stream(&[]);
+        partial.skipped.push((1, 4));
+        check(&mut skipped, &records, &keys, &[good.clone(), partial]);
+        assert!(skipped.passed(), "{skipped:?}");
+
         let mut doubled = Report::default();
         let twice = stream(&[(3, "5"), (4, "6"), (5, "5")]);
         check(&mut doubled, &records, &keys, &[twice.clone(), twice]);
         assert_eq!(doubled.duplicates.len(), 2, "{doubled:?}");
+
+        let mut redelivered = Report::default();
+        let again = stream(&[(3, "5"), (3, "5"), (4, "6")]);
+        check(&mut redelivered, &records, &keys, &[again, good]);
+        assert!(redelivered.duplicates.is_empty(), "{redelivered:?}");
+        assert!(
+            redelivered.watch_anomalies[0].contains("revision 3 after 3"),
+            "{redelivered:?}"
+        );
     }
 }

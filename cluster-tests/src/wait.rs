@@ -22,6 +22,27 @@ pub fn wait_until<T>(
     }
 }
 
+/// As [`wait_until`], for a condition that has to await (an RPC): polls it, with the same
+/// backoff, until it yields `Some`, or fails after `timeout` naming `what`.
+pub async fn until<T, F, Fut>(what: &str, timeout: Duration, mut condition: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(value) = condition().await {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("timed out after {timeout:?} waiting for {what}"));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -34,6 +55,22 @@ mod tests {
             (calls == 3).then_some(calls)
         });
         assert_eq!(value, Ok(3));
+    }
+
+    #[tokio::test]
+    async fn the_async_form_waits_for_an_awaited_condition() {
+        let mut calls = 0;
+        let value = until("three calls", Duration::from_secs(5), || {
+            calls += 1;
+            let now = calls;
+            async move { (now == 3).then_some(now) }
+        })
+        .await;
+        assert_eq!(value, Ok(3));
+        let error = until::<(), _, _>("never", Duration::from_millis(20), || async { None })
+            .await
+            .unwrap_err();
+        assert!(error.contains("never"), "{error}");
     }
 
     #[test]

@@ -170,6 +170,22 @@ pub struct Metadata {
     write_ids: WriteIds,
 }
 
+/// How one attempt of a request on this node went (see [`Metadata::with_leader`]).
+enum Attempt<T> {
+    Done(T),
+    /// This node does not lead; the node it names does.
+    Forward(NodeId),
+    /// Not now: worth another attempt once the leader changes.
+    Retry(MetadataError),
+    Fail(MetadataError),
+}
+
+/// Why [`Metadata::with_leader`] gave up, and whether any attempt may have reached a leader.
+struct Failed {
+    error: MetadataError,
+    reached_leader: bool,
+}
+
 /// Request ids that troupe assigns start with this; a client's may not.
 pub const ASSIGNED_ID_PREFIX: &str = "~";
 
@@ -368,7 +384,7 @@ impl Metadata {
     /// old leader had already replicated applies once however often it is sent.
     pub async fn propose(&self, mut proposal: Proposal) -> Result<Outcome, MetadataError> {
         // An invalid command is refused here, before it costs a log entry on every node.
-        if let Err(reason) = crate::metadata::state::check_proposal(&proposal) {
+        if let Err(reason) = crate::metadata::state::check_command(&proposal.command) {
             return Ok(Outcome::Rejected { reason });
         }
         if let Some(id) = &proposal.request_id {
@@ -386,53 +402,82 @@ impl Metadata {
         proposal
             .request_id
             .get_or_insert_with(|| self.write_ids.next());
-        let deadline = tokio::time::Instant::now() + self.config.forward_timeout;
-        // Set once an attempt may have reached a leader's log: from then on a failure does not
-        // mean that the write did not apply.
-        let mut submitted = false;
-        let unknown = |submitted: bool, error: MetadataError| {
-            if submitted {
-                MetadataError::OutcomeUnknown {
-                    reason: error.to_string(),
-                }
-            } else {
-                error
+        let proposal = &proposal;
+        let local = || async move {
+            match self.proposer.write(proposal.clone()).await {
+                Ok(outcome) => Attempt::Done(outcome),
+                Err(WriteFailure::ForwardToLeader(Some(leader))) => Attempt::Forward(leader),
+                Err(WriteFailure::ForwardToLeader(None)) => Attempt::Retry(MetadataError::NoLeader),
+                Err(WriteFailure::Membership(e)) => Attempt::Fail(MetadataError::Membership(e)),
+                Err(WriteFailure::Fatal(e)) => Attempt::Fail(MetadataError::Raft(e)),
             }
         };
+        let forward = |leader, deadline| self.forward_write(leader, proposal, deadline);
+        self.with_leader(local, forward).await.map_err(|failed| {
+            // Once an attempt may have reached a leader's log, a failure does not mean that
+            // the write did not apply.
+            if failed.reached_leader {
+                MetadataError::OutcomeUnknown {
+                    reason: failed.error.to_string(),
+                }
+            } else {
+                failed.error
+            }
+        })
+    }
+
+    /// Runs a request on the leader: `local` tries it on this node; when this node is not the
+    /// leader, `forward` sends it to the one it knows. When that leader stops answering (it
+    /// crashed, is paused or is cut off), the request goes to the next leader as soon as this
+    /// node knows one. A failed attempt waits at most one heartbeat for news before the next.
+    /// All of it within `forward_timeout`.
+    async fn with_leader<T, L, LF, F, FF>(&self, mut local: L, forward: F) -> Result<T, Failed>
+    where
+        L: FnMut() -> LF,
+        LF: std::future::Future<Output = Attempt<T>>,
+        F: Fn(NodeId, tokio::time::Instant) -> FF,
+        FF: std::future::Future<Output = Result<T, MetadataError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.config.forward_timeout;
+        let me = self.config.node_id;
+        let mut reached_leader = false;
         loop {
             let seen = self.leader_view();
-            submitted |= seen.0 == Some(self.config.node_id);
-            let failure = match self.proposer.write(proposal.clone()).await {
-                Ok(outcome) => return Ok(outcome),
-                Err(WriteFailure::ForwardToLeader(Some(leader)))
-                    if leader != self.config.node_id =>
-                {
-                    submitted = true;
+            reached_leader |= seen.0 == Some(me);
+            let failure = match local().await {
+                Attempt::Done(value) => return Ok(value),
+                Attempt::Forward(leader) if leader != me => {
+                    reached_leader = true;
                     match self
-                        .until_leader_moves(
-                            leader,
-                            deadline,
-                            self.forward_write(leader, &proposal, deadline),
-                        )
+                        .until_leader_moves(leader, deadline, forward(leader, deadline))
                         .await
                     {
-                        Some(Ok(outcome)) => return Ok(outcome),
+                        Some(Ok(value)) => return Ok(value),
                         Some(Err(error)) if !error.is_retryable() => {
-                            return Err(unknown(submitted, error))
+                            return Err(Failed {
+                                error,
+                                reached_leader,
+                            })
                         }
                         Some(Err(error)) => error,
-                        // A newer leader is known: send the write there.
+                        // A newer leader is known: go there.
                         None => continue,
                     }
                 }
-                Err(WriteFailure::ForwardToLeader(_)) => MetadataError::NoLeader,
-                Err(WriteFailure::Membership(e)) => return Err(MetadataError::Membership(e)),
-                Err(WriteFailure::Fatal(e)) => {
-                    return Err(unknown(submitted, MetadataError::Raft(e)))
+                Attempt::Forward(_) => MetadataError::NoLeader,
+                Attempt::Retry(error) => error,
+                Attempt::Fail(error) => {
+                    return Err(Failed {
+                        error,
+                        reached_leader,
+                    })
                 }
             };
             if !self.await_leader_change(seen, deadline).await {
-                return Err(unknown(submitted, failure));
+                return Err(Failed {
+                    error: failure,
+                    reached_leader,
+                });
             }
         }
     }
@@ -548,43 +593,30 @@ impl Metadata {
     }
 
     /// The log index a linearizable read must see applied: the leader's commit point,
-    /// confirmed by a quorum.
-    /// As with writes, a leader that stops answering is given up for the next one.
+    /// confirmed by a quorum. A leader that stops answering is given up for the next one, as
+    /// for writes.
     async fn read_index(&self) -> Result<u64, MetadataError> {
-        let deadline = tokio::time::Instant::now() + self.config.forward_timeout;
-        loop {
-            let seen = self.leader_view();
-            let failure = match self.raft.ensure_linearizable().await {
-                Ok(log_id) => return Ok(log_id.map_or(0, |l| l.index)),
+        let local = || async {
+            match self.raft.ensure_linearizable().await {
+                Ok(log_id) => Attempt::Done(log_id.map_or(0, |l| l.index)),
                 Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
                     forward,
                 ))) => match forward.leader_id {
-                    Some(leader) if leader != self.config.node_id => {
-                        match self
-                            .until_leader_moves(
-                                leader,
-                                deadline,
-                                self.forward_read_index(leader, deadline),
-                            )
-                            .await
-                        {
-                            Some(Ok(index)) => return Ok(index),
-                            Some(Err(error)) if !error.is_retryable() => return Err(error),
-                            Some(Err(error)) => error,
-                            None => continue,
-                        }
-                    }
-                    _ => MetadataError::NoLeader,
+                    Some(leader) => Attempt::Forward(leader),
+                    None => Attempt::Retry(MetadataError::NoLeader),
                 },
                 Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(
                     _,
-                ))) => MetadataError::NoLeader,
-                Err(RaftError::Fatal(fatal)) => return Err(MetadataError::Raft(fatal.to_string())),
-            };
-            if !self.await_leader_change(seen, deadline).await {
-                return Err(failure);
+                ))) => Attempt::Retry(MetadataError::NoLeader),
+                Err(RaftError::Fatal(fatal)) => {
+                    Attempt::Fail(MetadataError::Raft(fatal.to_string()))
+                }
             }
-        }
+        };
+        let forward = |leader, deadline| self.forward_read_index(leader, deadline);
+        self.with_leader(local, forward)
+            .await
+            .map_err(|failed| failed.error)
     }
 
     async fn forward_read_index(

@@ -27,6 +27,7 @@ pub enum WatchError {
 }
 
 pub struct Watch {
+    from: u64,
     backlog: VecDeque<Change>,
     live: broadcast::Receiver<Change>,
 }
@@ -34,6 +35,7 @@ pub struct Watch {
 impl Watch {
     pub(crate) fn new(replay: Replay) -> Self {
         Self {
+            from: replay.from,
             backlog: replay.backlog.into(),
             live: replay.live,
         }
@@ -44,10 +46,14 @@ impl Watch {
         if let Some(change) = self.backlog.pop_front() {
             return Ok(change);
         }
-        match self.live.recv().await {
-            Ok(change) => Ok(change),
-            Err(broadcast::error::RecvError::Lagged(_)) => Err(WatchError::Lagged),
-            Err(broadcast::error::RecvError::Closed) => Err(WatchError::Closed),
+        loop {
+            match self.live.recv().await {
+                // Applied here only now, but older than what the watcher asked for.
+                Ok(change) if change.revision < self.from => continue,
+                Ok(change) => return Ok(change),
+                Err(broadcast::error::RecvError::Lagged(_)) => return Err(WatchError::Lagged),
+                Err(broadcast::error::RecvError::Closed) => return Err(WatchError::Closed),
+            }
         }
     }
 }
@@ -106,5 +112,44 @@ impl<'a> ResyncingWatch<'a> {
             state: Box::new(state),
             revision,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::{ChangeValue, KeyRevisions, SettingRecord};
+    use crate::store::History;
+
+    fn set(revision: u64, value: &str) -> Change {
+        Change {
+            revision,
+            key: "settings/a".into(),
+            value: ChangeValue::Setting {
+                key: "a".into(),
+                record: SettingRecord {
+                    value: value.to_owned(),
+                    revisions: KeyRevisions {
+                        create_revision: 1,
+                        mod_revision: revision,
+                    },
+                },
+            },
+        }
+    }
+
+    /// A client that saw revision 3 on one node and reconnects to a node still catching up
+    /// (at revision 1) asks for 4 on: it must not get 2 and 3 again as they apply here.
+    #[tokio::test]
+    async fn a_watch_from_a_revision_not_applied_yet_skips_the_older_changes() {
+        let history = History::new(100, &MetadataState::default());
+        history.record(vec![set(1, "one")]);
+        let replay = history.replay(4).map_err(|_| "compacted").unwrap();
+        let mut watch = Watch::new(replay);
+        history.record(vec![set(2, "two"), set(3, "three"), set(4, "four")]);
+        let change = watch.next().await.unwrap();
+        assert_eq!(change.revision, 4);
+        history.record(vec![set(5, "five")]);
+        assert_eq!(watch.next().await.unwrap().revision, 5);
     }
 }

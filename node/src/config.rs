@@ -228,7 +228,7 @@ pub struct RaftSettings {
     pub snapshot_every_entries: u64,
     /// Entries kept behind a snapshot.
     pub keep_entries_after_snapshot: u64,
-    /// Limit for a write or read forwarded to the leader.
+    /// Limit for a write or read sent to the leader, over every failover to a new leader.
     pub forward_timeout_ms: u64,
     /// Changes kept for watches to replay; a watch from before them must resync.
     pub watch_history: usize,

@@ -118,6 +118,10 @@ fn truncate(mut reason: String) -> String {
 }
 
 /// Sends `Check` through the stats-counting path.
+/// How long a rollout decision that did not apply (an error, a refusal) waits before the
+/// controller decides again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
 pub fn check(actor: &ActorRef<RolloutMsg>, stats: &ActorStats) {
     stats.sent();
     if actor.cast(RolloutMsg::Check).is_err() {
@@ -207,14 +211,24 @@ impl RolloutState {
                 self.args.stats.clone(),
             );
             tokio::spawn(async move {
-                match metadata.propose(proposal).await {
+                let retry = match metadata.propose(proposal).await {
                     Ok(Outcome::Conflict { .. }) => {
-                        tracing::info!(model = %key, "the version changed meanwhile: decision dropped")
+                        tracing::info!(model = %key, "the version changed meanwhile: decision dropped");
+                        false
                     }
-                    Ok(_) => {}
+                    Ok(Outcome::Rejected { reason }) => {
+                        tracing::error!(model = %key, %reason, "the rollout decision was refused; retrying");
+                        true
+                    }
+                    Ok(_) => false,
                     Err(error) => {
-                        tracing::warn!(model = %key, %error, "cannot propose the rollout decision; retrying")
+                        tracing::warn!(model = %key, %error, "cannot propose the rollout decision; retrying");
+                        true
                     }
+                };
+                if retry {
+                    // Not at once: a decision that failed fast would otherwise spin.
+                    tokio::time::sleep(RETRY_AFTER).await;
                 }
                 stats.sent();
                 if actor.cast(RolloutMsg::Proposed { key }).is_err() {

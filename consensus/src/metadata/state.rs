@@ -113,15 +113,6 @@ fn check_reason(reason: &str) -> Result<(), Rejection> {
 
 /// Whether `command` is well formed. The state machine applies only commands that pass, and
 /// the facade checks before proposing, so an invalid command never reaches the log.
-/// Checks a whole proposal: its command, and its request id when it has one.
-pub fn check_proposal(proposal: &Proposal) -> Result<(), Rejection> {
-    check_command(&proposal.command)?;
-    match &proposal.request_id {
-        Some(id) => check_name("request_id", id),
-        None => Ok(()),
-    }
-}
-
 pub fn check_command(command: &Command) -> Result<(), Rejection> {
     match command {
         Command::RegisterModelVersion {

@@ -57,6 +57,6 @@ pub fn fuzz_payload(bytes: &[u8]) {
         let _ = guard::install_snapshot(&rpc, peer, own_term);
     }
     if let Ok(proposal) = decode::<crate::metadata::Proposal>(&payload) {
-        let _ = crate::metadata::state::check_proposal(&proposal);
+        let _ = crate::metadata::state::check_command(&proposal.command);
     }
 }

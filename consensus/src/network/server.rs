@@ -132,7 +132,8 @@ impl RaftPeer for RaftPeerService {
         let proposal: Proposal = decode(request.get_ref()).map_err(|e| invalid("propose", e))?;
         // A forwarded write is checked here too: nothing invalid reaches the log, whoever
         // proposes it.
-        let result: ForwardedWrite = match crate::metadata::state::check_proposal(&proposal) {
+        let result: ForwardedWrite = match crate::metadata::state::check_command(&proposal.command)
+        {
             Err(reason) => Ok(crate::metadata::Outcome::Rejected { reason }),
             Ok(()) => self.proposer.write(proposal).await,
         };

@@ -37,6 +37,10 @@ pub struct History {
 
 /// The replayable part of the history from a revision on, plus the live feed after it.
 pub struct Replay {
+    /// The first revision wanted. The live feed carries every change recorded after the
+    /// subscription, so a watch from a revision this node has not applied yet (a client that
+    /// moved from a node further ahead) must skip the ones below it.
+    pub from: u64,
     pub backlog: Vec<Change>,
     pub live: broadcast::Receiver<Change>,
 }
@@ -118,7 +122,11 @@ impl History {
             .filter(|c| c.revision >= from)
             .cloned()
             .collect();
-        Ok(Replay { backlog, live })
+        Ok(Replay {
+            from,
+            backlog,
+            live,
+        })
     }
 }
 

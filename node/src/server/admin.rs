@@ -87,6 +87,7 @@ impl AdminService {
         expected_revision: Option<u64>,
         request_id: String,
     ) -> Result<Response<WriteResponse>, Status> {
+        check_request_id(&request_id)?;
         let proposal = Proposal {
             command,
             expected_revision,
@@ -95,6 +96,18 @@ impl AdminService {
         let outcome = self.metadata.propose(proposal).await.map_err(write_error)?;
         let (revision, changed) = write_outcome(outcome)?;
         Ok(Response::new(WriteResponse { revision, changed }))
+    }
+}
+
+/// A client's request id (empty: none) follows the name rule, so that what the idempotency
+/// window keeps is bounded. Ids troupe assigns itself (and its own actors') are not checked.
+pub(super) fn check_request_id(request_id: &str) -> Result<(), Status> {
+    match (!request_id.is_empty())
+        .then(|| troupe_proto::names::name_problem(request_id))
+        .flatten()
+    {
+        Some(problem) => Err(Status::invalid_argument(format!("request_id: {problem}"))),
+        None => Ok(()),
     }
 }
 

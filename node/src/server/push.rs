@@ -122,12 +122,7 @@ pub async fn receive(
     };
     troupe_consensus::metadata::state::check_command(&command)
         .map_err(|reason| super::status::status(&reason))?;
-    if let Some(problem) = (!header.request_id.is_empty())
-        .then(|| troupe_proto::names::name_problem(&header.request_id))
-        .flatten()
-    {
-        return Err(Status::invalid_argument(format!("request_id: {problem}")));
-    }
+    super::admin::check_request_id(&header.request_id)?;
     let (name, lookup) = (header.name.clone(), version.clone());
     let existing = metadata
         .read(ReadConsistency::Linearizable, move |state| {
