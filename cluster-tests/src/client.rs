@@ -13,7 +13,8 @@ use tonic::Code;
 use troupe_proto::v1::admin_client::AdminClient;
 use troupe_proto::v1::{GetSettingRequest, NodeStatusRequest, ReadRequest, SetSettingRequest};
 
-/// The trailer a node sets on a failed write that certainly did not apply.
+/// The trailer a node sets on a failed write: `not-applied` (it certainly did not apply) or
+/// `unknown` (it may have).
 pub const OUTCOME_HEADER: &str = "x-troupe-outcome";
 
 /// How one request ended, from the client's side.
@@ -155,11 +156,11 @@ impl NodeClient {
 /// A failed write: definite when the node says it did not apply (or the request was refused
 /// as invalid or unauthorised, or lost its compare-and-set), unknown otherwise.
 pub fn classify_write_error<T>(status: &tonic::Status) -> Answer<T> {
-    let not_applied = status
-        .metadata()
-        .get(OUTCOME_HEADER)
-        .is_some_and(|v| v.as_bytes() == b"not-applied");
-    let definite = not_applied
+    let outcome = status.metadata().get(OUTCOME_HEADER).map(|v| v.as_bytes());
+    if outcome == Some(b"unknown") {
+        return Answer::Unknown(describe(status));
+    }
+    let definite = outcome == Some(b"not-applied")
         || matches!(
             status.code(),
             Code::Aborted

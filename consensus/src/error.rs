@@ -26,9 +26,10 @@ pub enum MetadataError {
         reason: String,
     },
 
-    /// A write reached a leader, and no outcome came back in time: it may or may not apply.
-    #[error("the write was sent to a leader and no outcome came back ({reason}): it may or may not have applied; send it again with the same request_id to find out")]
-    OutcomeUnknown { reason: String },
+    /// A write reached a leader's log (or may have), and then `cause` stopped it: it may or
+    /// may not apply.
+    #[error("the write was sent to a leader and no outcome came back ({0}): it may or may not have applied; send it again with the same request_id to find out")]
+    OutcomeUnknown(Box<MetadataError>),
 
     #[error("timed out after {millis} ms waiting for {what}")]
     Timeout { what: String, millis: u64 },
@@ -52,7 +53,7 @@ impl MetadataError {
             MetadataError::NoLeader
                 | MetadataError::LeaderUnreachable { .. }
                 | MetadataError::Timeout { .. }
-                | MetadataError::OutcomeUnknown { .. }
+                | MetadataError::OutcomeUnknown(_)
         )
     }
 }

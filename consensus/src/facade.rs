@@ -417,9 +417,7 @@ impl Metadata {
             // Once an attempt may have reached a leader's log, a failure does not mean that
             // the write did not apply.
             if failed.reached_leader {
-                MetadataError::OutcomeUnknown {
-                    reason: failed.error.to_string(),
-                }
+                MetadataError::OutcomeUnknown(Box::new(failed.error))
             } else {
                 failed.error
             }

@@ -39,9 +39,12 @@ impl ServiceError for MetadataError {
             | MetadataError::LeaderUnreachable { .. }
             | MetadataError::ShutDown => Code::Unavailable,
             // gRPC's DEADLINE_EXCEEDED: a change may have happened even so.
-            MetadataError::Timeout { .. } | MetadataError::OutcomeUnknown { .. } => {
-                Code::DeadlineExceeded
+            MetadataError::Timeout { .. } => Code::DeadlineExceeded,
+            // This node's Raft core stopped (a full disk): another node may serve the retry.
+            MetadataError::OutcomeUnknown(cause) if matches!(**cause, MetadataError::Raft(_)) => {
+                Code::Unavailable
             }
+            MetadataError::OutcomeUnknown(_) => Code::DeadlineExceeded,
             MetadataError::NotLeader { .. } | MetadataError::Membership(_) => {
                 Code::FailedPrecondition
             }
@@ -123,22 +126,23 @@ pub fn metadata_error(error: MetadataError) -> Status {
     status(&error)
 }
 
-/// Metadata on a failed write that certainly did not apply (it reached no leader's log), so
-/// that a client can tell it from one whose outcome is unknown: `not-applied`.
+/// Metadata on a failed write: `not-applied` when it certainly did not apply (it reached no
+/// leader's log), `unknown` when it may have.
 pub const OUTCOME_HEADER: &str = "x-troupe-outcome";
 
-/// A failed write's status. Every failure but [`MetadataError::OutcomeUnknown`] (answered with
-/// DEADLINE_EXCEEDED) happened before the write reached a leader's log, and says so in the
-/// [`OUTCOME_HEADER`] trailer.
+/// A failed write's status, with the [`OUTCOME_HEADER`] trailer: `unknown` for
+/// [`MetadataError::OutcomeUnknown`], `not-applied` for every other failure (it happened before
+/// the write reached a leader's log).
 pub fn write_error(error: MetadataError) -> Status {
-    let certain = !matches!(error, MetadataError::OutcomeUnknown { .. });
+    let outcome = match error {
+        MetadataError::OutcomeUnknown(_) => "unknown",
+        _ => "not-applied",
+    };
     let mut status = status(&error);
-    if certain {
-        status.metadata_mut().insert(
-            OUTCOME_HEADER,
-            tonic::metadata::MetadataValue::from_static("not-applied"),
-        );
-    }
+    status.metadata_mut().insert(
+        OUTCOME_HEADER,
+        tonic::metadata::MetadataValue::from_static(outcome),
+    );
     status
 }
 
