@@ -43,10 +43,10 @@ impl Network {
         Ipv4Addr::new(a, b, c, node as u8 + 1)
     }
 
-    fn create(nodes: usize, tag: String) -> Result<Self, String> {
+    fn create(nodes: usize, tag: String, nth: u32) -> Result<Self, String> {
         // A /24 no route on this host uses yet.
         let routes = output("ip", &["-4", "route", "show"])?;
-        let seed = u32::from_str_radix(&tag, 16).unwrap_or(0);
+        let seed = u32::from_str_radix(&tag, 16).unwrap_or(0) + nth;
         let subnet = (0..250u32)
             .map(|i| [10u8, 201, ((seed + i) % 250) as u8 + 1])
             .find(|[a, b, c]| !routes.contains(&format!("{a}.{b}.{c}.")))
@@ -191,9 +191,15 @@ impl LocalCluster {
         raft: &str,
     ) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let tag = format!("{:04x}", (std::process::id() ^ nanos()) & 0xffff);
+        // Clusters started at once in one process (tests) get different tags and subnets.
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let nth = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!(
+            "{:04x}",
+            (std::process::id() ^ nanos() ^ nth.wrapping_mul(0x9e37)) & 0xffff
+        );
         let network = if partitions {
-            Some(Network::create(count, tag)?)
+            Some(Network::create(count, tag, nth)?)
         } else {
             None
         };

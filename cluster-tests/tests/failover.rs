@@ -1,7 +1,8 @@
 //! A write sent to a follower while the leader is paused (SIGSTOP) or killed succeeds: the
 //! follower gives the silent leader up as soon as it knows another one, instead of failing
-//! after its forward timeout. The write applies once. Three real `troupe node` processes on
-//! 127.0.0.1 with mTLS (the binary next to this test's, built by `cargo build -p troupe`).
+//! after its forward timeout. The write applies once. Three real `troupe node` processes with
+//! mTLS (the binary next to this test's, built by `cargo build -p troupe`), each in a network
+//! namespace of its own when run as root.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,8 +35,11 @@ async fn write_through_a_follower_while_the_leader_is_down(
     heal: fn(&mut LocalCluster, usize) -> Result<(), String>,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    // The forward timeout stays at its default (5 s); the fault lasts longer than that.
-    let mut cluster = LocalCluster::start(&troupe_bin(), dir.path(), 3, false, "")
+    // The forward timeout stays at its default (5 s); the fault lasts longer than that. As
+    // root, each node has a network namespace and fixed ports of its own; on 127.0.0.1 the
+    // ports are picked free and may, rarely, be taken before the node binds them.
+    let namespaces = troupe_cluster_tests::local::can_partition();
+    let mut cluster = LocalCluster::start(&troupe_bin(), dir.path(), 3, namespaces, "")
         .await
         .unwrap();
     let leader = cluster.leader().await.expect("a leader");
