@@ -155,16 +155,17 @@ pub async fn receive(
         _ => {}
     }
 
+    // Removed however this ends: an error, a client that disconnects midway (the handler is
+    // dropped), or after the commit moved it (then there is nothing left to remove). The guard
+    // is made where the directory is, inside the blocking task: a client that disconnects
+    // while it runs drops the handler, and the task's output (the guard) is dropped with it.
     let staging = {
         let (store, digest) = (store.clone(), digest.clone());
-        tokio::task::spawn_blocking(move || store.staging_dir(&digest))
+        tokio::task::spawn_blocking(move || store.staging_dir(&digest).map(StagingDir))
             .await
             .map_err(blocking_failed)?
             .map_err(|e| Status::internal(e.to_string()))?
     };
-    // Removed however this ends: an error, a client that disconnects midway (the handler is
-    // dropped), or after the commit moved it (then there is nothing left to remove).
-    let staging = StagingDir(staging);
     let bytes_received = receive_files(&mut stream, &header, &staging.0).await?;
     {
         let (store, manifest, path) = (store.clone(), manifest.clone(), staging.0.clone());
