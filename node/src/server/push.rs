@@ -6,7 +6,6 @@
 
 use std::collections::HashSet;
 
-use tokio::io::AsyncWriteExt;
 use tonic::{Status, Streaming};
 use troupe_consensus::metadata::{Command, Proposal};
 use troupe_consensus::{Metadata, ReadConsistency};
@@ -155,28 +154,7 @@ pub async fn receive(
         _ => {}
     }
 
-    // Removed however this ends: an error, a client that disconnects midway (the handler is
-    // dropped), or after the commit moved it (then there is nothing left to remove). The guard
-    // is made where the directory is, inside the blocking task: a client that disconnects
-    // while it runs drops the handler, and the task's output (the guard) is dropped with it.
-    let staging = {
-        let (store, digest) = (store.clone(), digest.clone());
-        tokio::task::spawn_blocking(move || store.staging_dir(&digest).map(StagingDir))
-            .await
-            .map_err(blocking_failed)?
-            .map_err(|e| Status::internal(e.to_string()))?
-    };
-    let bytes_received = receive_files(&mut stream, &header, &staging.0).await?;
-    {
-        let (store, manifest, path) = (store.clone(), manifest.clone(), staging.0.clone());
-        tokio::task::spawn_blocking(move || store.commit(&path, &manifest))
-            .await
-            .map_err(blocking_failed)?
-            .map_err(|e| {
-                Status::data_loss(format!("{e}; nothing was stored: push the files again"))
-            })?;
-    }
-    drop(staging);
+    let bytes_received = stage_and_commit(store, &manifest, &header, &mut stream).await?;
     let proposal = Proposal {
         command,
         expected_revision: None,
@@ -195,7 +173,108 @@ pub async fn receive(
     })
 }
 
-/// A push's staging directory, removed when dropped.
+/// One chunk on its way from the handler to the staging writer.
+enum Staged {
+    Chunk { file: usize, data: Vec<u8> },
+    /// Every byte arrived: verify and move into the store.
+    Complete,
+}
+
+/// Receives the files and commits them to the store; returns the bytes received.
+///
+/// Every filesystem operation on the staging directory runs in one blocking task that owns
+/// it, in order, and that task removes the directory unless it was committed. The handler
+/// only checks the chunks and passes them on. So a client that disconnects midway (the
+/// handler is dropped, and with it the channel) cannot leave a directory behind: no
+/// operation on it is still queued when it is removed, and none runs after.
+async fn stage_and_commit(
+    store: &ArtifactStore,
+    manifest: &Manifest,
+    header: &PushModelHeader,
+    stream: &mut Streaming<PushModelChunk>,
+) -> Result<u64, Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(STAGED_CHUNKS);
+    let writer = {
+        let (store, manifest) = (store.clone(), manifest.clone());
+        let paths: Vec<String> = header.files.iter().map(|f| f.path.clone()).collect();
+        tokio::task::spawn_blocking(move || write_staged(&store, &manifest, &paths, rx))
+    };
+    let received = receive_files(stream, header, &tx).await;
+    let received = match received {
+        Ok(total) if tx.send(Staged::Complete).await.is_ok() => total,
+        // The writer stopped on an I/O error, which it returns below.
+        Ok(total) => total,
+        Err(status) => {
+            drop(tx);
+            // Wait for the directory to go, so the client's error means "nothing stored".
+            let _ = writer.await;
+            return Err(status);
+        }
+    };
+    drop(tx);
+    writer.await.map_err(blocking_failed)??;
+    Ok(received)
+}
+
+/// Chunks in flight between the handler and the staging writer.
+const STAGED_CHUNKS: usize = 8;
+
+/// The staging writer: see [`stage_and_commit`].
+fn write_staged(
+    store: &ArtifactStore,
+    manifest: &Manifest,
+    paths: &[String],
+    mut chunks: tokio::sync::mpsc::Receiver<Staged>,
+) -> Result<(), Status> {
+    use std::io::Write;
+    let digest = manifest.digest();
+    let staging = StagingDir(
+        store
+            .staging_dir(&digest)
+            .map_err(|e| Status::internal(e.to_string()))?,
+    );
+    let io = |path: &std::path::Path, e: std::io::Error| {
+        Status::internal(format!("cannot write {}: {e}", path.display()))
+    };
+    let mut files: Vec<Option<std::fs::File>> = paths.iter().map(|_| None).collect();
+    let create = |relative: &str| -> Result<std::fs::File, Status> {
+        let path = staging.0.join(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+        }
+        std::fs::File::create(&path).map_err(|e| io(&path, e))
+    };
+    loop {
+        match chunks.blocking_recv() {
+            Some(Staged::Chunk { file, data }) => {
+                let handle = match &mut files[file] {
+                    Some(handle) => handle,
+                    slot => slot.insert(create(&paths[file])?),
+                };
+                handle
+                    .write_all(&data)
+                    .map_err(|e| io(&staging.0.join(&paths[file]), e))?;
+            }
+            Some(Staged::Complete) => break,
+            // The handler is gone (the client disconnected) or it refused a chunk.
+            None => return Err(Status::cancelled("the push ended before its last chunk")),
+        }
+    }
+    // Empty files get no chunks; create them so the directory is complete.
+    for (slot, path) in files.iter_mut().zip(paths) {
+        if slot.is_none() {
+            *slot = Some(create(path)?);
+        }
+    }
+    drop(files);
+    store
+        .commit(&staging.0, manifest)
+        .map_err(|e| Status::data_loss(format!("{e}; nothing was stored: push the files again")))?;
+    Ok(())
+}
+
+/// A push's staging directory, removed when dropped (after a commit it has moved, and there
+/// is nothing left to remove).
 struct StagingDir(std::path::PathBuf);
 
 impl Drop for StagingDir {
@@ -212,18 +291,15 @@ impl Drop for StagingDir {
     }
 }
 
-/// Writes the chunks into `staging`, checking order and sizes; returns the bytes received.
+/// Checks the chunks (order, sizes) and passes them to the staging writer; returns the bytes
+/// received once every file is complete.
 async fn receive_files(
     stream: &mut Streaming<PushModelChunk>,
     header: &PushModelHeader,
-    staging: &std::path::Path,
+    writer: &tokio::sync::mpsc::Sender<Staged>,
 ) -> Result<u64, Status> {
     let mut written = vec![0u64; header.files.len()];
-    let mut open: Option<(usize, tokio::fs::File)> = None;
     let mut total = 0u64;
-    let io = |path: &std::path::Path, e: std::io::Error| {
-        Status::internal(format!("cannot write {}: {e}", path.display()))
-    };
     while let Some(message) = stream.message().await? {
         let Some(Part::Chunk(chunk)) = message.part else {
             return Err(Status::invalid_argument(
@@ -250,35 +326,16 @@ async fn receive_files(
                 file.path, file.size_bytes
             )));
         }
-        if open.as_ref().map(|(i, _)| *i) != Some(index) {
-            if let Some((_, mut previous)) = open.take() {
-                previous.flush().await.map_err(|e| io(staging, e))?;
-            }
-            let path = staging.join(&file.path);
-            if let Some(parent) = path.parent() {
-                tokio::fs::create_dir_all(parent)
-                    .await
-                    .map_err(|e| io(parent, e))?;
-            }
-            let handle = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .await
-                .map_err(|e| io(&path, e))?;
-            open = Some((index, handle));
-        }
-        if let Some((_, handle)) = open.as_mut() {
-            handle
-                .write_all(&chunk.data)
-                .await
-                .map_err(|e| io(staging, e))?;
-        }
         written[index] = end;
         total += chunk.data.len() as u64;
-    }
-    if let Some((_, mut last)) = open.take() {
-        last.flush().await.map_err(|e| io(staging, e))?;
+        let staged = Staged::Chunk {
+            file: index,
+            data: chunk.data,
+        };
+        if writer.send(staged).await.is_err() {
+            // The writer stopped on an I/O error; the caller returns it.
+            return Ok(total);
+        }
     }
     for (file, got) in header.files.iter().zip(&written) {
         if *got != file.size_bytes {
@@ -286,18 +343,6 @@ async fn receive_files(
                 "the push ended after {got} of {} bytes of {:?}: nothing was stored, push again",
                 file.size_bytes, file.path
             )));
-        }
-        // Empty files get no chunks; create them so the directory is complete.
-        if file.size_bytes == 0 {
-            let path = staging.join(&file.path);
-            if let Some(parent) = path.parent() {
-                tokio::fs::create_dir_all(parent)
-                    .await
-                    .map_err(|e| io(parent, e))?;
-            }
-            tokio::fs::write(&path, b"")
-                .await
-                .map_err(|e| io(&path, e))?;
         }
     }
     Ok(total)
