@@ -175,7 +175,10 @@ pub async fn receive(
 
 /// One chunk on its way from the handler to the staging writer.
 enum Staged {
-    Chunk { file: usize, data: Vec<u8> },
+    Chunk {
+        file: usize,
+        data: Vec<u8>,
+    },
     /// Every byte arrived: verify and move into the store.
     Complete,
 }
