@@ -1,26 +1,63 @@
 #!/usr/bin/env bash
 # faults.sh -- the fault tier, kept out of scripts/test.sh: Jepsen-style runs of troupe-jepsen
-# against a local 3-node cluster of real `troupe node` processes (each in its own network
-# namespace when run as root, so that partitions are possible), with kill -9, SIGSTOP and
-# partitions (isolate, minority, bridge) on a schedule drawn from a seed.
+# with kill -9, pauses and partitions on a schedule drawn from a seed.
 #
-#   scripts/faults.sh [SECONDS] [SEED]     # default 600 s, a seed from the clock
+#   scripts/faults.sh [SECONDS] [SEED]            # local: 3 `troupe node` processes
+#   scripts/faults.sh --compose [SECONDS] [SEED]  # compose: the docker-compose cluster
 #
+# Default 600 s and a seed from the clock.
+# - local: each node in its own network namespace when run as root, so that partitions are
+#   possible; SIGKILL, SIGSTOP and iptables cuts.
+# - compose: a project of its own (troupe-faults, ports 27700-27722, network 10.177.2.0/24,
+#   image troupe:faults) made by scripts/compose-up.sh (static build, model pushed and
+#   active), hurt with docker kill, docker pause and docker network disconnect; removed at the
+#   end (TROUPE_COMPOSE_KEEP=1 keeps it after a failure).
 # Prints the seed and the schedule first, then the fault table and the checks
 # (linearizability per key, acknowledged writes in every node's watch stream, identical
-# watch streams, no value applied twice). A failing run keeps its data and logs and names the
-# seed that reproduces its schedule. Env: CARGO_TARGET_DIR, FAULTS (default all),
-# OUT (JSON report, default target/faults/local.json).
+# watch streams, no value applied twice). A failing run names the seed that reproduces its
+# schedule. Env: CARGO_TARGET_DIR, FAULTS (default all), OUT (JSON report, default
+# target/faults/<tier>.json).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+tier=local
+if [[ ${1:-} == --compose ]]; then tier=compose; shift; fi
 SECS=${1:-600}
 SEED=${2:-}
 cargo build --release -p troupe -p troupe-cluster-tests >&2
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-OUT=${OUT:-$TARGET/faults/local.json}
+OUT=${OUT:-$TARGET/faults/$tier.json}
 mkdir -p "$(dirname "$OUT")"
-args=(--cluster local --bin "$TARGET/release/troupe" --time "$SECS" --json-out "$OUT")
+args=(--cluster "$tier" --time "$SECS" --json-out "$OUT")
 [[ -n $SEED ]] && args+=(--seed "$SEED")
 [[ -n ${FAULTS:-} ]] && args+=(--faults "$FAULTS")
-exec "$TARGET/release/troupe-jepsen" "${args[@]}"
+
+if [[ $tier == local ]]; then
+  exec "$TARGET/release/troupe-jepsen" --bin "$TARGET/release/troupe" "${args[@]}"
+fi
+
+export TROUPE_COMPOSE_PROJECT=troupe-faults TROUPE_IMAGE=troupe:faults TROUPE_COMPOSE_NET=10.177.2
+export TROUPE_COMPOSE_API1=27700 TROUPE_COMPOSE_API2=27710 TROUPE_COMPOSE_API3=27720
+export TROUPE_COMPOSE_METRICS1=27702 TROUPE_COMPOSE_METRICS2=27712 TROUPE_COMPOSE_METRICS3=27722
+if docker compose version >/dev/null 2>&1; then compose=(docker compose); else compose=(docker-compose); fi
+dc() { "${compose[@]}" -p "$TROUPE_COMPOSE_PROJECT" -f "$ROOT/docker-compose.yml" "$@"; }
+cleanup() {
+  local rc=$?
+  if ((rc != 0)) && [[ ${TROUPE_COMPOSE_KEEP:-0} == 1 ]]; then
+    echo "TROUPE_COMPOSE_KEEP=1: project $TROUPE_COMPOSE_PROJECT left up" >&2
+    exit "$rc"
+  fi
+  dc down -v --remove-orphans >/dev/null 2>&1 || true
+  docker image rm "$TROUPE_IMAGE" >/dev/null 2>&1 || true
+  exit "$rc"
+}
+trap cleanup EXIT
+dc down -v --remove-orphans >/dev/null 2>&1 || true
+bash scripts/compose-up.sh >&2
+if [[ -n ${TROUPE_STATIC_TARGET_DIR:-} ]]; then static_target=$TROUPE_STATIC_TARGET_DIR
+elif [[ -n ${CARGO_TARGET_DIR:-} ]]; then static_target=$(dirname "$CARGO_TARGET_DIR")/static-target
+else static_target=$ROOT/target/static; fi
+# shellcheck disable=SC1090
+source "$static_target/compose-certs/$TROUPE_COMPOSE_PROJECT/env"
+"$TARGET/release/troupe-jepsen" "${args[@]}" --project "$TROUPE_COMPOSE_PROJECT" \
+  --addrs "127.0.0.1:$TROUPE_COMPOSE_API1,127.0.0.1:$TROUPE_COMPOSE_API2,127.0.0.1:$TROUPE_COMPOSE_API3"

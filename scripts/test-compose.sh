@@ -3,6 +3,8 @@
 #   compose-up (static build, image, 3 nodes, init, push, activate, first Embed);
 #   an Embed through each node's published port (384 numbers);
 #   `restart node2`, wait until it is healthy and serving again, Embed through it;
+#   with TROUPE_JEPSEN_BIN: a 30 s troupe-jepsen run on the containers (docker kill, pause,
+#   network disconnect; Embed traffic), then every node serving again;
 #   the members are service names (node1:7701...), every node sees the others up, and a
 #   CLI inside a container reaches node1:7700 by name;
 #   `down` (volumes kept), `up` in an order that gives the nodes other IPs: the cluster
@@ -194,6 +196,20 @@ wait_for "node2 healthy after its restart" healthy 2
 wait_for "node2 serving after its restart" serving 2
 embed_384 2 || fail "Embed through node2 after its restart"
 say "node2 is back: healthy, serving, Embed answers through it"
+
+# The fault tier on the containers: docker kill, docker pause and docker network disconnect
+# on a seeded schedule, register clients checked for linearizability and lost writes, and
+# Embed traffic beside them. scripts/test.sh passes the runner; scripts/faults.sh --compose
+# runs long ones.
+if [[ -n ${TROUPE_JEPSEN_BIN:-} ]]; then
+  secs=${TROUPE_COMPOSE_JEPSEN_SECS:-30}
+  say "fault tier: troupe-jepsen --cluster compose for ${secs}s, with Embed traffic"
+  "$TROUPE_JEPSEN_BIN" --cluster compose --project "$TROUPE_COMPOSE_PROJECT" \
+    --addrs "$(api 1),$(api 2),$(api 3)" --time "$secs" --embed-model "$model" ||
+    fail "troupe-jepsen on the compose cluster (its seed and schedule are printed above)"
+  for n in 1 2 3; do wait_for "node$n serving after the faults" serving "$n"; done
+  check_embeds
+fi
 
 say "down (volumes kept), then up in the reverse order of the IPs, so the nodes' IPs change"
 declare -A ip_before

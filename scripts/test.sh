@@ -64,8 +64,10 @@ cargo test -p troupe --features otel --test otel
 
 step "compose cluster (docker)"
 # Static release build (cold: about 10 min on 2 cores, its own target dir), image, 3 nodes,
-# restart, down/up resume. Prints SKIPPED and passes when no Docker engine is reachable.
-TROUPE_MODEL_DIR="$model_dir" bash scripts/test-compose.sh
+# restart, a 30 s troupe-jepsen run on the containers (docker kill, pause, network
+# disconnect, Embed traffic), down/up resume. Prints SKIPPED and passes when no Docker engine
+# is reachable.
+TROUPE_MODEL_DIR="$model_dir" TROUPE_JEPSEN_BIN="$target_dir/debug/troupe-jepsen" bash scripts/test-compose.sh
 
 step "cargo check --features cuda"
 cargo check -p troupe --features cuda

@@ -11,7 +11,10 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 use troupe_proto::v1::admin_client::AdminClient;
-use troupe_proto::v1::{GetSettingRequest, NodeStatusRequest, ReadRequest, SetSettingRequest};
+use troupe_proto::v1::inference_client::InferenceClient;
+use troupe_proto::v1::{
+    EmbedRequest, GetSettingRequest, NodeStatusRequest, ReadRequest, SetSettingRequest,
+};
 
 /// The trailer a node sets on a failed write: `not-applied` (it certainly did not apply) or
 /// `unknown` (it may have).
@@ -53,6 +56,7 @@ pub struct NodeView {
 pub struct NodeClient {
     pub addr: String,
     admin: AdminClient<Channel>,
+    inference: InferenceClient<Channel>,
     timeout: Duration,
 }
 
@@ -70,7 +74,8 @@ impl NodeClient {
         let channel = troupe_transport::connect_client_lazy(endpoint, tls);
         Ok(Self {
             addr: addr.to_owned(),
-            admin: AdminClient::new(channel),
+            admin: AdminClient::new(channel.clone()),
+            inference: InferenceClient::new(channel),
             timeout,
         })
     }
@@ -146,6 +151,29 @@ impl NodeClient {
             leader: status.leader,
             applied_revision: status.applied_revision,
         })
+    }
+
+    /// One Embed of `text` by the active version of `model`; the node that served it.
+    pub async fn embed(&self, model: &str, text: &str) -> Result<u64, String> {
+        let request = self.request(EmbedRequest {
+            model: model.to_owned(),
+            texts: vec![text.to_owned()],
+            ..EmbedRequest::default()
+        });
+        let reply = self
+            .inference
+            .clone()
+            .embed(request)
+            .await
+            .map_err(|s| describe(&s))?
+            .into_inner();
+        match reply.embeddings.as_slice() {
+            [one] if !one.values.is_empty() => Ok(reply.served_by),
+            _ => Err(format!(
+                "an Embed of one text answered {} embeddings",
+                reply.embeddings.len()
+            )),
+        }
     }
 
     pub fn admin(&self) -> AdminClient<Channel> {

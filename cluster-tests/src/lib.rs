@@ -4,14 +4,19 @@
 //!   compare-and-set) recorded by clients of a cluster under faults.
 //! - [`client`]: the register client over the Admin API, and how its answers are sorted into
 //!   definite and unknown outcomes.
+//! - [`cluster`]: what the runner needs of a cluster, whatever runs it.
 //! - [`local`]: a cluster of real `troupe node` processes, each in a network namespace of its
 //!   own (when run as root), that can be killed, paused and partitioned.
+//! - [`compose`]: the containers of a docker-compose project, hurt with `docker kill`,
+//!   `docker pause` and `docker network disconnect`.
 //! - [`runner`]: one run: the workload, a nemesis on a seeded schedule, and the checks.
 //! - [`wait`]: waiting on a condition with a deadline, never a fixed sleep.
 //!
 //! `troupe-jepsen` (src/main.rs) is the command line over these.
 
 pub mod client;
+pub mod cluster;
+pub mod compose;
 pub mod history;
 pub mod local;
 pub mod runner;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::client::NodeClient;
+use crate::cluster::Cluster;
 use troupe_proto::v1::{ClusterInitRequest, Member};
 
 const API_PORT: u16 = 7001;
@@ -295,33 +296,55 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
-    }
-
-    pub fn partitions(&self) -> bool {
-        self.network.is_some()
+    /// Pushes the model directory `model_dir` to node 1 as `name` and activates it, waiting
+    /// until every node serves it (`troupe models push`, `troupe models activate --wait`).
+    pub fn serve_model(&self, model_dir: &Path, name: &str) -> Result<(), String> {
+        let certs = self.dir.join("certs");
+        let cli = |args: &[&str]| {
+            let mut command = Command::new(&self.bin);
+            command
+                .args(args)
+                .args(["--addr", &self.nodes[0].api, "--json"])
+                .env("TROUPE_CA", certs.join("ca.crt"))
+                .env("TROUPE_CERT", certs.join("client-admin.crt"))
+                .env("TROUPE_KEY", certs.join("client-admin.key"));
+            let shown = format!("troupe {}", args.join(" "));
+            let out = command
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run {shown}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "{shown} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let dir = model_dir.to_string_lossy();
+        let pushed = cli(&["models", "push", &dir, "--name", name, "--quiet"])?;
+        let version = serde_json::from_str::<serde_json::Value>(pushed.trim())
+            .ok()
+            .and_then(|v| v["version"].as_str().map(str::to_owned))
+            .ok_or_else(|| format!("troupe models push printed no version: {pushed}"))?;
+        cli(&[
+            "models",
+            "activate",
+            name,
+            &version,
+            "--wait",
+            "--wait-timeout",
+            "300",
+        ])
+        .map(drop)
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Keep the run directory (logs, data) after the cluster is dropped.
-    pub fn keep(&mut self) {
-        self.keep_dir = true;
-    }
-
     pub fn api_addr(&self, node: usize) -> &str {
         &self.nodes[node].api
-    }
-
-    pub fn client(&self, node: usize, timeout: Duration) -> Result<NodeClient, String> {
-        NodeClient::new(&self.nodes[node].api, Some(self.tls.clone()), timeout)
     }
 
     fn spawn(&mut self, i: usize) -> Result<(), String> {
@@ -374,9 +397,27 @@ impl LocalCluster {
         }
         Ok(())
     }
+}
+
+impl Cluster for LocalCluster {
+    fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    fn partitions(&self) -> bool {
+        self.network.is_some()
+    }
+
+    fn client(&self, node: usize, timeout: Duration) -> Result<NodeClient, String> {
+        NodeClient::new(&self.nodes[node].api, Some(self.tls.clone()), timeout)
+    }
+
+    fn is_up(&self, node: usize) -> bool {
+        self.nodes[node].child.is_some() && !self.nodes[node].paused
+    }
 
     /// kill -9 (the node's process, so `ip netns exec` has exec'd into it).
-    pub fn kill(&mut self, i: usize) -> Result<(), String> {
+    fn kill(&mut self, i: usize) -> Result<(), String> {
         if self.nodes[i].paused {
             self.resume(i)?;
         }
@@ -387,27 +428,29 @@ impl LocalCluster {
         Ok(())
     }
 
-    pub fn restart(&mut self, i: usize) -> Result<(), String> {
+    fn restart(&mut self, i: usize) -> Result<(), String> {
         if self.nodes[i].child.is_some() {
             return Ok(());
         }
         self.spawn(i)
     }
 
-    pub fn pause(&mut self, i: usize) -> Result<(), String> {
+    fn pause(&mut self, i: usize) -> Result<(), String> {
         self.signal(i, libc::SIGSTOP)?;
         self.nodes[i].paused = true;
         Ok(())
     }
 
-    pub fn resume(&mut self, i: usize) -> Result<(), String> {
+    fn resume(&mut self, i: usize) -> Result<(), String> {
+        if !self.nodes[i].paused {
+            return Ok(());
+        }
         self.signal(i, libc::SIGCONT)?;
         self.nodes[i].paused = false;
         Ok(())
     }
 
-    /// Cuts the links between every node of `a` and every node of `b`.
-    pub fn partition(&self, pairs: &[(usize, usize)]) -> Result<(), String> {
+    fn partition(&mut self, pairs: &[(usize, usize)]) -> Result<(), String> {
         match &self.network {
             Some(net) => net.cut(pairs),
             None => {
@@ -416,73 +459,16 @@ impl LocalCluster {
         }
     }
 
-    pub fn heal_network(&self) -> Result<(), String> {
+    fn heal_network(&mut self) -> Result<(), String> {
         match &self.network {
             Some(net) => net.heal(),
             None => Ok(()),
         }
     }
 
-    /// Heals everything: resumes paused nodes, restarts killed ones, reconnects the network.
-    pub fn heal_all(&mut self) -> Result<(), String> {
-        self.heal_network()?;
-        for i in 0..self.nodes.len() {
-            if self.nodes[i].paused {
-                self.resume(i)?;
-            }
-            self.restart(i)?;
-        }
-        Ok(())
-    }
-
-    /// Waits until every node answers, names the same leader, and has applied the same
-    /// revision.
-    pub async fn wait_converged(&self, timeout: Duration) -> Result<u64, String> {
-        let clients: Vec<NodeClient> = (0..self.nodes.len())
-            .map(|i| self.client(i, Duration::from_secs(1)))
-            .collect::<Result<_, _>>()?;
-        let last = std::sync::Mutex::new(String::new());
-        crate::wait::until("the cluster to converge", timeout, || async {
-            let mut views = Vec::new();
-            for client in &clients {
-                match client.status().await {
-                    Ok(view) => views.push(view),
-                    Err(e) => {
-                        *last.lock().unwrap() = format!("{}: {e}", client.addr);
-                        return None;
-                    }
-                }
-            }
-            let (leader, revision) = (views[0].leader, views[0].applied_revision);
-            let converged = leader.is_some()
-                && views
-                    .iter()
-                    .all(|v| v.leader == leader && v.applied_revision == revision);
-            if !converged {
-                *last.lock().unwrap() = format!("{views:?}");
-            }
-            converged.then_some(revision)
-        })
-        .await
-        .map_err(|e| format!("{e}: {}", last.lock().unwrap()))
-    }
-
-    /// The node that every answering node names as leader, as a 0-based index.
-    pub async fn leader(&self) -> Option<usize> {
-        for i in 0..self.nodes.len() {
-            if self.nodes[i].paused || self.nodes[i].child.is_none() {
-                continue;
-            }
-            let Ok(client) = self.client(i, Duration::from_millis(500)) else {
-                continue;
-            };
-            if let Ok(view) = client.status().await {
-                if let Some(leader) = view.leader {
-                    return Some(leader as usize - 1);
-                }
-            }
-        }
-        None
+    /// Keep the run directory (logs, data) after the cluster is dropped.
+    fn keep(&mut self) {
+        self.keep_dir = true;
     }
 }
 

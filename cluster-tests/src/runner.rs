@@ -18,8 +18,8 @@ use tokio::sync::watch;
 use troupe_proto::v1::WatchRequest;
 
 use crate::client::{Answer, NodeClient};
+use crate::cluster::Cluster;
 use crate::history::{self, Event, Op};
-use crate::local::LocalCluster;
 
 /// A fault the nemesis can inject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -153,6 +153,38 @@ pub struct RunConfig {
     pub faults: Vec<FaultKind>,
     /// Each request's deadline.
     pub op_timeout: Duration,
+    /// Embed traffic beside the register clients, when the cluster serves a model.
+    pub embed: Option<EmbedLoad>,
+}
+
+/// Embed traffic: `clients` loops, each sending one-text Embeds to the nodes in turn (as a
+/// round-robin balancer without health checks would), so the nodes' routers must serve
+/// requests whose chosen worker node is the faulty one.
+#[derive(Debug, Clone)]
+pub struct EmbedLoad {
+    pub model: String,
+    pub clients: usize,
+}
+
+/// One Embed as recorded: the node it entered, when it completed (µs since the start), and
+/// whether it succeeded.
+#[derive(Debug, Clone, Copy)]
+struct EmbedRecord {
+    node: usize,
+    completed: u64,
+    ok: bool,
+}
+
+/// What the Embed traffic saw.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct EmbedReport {
+    pub requests: usize,
+    pub ok: usize,
+    /// Successful Embeds per second in quiet time (no fault, and at least 2 s after a heal):
+    /// the median of 500 ms windows.
+    pub baseline_per_s: f64,
+    /// The first errors seen, for a look.
+    pub sample_errors: Vec<String>,
 }
 
 /// Why a node's watch stream could not be followed (it is then not compared).
@@ -182,6 +214,13 @@ pub struct FaultEvent {
     /// The longest time without an acknowledged write, from the fault until 1 s after the
     /// heal, ms.
     pub max_gap_ms: u64,
+    /// Embed traffic during the fault: the fraction that succeeded of the requests sent to
+    /// the healthy nodes (their routers must route around the faulty one), and of all.
+    pub embed_ok_healthy: Option<f64>,
+    pub embed_ok_all: Option<f64>,
+    /// From the heal until Embed throughput is back to 80% of the baseline (the start of the
+    /// first 500 ms window that reaches it), ms.
+    pub embed_recovery_ms: Option<u64>,
 }
 
 /// Everything a run found.
@@ -207,6 +246,7 @@ pub struct Report {
     pub final_revision: u64,
     /// Things that stopped the run from checking what it meant to.
     pub errors: Vec<String>,
+    pub embed: Option<EmbedReport>,
 }
 
 impl Report {
@@ -257,8 +297,8 @@ fn now_ms(start: Instant) -> u64 {
 }
 
 /// Runs the workload and the schedule against `cluster`, then checks the histories.
-pub async fn run(cluster: &mut LocalCluster, config: &RunConfig, log: impl Fn(&str)) -> Report {
-    let nodes = cluster.len();
+pub async fn run(cluster: &mut impl Cluster, config: &RunConfig, log: impl Fn(&str)) -> Report {
+    let nodes = cluster.node_count();
     let faults: Vec<FaultKind> = config
         .faults
         .iter()
@@ -411,6 +451,51 @@ pub async fn run(cluster: &mut LocalCluster, config: &RunConfig, log: impl Fn(&s
         }));
     }
 
+    // Embed traffic.
+    let embeds: Arc<Mutex<Vec<EmbedRecord>>> = Arc::default();
+    let embed_errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    if let Some(load) = &config.embed {
+        for e in 0..load.clients {
+            let clients: Vec<NodeClient> = match (0..nodes)
+                .map(|i| cluster.client(i, config.op_timeout))
+                .collect()
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    report.errors.push(e);
+                    return report;
+                }
+            };
+            let (embeds, errors, model) =
+                (embeds.clone(), embed_errors.clone(), load.model.clone());
+            let mut stop = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut seq = 0usize;
+                while !*stop.borrow_and_update() {
+                    let node = (e + seq) % clients.len();
+                    seq += 1;
+                    let text = format!("troupe-jepsen embed {e} {seq}: the quick brown fox");
+                    let result = clients[node].embed(&model, &text).await;
+                    if let Err(error) = &result {
+                        {
+                            let mut errors = errors.lock().unwrap();
+                            if errors.len() < 10 {
+                                errors.push(format!("node {}: {error}", node + 1));
+                            }
+                        }
+                        // A refusal comes back at once; do not spin on it.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    embeds.lock().unwrap().push(EmbedRecord {
+                        node,
+                        completed: now_ms(start),
+                        ok: result.is_ok(),
+                    });
+                }
+            }));
+        }
+    }
+
     // The nemesis.
     for step in report.schedule.clone() {
         tokio::time::sleep(Duration::from_millis(step.quiet_ms)).await;
@@ -484,6 +569,9 @@ pub async fn run(cluster: &mut LocalCluster, config: &RunConfig, log: impl Fn(&s
             began_ms,
             healed_ms,
             max_gap_ms: 0,
+            embed_ok_healthy: None,
+            embed_ok_all: None,
+            embed_recovery_ms: None,
         });
     }
     let remaining = config.duration.saturating_sub(start.elapsed());
@@ -565,8 +653,75 @@ pub async fn run(cluster: &mut LocalCluster, config: &RunConfig, log: impl Fn(&s
             (fault.healed_ms + 1000) * 1000,
         ) / 1000;
     }
+    if config.embed.is_some() {
+        let embeds = std::mem::take(&mut *embeds.lock().unwrap());
+        let errors = std::mem::take(&mut *embed_errors.lock().unwrap());
+        report.embed = Some(embed_report(&mut report.faults, &embeds, errors));
+    }
     check(&mut report, &records, &keys, &streams);
     report
+}
+
+/// Successful Embeds per second in `from..to` (µs).
+fn embed_rate(embeds: &[EmbedRecord], from: u64, to: u64) -> f64 {
+    let ok = embeds
+        .iter()
+        .filter(|r| r.ok && r.completed >= from && r.completed < to)
+        .count();
+    ok as f64 / ((to - from) as f64 / 1e6)
+}
+
+/// The Embed figures of the run and of each fault; see [`EmbedReport`] and [`FaultEvent`].
+fn embed_report(
+    faults: &mut [FaultEvent],
+    embeds: &[EmbedRecord],
+    sample_errors: Vec<String>,
+) -> EmbedReport {
+    const WINDOW: u64 = 500_000;
+    const SETTLE: u64 = 2_000_000;
+    let end = embeds.iter().map(|r| r.completed).max().unwrap_or(0);
+    // Quiet windows: no fault, and at least SETTLE after the last heal.
+    let quiet = |from: u64, to: u64| {
+        faults.iter().all(|f| {
+            let (began, healed) = (f.began_ms * 1000, f.healed_ms * 1000 + SETTLE);
+            to <= began || from >= healed
+        })
+    };
+    let mut rates: Vec<f64> = (0..end / WINDOW)
+        .map(|w| (w * WINDOW, (w + 1) * WINDOW))
+        .filter(|&(from, to)| from >= SETTLE && quiet(from, to))
+        .map(|(from, to)| embed_rate(embeds, from, to))
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    let baseline = rates.get(rates.len() / 2).copied().unwrap_or(0.0);
+    for fault in faults.iter_mut() {
+        let (began, healed) = (fault.began_ms * 1000, fault.healed_ms * 1000);
+        let during: Vec<&EmbedRecord> = embeds
+            .iter()
+            .filter(|r| r.completed >= began && r.completed < healed)
+            .collect();
+        let fraction = |records: &[&&EmbedRecord]| {
+            (!records.is_empty())
+                .then(|| records.iter().filter(|r| r.ok).count() as f64 / records.len() as f64)
+        };
+        let healthy: Vec<&&EmbedRecord> =
+            during.iter().filter(|r| r.node + 1 != fault.node).collect();
+        fault.embed_ok_healthy = fraction(&healthy);
+        fault.embed_ok_all = fraction(&during.iter().collect::<Vec<_>>());
+        if baseline > 0.0 {
+            fault.embed_recovery_ms = (0..)
+                .map(|step| healed + step * 100_000)
+                .take_while(|from| from + WINDOW <= end)
+                .find(|&from| embed_rate(embeds, from, from + WINDOW) >= 0.8 * baseline)
+                .map(|from| (from - healed) / 1000);
+        }
+    }
+    EmbedReport {
+        requests: embeds.len(),
+        ok: embeds.iter().filter(|r| r.ok).count(),
+        baseline_per_s: baseline,
+        sample_errors,
+    }
 }
 
 /// The longest interval in `from..to` (µs) with no acknowledgement in `acks` (sorted).

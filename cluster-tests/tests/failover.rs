@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use troupe_cluster_tests::client::Answer;
+use troupe_cluster_tests::cluster::Cluster;
 use troupe_cluster_tests::local::LocalCluster;
 
 /// `target/<profile>/troupe`, beside `target/<profile>/deps/<this test>`.

@@ -18,10 +18,11 @@ use troupe_transport::{Lane, Membership, PeerTransport};
 use crate::error::MetadataError;
 use crate::metadata::{MetadataState, Outcome, Proposal};
 use crate::network::client::PeerNetworkFactory;
-use crate::network::server::{ForwardedReadIndex, ForwardedWrite, RaftPeerService};
+use crate::network::server::{ForwardedReadIndex, ForwardedWrite, LeaderSilence, RaftPeerService};
 use crate::network::{decode, encode};
 use crate::proposer::{Proposer, WriteFailure};
 use crate::removal::Removal;
+use crate::runtime::RaftRuntime;
 use crate::store::{self, Applied};
 use crate::types::{NodeAddr, NodeId, TypeConfig};
 use crate::watch::{ResyncingWatch, Watch, WatchError};
@@ -142,6 +143,9 @@ pub struct RaftStatus {
     pub committed_index: Option<u64>,
     /// Times this node has seen the leader change (a new leader, or none) since it started.
     pub leader_changes: u64,
+    /// The longest time this node went without an AppendEntries from its leader within one
+    /// term, since it started, ms. Near the election timeout, heartbeats are being delayed.
+    pub longest_leader_silence_ms: u64,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     pub nodes: BTreeMap<NodeId, NodeAddr>,
@@ -156,6 +160,8 @@ pub struct RaftStatus {
 pub struct Metadata {
     config: MetadataConfig,
     raft: Raft<TypeConfig>,
+    /// Where Raft's tasks run; the peer port's server runs here too.
+    runtime: Arc<RaftRuntime>,
     applied: Arc<RwLock<Applied>>,
     revisions: watch::Receiver<u64>,
     applied_indexes: watch::Receiver<u64>,
@@ -167,6 +173,7 @@ pub struct Metadata {
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
     transport: Arc<PeerTransport>,
     removal: Arc<Removal>,
+    silence: Arc<LeaderSilence>,
     write_ids: WriteIds,
 }
 
@@ -244,26 +251,33 @@ impl Metadata {
             transport: transport.clone(),
             removal: removal.clone(),
         };
-        let raft = Raft::new(
-            config.node_id,
-            raft_config,
-            network,
-            log_store,
-            state_machine,
-        )
-        .await
-        .map_err(|e| MetadataError::Raft(e.to_string()))?;
-        let proposer = Proposer::start(raft.clone());
+        // Raft's tasks (the core, replication, the proposer) are spawned on its own runtime:
+        // see [`crate::runtime`].
+        let runtime = Arc::new(RaftRuntime::start(config.node_id)?);
         let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        tokio::spawn(count_leader_changes(
-            raft.metrics(),
+        let (node_id, changes, removed) = (
+            config.node_id,
             Arc::downgrade(&leader_changes),
-        ));
-        tokio::spawn(removal.clone().run(raft.clone()));
+            removal.clone(),
+        );
+        let (raft, proposer) = runtime
+            .handle()
+            .spawn(async move {
+                let raft = Raft::new(node_id, raft_config, network, log_store, state_machine)
+                    .await
+                    .map_err(|e| MetadataError::Raft(e.to_string()))?;
+                let proposer = Proposer::start(raft.clone());
+                tokio::spawn(count_leader_changes(raft.metrics(), changes));
+                tokio::spawn(removed.run(raft.clone()));
+                Ok::<_, MetadataError>((raft, proposer))
+            })
+            .await
+            .map_err(|e| MetadataError::Raft(format!("starting Raft failed: {e}")))??;
         let write_ids = WriteIds::new(config.node_id);
         Ok(Self {
             config,
             raft,
+            runtime,
             applied,
             revisions,
             applied_indexes,
@@ -275,11 +289,18 @@ impl Metadata {
             write_ids,
             transport,
             removal,
+            silence: Arc::default(),
         })
     }
 
     pub fn node_id(&self) -> NodeId {
         self.config.node_id
+    }
+
+    /// The runtime Raft runs on. Serve the peer port here (enter it before making the port's
+    /// listener and connections), so that heartbeats are not queued behind client work.
+    pub fn raft_runtime(&self) -> &tokio::runtime::Handle {
+        self.runtime.handle()
     }
 
     /// The `troupe.v1.RaftPeer` service for the peer port.
@@ -289,6 +310,7 @@ impl Metadata {
             self.proposer.clone(),
             self.transport.refusals().clone(),
             self.removal.clone(),
+            self.silence.clone(),
         ))
         .max_decoding_message_size(crate::network::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::network::MAX_MESSAGE_BYTES)
@@ -836,6 +858,7 @@ impl Metadata {
             leader_changes: self
                 .leader_changes
                 .load(std::sync::atomic::Ordering::Relaxed),
+            longest_leader_silence_ms: self.silence.longest().as_millis() as u64,
             voters,
             learners,
             nodes,

@@ -6,6 +6,7 @@
 //! - [`store`]: the sled-backed log store and state machine behind openraft's traits.
 //! - [`network`]: Raft RPCs over tonic on the peer port, client and server.
 //! - [`proposer`]: group commit: concurrent writes share one log entry.
+//! - [`runtime`]: the threads a node's Raft runs on, apart from the serving runtime.
 //! - [`facade`]: [`Metadata`], the only entry point other crates use.
 //! - [`watch`]: ordered change streams with automatic resync after compaction.
 
@@ -19,6 +20,7 @@ pub mod metadata;
 pub mod network;
 pub mod proposer;
 pub mod removal;
+pub mod runtime;
 pub mod store;
 pub mod tasks;
 pub mod types;

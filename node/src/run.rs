@@ -220,6 +220,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     ));
     let peer_grpc = PeerServer::new(PeerService {
         inference: inference_core.clone(),
+        serving: tokio::runtime::Handle::current(),
         heartbeats: HeartbeatResponder::new(
             config.id,
             metadata.clone(),
@@ -230,17 +231,30 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     .max_decoding_message_size(config.limits.max_message_bytes);
     // Every peer RPC passes the gate: only member nodes, proven by certificate.
     let peer_gate = InterceptorLayer::new(transport.peer_gate(metadata.membership()));
+    // The peer port is served on Raft's runtime (see troupe_consensus::runtime): its accept
+    // loop, handshakes and connections are made there, the listener moved to its reactor.
+    let raft_runtime = metadata.raft_runtime().clone();
+    let entered = raft_runtime.enter();
+    let peer_listener = peer_listener
+        .into_std()
+        .and_then(TcpListener::from_std)
+        .map_err(|source| NodeError::Bind {
+            what: "peer",
+            addr: peer_addr.to_string(),
+            source,
+        })?;
     let peer_incoming = transport.incoming(
         peer_listener,
         "peer",
         config.conn_limits(),
         node_metrics.peer_conns.clone(),
     );
+    drop(entered);
     let (keepalive, keepalive_timeout) = (
         Duration::from_secs(config.limits.keepalive_interval_s),
         Duration::from_secs(config.limits.keepalive_timeout_s),
     );
-    let peer_task = tokio::spawn(async move {
+    let peer_task = raft_runtime.spawn(async move {
         Server::builder()
             // Pings find a dead peer whose connection would otherwise look idle but open.
             .http2_keepalive_interval(Some(keepalive))

@@ -31,6 +31,36 @@ pub struct RaftPeerService {
     proposer: Proposer,
     refusals: Arc<Refusals>,
     removal: Arc<Removal>,
+    silence: Arc<LeaderSilence>,
+}
+
+/// The longest time this node, as a follower, went without an AppendEntries from its leader
+/// within one term. Past the election timeout a follower stands for election; a figure near it
+/// on a healthy cluster means heartbeats are being delayed (a starved runtime, a slow disk).
+#[derive(Debug, Default)]
+pub struct LeaderSilence {
+    last: std::sync::Mutex<Option<(u64, std::time::Instant)>>,
+    longest_us: std::sync::atomic::AtomicU64,
+}
+
+impl LeaderSilence {
+    /// An AppendEntries of `term` arrived.
+    fn heard(&self, term: u64) {
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((last_term, at)) = *last {
+            if last_term == term {
+                let gap = now.duration_since(at).as_micros() as u64;
+                self.longest_us
+                    .fetch_max(gap, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        *last = Some((term, now));
+    }
+
+    pub fn longest(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.longest_us.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 impl RaftPeerService {
@@ -39,12 +69,14 @@ impl RaftPeerService {
         proposer: Proposer,
         refusals: Arc<Refusals>,
         removal: Arc<Removal>,
+        silence: Arc<LeaderSilence>,
     ) -> Self {
         Self {
             raft,
             proposer,
             refusals,
             removal,
+            silence,
         }
     }
 
@@ -100,6 +132,7 @@ impl RaftPeer for RaftPeerService {
         let rpc = decode(request.get_ref()).map_err(|e| invalid("append_entries", e))?;
         guard::append_entries(&rpc, VerifiedPeer::of(&request), self.own_term())
             .map_err(|refused| self.refuse(&request, refused))?;
+        self.silence.heard(rpc.vote.leader_id().term);
         let result = self.raft.append_entries(rpc).await;
         if result.as_ref().is_ok_and(|response| response.is_success()) {
             // A leader replicates only to members: whatever refusals said, this node is one.

@@ -93,7 +93,15 @@ pub struct ActivateArgs {
     /// Wait until the rollout completes (exit 0) or fails (exit 1, naming the reason).
     #[arg(long)]
     pub wait: bool,
+    /// With --wait: give up waiting after this many seconds (exit 1, naming the nodes not
+    /// ready yet). The rollout itself goes on.
+    #[arg(long, default_value_t = DEFAULT_WAIT_TIMEOUT_S, value_name = "SECONDS")]
+    pub wait_timeout: u64,
 }
+
+/// How long `models activate --wait` waits by default: loading a large model on a slow disk
+/// takes minutes, not hours.
+pub const DEFAULT_WAIT_TIMEOUT_S: u64 = 600;
 
 #[derive(Serialize)]
 struct ModelView {
@@ -216,8 +224,19 @@ pub(super) async fn activate(args: ActivateArgs) -> Result<(), CliError> {
     }
     let mut client = admin(&addr).await?;
     let mut poll = tokio::time::interval(std::time::Duration::from_millis(100));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(args.wait_timeout);
+    let mut waiting_on = String::new();
     loop {
         poll.tick().await;
+        if tokio::time::Instant::now() >= deadline {
+            return Err(CliError::Rpc {
+                code: tonic::Code::DeadlineExceeded,
+                message: format!(
+                    "the rollout of {name}@{version} has not completed after {} s ({waiting_on}); it goes on: follow it with `troupe models list`, or wait longer with --wait-timeout",
+                    args.wait_timeout
+                ),
+            });
+        }
         let reply = client
             .list_models(ReadRequest {
                 stale: false,
@@ -236,7 +255,20 @@ pub(super) async fn activate(args: ActivateArgs) -> Result<(), CliError> {
             });
         };
         match entry.state.as_str() {
-            "wanted" => continue,
+            "wanted" => {
+                let pending: Vec<String> = entry
+                    .nodes
+                    .iter()
+                    .filter(|n| n.state != "ready")
+                    .map(|n| format!("node {} {}", n.node_id, n.state))
+                    .collect();
+                waiting_on = if pending.is_empty() {
+                    "no node has reported it yet".to_owned()
+                } else {
+                    pending.join(", ")
+                };
+                continue;
+            }
             "active" => {
                 if !json {
                     println!("{name}@{version} is active on every serving node");

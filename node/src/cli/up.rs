@@ -517,6 +517,7 @@ async fn deploy_model(addr: &str, name: &str, dir: &Path) -> Result<String, CliE
                 },
             },
             wait: true,
+            wait_timeout: models::DEFAULT_WAIT_TIMEOUT_S,
         })
         .await?;
     }

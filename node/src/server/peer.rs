@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use troupe_proto::v1::peer_server::Peer;
 use troupe_proto::v1::{EmbedRequest, EmbedResponse, HeartbeatRequest, HeartbeatResponse};
 
@@ -12,6 +13,9 @@ use super::inference::InferenceCore;
 
 pub struct PeerService {
     pub inference: Arc<InferenceCore>,
+    /// The node's serving runtime. The peer port runs on Raft's runtime; forwarded inference
+    /// is client work, and goes back to the serving runtime.
+    pub serving: tokio::runtime::Handle,
     pub heartbeats: HeartbeatResponder,
 }
 
@@ -45,6 +49,13 @@ impl Peer for PeerService {
         &self,
         request: Request<EmbedRequest>,
     ) -> Result<Response<EmbedResponse>, Status> {
-        self.inference.embed_forwarded(request).await
+        let inference = self.inference.clone();
+        self.serving
+            .spawn(
+                async move { inference.embed_forwarded(request).await }
+                    .instrument(tracing::Span::current()),
+            )
+            .await
+            .map_err(|e| Status::internal(format!("a forwarded request's task failed: {e}")))?
     }
 }

@@ -323,6 +323,7 @@ impl Session {
                             write: self.write(expected_revision, json),
                         },
                         wait: !no_wait,
+                        wait_timeout: models::DEFAULT_WAIT_TIMEOUT_S,
                     })
                     .await?
                 }
