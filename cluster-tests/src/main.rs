@@ -105,6 +105,9 @@ struct Args {
     /// Concurrent Embed loops, with --embed-model.
     #[arg(long, default_value_t = 2)]
     embed_clients: usize,
+    /// Keep the local cluster's data and logs even when every check passed.
+    #[arg(long)]
+    keep: bool,
     /// Also write the report as JSON here.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -194,6 +197,9 @@ fn main() -> ExitCode {
                         return Err("--embed-model on the local tier needs --model-dir (or TROUPE_MODEL_DIR): the model to push".to_owned());
                     };
                     cluster.serve_model(model_dir, model)?;
+                }
+                if args.keep {
+                    cluster.keep();
                 }
                 Ok(run_on(&mut cluster, &config).await)
             }

@@ -64,6 +64,13 @@ pub struct MetadataConfig {
 }
 
 impl MetadataConfig {
+    pub fn election_timings(&self) -> crate::election::Timings {
+        crate::election::Timings {
+            election_timeout_min: self.election_timeout_min,
+            election_timeout_max: self.election_timeout_max,
+        }
+    }
+
     pub fn new(node_id: NodeId, api_addr: String, peer_addr: String, data_dir: PathBuf) -> Self {
         Self {
             node_id,
@@ -90,6 +97,8 @@ impl MetadataConfig {
             // An entry carries a batch of proposals (up to 512 KiB), so fewer per message.
             max_payload_entries: 64,
             max_in_snapshot_log_to_keep: self.keep_entries_after_snapshot,
+            // Elections are started by crate::election, after a pre-vote.
+            enable_elect: false,
             ..Default::default()
         };
         config
@@ -255,10 +264,16 @@ impl Metadata {
         // see [`crate::runtime`].
         let runtime = Arc::new(RaftRuntime::start(config.node_id)?);
         let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let silence = Arc::new(LeaderSilence::default());
         let (node_id, changes, removed) = (
             config.node_id,
             Arc::downgrade(&leader_changes),
             removal.clone(),
+        );
+        let (elector_transport, elector_silence, timings) = (
+            transport.clone(),
+            silence.clone(),
+            config.election_timings(),
         );
         let (raft, proposer) = runtime
             .handle()
@@ -268,6 +283,14 @@ impl Metadata {
                     .map_err(|e| MetadataError::Raft(e.to_string()))?;
                 let proposer = Proposer::start(raft.clone());
                 tokio::spawn(count_leader_changes(raft.metrics(), changes));
+                tokio::spawn(crate::election::run(crate::election::Elector {
+                    node_id,
+                    raft: raft.clone(),
+                    transport: elector_transport,
+                    silence: elector_silence,
+                    removal: removed.clone(),
+                    timings,
+                }));
                 tokio::spawn(removed.run(raft.clone()));
                 Ok::<_, MetadataError>((raft, proposer))
             })
@@ -289,7 +312,7 @@ impl Metadata {
             write_ids,
             transport,
             removal,
-            silence: Arc::default(),
+            silence,
         })
     }
 
@@ -311,6 +334,7 @@ impl Metadata {
             self.transport.refusals().clone(),
             self.removal.clone(),
             self.silence.clone(),
+            self.config.election_timings(),
         ))
         .max_decoding_message_size(crate::network::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::network::MAX_MESSAGE_BYTES)

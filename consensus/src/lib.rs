@@ -5,6 +5,8 @@
 //! - [`types`]: openraft's type configuration.
 //! - [`store`]: the sled-backed log store and state machine behind openraft's traits.
 //! - [`network`]: Raft RPCs over tonic on the peer port, client and server.
+//! - [`election`]: elections after a pre-vote, so a node that was cut off cannot unseat the
+//!   leader when it returns.
 //! - [`proposer`]: group commit: concurrent writes share one log entry.
 //! - [`runtime`]: the threads a node's Raft runs on, apart from the serving runtime.
 //! - [`facade`]: [`Metadata`], the only entry point other crates use.
@@ -14,6 +16,7 @@
 // add conversions at every trait boundary.
 #![allow(clippy::result_large_err)]
 
+pub mod election;
 pub mod error;
 pub mod facade;
 pub mod metadata;

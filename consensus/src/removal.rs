@@ -105,8 +105,8 @@ impl Removal {
         })
     }
 
-    /// Follows `raft`'s membership and the refusals until Raft stops, turning elections off
-    /// while this node is removed and on again if it is a member after all.
+    /// Follows `raft`'s membership and the refusals until Raft stops. While this node is
+    /// removed it does not stand for election ([`crate::election`] asks [`Removal::reason`]).
     pub async fn run(self: std::sync::Arc<Self>, raft: Raft<TypeConfig>) {
         let mut metrics = raft.metrics();
         loop {
@@ -116,14 +116,12 @@ impl Removal {
                 match &verdict {
                     Some(reason) => {
                         tracing::warn!(node_id = self.node_id, reason = %reason, "this node was removed from the cluster: it stops campaigning and serving");
-                        raft.runtime_config().elect(false);
                     }
                     None => {
                         tracing::info!(
                             node_id = self.node_id,
                             "this node is a cluster member again: it campaigns and serves again"
                         );
-                        raft.runtime_config().elect(true);
                     }
                 }
             }

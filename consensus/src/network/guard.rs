@@ -85,6 +85,13 @@ pub fn vote(
     )
 }
 
+pub fn pre_vote(
+    request: &troupe_proto::v1::PreVoteRequest,
+    peer: Option<VerifiedPeer>,
+) -> Result<(), Refused> {
+    check_sender(peer, "pre-vote request", request.candidate)
+}
+
 pub fn append_entries(
     rpc: &AppendEntriesRequest<TypeConfig>,
     peer: Option<VerifiedPeer>,

@@ -8,7 +8,7 @@ use openraft::Raft;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 use troupe_proto::v1::raft_peer_server::RaftPeer;
-use troupe_proto::v1::RaftPayload;
+use troupe_proto::v1::{PreVoteRequest, PreVoteResponse, RaftPayload};
 use troupe_transport::{Refusals, VerifiedPeer};
 
 use super::guard::{self, Refused};
@@ -32,6 +32,7 @@ pub struct RaftPeerService {
     refusals: Arc<Refusals>,
     removal: Arc<Removal>,
     silence: Arc<LeaderSilence>,
+    timings: crate::election::Timings,
 }
 
 /// The longest time this node, as a follower, went without an AppendEntries from its leader
@@ -58,6 +59,14 @@ impl LeaderSilence {
         *last = Some((term, now));
     }
 
+    /// When an AppendEntries from a leader last arrived.
+    pub fn last_heard(&self) -> Option<std::time::Instant> {
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|(_, at)| at)
+    }
+
     pub fn longest(&self) -> std::time::Duration {
         std::time::Duration::from_micros(self.longest_us.load(std::sync::atomic::Ordering::Relaxed))
     }
@@ -70,6 +79,7 @@ impl RaftPeerService {
         refusals: Arc<Refusals>,
         removal: Arc<Removal>,
         silence: Arc<LeaderSilence>,
+        timings: crate::election::Timings,
     ) -> Self {
         Self {
             raft,
@@ -77,6 +87,7 @@ impl RaftPeerService {
             refusals,
             removal,
             silence,
+            timings,
         }
     }
 
@@ -132,8 +143,17 @@ impl RaftPeer for RaftPeerService {
         let rpc = decode(request.get_ref()).map_err(|e| invalid("append_entries", e))?;
         guard::append_entries(&rpc, VerifiedPeer::of(&request), self.own_term())
             .map_err(|refused| self.refuse(&request, refused))?;
-        self.silence.heard(rpc.vote.leader_id().term);
+        let term = rpc.vote.leader_id().term;
         let result = self.raft.append_entries(rpc).await;
+        // A leader this node follows (not one it told of a higher vote).
+        if let Ok(response) = &result {
+            if !matches!(
+                response,
+                openraft::raft::AppendEntriesResponse::HigherVote(_)
+            ) {
+                self.silence.heard(term);
+            }
+        }
         if result.as_ref().is_ok_and(|response| response.is_success()) {
             // A leader replicates only to members: whatever refusals said, this node is one.
             self.removal.heard_from_leader();
@@ -155,7 +175,26 @@ impl RaftPeer for RaftPeerService {
         let rpc = decode(request.get_ref()).map_err(|e| invalid("install_snapshot", e))?;
         guard::install_snapshot(&rpc, VerifiedPeer::of(&request), self.own_term())
             .map_err(|refused| self.refuse(&request, refused))?;
-        answer(self.raft.install_snapshot(rpc).await)
+        let term = rpc.vote.leader_id().term;
+        let result = self.raft.install_snapshot(rpc).await;
+        if result.is_ok() {
+            self.silence.heard(term);
+        }
+        answer(result)
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<PreVoteRequest>,
+    ) -> Result<Response<PreVoteResponse>, Status> {
+        guard::pre_vote(request.get_ref(), VerifiedPeer::of(&request))
+            .map_err(|refused| self.refuse(&request, refused))?;
+        Ok(Response::new(crate::election::answer(
+            &self.raft,
+            &self.silence,
+            self.timings,
+            request.get_ref(),
+        )))
     }
 
     async fn propose(
