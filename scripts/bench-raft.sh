@@ -53,6 +53,8 @@ run() { # NAME PHASES ETCD_EXTRA TROUPE_RAFT
   cleanup
   ETCD3_EXTRA=$3 bash "$PEERS/etcd3.sh" start >&2
   TROUPE3_RAFT=$4 bash scripts/troupe3.sh start >&2
+  # The nodes serve mTLS: the bench's troupe client needs the cluster's CA and a certificate.
+  eval "$(bash scripts/troupe3.sh env)"
   echo "== $name ==" >&2
   "$TROUPE_BIN" bench raft \
     --addr "$(bash scripts/troupe3.sh endpoints)" \
