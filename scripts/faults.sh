@@ -10,8 +10,9 @@
 #   possible; SIGKILL, SIGSTOP and iptables cuts.
 # - compose: a project of its own (troupe-faults, ports 27700-27722, network 10.177.2.0/24,
 #   image troupe:faults) made by scripts/compose-up.sh (static build, model pushed and
-#   active), hurt with docker kill, docker pause and docker network disconnect; removed at the
-#   end (TROUPE_COMPOSE_KEEP=1 keeps it after a failure).
+#   active), hurt with docker kill, docker pause and docker network disconnect, with Embed
+#   traffic beside the register clients; removed at the end (TROUPE_COMPOSE_KEEP=1 keeps it
+#   after a failure).
 # Prints the seed and the schedule first, then the fault table and the checks
 # (linearizability per key, acknowledged writes in every node's watch stream, identical
 # watch streams, no value applied twice). A failing run names the seed that reproduces its
@@ -60,4 +61,5 @@ else static_target=$ROOT/target/static; fi
 # shellcheck disable=SC1090
 source "$static_target/compose-certs/$TROUPE_COMPOSE_PROJECT/env"
 "$TARGET/release/troupe-jepsen" "${args[@]}" --project "$TROUPE_COMPOSE_PROJECT" \
-  --addrs "127.0.0.1:$TROUPE_COMPOSE_API1,127.0.0.1:$TROUPE_COMPOSE_API2,127.0.0.1:$TROUPE_COMPOSE_API3"
+  --addrs "127.0.0.1:$TROUPE_COMPOSE_API1,127.0.0.1:$TROUPE_COMPOSE_API2,127.0.0.1:$TROUPE_COMPOSE_API3" \
+  --embed-model all-MiniLM-L6-v2

@@ -579,6 +579,7 @@ pub async fn run(cluster: &mut impl Cluster, config: &RunConfig, log: impl Fn(&s
 
     // Stop the clients, heal everything, let the cluster converge.
     let _ = stop_tx.send(true);
+    let stopped_us = now_ms(start);
     for task in tasks {
         let _ = task.await;
     }
@@ -647,11 +648,10 @@ pub async fn run(cluster: &mut impl Cluster, config: &RunConfig, log: impl Fn(&s
     acks.sort_unstable();
     report.max_gap_ms = max_gap(&acks, 0, config.duration.as_micros() as u64) / 1000;
     for fault in &mut report.faults {
-        fault.max_gap_ms = max_gap(
-            &acks,
-            fault.began_ms * 1000,
-            (fault.healed_ms + 1000) * 1000,
-        ) / 1000;
+        // Not past the clients' end: a fault healed at the very end has no second after it.
+        let to = ((fault.healed_ms + 1000) * 1000).min(stopped_us);
+        fault.max_gap_ms =
+            max_gap(&acks, fault.began_ms * 1000, to.max(fault.began_ms * 1000)) / 1000;
     }
     if config.embed.is_some() {
         let embeds = std::mem::take(&mut *embeds.lock().unwrap());
