@@ -308,18 +308,7 @@ impl LocalCluster {
                 .env("TROUPE_CA", certs.join("ca.crt"))
                 .env("TROUPE_CERT", certs.join("client-admin.crt"))
                 .env("TROUPE_KEY", certs.join("client-admin.key"));
-            let shown = format!("troupe {}", args.join(" "));
-            let out = command
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| format!("cannot run {shown}: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "{shown} failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            run_command(&mut command)
         };
         let dir = model_dir.to_string_lossy();
         let pushed = cli(&["models", "push", &dir, "--name", name, "--quiet"])?;
@@ -504,11 +493,11 @@ fn free_port() -> Result<String, String> {
 }
 
 fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    run_command(Command::new(program).args(args))
+    run_command(Command::new(program).args(args)).map(drop)
 }
 
 fn run_args(program: &str, args: &[String]) -> Result<(), String> {
-    run_command(Command::new(program).args(args))
+    run_command(Command::new(program).args(args)).map(drop)
 }
 
 fn output(program: &str, args: &[&str]) -> Result<String, String> {
@@ -519,7 +508,8 @@ fn output(program: &str, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn run_command(command: &mut Command) -> Result<(), String> {
+/// Runs `command`; its stdout, or an error naming it with its stderr.
+fn run_command(command: &mut Command) -> Result<String, String> {
     let shown = format!("{command:?}");
     let out = command
         .stdin(Stdio::null())
@@ -532,5 +522,5 @@ fn run_command(command: &mut Command) -> Result<(), String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

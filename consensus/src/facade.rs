@@ -492,10 +492,20 @@ impl Metadata {
                 Attempt::Done(value) => return Ok(value),
                 Attempt::Forward(leader) if leader != me => {
                     reached_leader = true;
-                    match self
+                    let outcome = self
                         .until_leader_moves(leader, deadline, forward(leader, deadline))
-                        .await
-                    {
+                        .await;
+                    // Unanswered: the connection may be dead without a reset (the leader's
+                    // address moved, a cut link); the next forward to it connects anew.
+                    if matches!(
+                        outcome,
+                        None | Some(Err(
+                            MetadataError::LeaderUnreachable { .. } | MetadataError::Timeout { .. }
+                        ))
+                    ) {
+                        self.transport.forget(Lane::Writes, leader);
+                    }
+                    match outcome {
                         Some(Ok(value)) => return Ok(value),
                         Some(Err(error)) if !error.is_retryable() => {
                             return Err(Failed {

@@ -74,15 +74,21 @@ async fn killing_a_serving_node_under_load_fails_no_request_and_marks_it_down() 
         );
         clients.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                match client
-                    .embed(embed_request("tiny", &["still here"], ""))
-                    .await
-                {
-                    Ok(reply) => {
+                // Bounded, so a request that never answers fails the test instead of hanging it.
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    client.embed(embed_request("tiny", &["still here"], "")),
+                );
+                match answer.await {
+                    Ok(Ok(reply)) => {
                         let node = reply.into_inner().served_by as usize;
                         counts.lock().unwrap()[node.min(3)] += 1;
                     }
-                    Err(status) => failures.lock().unwrap().push(status.to_string()),
+                    Ok(Err(status)) => failures.lock().unwrap().push(status.to_string()),
+                    Err(_) => failures
+                        .lock()
+                        .unwrap()
+                        .push("no answer within 30 s".to_owned()),
                 }
                 total.fetch_add(1, Ordering::Relaxed);
             }

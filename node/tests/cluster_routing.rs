@@ -35,7 +35,15 @@ async fn push_and_activate(
     let first = nodes[0].api_addr.to_string();
     push_model(&first, model, "tiny", version).await;
     troupe(args(&[
-        "models", "activate", "tiny", version, "--addr", &first, "--wait",
+        "models",
+        "activate",
+        "tiny",
+        version,
+        "--addr",
+        &first,
+        "--wait",
+        "--wait-timeout",
+        "120",
     ]))
     .await
 }
@@ -369,7 +377,15 @@ async fn a_rollout_switches_every_node_and_a_failed_load_rolls_back_with_no_clie
     push_model(&first, &second, "tiny", "2").await;
     let digest = damage_stored_copy(&dir, 1, &second);
     let activated = troupe(args(&[
-        "models", "activate", "tiny", "2", "--addr", &first, "--wait",
+        "models",
+        "activate",
+        "tiny",
+        "2",
+        "--addr",
+        &first,
+        "--wait",
+        "--wait-timeout",
+        "120",
     ]))
     .await;
     assert!(activated.status.success(), "{:?}", text(&activated));
@@ -470,7 +486,15 @@ async fn a_rollout_that_outlives_its_timeout_fails_and_the_old_version_keeps_ser
     }
     let first = nodes[0].api_addr.to_string();
     let activated = troupe(args(&[
-        "models", "activate", "tiny", "1", "--addr", &first, "--wait",
+        "models",
+        "activate",
+        "tiny",
+        "1",
+        "--addr",
+        &first,
+        "--wait",
+        "--wait-timeout",
+        "120",
     ]))
     .await;
     assert!(activated.status.success(), "{:?}", text(&activated));

@@ -25,7 +25,15 @@ async fn a_version_pushed_to_one_node_is_pulled_by_the_others_and_served_everywh
     std::fs::rename(&model, dir.path().join("elsewhere")).unwrap();
     let second = nodes[1].api_addr.to_string();
     let activated = troupe(args(&[
-        "models", "activate", "tiny", "1", "--addr", &second, "--wait",
+        "models",
+        "activate",
+        "tiny",
+        "1",
+        "--addr",
+        &second,
+        "--wait",
+        "--wait-timeout",
+        "120",
     ]))
     .await;
     assert!(activated.status.success(), "{:?}", text(&activated));

@@ -39,7 +39,15 @@ async fn saturating_inference_moves_no_raft_leader_and_marks_no_peer_down() {
     push_model(&first, &model, "minilm", "1").await;
     let started = Instant::now();
     let activated = troupe(args(&[
-        "models", "activate", "minilm", "1", "--addr", &first, "--wait",
+        "models",
+        "activate",
+        "minilm",
+        "1",
+        "--addr",
+        &first,
+        "--wait",
+        "--wait-timeout",
+        "120",
     ]))
     .await;
     assert!(activated.status.success(), "{:?}", text(&activated));

@@ -105,7 +105,15 @@ async fn a_pushed_version_is_stored_verified_recorded_and_served_from_the_nodes_
     let moved = dir.path().join("moved");
     std::fs::rename(&model, &moved).unwrap();
     let activated = troupe(args(&[
-        "models", "activate", "tiny", "1", "--addr", &addr, "--wait",
+        "models",
+        "activate",
+        "tiny",
+        "1",
+        "--addr",
+        &addr,
+        "--wait",
+        "--wait-timeout",
+        "120",
     ]))
     .await;
     assert!(activated.status.success(), "{:?}", text(&activated));

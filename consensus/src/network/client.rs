@@ -34,21 +34,29 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetworkFactory {
     async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> PeerClient {
         PeerClient {
             target,
-            client: self
-                .transport
-                .channel(Lane::Raft, target, &node.peer_addr)
-                .map(super::peer_client)
-                .map_err(|e| e.to_string()),
+            addr: node.peer_addr.clone(),
+            transport: self.transport.clone(),
             removal: self.removal.clone(),
+            unanswered: 0,
+            pending: false,
         }
     }
 }
 
+/// RPCs in a row to one peer that may go unanswered before its connection is dropped and
+/// made anew (resolving its name again).
+const UNANSWERED_BEFORE_RECONNECT: u32 = 2;
+
 pub struct PeerClient {
     target: NodeId,
+    addr: String,
+    transport: Arc<PeerTransport>,
     removal: Arc<Removal>,
-    /// The channel, or why the peer's address is unusable.
-    client: Result<RaftPeerClient<Channel>, String>,
+    /// RPCs in a row that got no answer: timed out, cut off, or dropped by openraft's own
+    /// timeout before they completed.
+    unanswered: u32,
+    /// A call is under way; still set at the next call, it was dropped unanswered.
+    pending: bool,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeAddr, RaftError<NodeId, E>>>;
@@ -65,18 +73,38 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let client = match &self.client {
-            Ok(client) => client.clone(),
+        let payload = encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        // A connection can go dead without a reset (the peer's address moved to another
+        // host or network, a cut link): HTTP/2 keepalive notices only after seconds, and
+        // until then every RPC on it times out. After a few unanswered RPCs in a row the
+        // channel is dropped, and the next one connects anew.
+        if std::mem::replace(&mut self.pending, true) {
+            self.unanswered += 1;
+        }
+        if self.unanswered >= UNANSWERED_BEFORE_RECONNECT {
+            self.transport.forget(Lane::Raft, self.target);
+            self.unanswered = 0;
+        }
+        let client = match self.transport.channel(Lane::Raft, self.target, &self.addr) {
+            Ok(channel) => super::peer_client(channel),
             Err(reason) => {
+                self.pending = false;
                 return Err(RPCError::Unreachable(Unreachable::new(
-                    &std::io::Error::other(reason.clone()),
-                )))
+                    &std::io::Error::other(reason.to_string()),
+                )));
             }
         };
-        let payload = encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(payload);
         request.set_timeout(option.hard_ttl());
-        let reply = method(client, request).await.map_err(|status| {
+        let reply = method(client, request).await;
+        self.pending = false;
+        let reply = reply.map_err(|status| {
+            if matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ) {
+                self.unanswered += 1;
+            }
             if Refusal::of(&status) == Some(Refusal::NotMember) {
                 self.removal.refused_by(self.target);
             }
@@ -88,6 +116,7 @@ impl PeerClient {
                 _ => RPCError::Network(NetworkError::new(&error)),
             }
         })?;
+        self.unanswered = 0;
         self.removal.accepted_by(self.target);
         let result: Result<Resp, RaftError<NodeId, E>> =
             decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;

@@ -185,7 +185,15 @@ pub async fn register_and_activate(
     .await;
     assert!(registered.status.success(), "{:?}", text(&registered));
     let activated = troupe(args(&[
-        "models", "activate", name, version, "--addr", &addr, "--wait",
+        "models",
+        "activate",
+        name,
+        version,
+        "--addr",
+        &addr,
+        "--wait",
+        "--wait-timeout",
+        "120",
     ]))
     .await;
     assert!(activated.status.success(), "{:?}", text(&activated));
@@ -484,7 +492,15 @@ pub async fn cluster_init(first: &str, members: &str) -> Output {
 pub async fn push_and_activate(api: &str, model: &std::path::Path, name: &str, version: &str) {
     push_model(api, model, name, version).await;
     let activated = troupe(args(&[
-        "models", "activate", name, version, "--addr", api, "--wait",
+        "models",
+        "activate",
+        name,
+        version,
+        "--addr",
+        api,
+        "--wait",
+        "--wait-timeout",
+        "120",
     ]))
     .await;
     assert!(activated.status.success(), "{:?}", text(&activated));
