@@ -41,9 +41,9 @@ impl Timings {
         let spread = self
             .election_timeout_max
             .saturating_sub(self.election_timeout_min);
-        // RandomState is seeded from the operating system's randomness, per instance.
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u128(Instant::now().elapsed().as_nanos());
+        // Each RandomState has keys of its own (seeded from the operating system's
+        // randomness), so even an empty hash differs every time.
+        let hasher = std::collections::hash_map::RandomState::new().build_hasher();
         let fraction = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
         self.election_timeout_min + spread.mul_f64(fraction)
     }
