@@ -17,7 +17,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use troupe_failpoints::monotonic_now;
 
 use openraft::{CommittedLeaderId, LogId, Raft, ServerState};
 use troupe_proto::v1::{LogPosition, PreVoteRequest, PreVoteResponse};
@@ -80,7 +82,7 @@ pub(crate) fn answer(
         ));
     }
     if let Some(heard) = silence.last_heard() {
-        let since = heard.elapsed();
+        let since = monotonic_now().saturating_duration_since(heard);
         if since < timings.election_timeout_min {
             return refuse(format!(
                 "node {} heard from its leader {} ms ago",
@@ -130,7 +132,7 @@ pub(crate) async fn run(elector: Elector) {
     let mut vote = metrics.borrow().vote;
     // The last sign of a live leader or election: a leader's AppendEntries, a change of vote
     // (a vote granted, an election started), or this task's start.
-    let mut contact = Instant::now();
+    let mut contact = monotonic_now();
     let mut timeout = timings.election_timeout_max + timings.random_timeout();
     loop {
         let heard = silence.last_heard().filter(|heard| *heard > contact);
@@ -139,7 +141,7 @@ pub(crate) async fn run(elector: Elector) {
             timeout = timings.election_timeout_max + timings.random_timeout();
         }
         let deadline = contact + timeout;
-        if Instant::now() < deadline {
+        if monotonic_now() < deadline {
             tokio::select! {
                 changed = metrics.changed() => {
                     if changed.is_err() {
@@ -148,7 +150,7 @@ pub(crate) async fn run(elector: Elector) {
                     let now = metrics.borrow().vote;
                     if now != vote {
                         vote = now;
-                        contact = Instant::now();
+                        contact = monotonic_now();
                         timeout = timings.election_timeout_max + timings.random_timeout();
                     }
                 }
@@ -157,7 +159,7 @@ pub(crate) async fn run(elector: Elector) {
             continue;
         }
         // Time to stand, if this node may.
-        contact = Instant::now();
+        contact = monotonic_now();
         timeout = timings.random_timeout();
         let (state, term, voters, nodes) = {
             let m = metrics.borrow();
@@ -181,7 +183,7 @@ pub(crate) async fn run(elector: Elector) {
             term: term + 1,
             last_log: position(raft.data_metrics().borrow().last_log),
         };
-        let asked = Instant::now();
+        let asked = monotonic_now();
         let needed = voters.len() / 2;
         let granted = 1 + ask(
             &transport, &removal, node_id, &voters, &nodes, &request, needed, timings,

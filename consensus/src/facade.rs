@@ -911,6 +911,21 @@ impl Metadata {
         }
     }
 
+    /// Resolves when the Raft core stops without being asked to (a storage failure, a panic),
+    /// with the reason. It never resolves while the core runs.
+    pub async fn stopped(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Err(fatal) = &metrics.borrow_and_update().running_state {
+                return format!("the Raft core has stopped: {fatal}");
+            }
+            if metrics.changed().await.is_err() {
+                return "the Raft core has stopped (a panic or a storage failure, see the log)"
+                    .to_owned();
+            }
+        }
+    }
+
     /// Stops Raft, then waits until every storage handle is released, so the database is
     /// flushed and closed (and its directory can be reopened) when this returns. Every
     /// acknowledged write was flushed when it was acknowledged.

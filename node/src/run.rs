@@ -71,6 +71,8 @@ pub enum NodeError {
         "API token keys: {0} (fix the file `troupe certs init` wrote, or point [auth] jwks at one)"
     )]
     Auth(String),
+    #[error("{0}; the node has stopped: fix the disk (free space, replace the device) and start it again; its peers keep the acknowledged writes")]
+    RaftStopped(String),
     #[error("certificate {path} names {named}, but this is node {id}: use node-{id}.crt and node-{id}.key")]
     WrongIdentity {
         path: String,
@@ -537,10 +539,24 @@ fn on_sighup(reload_now: Vec<Arc<tokio::sync::Notify>>) -> Option<JoinHandle<()>
 }
 
 /// Runs a node until `shutdown` completes, then stops it cleanly.
+///
+/// A node whose Raft core stops on its own (an fsync that failed, a full disk) stops too and
+/// returns the reason, as etcd does: after a failed fsync the page cache cannot be trusted,
+/// so retrying the write in place could acknowledge data that is not on disk. Restarted, the
+/// node recovers from what is durable and catches up from the leader.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
     let node = start(config).await?;
-    shutdown.await;
-    node.shutdown().await
+    let metadata = node.metadata.clone();
+    tokio::select! {
+        () = shutdown => node.shutdown().await,
+        reason = metadata.stopped() => {
+            tracing::error!(%reason, "the Raft core stopped: stopping the node");
+            if let Err(error) = node.shutdown().await {
+                tracing::warn!(%error, "stopping after the Raft core stopped");
+            }
+            Err(NodeError::RaftStopped(reason))
+        }
+    }
 }
 
 /// Mirrors Health's verdict onto grpc.health.v1, for the node ("") and for inference.

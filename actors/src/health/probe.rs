@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use crate::peers::ServedVersion;
 
@@ -53,7 +53,7 @@ pub trait PeerProbe: Send + Sync + 'static {
 
 /// This machine's wall clock in µs since the Unix epoch (0 before it).
 pub fn unix_micros() -> u64 {
-    SystemTime::now()
+    troupe_failpoints::wall_now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
 }

@@ -13,7 +13,7 @@ pub mod messages;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use troupe_consensus::metadata::{
@@ -101,7 +101,7 @@ pub fn decide(
 }
 
 fn now_unix_ms() -> u64 {
-    SystemTime::now()
+    troupe_failpoints::wall_now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }

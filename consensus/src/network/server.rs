@@ -47,7 +47,7 @@ pub struct LeaderSilence {
 impl LeaderSilence {
     /// An AppendEntries of `term` arrived.
     fn heard(&self, term: u64) {
-        let now = std::time::Instant::now();
+        let now = troupe_failpoints::monotonic_now();
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((last_term, at)) = *last {
             if last_term == term {

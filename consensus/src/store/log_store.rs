@@ -124,7 +124,15 @@ fn run_flusher(db: sled::Db, queue: mpsc::Receiver<LogFlushed<TypeConfig>>, guar
     while let Ok(first) = queue.recv() {
         let mut waiting = vec![first];
         waiting.extend(queue.try_iter());
-        let result = db.flush().map(|_| ());
+        // `raft.log.flush` is the slow or failing disk; `raft.log.flushed` a crash after the
+        // entries are durable but before anyone heard so.
+        let result = troupe_failpoints::hit("raft.log.flush")
+            .map_err(sled::Error::Io)
+            .and_then(|()| db.flush())
+            .map(|_| ());
+        if result.is_ok() {
+            let _ = troupe_failpoints::hit("raft.log.flushed");
+        }
         for callback in waiting {
             callback.log_io_completed(match &result {
                 Ok(()) => Ok(()),
@@ -229,8 +237,10 @@ impl LogStore {
         value: &T,
     ) -> Result<(), StorageError> {
         let bytes = serde_json::to_vec(value).map_err(write_io)?;
+        troupe_failpoints::hit("raft.meta.write").map_err(write_io)?;
         meta.insert(key, bytes).map_err(write_io)?;
         db.flush().map_err(write_io)?;
+        troupe_failpoints::hit("raft.meta.written").map_err(write_io)?;
         Ok(())
     }
 
@@ -297,9 +307,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 ),
                 None => None,
             };
+            // The purged entries are deleted in the background, so a purge past the end of the
+            // log (after a snapshot install) can leave an older last entry for a moment; the
+            // purge point is then the last log id, as openraft's contract says.
             Ok(LogState {
                 last_purged_log_id,
-                last_log_id: last.or(last_purged_log_id),
+                last_log_id: last.max(last_purged_log_id),
             })
         })
         .await
@@ -349,6 +362,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        troupe_failpoints::hit("raft.log.append").map_err(write_io)?;
         let mut batch = sled::Batch::default();
         let entries: Vec<Entry> = entries.into_iter().collect();
         for entry in &entries {
@@ -379,6 +393,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.recent().truncate(log_id.index);
         let (db, log) = (self.db.clone(), self.log.clone());
         blocking(&self.guard, move || {
+            troupe_failpoints::hit("raft.log.truncate").map_err(write_io)?;
             Self::remove_range(&log, log_id.index, None)?;
             db.flush().map_err(write_io)?;
             Ok(())
@@ -392,11 +407,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // core loop (a purge after a snapshot removes thousands of entries). Both reach disk
         // with the next flush. A crash before that leaves extra entries below the recorded
         // purge point, which openraft tolerates, never a gap it cannot explain.
+        troupe_failpoints::hit("raft.log.purge").map_err(write_io)?;
         let bytes = serde_json::to_vec(&log_id).map_err(write_io)?;
         self.meta.insert(LAST_PURGED_KEY, bytes).map_err(write_io)?;
         let (log, guard) = (self.log.clone(), self.guard.clone());
         tokio::task::spawn_blocking(move || {
             let _guard = guard;
+            // A slow deletion, for tests of what is reported before it ends.
+            let _ = troupe_failpoints::hit("raft.log.purge.delete");
             if let Err(error) = Self::remove_range(&log, 0, Some(log_id.index.saturating_add(1))) {
                 tracing::warn!(%error, upto = log_id.index, "deleting purged raft log entries failed; they stay on disk until the next purge");
             }

@@ -110,6 +110,11 @@ impl StateMachineStore {
         if let Some(stored) = Self::read_stored(&snapshots, &snapshot_dir)? {
             applied = serde_json::from_slice(&stored.data)
                 .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?;
+            // The meta is authoritative for what the snapshot covers, as at install time: a
+            // snapshot received from a leader may carry a membership older than the one the
+            // data recorded (openraft #1808).
+            applied.last_applied = stored.meta.last_log_id;
+            applied.last_membership = stored.meta.last_membership.clone();
         }
         let (revision_tx, _) = watch::channel(applied.metadata.revision);
         let (index_tx, _) = watch::channel(applied.last_applied.map_or(0, |l| l.index));
@@ -220,7 +225,9 @@ impl StateMachineStore {
             }
             // The data first, then the record naming it: a crash in between leaves the previous
             // snapshot current and an unreferenced file, never a record without its data.
+            troupe_failpoints::hit("raft.snapshot.write").map_err(|e| write_error(&e))?;
             write_file_durably(&dir, &file, &stored.data).map_err(|e| write_error(&e))?;
+            troupe_failpoints::hit("raft.snapshot.written").map_err(|e| write_error(&e))?;
             snapshots
                 .insert(SNAPSHOT_META_KEY, record)
                 .map_err(|e| write_error(&e))?;
@@ -354,6 +361,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             data,
         })
         .await?;
+        troupe_failpoints::hit("raft.snapshot.installed")
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         let index = restored.last_applied.map_or(0, |l| l.index);
         let restored_keys = restored.metadata.keys_only();
         *self.applied.write().await = restored;

@@ -94,6 +94,9 @@ async fn shutdown_signal() {
 }
 
 pub fn run(args: NodeArgs) -> Result<(), CliError> {
+    // Only the fault tier sets these; a spec that does not parse stops the node before it
+    // starts with faults other than the ones asked for.
+    troupe_failpoints::init_from_env().map_err(CliError::Usage)?;
     let config = args.load()?;
     config.validate()?;
     block_on(async move {

@@ -469,7 +469,7 @@ impl Admin for AdminService {
             }
         };
         let requested_at_unix_ms = (state == ModelState::Wanted).then(|| {
-            std::time::SystemTime::now()
+            troupe_failpoints::wall_now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64)
         });
