@@ -36,6 +36,32 @@ pub trait Cluster {
     /// Keep what the run leaves (data, logs) for a look after a failed check.
     fn keep(&mut self);
 
+    /// Whether the node's process has ended (killed, or exited on its own).
+    fn exited(&mut self, node: usize) -> bool {
+        !self.is_up(node)
+    }
+
+    /// The node's data dir on this machine, if the runner can read it while the node is down.
+    fn data_dir(&self, node: usize) -> Option<std::path::PathBuf> {
+        let _ = node;
+        None
+    }
+
+    /// Whether [`Cluster::set_failpoints`] works here.
+    fn failpoints(&self) -> bool {
+        false
+    }
+
+    /// Replaces node `node`'s failpoints with `spec` (troupe-failpoints' grammar; "" clears
+    /// them).
+    fn set_failpoints(&mut self, node: usize, spec: &str) -> Result<(), String> {
+        let _ = spec;
+        Err(format!(
+            "node {}: this tier cannot set failpoints",
+            node + 1
+        ))
+    }
+
     /// Heals everything: the network, paused nodes, killed nodes.
     fn heal_all(&mut self) -> Result<(), String> {
         self.heal_network()?;

@@ -9,6 +9,8 @@
 //!   own (when run as root), that can be killed, paused and partitioned.
 //! - [`compose`]: the containers of a docker-compose project, hurt with `docker kill`,
 //!   `docker pause` and `docker network disconnect`.
+//! - [`crash`]: crash durability: what a killed node holds on disk, and what must never go
+//!   back between crashes.
 //! - [`runner`]: one run: the workload, a nemesis on a seeded schedule, and the checks.
 //! - [`wait`]: waiting on a condition with a deadline, never a fixed sleep.
 //!
@@ -17,6 +19,7 @@
 pub mod client;
 pub mod cluster;
 pub mod compose;
+pub mod crash;
 pub mod history;
 pub mod local;
 pub mod runner;

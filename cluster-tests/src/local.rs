@@ -152,6 +152,8 @@ struct Node {
     peer: String,
     config: PathBuf,
     log: PathBuf,
+    /// The node's `TROUPE_FAILPOINTS_FILE`.
+    failpoints: PathBuf,
     child: Option<Child>,
     paused: bool,
 }
@@ -250,6 +252,7 @@ impl LocalCluster {
                 peer,
                 config,
                 log: dir.join(format!("n{}.log", i + 1)),
+                failpoints: dir.join(format!("n{}.failpoints", i + 1)),
                 child: None,
                 paused: false,
             });
@@ -357,6 +360,7 @@ impl LocalCluster {
             .arg("--config")
             .arg(&node.config)
             .env("RUST_LOG", "info")
+            .env("TROUPE_FAILPOINTS_FILE", &node.failpoints)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);
@@ -417,9 +421,13 @@ impl Cluster for LocalCluster {
         Ok(())
     }
 
+    /// Starts the node if it was killed or has exited on its own (a failed fsync stops it).
     fn restart(&mut self, i: usize) -> Result<(), String> {
-        if self.nodes[i].child.is_some() {
-            return Ok(());
+        if let Some(child) = &mut self.nodes[i].child {
+            match child.try_wait() {
+                Ok(Some(_exited)) => self.nodes[i].child = None,
+                _ => return Ok(()),
+            }
         }
         self.spawn(i)
     }
@@ -458,6 +466,31 @@ impl Cluster for LocalCluster {
     /// Keep the run directory (logs, data) after the cluster is dropped.
     fn keep(&mut self) {
         self.keep_dir = true;
+    }
+
+    fn failpoints(&self) -> bool {
+        true
+    }
+
+    fn exited(&mut self, i: usize) -> bool {
+        match &mut self.nodes[i].child {
+            None => true,
+            Some(child) => matches!(child.try_wait(), Ok(Some(_))),
+        }
+    }
+
+    fn data_dir(&self, i: usize) -> Option<PathBuf> {
+        Some(self.dir.join(format!("n{}.data", i + 1)))
+    }
+
+    /// Each node rereads its failpoint file within 50 ms; the file is replaced whole, so a
+    /// node never reads half of it.
+    fn set_failpoints(&mut self, i: usize, spec: &str) -> Result<(), String> {
+        let path = &self.nodes[i].failpoints;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, spec)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| format!("{}: {e}", path.display()))
     }
 }
 

@@ -76,12 +76,13 @@ struct Args {
     /// Registers (cluster settings) the clients share.
     #[arg(long, default_value_t = 3)]
     keys: usize,
-    /// Faults to draw from, comma-separated: kill, pause, isolate, minority, bridge
-    /// (partitions need root: they use network namespaces).
+    /// Faults to draw from, comma-separated: kill, pause, isolate, minority, bridge,
+    /// slow-disk, disk-fail, clock (partitions need root: they use network namespaces; the
+    /// last three use the nodes' failpoints, local tier only).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "kill,pause,isolate,minority,bridge"
+        default_value = "kill,pause,isolate,minority,bridge,slow-disk,disk-fail,clock"
     )]
     faults: Vec<String>,
     /// Each request's deadline, seconds.
@@ -108,6 +109,11 @@ struct Args {
     /// Keep the local cluster's data and logs even when every check passed.
     #[arg(long)]
     keep: bool,
+    /// Crash durability instead of the fault schedule (local tier): this many crashes, one
+    /// node at a time, each a kill -9 or an abort at a failpoint in the Raft storage, with the
+    /// dead node's disk checked before it restarts. --time is then the least run time.
+    #[arg(long)]
+    crash_cycles: Option<usize>,
     /// Also write the report as JSON here.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -121,7 +127,7 @@ fn main() -> ExitCode {
             Some(fault) => faults.push(fault),
             None => {
                 eprintln!(
-                    "troupe-jepsen: unknown fault {name:?}: choose from kill, pause, isolate, minority, bridge"
+                    "troupe-jepsen: unknown fault {name:?}: choose from kill, pause, isolate, minority, bridge, slow-disk, disk-fail, clock"
                 );
                 return ExitCode::from(2);
             }
@@ -151,6 +157,14 @@ fn main() -> ExitCode {
         eprintln!("troupe-jepsen: partitions need root, ip and iptables; running without them");
         faults.retain(|f| !f.is_partition());
     }
+    if args.crash_cycles.is_some() && args.cluster != Tier::Local {
+        eprintln!("troupe-jepsen: --crash-cycles needs the local tier (it reads the dead nodes' data dirs and sets their failpoints)");
+        return ExitCode::from(2);
+    }
+    if args.cluster == Tier::Compose && faults.iter().any(|f| f.uses_failpoints()) {
+        eprintln!("troupe-jepsen: slow-disk, disk-fail and clock use failpoints, which only the local tier sets; running without them");
+        faults.retain(|f| !f.uses_failpoints());
+    }
     let dir = args.dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("troupe-jepsen.{}.{seed:x}", std::process::id()))
     });
@@ -165,6 +179,7 @@ fn main() -> ExitCode {
             model,
             clients: args.embed_clients.max(1),
         }),
+        crash_cycles: args.crash_cycles,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -241,6 +256,21 @@ fn main() -> ExitCode {
         }
     }
     print_summary(&report);
+    if args.cluster == Tier::Local {
+        for (key, lines) in &report.failed_histories {
+            let path = dir.join(format!("history-{key}.txt"));
+            if let Err(e) =
+                std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, lines.join("\n")))
+            {
+                eprintln!("troupe-jepsen: {}: {e}", path.display());
+            } else {
+                eprintln!(
+                    "troupe-jepsen: {key}'s operations are in {}",
+                    path.display()
+                );
+            }
+        }
+    }
     if report.anomalies() > 0 {
         eprintln!("troupe-jepsen: FAILED with seed {seed} ({logs})");
         ExitCode::from(1)
@@ -273,14 +303,20 @@ fn print_summary(report: &runner::Report) {
         report.final_revision
     );
     let percent = |f: Option<f64>| f.map_or("-".to_owned(), |f| format!("{:.1}%", f * 100.0));
-    if report.embed.is_some() {
+    if !report.crash_points.is_empty() {
+        println!("| crash point | crashes | at the point |");
+        println!("|---|---:|---:|");
+        for (point, (asked, reached)) in &report.crash_points {
+            println!("| {point} | {asked} | {reached} |");
+        }
+    } else if report.embed.is_some() {
         println!("| fault | node | was leader | at s | held s | longest write gap s | Embeds ok (healthy entry) | Embeds ok (all) | back to 80% throughput s |");
         println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
     } else {
         println!("| fault | node | was leader | at s | held s | longest write gap s |");
         println!("|---|---:|---|---:|---:|---:|");
     }
-    for fault in &report.faults {
+    for fault in report.faults.iter().filter(|f| f.fault != FaultKind::Crash) {
         let embed = match report.embed {
             Some(_) => format!(
                 " {} | {} | {} |",
@@ -323,6 +359,9 @@ fn print_summary(report: &runner::Report) {
         ("lost writes", &report.lost_writes),
         ("watch anomalies", &report.watch_anomalies),
         ("applied twice", &report.duplicates),
+        ("refused but applied", &report.refused_but_applied),
+        ("refusals (samples)", &report.refusal_samples),
+        ("durable state gone back", &report.durability),
         ("errors", &report.errors),
     ] {
         println!("{what}: {}", list.len());

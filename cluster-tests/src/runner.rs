@@ -36,15 +36,32 @@ pub enum FaultKind {
     Minority,
     /// Two halves that both see the target, and not each other.
     Bridge,
+    /// Every log flush and vote save of the target takes 300 ms longer (a failpoint).
+    SlowDisk,
+    /// The target's next log flush fails, as an fsync error would: the node must stop rather
+    /// than go on with a page cache it cannot trust. Restarted at the heal.
+    DiskFail,
+    /// The target's clocks jump: its wall clock by ±30..150 s, its monotonic clock forward by
+    /// as much (the elector's timing uses it). Set back at the heal (the monotonic clock stays
+    /// ahead).
+    Clock,
+    /// A crash: SIGKILL at once, or an abort at a failpoint in the Raft storage (which one the
+    /// seed decides), then the dead node's disk is checked and it is restarted at once. For
+    /// crash durability runs (`--crash-cycles`).
+    Crash,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 5] = [
+    pub const ALL: [FaultKind; 9] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Isolate,
         FaultKind::Minority,
         FaultKind::Bridge,
+        FaultKind::SlowDisk,
+        FaultKind::DiskFail,
+        FaultKind::Clock,
+        FaultKind::Crash,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +71,33 @@ impl FaultKind {
             FaultKind::Isolate => "isolate",
             FaultKind::Minority => "minority",
             FaultKind::Bridge => "bridge",
+            FaultKind::SlowDisk => "slow-disk",
+            FaultKind::DiskFail => "disk-fail",
+            FaultKind::Clock => "clock",
+            FaultKind::Crash => "crash",
+        }
+    }
+
+    /// Faults made with the node's failpoints (troupe-failpoints).
+    pub fn uses_failpoints(self) -> bool {
+        matches!(
+            self,
+            FaultKind::SlowDisk | FaultKind::DiskFail | FaultKind::Clock | FaultKind::Crash
+        )
+    }
+
+    /// The failpoints that make this fault on a node, for a step that holds `hold_ms`.
+    fn failpoints(self, hold_ms: u64) -> String {
+        match self {
+            FaultKind::SlowDisk => "raft.log.flush=sleep(300); raft.meta.write=sleep(300)".into(),
+            FaultKind::DiskFail => "raft.log.flush=1*error".into(),
+            FaultKind::Clock => {
+                // From the step, so the seed decides it: 30..150 s, either way.
+                let seconds = 30 + (hold_ms / 7) % 121;
+                let sign = if hold_ms.is_multiple_of(2) { "" } else { "-" };
+                format!("clock.offset_ms={sign}{}", seconds * 1000)
+            }
+            _ => String::new(),
         }
     }
 
@@ -143,6 +187,31 @@ pub fn schedule(seed: u64, faults: &[FaultKind], nodes: usize, total: Duration) 
     steps
 }
 
+/// `cycles` crashes, one node at a time, 100..600 ms apart; which node and which crash point
+/// ([`crate::crash::POINTS`], picked by `hold_ms`) come from the seed.
+pub fn crash_schedule(seed: u64, cycles: usize, nodes: usize) -> Vec<Step> {
+    let mut rng = Rng::new(seed);
+    (0..cycles)
+        .map(|_| Step {
+            quiet_ms: rng.between(100, 600),
+            fault: FaultKind::Crash,
+            target: if rng.next_u64().is_multiple_of(2) {
+                Target::Leader
+            } else {
+                Target::Node(rng.next_u64() as usize % nodes)
+            },
+            hold_ms: rng.next_u64() % 1_000_000,
+        })
+        .collect()
+}
+
+impl Step {
+    /// A crash step's point.
+    pub fn crash_point(&self) -> &'static str {
+        crate::crash::POINTS[self.hold_ms as usize % crate::crash::POINTS.len()]
+    }
+}
+
 /// What a run is asked to do.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -155,6 +224,9 @@ pub struct RunConfig {
     pub op_timeout: Duration,
     /// Embed traffic beside the register clients, when the cluster serves a model.
     pub embed: Option<EmbedLoad>,
+    /// Instead of the fault schedule: this many crashes (kill -9 and failpoint aborts), each
+    /// followed by a check of the dead node's disk.
+    pub crash_cycles: Option<usize>,
 }
 
 /// Embed traffic: `clients` loops, each sending one-text Embeds to the nodes in turn (as a
@@ -199,6 +271,10 @@ struct Record {
     completed: Option<u64>,
     /// For an acknowledged write: the revision it applied at.
     revision: Option<u64>,
+    /// For a read: the revision of the value it returned. For the dump of a failed key.
+    read_revision: Option<u64>,
+    /// The node's API address the client sent it to.
+    via: Arc<str>,
 }
 
 /// A fault as it happened.
@@ -241,11 +317,23 @@ pub struct Report {
     pub watch_anomalies: Vec<String>,
     /// Values that applied more than once (at more than one revision).
     pub duplicates: Vec<String>,
+    /// Writes refused as certainly not applied that applied all the same.
+    pub refused_but_applied: Vec<String>,
+    /// Some of the errors definite refusals came with.
+    pub refusal_samples: Vec<String>,
+    /// The operations of each key that is not linearizable, one per line, for a look.
+    #[serde(skip)]
+    pub failed_histories: Vec<(String, Vec<String>)>,
     /// The longest time without an acknowledged write in the whole run, ms.
     pub max_gap_ms: u64,
     pub final_revision: u64,
     /// Things that stopped the run from checking what it meant to.
     pub errors: Vec<String>,
+    /// Crash runs: per crash point, (crashes asked for, crashes that happened at the point;
+    /// the rest were a SIGKILL after 3 s).
+    pub crash_points: std::collections::BTreeMap<String, (usize, usize)>,
+    /// Crash runs: durable state that went back on a node's disk between two crashes.
+    pub durability: Vec<String>,
     pub embed: Option<EmbedReport>,
 }
 
@@ -255,6 +343,8 @@ impl Report {
             + self.lost_writes.len()
             + self.watch_anomalies.len()
             + self.duplicates.len()
+            + self.durability.len()
+            + self.refused_but_applied.len()
     }
 
     pub fn passed(&self) -> bool {
@@ -307,9 +397,13 @@ pub async fn run(cluster: &mut impl Cluster, config: &RunConfig, log: impl Fn(&s
         .collect();
     let mut report = Report {
         seed: config.seed,
-        schedule: schedule(config.seed, &faults, nodes, config.duration),
+        schedule: match config.crash_cycles {
+            Some(cycles) => crash_schedule(config.seed, cycles, nodes),
+            None => schedule(config.seed, &faults, nodes, config.duration),
+        },
         ..Report::default()
     };
+    let mut disks: Vec<Option<crate::crash::DiskState>> = vec![None; nodes];
     if faults.len() < config.faults.len() {
         report.errors.push(
             "partitions were asked for but this run cannot make network namespaces (run as root)"
@@ -368,6 +462,7 @@ pub async fn run(cluster: &mut impl Cluster, config: &RunConfig, log: impl Fn(&s
     let records: Arc<Mutex<Vec<Record>>> = Arc::default();
     let acks: Arc<Mutex<Vec<u64>>> = Arc::default();
     let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let refusals: Refusals = Arc::default();
     let mut tasks = Vec::new();
     for c in 0..config.clients {
         let clients = match clients_of(cluster, config.op_timeout) {
@@ -378,7 +473,7 @@ pub async fn run(cluster: &mut impl Cluster, config: &RunConfig, log: impl Fn(&s
             }
         };
         let (records, acks, keys) = (records.clone(), acks.clone(), keys.clone());
-        let refused = refused.clone();
+        let (refused, refusals) = (refused.clone(), refusals.clone());
         let mut stop = stop_rx.clone();
         let seed = config.seed ^ ((c as u64 + 1) << 48);
         tasks.push(tokio::spawn(async move {
@@ -401,7 +496,12 @@ pub async fn run(cluster: &mut impl Cluster, config: &RunConfig, log: impl Fn(&s
                 match rng.next_u64() % 5 {
                     0 | 1 => done.push(read(client, key, &keys[key], start).await),
                     2 | 3 => done.push(
-                        write(client, key, &keys[key], value, None, &request_id, start).await,
+                        write(client, key, &keys[key], value, None, &request_id, start)
+                            .await
+                            .unwrap_or_else(|why| {
+                                refusals.lock().unwrap().push((key, value, why));
+                                None
+                            }),
                     ),
                     _ => {
                         // Compare-and-set from what a read just returned.
@@ -420,7 +520,11 @@ pub async fn run(cluster: &mut impl Cluster, config: &RunConfig, log: impl Fn(&s
                                 &request_id,
                                 start,
                             )
-                            .await;
+                            .await
+                            .unwrap_or_else(|why| {
+                                refusals.lock().unwrap().push((key, value, why));
+                                None
+                            });
                             if let Some(record) = &mut cas {
                                 if let Op::Write { value } = record.op {
                                     let succeeded =
@@ -509,6 +613,37 @@ pub async fn run(cluster: &mut impl Cluster, config: &RunConfig, log: impl Fn(&s
         };
         let others: Vec<usize> = (0..nodes).filter(|&n| n != node).collect();
         let began_ms = now_ms(start) / 1000;
+        if step.fault == FaultKind::Crash {
+            let point = step.crash_point();
+            let crashed = crash(cluster, node, point, &mut disks[node], &mut report).await;
+            log(&format!(
+                "{:>7.2} s: crash node {}{} at {point}{}",
+                began_ms as f64 / 1e3,
+                node + 1,
+                if leader == Some(node) {
+                    " (the leader)"
+                } else {
+                    ""
+                },
+                if crashed {
+                    ""
+                } else {
+                    " (not reached in 3 s: killed)"
+                }
+            ));
+            report.faults.push(FaultEvent {
+                fault: step.fault,
+                node: node + 1,
+                was_leader: leader == Some(node),
+                began_ms,
+                healed_ms: now_ms(start) / 1000,
+                max_gap_ms: 0,
+                embed_ok_healthy: None,
+                embed_ok_all: None,
+                embed_recovery_ms: None,
+            });
+            continue;
+        }
         let injected = match step.fault {
             FaultKind::Kill => cluster.kill(node),
             FaultKind::Pause => cluster.pause(node),
@@ -537,6 +672,10 @@ pub async fn run(cluster: &mut impl Cluster, config: &RunConfig, log: impl Fn(&s
                     .collect();
                 cluster.partition(&pairs)
             }
+            FaultKind::SlowDisk | FaultKind::DiskFail | FaultKind::Clock => {
+                cluster.set_failpoints(node, &step.fault.failpoints(step.hold_ms))
+            }
+            FaultKind::Crash => unreachable!("crashes are handled above"),
         };
         log(&format!(
             "{:>7.2} s: {} node {}{}",
@@ -556,6 +695,12 @@ pub async fn run(cluster: &mut impl Cluster, config: &RunConfig, log: impl Fn(&s
         let healed = match step.fault {
             FaultKind::Kill => cluster.restart(node),
             FaultKind::Pause => cluster.resume(node),
+            FaultKind::SlowDisk => cluster.set_failpoints(node, ""),
+            FaultKind::Clock => cluster.set_failpoints(node, "clock.offset_ms=0"),
+            // A node whose flush failed has stopped (a restart of a running node does nothing).
+            FaultKind::DiskFail => cluster
+                .set_failpoints(node, "")
+                .and_then(|()| cluster.restart(node)),
             _ => cluster.heal_network(),
         };
         let healed_ms = now_ms(start) / 1000;
@@ -661,8 +806,127 @@ pub async fn run(cluster: &mut impl Cluster, config: &RunConfig, log: impl Fn(&s
         let errors = std::mem::take(&mut *embed_errors.lock().unwrap());
         report.embed = Some(embed_report(&mut report.faults, &embeds, errors));
     }
+    let refusals = std::mem::take(&mut *refusals.lock().unwrap());
     check(&mut report, &records, &keys, &streams);
+    check_refusals(&mut report, &refusals, &keys, &streams);
     report
+}
+
+/// Definite refusals of writes: (key, value, the error).
+type Refusals = Arc<Mutex<Vec<(usize, u64, String)>>>;
+
+/// A write the cluster refused as certainly not applied must not show up applied in any
+/// node's watch stream: a client that believed the refusal would be wrong.
+fn check_refusals(
+    report: &mut Report,
+    refusals: &[(usize, u64, String)],
+    keys: &[String],
+    streams: &[Stream],
+) {
+    for (key, value, why) in refusals {
+        let (name, text) = (format!("settings/{}", keys[*key]), value.to_string());
+        let applied = streams.iter().find_map(|stream| {
+            stream
+                .changes
+                .iter()
+                .find(|(_, k, v)| *k == name && v.as_deref() == Some(text.as_str()))
+                .map(|(revision, _, _)| *revision)
+        });
+        if let Some(revision) = applied {
+            report.refused_but_applied.push(format!(
+                "{name} = {value} was refused as not applied ({why}) but applied at revision {revision}"
+            ));
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (_, _, why) in refusals {
+        if seen.len() < 5 && seen.insert(why.clone()) {
+            report.refusal_samples.push(why.clone());
+        }
+    }
+}
+
+/// One crash cycle: crash `node` at `point`, read its disk and compare it with what it held
+/// after its last crash, restart it, and wait until it answers with a leader known. Returns
+/// whether the crash happened at the point (else the node was killed after 3 s).
+async fn crash(
+    cluster: &mut impl Cluster,
+    node: usize,
+    point: &str,
+    last_disk: &mut Option<crate::crash::DiskState>,
+    report: &mut Report,
+) -> bool {
+    let mut at_point = true;
+    let note = |report: &mut Report, e: String| {
+        report.errors.push(format!("crash node {}: {e}", node + 1))
+    };
+    if point == "kill" {
+        if let Err(e) = cluster.kill(node) {
+            note(report, e);
+        }
+    } else {
+        if let Err(e) = cluster.set_failpoints(node, &format!("{point}=1*abort")) {
+            note(report, e);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !cluster.exited(node) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !cluster.exited(node) {
+            at_point = false;
+            if let Err(e) = cluster.kill(node) {
+                note(report, e);
+            }
+        }
+    }
+    let counts = report.crash_points.entry(point.to_owned()).or_default();
+    counts.0 += 1;
+    counts.1 += usize::from(at_point);
+    // Cleared before the restart: the node reads the file as it starts.
+    if let Err(e) = cluster.set_failpoints(node, "") {
+        note(report, e);
+    }
+    if let Some(dir) = cluster.data_dir(node) {
+        match crate::crash::read_disk(&dir).await {
+            Ok(now) => {
+                if let Some(before) = last_disk {
+                    report
+                        .durability
+                        .extend(crate::crash::regressions(node + 1, before, &now));
+                }
+                *last_disk = Some(now);
+            }
+            Err(e) => note(report, e),
+        }
+    }
+    if let Err(e) = cluster.restart(node) {
+        note(report, e);
+        return at_point;
+    }
+    let client = match cluster.client(node, Duration::from_secs(1)) {
+        Ok(client) => client,
+        Err(e) => {
+            note(report, e);
+            return at_point;
+        }
+    };
+    let back = crate::wait::until(
+        "the restarted node to rejoin",
+        Duration::from_secs(30),
+        || async {
+            client
+                .status()
+                .await
+                .ok()
+                .and_then(|s| s.leader)
+                .map(|_| ())
+        },
+    )
+    .await;
+    if let Err(e) = back {
+        note(report, e);
+    }
+    at_point
 }
 
 /// A client of every node, in node order.
@@ -766,6 +1030,8 @@ async fn read_register(
                 invoked,
                 completed: Some(now_ms(start)),
                 revision: None,
+                read_revision: Some(register.mod_revision),
+                via: client.addr.as_str().into(),
             }),
             Some(register),
         ),
@@ -782,7 +1048,7 @@ async fn write(
     expected: Option<crate::client::Register>,
     request_id: &str,
     start: Instant,
-) -> Option<Record> {
+) -> Result<Option<Record>, String> {
     let invoked = now_ms(start);
     let answer = client
         .write(name, value, expected.map(|r| r.mod_revision), request_id)
@@ -792,17 +1058,20 @@ async fn write(
         Answer::Ok(revision) => (Some(completed), Some(revision)),
         // A lost compare-and-set is a definite outcome.
         Answer::Conflict => (Some(completed), None),
-        // It did not apply: it has no place in the history.
-        Answer::Failed(_) => return None,
+        // It did not apply: it has no place in the history (the caller checks that it is in
+        // no watch stream either).
+        Answer::Failed(why) => return Err(why),
         Answer::Unknown(_) => (None, None),
     };
-    Some(Record {
+    Ok(Some(Record {
         key,
         op: Op::Write { value },
         invoked,
         completed,
         revision,
-    })
+        read_revision: None,
+        via: client.addr.as_str().into(),
+    }))
 }
 
 /// Follows one node's watch stream until told to stop, reconnecting from the next revision
@@ -907,6 +1176,23 @@ fn check(report: &mut Report, records: &[Record], keys: &[String], streams: &[St
                 continue;
             }
             let stuck = &events[violation.stuck_at];
+            let mut lines: Vec<(u64, String)> = records
+                .iter()
+                .filter(|r| r.key == k)
+                .map(|r| {
+                    (
+                        r.invoked,
+                        format!(
+                            "{:>12} {:>12?} via {} {:?} revision {:?} read revision {:?}",
+                            r.invoked, r.completed, r.via, r.op, r.revision, r.read_revision
+                        ),
+                    )
+                })
+                .collect();
+            lines.sort();
+            report
+                .failed_histories
+                .push((key.clone(), lines.into_iter().map(|(_, l)| l).collect()));
             report.non_linearizable.push(format!(
                 "{key}: {} operations; no order places {:?} (invoked at {:.3} s, completed at {:?} µs) after {} others",
                 events.len(),
@@ -1034,6 +1320,8 @@ mod tests {
             invoked: 0,
             completed: Some(1),
             revision,
+            read_revision: None,
+            via: "test".into(),
         }
     }
 

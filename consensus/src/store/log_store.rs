@@ -339,6 +339,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// after a restart, and a stale value is safe (openraft re-derives the commit point), so it
     /// rides along with the next flush instead of costing one per commit.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // An error at this failpoint leaves the commit point unrecorded, as a crash before the
+        // flush that would carry it does.
+        if troupe_failpoints::hit("raft.committed.save").is_err() {
+            return Ok(());
+        }
         // A small in-memory insert: done inline, it costs less than a hand-off to a thread.
         let bytes = serde_json::to_vec(&committed).map_err(write_io)?;
         self.meta.insert(COMMITTED_KEY, bytes).map_err(write_io)?;
