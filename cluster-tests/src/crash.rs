@@ -50,7 +50,7 @@ pub async fn read_disk(data_dir: &Path) -> Result<DiskState, String> {
         .map_err(|e| format!("opening {}: {e}", raft_dir.display()))?;
     let fail =
         |what: &str, e: &dyn std::fmt::Display| format!("{}: {what}: {e}", raft_dir.display());
-    let vote = log.read_vote().await.map_err(|e| fail("vote", &e))?;
+    let vote = log.saved_vote().await.map_err(|e| fail("vote", &e))?;
     let state = log
         .get_log_state()
         .await

@@ -107,26 +107,6 @@ impl MetadataConfig {
     }
 }
 
-/// The index a linearizable read on this node, as leader, must see applied: its whole log,
-/// once a quorum has confirmed that it still leads.
-///
-/// openraft's own read index (`ensure_linearizable`) is the larger of the commit point and the
-/// leader's first entry of its term. That is not enough for a leader restored at startup
-/// (openraft 0.9 makes a node whose saved vote is its own committed one leader again at once,
-/// with no new entry of its own): its commit point is what was on disk, and troupe saves the
-/// commit point without a flush, so it can lag writes the leader acknowledged before it was
-/// killed. The crash tier found it: a leader killed and restarted within 30 ms answered a
-/// read with a value two revisions old. Every entry in a confirmed leader's log will commit
-/// while it leads, so waiting for the log's end is safe whatever the commit point says; it
-/// costs a read no more than the writes in flight beside it.
-pub(crate) async fn leader_read_index(
-    raft: &Raft<crate::types::TypeConfig>,
-) -> Result<u64, RaftError<NodeId, openraft::error::CheckIsLeaderError<NodeId, NodeAddr>>> {
-    let read = raft.ensure_linearizable().await?;
-    let last = raft.metrics().borrow().last_log_index.unwrap_or(0);
-    Ok(read.map_or(0, |l| l.index).max(last))
-}
-
 /// How fresh a read must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadConsistency {
@@ -671,8 +651,8 @@ impl Metadata {
     /// for writes.
     async fn read_index(&self) -> Result<u64, MetadataError> {
         let local = || async {
-            match leader_read_index(&self.raft).await {
-                Ok(index) => Attempt::Done(index),
+            match self.raft.ensure_linearizable().await {
+                Ok(log_id) => Attempt::Done(log_id.map_or(0, |l| l.index)),
                 Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
                     forward,
                 ))) => match forward.leader_id {

@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 
 use crate::facade::Metadata;
 use crate::metadata::{Change, MetadataState};
-use crate::store::Replay;
+use crate::store::{Live, Replay};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WatchError {
@@ -27,9 +27,10 @@ pub enum WatchError {
 }
 
 pub struct Watch {
+    /// The next revision the watcher wants: above every change it was given.
     from: u64,
     backlog: VecDeque<Change>,
-    live: broadcast::Receiver<Change>,
+    live: broadcast::Receiver<Live>,
 }
 
 impl Watch {
@@ -41,20 +42,30 @@ impl Watch {
         }
     }
 
-    /// The next change, in revision order.
+    /// The next change, in revision order. A snapshot installed over changes the watcher has
+    /// not seen ends it with [`WatchError::Compacted`]: they will never be sent.
     pub async fn next(&mut self) -> Result<Change, WatchError> {
-        if let Some(change) = self.backlog.pop_front() {
-            return Ok(change);
-        }
-        loop {
-            match self.live.recv().await {
-                // Applied here only now, but older than what the watcher asked for.
-                Ok(change) if change.revision < self.from => continue,
-                Ok(change) => return Ok(change),
-                Err(broadcast::error::RecvError::Lagged(_)) => return Err(WatchError::Lagged),
-                Err(broadcast::error::RecvError::Closed) => return Err(WatchError::Closed),
-            }
-        }
+        let change = match self.backlog.pop_front() {
+            Some(change) => change,
+            None => loop {
+                match self.live.recv().await {
+                    // Applied here only now, but older than what the watcher asked for.
+                    Ok(Live::Change(change)) if change.revision < self.from => continue,
+                    Ok(Live::Change(change)) => break change,
+                    Ok(Live::Reset { revision }) if revision >= self.from => {
+                        return Err(WatchError::Compacted {
+                            requested: self.from,
+                            snapshot_revision: revision,
+                        })
+                    }
+                    Ok(Live::Reset { .. }) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Err(WatchError::Lagged),
+                    Err(broadcast::error::RecvError::Closed) => return Err(WatchError::Closed),
+                }
+            },
+        };
+        self.from = self.from.max(change.revision + 1);
+        Ok(change)
     }
 }
 
@@ -151,5 +162,29 @@ mod tests {
         assert_eq!(change.revision, 4);
         history.record(vec![set(5, "five")]);
         assert_eq!(watch.next().await.unwrap().revision, 5);
+    }
+
+    /// A snapshot installed over changes a live watch has not been sent ends it: the watcher
+    /// must resync, not go on as if nothing was missed. One already past the snapshot goes on.
+    #[tokio::test]
+    async fn a_snapshot_installed_under_a_live_watch_ends_it() {
+        let history = History::new(100, &MetadataState::default());
+        history.record(vec![set(1, "one")]);
+        let mut behind = Watch::new(history.replay(2).map_err(|_| "compacted").unwrap());
+        let mut ahead = Watch::new(history.replay(12).map_err(|_| "compacted").unwrap());
+        history.record(vec![set(2, "two")]);
+        assert_eq!(behind.next().await.unwrap().revision, 2);
+        let mut installed = MetadataState::default();
+        installed.revision = 10;
+        history.reset(&installed);
+        history.record(vec![set(12, "twelve")]);
+        assert_eq!(
+            behind.next().await,
+            Err(WatchError::Compacted {
+                requested: 3,
+                snapshot_revision: 10
+            })
+        );
+        assert_eq!(ahead.next().await.unwrap().revision, 12);
     }
 }

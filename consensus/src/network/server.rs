@@ -216,8 +216,8 @@ impl RaftPeer for RaftPeerService {
         &self,
         _request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let result: ForwardedReadIndex = match crate::facade::leader_read_index(&self.raft).await {
-            Ok(index) => Ok(index),
+        let result: ForwardedReadIndex = match self.raft.ensure_linearizable().await {
+            Ok(read_log_id) => Ok(read_log_id.map_or(0, |log_id| log_id.index)),
             Err(error) => Err(error.to_string()),
         };
         reply(&result)

@@ -32,7 +32,18 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct History {
     inner: Arc<Mutex<Inner>>,
-    live: broadcast::Sender<Change>,
+    live: broadcast::Sender<Live>,
+}
+
+/// What the live feed carries.
+#[derive(Debug, Clone)]
+pub enum Live {
+    Change(Change),
+    /// A snapshot was installed over the state: the changes up to `revision` that were not
+    /// sent will never be. A watcher that had not seen them must resync.
+    Reset {
+        revision: u64,
+    },
 }
 
 /// The replayable part of the history from a revision on, plus the live feed after it.
@@ -42,7 +53,7 @@ pub struct Replay {
     /// moved from a node further ahead) must skip the ones below it.
     pub from: u64,
     pub backlog: Vec<Change>,
-    pub live: broadcast::Receiver<Change>,
+    pub live: broadcast::Receiver<Live>,
 }
 
 impl History {
@@ -75,7 +86,7 @@ impl History {
                 }
             }
             // No receiver is fine: nobody is watching.
-            let _ = self.live.send(change);
+            let _ = self.live.send(Live::Change(change));
         }
     }
 
@@ -85,6 +96,10 @@ impl History {
         inner.changes.clear();
         inner.compacted = state.revision;
         inner.base = state.keys_only();
+        // Sent under the lock, as changes are, so a watcher sees it in order.
+        let _ = self.live.send(Live::Reset {
+            revision: state.revision,
+        });
     }
 
     /// The keys as of `revision`, rebuilt from the compaction point; the compaction point

@@ -194,6 +194,12 @@ impl LogStore {
         })
     }
 
+    /// The vote as it was saved, for tools that inspect a stopped node's disk.
+    pub async fn saved_vote(&self) -> Result<Option<Vote>, StorageError> {
+        let meta = self.meta.clone();
+        blocking(&self.guard, move || Self::read_meta(&meta, VOTE_KEY)).await
+    }
+
     fn recent(&self) -> std::sync::MutexGuard<'_, RecentEntries> {
         // The cache holds no invariant a panic could break halfway, so a poisoned lock is
         // still usable.
@@ -330,9 +336,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .await
     }
 
+    /// The saved vote, uncommitted: a node that led when it stopped restarts as a follower
+    /// that has voted in that term, not as its leader.
+    ///
+    /// openraft 0.9 makes a node whose saved vote is its own committed one leader again at
+    /// startup. That assumes its log holds everything it sent as leader, but a leader sends
+    /// entries to followers before its own flush of them ends (they are read from sled's
+    /// memory), and a quorum of followers can commit them meanwhile. Killed before that flush,
+    /// a restored leader would append different entries at the same indexes in the same term,
+    /// and the followers, which compare log ids only, would keep theirs: two state machines
+    /// that differ. The crash tier found it (watch streams that differ, a stale read). As a
+    /// follower the node gets what it lacks from the next leader, as in etcd, where a
+    /// restarted node is always a follower. The vote keeps its term and candidate, so the node
+    /// still votes for no one else in that term.
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        let meta = self.meta.clone();
-        blocking(&self.guard, move || Self::read_meta(&meta, VOTE_KEY)).await
+        let vote = self.saved_vote().await?;
+        Ok(vote.map(|vote| Vote::new(vote.leader_id.term, vote.leader_id.node_id)))
     }
 
     /// Records the commit point without a flush of its own: it only saves re-applying entries

@@ -11,7 +11,7 @@ mod state_machine;
 
 use std::path::Path;
 
-pub use history::{History, Replay};
+pub use history::{History, Live, Replay};
 pub use log_store::LogStore;
 pub use state_machine::{Applied, StateMachineStore};
 
