@@ -4,10 +4,14 @@
 #
 #   scripts/faults.sh [SECONDS] [SEED]            # local: 3 `troupe node` processes
 #   scripts/faults.sh --compose [SECONDS] [SEED]  # compose: the docker-compose cluster
+#   scripts/faults.sh --crash [CYCLES] [SEED]     # crash durability, local (default 500)
 #
 # Default 600 s and a seed from the clock.
 # - local: each node in its own network namespace when run as root, so that partitions are
-#   possible; SIGKILL, SIGSTOP and iptables cuts.
+#   possible; SIGKILL, SIGSTOP and iptables cuts, and the nodes' failpoints (a slow disk, a
+#   failed fsync, a clock jump).
+# - crash: kill -9 and aborts at failpoints in the Raft storage, one node at a time, with
+#   the dead node's disk checked between crashes (troupe-jepsen --crash-cycles).
 # - compose: a project of its own (troupe-faults, ports 27700-27722, network 10.177.2.0/24,
 #   image troupe:faults) made by scripts/compose-up.sh (static build, model pushed and
 #   active), hurt with docker kill, docker pause and docker network disconnect, with Embed
@@ -22,7 +26,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 tier=local
+crash=
 if [[ ${1:-} == --compose ]]; then tier=compose; shift; fi
+if [[ ${1:-} == --crash ]]; then crash=${2:-500}; shift; shift || true; fi
 SECS=${1:-600}
 SEED=${2:-}
 cargo build --release -p troupe -p troupe-cluster-tests >&2
@@ -30,6 +36,13 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=${OUT:-$TARGET/faults/$tier.json}
 mkdir -p "$(dirname "$OUT")"
 args=(--cluster "$tier" --time "$SECS" --json-out "$OUT")
+if [[ -n $crash ]]; then
+  # Snapshots every 50 entries and no log kept behind them, so that snapshot writes,
+  # installs and purges happen often enough to be crashed in.
+  SEED=${1:-}
+  args=(--cluster local --crash-cycles "$crash" --time 5 --json-out "${OUT%.json}-crash.json"
+    --raft $'snapshot_every_entries = 50\nkeep_entries_after_snapshot = 0')
+fi
 [[ -n $SEED ]] && args+=(--seed "$SEED")
 [[ -n ${FAULTS:-} ]] && args+=(--faults "$FAULTS")
 

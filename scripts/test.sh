@@ -59,6 +59,13 @@ step "fault tier: a 60 s Jepsen-style run (troupe-jepsen, local tier; scripts/fa
 # reproduces its schedule and keeps the nodes' logs.
 "$target_dir/debug/troupe-jepsen" --bin "$target_dir/debug/troupe" --time 60
 
+step "crash durability: 30 crash cycles (kill -9, aborts at Raft storage failpoints)"
+# One node at a time, while the clients write; the dead node's disk is checked against what
+# it held after its previous crash (vote, purge, commit, snapshot never go back), then the
+# usual checks. scripts/faults.sh --crash runs 500.
+"$target_dir/debug/troupe-jepsen" --bin "$target_dir/debug/troupe" --crash-cycles 30 --time 5 \
+  --raft $'snapshot_every_entries = 50\nkeep_entries_after_snapshot = 0'
+
 step "cargo test --features otel (OTLP export to a collector)"
 cargo test -p troupe --features otel --test otel
 

@@ -615,7 +615,7 @@ pub async fn run(cluster: &mut impl Cluster, config: &RunConfig, log: impl Fn(&s
         let began_ms = now_ms(start) / 1000;
         if step.fault == FaultKind::Crash {
             let point = step.crash_point();
-            let crashed = crash(cluster, node, point, &mut disks[node], &mut report).await;
+            let crashed = crash(cluster, node, leader, point, &mut disks, &mut report).await;
             log(&format!(
                 "{:>7.2} s: crash node {}{} at {point}{}",
                 began_ms as f64 / 1e3,
@@ -849,11 +849,16 @@ fn check_refusals(
 /// One crash cycle: crash `node` at `point`, read its disk and compare it with what it held
 /// after its last crash, restart it, and wait until it answers with a leader known. Returns
 /// whether the crash happened at the point (else the node was killed after 3 s).
+///
+/// A vote is saved only in an election, so for the vote points a follower target is armed and
+/// then the leader is killed and restarted at once (it comes back a follower): an election
+/// follows, in which the target votes or stands.
 async fn crash(
     cluster: &mut impl Cluster,
     node: usize,
+    leader: Option<usize>,
     point: &str,
-    last_disk: &mut Option<crate::crash::DiskState>,
+    disks: &mut [Option<crate::crash::DiskState>],
     report: &mut Report,
 ) -> bool {
     let mut at_point = true;
@@ -867,6 +872,13 @@ async fn crash(
     } else {
         if let Err(e) = cluster.set_failpoints(node, &format!("{point}=1*abort")) {
             note(report, e);
+        }
+        if let Some(leader) = leader.filter(|&l| l != node && point.starts_with("raft.meta.")) {
+            // The file is reread every 50 ms.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Err(e) = cluster.kill(leader).and_then(|()| cluster.restart(leader)) {
+                note(report, e);
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(3);
         while !cluster.exited(node) && Instant::now() < deadline {
@@ -886,6 +898,7 @@ async fn crash(
     if let Err(e) = cluster.set_failpoints(node, "") {
         note(report, e);
     }
+    let last_disk = &mut disks[node];
     if let Some(dir) = cluster.data_dir(node) {
         match crate::crash::read_disk(&dir).await {
             Ok(now) => {

@@ -154,7 +154,7 @@ pub(crate) fn storage_error_text(error: &sled::Error) -> String {
         }
         sled::Error::Io(io) => match io.raw_os_error() {
             Some(code) => std::io::Error::from_raw_os_error(code).to_string(),
-            None => io.kind().to_string(),
+            None => io.to_string(),
         },
         other => other.to_string(),
     }
