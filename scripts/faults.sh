@@ -21,7 +21,9 @@
 # (linearizability per key, acknowledged writes in every node's watch stream, identical
 # watch streams, no value applied twice). A failing run names the seed that reproduces its
 # schedule. Env: CARGO_TARGET_DIR, FAULTS (default all), OUT (JSON report, default
-# target/faults/<tier>.json).
+# target/faults/<tier>.json), REPEAT (default 1: runs in a row, each with its own seed unless
+# SEED is given, against one compose cluster or a new local one each time; stops at the
+# first failure and prints the pass count and each run's wall time).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -46,8 +48,27 @@ fi
 [[ -n $SEED ]] && args+=(--seed "$SEED")
 [[ -n ${FAULTS:-} ]] && args+=(--faults "$FAULTS")
 
+REPEAT=${REPEAT:-1}
+# Runs "$@" REPEAT times in a row; stops at the first failure.
+repeat() {
+  local i start passed=0 times=()
+  for ((i = 1; i <= REPEAT; i++)); do
+    start=$SECONDS
+    if ! "$@"; then
+      echo "faults.sh: run $i of $REPEAT FAILED after $((SECONDS - start)) s; $passed passed before it (times: ${times[*]:-none} s)" >&2
+      return 1
+    fi
+    passed=$((passed + 1))
+    times+=("$((SECONDS - start))")
+    ((REPEAT > 1)) && echo "faults.sh: run $i of $REPEAT passed in $((SECONDS - start)) s" >&2
+  done
+  ((REPEAT > 1)) && echo "faults.sh: $passed of $REPEAT runs passed; wall times ${times[*]} s" >&2
+  return 0
+}
+
 if [[ $tier == local ]]; then
-  exec "$TARGET/release/troupe-jepsen" --bin "$TARGET/release/troupe" "${args[@]}"
+  repeat "$TARGET/release/troupe-jepsen" --bin "$TARGET/release/troupe" "${args[@]}"
+  exit
 fi
 
 export TROUPE_COMPOSE_PROJECT=troupe-faults TROUPE_IMAGE=troupe:faults TROUPE_COMPOSE_NET=10.177.2
@@ -73,6 +94,6 @@ elif [[ -n ${CARGO_TARGET_DIR:-} ]]; then static_target=$(dirname "$CARGO_TARGET
 else static_target=$ROOT/target/static; fi
 # shellcheck disable=SC1090
 source "$static_target/compose-certs/$TROUPE_COMPOSE_PROJECT/env"
-"$TARGET/release/troupe-jepsen" "${args[@]}" --project "$TROUPE_COMPOSE_PROJECT" \
+repeat "$TARGET/release/troupe-jepsen" "${args[@]}" --project "$TROUPE_COMPOSE_PROJECT" \
   --addrs "127.0.0.1:$TROUPE_COMPOSE_API1,127.0.0.1:$TROUPE_COMPOSE_API2,127.0.0.1:$TROUPE_COMPOSE_API3" \
   --embed-model all-MiniLM-L6-v2

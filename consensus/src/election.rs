@@ -123,11 +123,12 @@ pub(crate) async fn run(elector: Elector) {
     let Elector {
         node_id,
         raft,
-        transport,
         silence,
         removal,
         timings,
-    } = elector;
+        ..
+    } = &elector;
+    let (node_id, timings) = (*node_id, *timings);
     let mut metrics = raft.metrics();
     let mut vote = metrics.borrow().vote;
     // The last sign of a live leader or election: a leader's AppendEntries, a change of vote
@@ -185,10 +186,7 @@ pub(crate) async fn run(elector: Elector) {
         };
         let asked = monotonic_now();
         let needed = voters.len() / 2;
-        let granted = 1 + ask(
-            &transport, &removal, node_id, &voters, &nodes, &request, needed, timings,
-        )
-        .await;
+        let granted = 1 + ask(&elector, &voters, &nodes, &request, needed).await;
         // A leader or an election heard of while asking makes the answers stale.
         let news = silence.last_heard().is_some_and(|heard| heard > asked)
             || metrics.borrow().vote != vote;
@@ -219,17 +217,21 @@ pub(crate) async fn run(elector: Elector) {
 
 /// Asks every other voter at once; the number that said yes within the shortest election
 /// timeout, counted until `enough` did.
-#[allow(clippy::too_many_arguments)]
 async fn ask(
-    transport: &PeerTransport,
-    removal: &Arc<Removal>,
-    node_id: NodeId,
+    elector: &Elector,
     voters: &[NodeId],
     nodes: &BTreeMap<NodeId, NodeAddr>,
     request: &PreVoteRequest,
     enough: usize,
-    timings: Timings,
 ) -> usize {
+    let Elector {
+        node_id,
+        transport,
+        removal,
+        timings,
+        ..
+    } = elector;
+    let node_id = *node_id;
     let mut asks = tokio::task::JoinSet::new();
     for &voter in voters.iter().filter(|&&v| v != node_id) {
         let Some(addr) = nodes.get(&voter) else {
