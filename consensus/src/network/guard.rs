@@ -264,4 +264,27 @@ mod tests {
             Some(Refusal::WrongSender)
         );
     }
+
+    /// A pre-vote is asked by the node its certificate proves, or refused before it is
+    /// answered: a peer cannot make a leaderless cluster believe another node wants to stand.
+    #[test]
+    fn a_pre_vote_must_come_from_its_candidate() {
+        let request = troupe_proto::v1::PreVoteRequest {
+            candidate: 1,
+            term: u64::MAX,
+            last_log: None,
+        };
+        assert_eq!(
+            refusal(pre_vote(&request, Some(VerifiedPeer::Node(1)))),
+            None
+        );
+        assert_eq!(
+            refusal(pre_vote(&request, Some(VerifiedPeer::Node(2)))),
+            Some(Refusal::WrongSender)
+        );
+        assert_eq!(
+            refusal(pre_vote(&request, None)),
+            Some(Refusal::NoCertificate)
+        );
+    }
 }
