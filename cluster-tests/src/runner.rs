@@ -880,11 +880,12 @@ async fn crash(
                 note(report, e);
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while !cluster.exited(node) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if !cluster.exited(node) {
+        let died = crate::wait::until("the node to abort", Duration::from_secs(3), || {
+            let exited = cluster.exited(node);
+            async move { exited.then_some(()) }
+        })
+        .await;
+        if died.is_err() {
             at_point = false;
             if let Err(e) = cluster.kill(node) {
                 note(report, e);

@@ -182,6 +182,24 @@ async fn leader_snapshot(
     (dir, snapshot)
 }
 
+/// Installs on `raft` the snapshot a leader of term 5 sends: up to (5,9), with a membership of
+/// `voter_ids` and `learners` at (5,4). Returns the node's metrics once it is applied, its
+/// membership checked to be the snapshot's.
+async fn install_leader_snapshot(
+    raft: &Raft,
+    voter_ids: &[NodeId],
+    learners: &[NodeId],
+) -> openraft::RaftMetrics<NodeId, NodeAddr> {
+    let (_leader_dir, snapshot) = leader_snapshot(5, 4, 9, voter_ids, learners).await;
+    raft.install_full_snapshot(Vote::new_committed(5, 1), snapshot)
+        .await
+        .unwrap();
+    wait_applied(raft, 9).await;
+    let metrics = raft.metrics().borrow().clone();
+    assert_eq!(metrics.membership_config.log_id(), &Some(lid(5, 4)));
+    metrics
+}
+
 async fn wait_applied(raft: &Raft, index: u64) {
     raft.wait(Some(Duration::from_secs(10)))
         .applied_index(Some(index), "the snapshot is installed")
@@ -218,13 +236,7 @@ async fn a_snapshot_replaces_a_newer_uncommitted_membership() {
             .await
             .unwrap();
 
-        let (_leader_dir, snapshot) = leader_snapshot(5, 4, 9, &[1, 2], &[3]).await;
-        raft.install_full_snapshot(Vote::new_committed(5, 1), snapshot)
-            .await
-            .unwrap();
-        wait_applied(raft, 9).await;
-        let metrics = raft.metrics().borrow().clone();
-        assert_eq!(metrics.membership_config.log_id(), &Some(lid(5, 4)));
+        let metrics = install_leader_snapshot(raft, &[1, 2], &[3]).await;
         assert_eq!(
             metrics
                 .membership_config
@@ -336,13 +348,7 @@ async fn a_snapshot_install_leaves_no_conflicting_entries() {
             .await
             .is_success());
 
-        let (_leader_dir, snapshot) = leader_snapshot(5, 4, 9, &[1, 2, 3], &[]).await;
-        raft.install_full_snapshot(Vote::new_committed(5, 1), snapshot)
-            .await
-            .unwrap();
-        wait_applied(raft, 9).await;
-        let metrics = raft.metrics().borrow().clone();
-        assert_eq!(metrics.membership_config.log_id(), &Some(lid(5, 4)));
+        install_leader_snapshot(raft, &[1, 2, 3], &[]).await;
         let state = node.log.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id, Some(lid(5, 9)));
         assert_eq!(state.last_log_id, Some(lid(5, 9)));
