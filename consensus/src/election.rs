@@ -118,6 +118,23 @@ pub(crate) struct Elector {
     pub timings: Timings,
 }
 
+/// How long to wait, after this node's vote changed to `vote`, before standing.
+///
+/// - A vote for another node (granted to a candidate, or a leader's vote adopted): that node
+///   gets the whole lease to win and be heard from, as when a leader is heard.
+/// - This node's own uncommitted vote: it stood. If it does not win, most likely because
+///   another node stood at the same moment and the vote split, it tries again after one
+///   random timeout, as in Raft. The lease again would add `election_timeout_max` to every
+///   split vote (a leader kill measured 1.06 s instead of about 0.5 s so).
+fn after_vote_change(vote: &openraft::Vote<NodeId>, node_id: NodeId, timings: Timings) -> Duration {
+    let own_candidacy = !vote.is_committed() && vote.leader_id().voted_for() == Some(node_id);
+    if own_candidacy {
+        timings.random_timeout()
+    } else {
+        timings.election_timeout_max + timings.random_timeout()
+    }
+}
+
 /// Decides when this node stands for election; see the module doc. Ends when Raft stops.
 pub(crate) async fn run(elector: Elector) {
     let Elector {
@@ -152,7 +169,7 @@ pub(crate) async fn run(elector: Elector) {
                     if now != vote {
                         vote = now;
                         contact = monotonic_now();
-                        timeout = timings.election_timeout_max + timings.random_timeout();
+                        timeout = after_vote_change(&now, node_id, timings);
                     }
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {}
@@ -283,4 +300,29 @@ async fn ask(
         }
     }
     granted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMINGS: Timings = Timings {
+        election_timeout_min: Duration::from_millis(150),
+        election_timeout_max: Duration::from_millis(300),
+    };
+
+    #[test]
+    fn a_failed_candidacy_retries_within_one_timeout_and_a_granted_vote_waits_the_lease() {
+        for _ in 0..100 {
+            // Node 1 stood in term 5: if it has not won, it stands again soon.
+            let own = after_vote_change(&openraft::Vote::new(5, 1), 1, TIMINGS);
+            assert!((TIMINGS.election_timeout_min..=TIMINGS.election_timeout_max).contains(&own));
+            // Node 1 voted for node 2: node 2 gets the lease to win and be heard.
+            let granted = after_vote_change(&openraft::Vote::new(5, 2), 1, TIMINGS);
+            assert!(granted >= TIMINGS.election_timeout_max + TIMINGS.election_timeout_min);
+            // A committed vote is a leader's (this node's or another's): the lease too.
+            let led = after_vote_change(&openraft::Vote::new_committed(5, 1), 1, TIMINGS);
+            assert!(led >= TIMINGS.election_timeout_max + TIMINGS.election_timeout_min);
+        }
+    }
 }

@@ -936,7 +936,8 @@ impl Metadata {
             .map_err(|e| MetadataError::Raft(e.to_string()))?;
         let deadline = tokio::time::Instant::now() + STORAGE_CLOSE_TIMEOUT;
         let mut poll = tokio::time::interval(Duration::from_millis(5));
-        while self.open_handles.strong_count() > 0 {
+        let raft_dir = self.config.data_dir.join("raft");
+        while self.open_handles.strong_count() > 0 || !store::lock_is_free(&raft_dir) {
             if tokio::time::Instant::now() >= deadline {
                 return Err(MetadataError::Timeout {
                     what: "raft storage to close".into(),

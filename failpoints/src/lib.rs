@@ -244,21 +244,33 @@ pub fn active() -> bool {
 
 /// Passes point `name`: sleeps, aborts or returns an error if it is set to.
 pub fn hit(name: &str) -> std::io::Result<()> {
+    match fire(name) {
+        None | Some(Kind::Off) => Ok(()),
+        Some(Kind::Sleep(pause)) => {
+            std::thread::sleep(pause);
+            Ok(())
+        }
+        Some(Kind::Error) => Err(injected(name)),
+        Some(Kind::Abort) => abort(name),
+    }
+}
+
+/// Decides whether point `name` fires now, and counts the firing, without acting on it: for
+/// callers that must not block their thread, such as async code, which sleeps on its timer
+/// instead. Act on the result with [`injected`] and [`abort`].
+pub fn fire(name: &str) -> Option<Kind> {
     if !active() {
-        return Ok(());
+        return None;
     }
     let kind = {
         let mut guard = registry().lock().unwrap_or_else(PoisonError::into_inner);
         let registry = &mut *guard;
         let action = match registry.points.points.get_mut(name) {
             Some(action) => action,
-            None => match registry.fixed.points.get_mut(name) {
-                Some(action) => action,
-                None => return Ok(()),
-            },
+            None => registry.fixed.points.get_mut(name)?,
         };
         if action.remaining == Some(0) || action.kind == Kind::Off {
-            return Ok(());
+            return None;
         }
         if action.probability < 1.0 {
             // xorshift64: good enough to decide a coin.
@@ -268,7 +280,7 @@ pub fn hit(name: &str) -> std::io::Result<()> {
             x ^= x << 17;
             registry.rng = x;
             if (x >> 11) as f64 / (1u64 << 53) as f64 >= action.probability {
-                return Ok(());
+                return None;
             }
         }
         if let Some(left) = &mut action.remaining {
@@ -276,20 +288,18 @@ pub fn hit(name: &str) -> std::io::Result<()> {
         }
         action.kind
     };
-    match kind {
-        Kind::Off => Ok(()),
-        Kind::Sleep(pause) => {
-            std::thread::sleep(pause);
-            Ok(())
-        }
-        Kind::Error => Err(std::io::Error::other(format!(
-            "failpoint {name}: injected I/O error"
-        ))),
-        Kind::Abort => {
-            eprintln!("failpoint {name}: aborting the process");
-            std::process::abort()
-        }
-    }
+    Some(kind)
+}
+
+/// The error an `error` action injects at point `name`.
+pub fn injected(name: &str) -> std::io::Error {
+    std::io::Error::other(format!("failpoint {name}: injected I/O error"))
+}
+
+/// What an `abort` action does at point `name`: the process dies on the spot.
+pub fn abort(name: &str) -> ! {
+    eprintln!("failpoint {name}: aborting the process");
+    std::process::abort()
 }
 
 /// The wall clock, shifted by `clock.offset_ms`.

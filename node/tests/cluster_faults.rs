@@ -150,3 +150,76 @@ async fn killing_a_serving_node_under_load_fails_no_request_and_marks_it_down() 
         "{down_after:?}"
     );
 }
+
+/// A node's readiness reports reach the log in the order it made them. Node 2 holds its
+/// "loading" report back for 1.5 s (failpoint `sync.report.loading`), by which time the tiny
+/// model is long loaded. Sent at once, its "ready" report would be applied first and then
+/// overwritten by the late "loading" (the watch would show ready, loading, ready). When both
+/// landed between two looks of the node's sync, nothing sent "ready" again and the rollout
+/// waited for node 2 forever: a fresh-clone CI run once failed so, 120 s on "node 2 loading".
+/// Its reports now go one at a time, and an overdue one is looked at again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_readiness_report_does_not_overwrite_a_newer_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(&dir);
+    let processes: Vec<NodeProcess> = (1..=3)
+        .map(|id| {
+            NodeProcess::spawn(id, dir.path(), |command| {
+                let hold = if id == 2 {
+                    "sync.report.loading=1*sleep(1500)"
+                } else {
+                    "sync.report.ready=1*sleep(3000)"
+                };
+                command.env("TROUPE_FAILPOINTS", hold);
+                command.env("RUST_LOG", "warn");
+            })
+        })
+        .collect();
+    init_process_cluster(&processes).await;
+    let first = processes[0].api.clone();
+    let mut admin = troupe_proto::v1::admin_client::AdminClient::connect(format!("http://{first}"))
+        .await
+        .unwrap();
+    let mut changes = admin
+        .watch(troupe_proto::v1::WatchRequest { from_revision: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    push_model(&first, &model, "tiny", "1").await;
+    let activated = troupe(args(&[
+        "models",
+        "activate",
+        "tiny",
+        "1",
+        "--addr",
+        &first,
+        "--wait",
+        "--wait-timeout",
+        "30",
+    ]))
+    .await;
+    assert!(activated.status.success(), "{:?}", text(&activated));
+    // Node 2's reports as the log ordered them, up to the activation.
+    let mut node2: Vec<String> = Vec::new();
+    loop {
+        let change = tokio::time::timeout(Duration::from_secs(30), changes.message())
+            .await
+            .expect("the watch went quiet before the activation")
+            .unwrap()
+            .expect("the watch ended");
+        if change.key != "models/tiny/1" {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(&change.value_json).unwrap();
+        let record = &value["record"];
+        if let Some(state) = record["nodes"]["2"]["state"].as_str() {
+            if node2.last().map(String::as_str) != Some(state) {
+                node2.push(state.to_owned());
+            }
+        }
+        if record["state"] == "active" {
+            break;
+        }
+    }
+    assert_eq!(node2, ["loading", "ready"], "node 2's reports out of order");
+}

@@ -14,6 +14,11 @@ pub enum SyncMsg {
         key: ModelKey,
         result: Result<Arc<dyn SentenceEmbedder>, String>,
     },
+    /// A readiness report's proposal returned: `proposed` if Raft took it, false if it
+    /// failed (after a back-off). The next report of that version may go.
+    Reported { key: ModelKey, proposed: bool },
+    /// A readiness report is overdue in the metadata: look again.
+    Recheck,
 }
 
 impl std::fmt::Debug for SyncMsg {
@@ -25,6 +30,12 @@ impl std::fmt::Debug for SyncMsg {
                 .field("key", key)
                 .field("ok", &result.is_ok())
                 .finish(),
+            SyncMsg::Reported { key, proposed } => f
+                .debug_struct("Reported")
+                .field("key", key)
+                .field("proposed", proposed)
+                .finish(),
+            SyncMsg::Recheck => f.write_str("Recheck"),
         }
     }
 }

@@ -59,13 +59,41 @@ pub struct SyncState {
     /// Failed loads, by the version record's mod_revision at the time: retried only when the
     /// record changes.
     failed_at: HashMap<ModelKey, u64>,
-    /// The readiness last proposed per version, and when: not proposed again while it is
-    /// on its way through Raft.
-    reported: HashMap<ModelKey, (NodeModelState, String, Instant)>,
+    /// The readiness last proposed per version: one at a time, so that two reports of one
+    /// version cannot reach the log out of order.
+    reported: HashMap<ModelKey, Report>,
+    /// When a [`SyncMsg::Recheck`] is due, if one is.
+    recheck_at: Option<Instant>,
+}
+
+/// A readiness report this node proposed.
+struct Report {
+    state: NodeModelState,
+    reason: String,
+    at: Instant,
+    /// Its proposal has not returned yet.
+    in_flight: bool,
 }
 
 /// How long a readiness report may take to show in the metadata before it is sent again.
 const REPORT_RETRY: Duration = Duration::from_secs(5);
+/// How long a report whose proposal failed waits before it is tried again.
+const REPORT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Failpoint `sync.report.<state>` before a readiness report is proposed; a `sleep` waits on
+/// the timer, not the thread. Tests use it to hold one report back.
+async fn report_failpoint(state: NodeModelState) -> Result<(), std::io::Error> {
+    let name = format!("sync.report.{}", state.as_str());
+    match troupe_failpoints::fire(&name) {
+        None | Some(troupe_failpoints::Kind::Off) => Ok(()),
+        Some(troupe_failpoints::Kind::Sleep(pause)) => {
+            tokio::time::sleep(pause).await;
+            Ok(())
+        }
+        Some(troupe_failpoints::Kind::Error) => Err(troupe_failpoints::injected(&name)),
+        Some(troupe_failpoints::Kind::Abort) => troupe_failpoints::abort(&name),
+    }
+}
 
 pub struct MetadataSync;
 
@@ -249,16 +277,37 @@ impl SyncState {
                 self.reported.remove(&key);
                 continue;
             }
-            let pending = self.reported.get(&key).is_some_and(|(s, r, at)| {
-                *s == state && *r == reason && at.elapsed() < REPORT_RETRY
-            });
-            if pending {
-                continue;
+            match self.reported.get(&key) {
+                // The report before it is still on its way: this one follows when it returns
+                // ([`SyncMsg::Reported`]). Two reports in flight at once could be applied in
+                // either order and leave the older one standing (a version ready here but
+                // recorded as loading, which stalls its rollout).
+                Some(report) if report.in_flight => continue,
+                // Proposed, but not yet seen in the metadata: look again when it is overdue.
+                Some(report)
+                    if report.state == state
+                        && report.reason == reason
+                        && report.at.elapsed() < REPORT_RETRY =>
+                {
+                    self.recheck_in(myself, REPORT_RETRY - report.at.elapsed());
+                    continue;
+                }
+                _ => {}
             }
-            self.reported
-                .insert(key.clone(), (state, reason.clone(), Instant::now()));
-            let metadata = self.args.metadata.clone();
-            let actor = myself.clone();
+            self.reported.insert(
+                key.clone(),
+                Report {
+                    state,
+                    reason: reason.clone(),
+                    at: Instant::now(),
+                    in_flight: true,
+                },
+            );
+            let (metadata, actor, stats) = (
+                self.args.metadata.clone(),
+                myself.clone(),
+                self.args.stats.clone(),
+            );
             let proposal = Proposal::new(Command::ReportModelReadiness {
                 name: key.name.clone(),
                 version: key.version.clone(),
@@ -267,13 +316,35 @@ impl SyncState {
                 reason,
             });
             tokio::spawn(async move {
-                if let Err(error) = metadata.propose(proposal).await {
-                    tracing::warn!(model = %key, %error, "cannot report readiness; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    let _ = actor.cast(SyncMsg::Changed);
+                let result = match report_failpoint(state).await {
+                    Ok(()) => metadata.propose(proposal).await.map_err(|e| e.to_string()),
+                    Err(error) => Err(error.to_string()),
+                };
+                let proposed = match result {
+                    Ok(_) => true,
+                    Err(error) => {
+                        tracing::warn!(model = %key, %error, "cannot report readiness; retrying");
+                        tokio::time::sleep(REPORT_BACKOFF).await;
+                        false
+                    }
+                };
+                stats.sent();
+                if actor.cast(SyncMsg::Reported { key, proposed }).is_err() {
+                    stats.handled();
                 }
             });
         }
+    }
+
+    /// Makes sure a [`SyncMsg::Recheck`] arrives within `delay`.
+    fn recheck_in(&mut self, myself: &ActorRef<SyncMsg>, delay: Duration) {
+        let due = Instant::now() + delay;
+        if self.recheck_at.is_some_and(|at| at <= due) {
+            return;
+        }
+        self.recheck_at = Some(due);
+        self.args.stats.sent();
+        drop(myself.send_after(delay, || SyncMsg::Recheck));
     }
 }
 
@@ -312,6 +383,7 @@ impl Actor for MetadataSync {
             pending,
             failed_at: HashMap::new(),
             reported: HashMap::new(),
+            recheck_at: None,
         })
     }
 
@@ -355,6 +427,22 @@ impl Actor for MetadataSync {
                         // Retired while it loaded: drop it.
                         state.args.table.remove_local(&key);
                     }
+                }
+                state.reconcile(&myself).await?;
+            }
+            SyncMsg::Reported { key, proposed } => {
+                if let Some(report) = state.reported.get_mut(&key) {
+                    report.in_flight = false;
+                    if !proposed {
+                        // Failed: not pending any more, so the next look proposes it again.
+                        state.reported.remove(&key);
+                    }
+                }
+                state.reconcile(&myself).await?;
+            }
+            SyncMsg::Recheck => {
+                if state.recheck_at.is_some_and(|at| at <= Instant::now()) {
+                    state.recheck_at = None;
                 }
                 state.reconcile(&myself).await?;
             }

@@ -120,7 +120,6 @@ impl Drop for Flusher {
 /// Flushes sled for every batch of queued appends, then completes them in order. It ends when
 /// the last `LogStore` handle is dropped; it holds `guard` until then.
 fn run_flusher(db: sled::Db, queue: mpsc::Receiver<LogFlushed<TypeConfig>>, guard: OpenGuard) {
-    let _guard = guard;
     while let Ok(first) = queue.recv() {
         let mut waiting = vec![first];
         waiting.extend(queue.try_iter());
@@ -143,6 +142,11 @@ fn run_flusher(db: sled::Db, queue: mpsc::Receiver<LogFlushed<TypeConfig>>, guar
             });
         }
     }
+    // The database before the guard, so the guard never reports the store closed while this
+    // thread still holds a handle (a `let _guard` local would be dropped before the `db`
+    // parameter).
+    drop(db);
+    drop(guard);
 }
 
 /// A sled error in words: sled shows an I/O error's Rust debug form, which a full disk makes
@@ -436,12 +440,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta.insert(LAST_PURGED_KEY, bytes).map_err(write_io)?;
         let (log, guard) = (self.log.clone(), self.guard.clone());
         tokio::task::spawn_blocking(move || {
-            let _guard = guard;
             // A slow deletion, for tests of what is reported before it ends.
             let _ = troupe_failpoints::hit("raft.log.purge.delete");
             if let Err(error) = Self::remove_range(&log, 0, Some(log_id.index.saturating_add(1))) {
                 tracing::warn!(%error, upto = log_id.index, "deleting purged raft log entries failed; they stay on disk until the next purge");
             }
+            // The tree before the guard (see `run_flusher`).
+            drop(log);
+            drop(guard);
         });
         Ok(())
     }

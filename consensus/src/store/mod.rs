@@ -40,16 +40,50 @@ pub fn open_with_history(
     dir: &Path,
     watch_history: usize,
 ) -> Result<(LogStore, StateMachineStore), StorageError> {
-    let db = sled::Config::new()
-        .path(dir)
-        .mode(sled::Mode::HighThroughput)
-        .segment_size(SEGMENT_BYTES)
-        .open()
-        .map_err(|e| openraft::StorageIOError::read(&e))?;
+    // A store closed in this process a moment ago can still hold the lock (see
+    // [`lock_is_free`]): wait for it a little before calling the directory taken.
+    let waited = std::time::Instant::now();
+    while !lock_is_free(dir) && waited.elapsed() < LOCK_WAIT {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let db = open_db(dir).map_err(|e| openraft::StorageIOError::read(&e))?;
     let guard = OpenGuard::default();
     let log_store = LogStore::new(&db, guard.clone())?;
     let state_machine = StateMachineStore::new(&db, dir.join("snapshots"), watch_history, guard)?;
     Ok((log_store, state_machine))
+}
+
+/// The sled database in `dir` as the stores configure it, opened at once: it fails if
+/// another open database holds the directory's lock.
+pub fn open_db(dir: &Path) -> sled::Result<sled::Db> {
+    sled::Config::new()
+        .path(dir)
+        .mode(sled::Mode::HighThroughput)
+        .segment_size(SEGMENT_BYTES)
+        .open()
+}
+
+/// How long [`open_with_history`] waits for a lock held by a store closing in this process.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether no open sled database holds the lock on the database file in `dir` (or there is
+/// no such file yet).
+///
+/// Dropping sled's last handle does not release the lock at once: writes still running on
+/// sled's own thread pool hold the file until they end. So a node restarted in place, in one
+/// process, waits for this rather than for its handles alone; otherwise the reopen fails now
+/// and then with "could not acquire lock".
+pub fn lock_is_free(dir: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(dir.join("db")) else {
+        return true;
+    };
+    match file.try_lock() {
+        Ok(()) => {
+            let _ = file.unlock();
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// Counts every live holder of a sled handle: the stores, their clones, and sled work in
