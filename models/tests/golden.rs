@@ -28,7 +28,9 @@ fn model_dir() -> PathBuf {
     let dir =
         troupe_models::fetch::model_dir(&troupe_models::fetch::troupe_home(), "all-MiniLM-L6-v2");
     assert!(
-        troupe_models::fetch::is_complete(&dir),
+        troupe_models::fetch::known_model("all-MiniLM-L6-v2")
+            .unwrap()
+            .is_complete(&dir),
         "the real model is not in {}: run `troupe models fetch all-MiniLM-L6-v2` (scripts/test.sh does) or set TROUPE_MODEL_DIR",
         dir.display()
     );

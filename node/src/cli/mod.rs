@@ -184,7 +184,7 @@ impl ModelSource {
         let name = self.model.as_deref().unwrap_or_default();
         let known = troupe_models::fetch::known_model(name)?;
         let dir = troupe_models::fetch::model_dir(&troupe_models::fetch::troupe_home(), known.name);
-        if !troupe_models::fetch::is_complete(&dir) {
+        if !known.is_complete(&dir) {
             return Err(CliError::Usage(format!(
                 "model '{}' is not in the cache ({}): run `troupe models fetch {}` first",
                 known.name,

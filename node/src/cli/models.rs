@@ -134,7 +134,7 @@ struct NodeView {
 
 #[derive(Debug, Args)]
 pub struct FetchArgs {
-    /// Model name (known: all-MiniLM-L6-v2).
+    /// Model name (known: all-MiniLM-L6-v2, smollm2-135m).
     pub name: String,
     /// Put the model files in DIR instead of $TROUPE_HOME/models/NAME.
     #[arg(long, value_name = "DIR")]

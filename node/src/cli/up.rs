@@ -249,7 +249,7 @@ fn resolve_model(model: &str) -> Result<(String, PathBuf), CliError> {
         ))
     })?;
     let dir = fetch::model_dir(&fetch::troupe_home(), known.name);
-    if !fetch::is_complete(&dir) {
+    if !known.is_complete(&dir) {
         println!("fetching {} into {}", known.name, dir.display());
         fetch::fetch(known, &FetchOptions::new(dir.clone()))?;
     }

@@ -1,0 +1,148 @@
+//! SmolLM2-135M-Instruct's GGUF against the reference (scripts/ref/smollm2_ref.py): the
+//! metadata troupe reads, and every tensor dequantised bit for bit as gguf-py does it
+//! (tests/data/smollm2/digests.json). Needs the real file: scripts/test.sh fetches it into the
+//! cache (`troupe models fetch smollm2-135m`), or set TROUPE_SMOLLM2_DIR.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+use troupe_models::fetch::{known_model, model_dir, troupe_home, SMOLLM2_GGUF};
+use troupe_models::gguf::GgufFile;
+use troupe_models::quant::GgmlType;
+
+/// The fetched GGUF, or None (the test skips) unless TROUPE_REQUIRE_MODEL says it must be there.
+fn gguf() -> Option<PathBuf> {
+    let dir = std::env::var_os("TROUPE_SMOLLM2_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| model_dir(&troupe_home(), "smollm2-135m"));
+    if known_model("smollm2-135m").unwrap().is_complete(&dir) {
+        return Some(dir.join(SMOLLM2_GGUF));
+    }
+    assert!(
+        std::env::var_os("TROUPE_REQUIRE_MODEL").is_none(),
+        "TROUPE_REQUIRE_MODEL is set but {} holds no {SMOLLM2_GGUF}: run `troupe models fetch smollm2-135m` or set TROUPE_SMOLLM2_DIR",
+        dir.display()
+    );
+    eprintln!("SKIPPED: run `troupe models fetch smollm2-135m` (scripts/test.sh does) or set TROUPE_SMOLLM2_DIR");
+    None
+}
+
+#[derive(serde::Deserialize)]
+struct TensorDigest {
+    shape: Vec<usize>,
+    sha256: String,
+}
+
+#[test]
+fn the_metadata_is_the_models() {
+    let Some(path) = gguf() else { return };
+    let file = GgufFile::open(&path).unwrap();
+    assert_eq!(file.get_str("general.architecture").unwrap(), "llama");
+    for (key, value) in [
+        ("llama.block_count", 30),
+        ("llama.embedding_length", 576),
+        ("llama.attention.head_count", 9),
+        ("llama.attention.head_count_kv", 3),
+        ("llama.feed_forward_length", 1536),
+        ("llama.vocab_size", 49152),
+        ("llama.context_length", 8192),
+        ("tokenizer.ggml.bos_token_id", 1),
+        ("tokenizer.ggml.eos_token_id", 2),
+    ] {
+        assert_eq!(file.get_u64(key).unwrap(), value, "{key}");
+    }
+    assert_eq!(file.get_f64("llama.rope.freq_base").unwrap(), 1e5);
+    assert_eq!(file.get_str("tokenizer.ggml.pre").unwrap(), "smollm");
+    assert_eq!(
+        file.get_strings("tokenizer.ggml.merges").unwrap().len(),
+        48_900
+    );
+    assert_eq!(
+        file.get_strings("tokenizer.ggml.tokens").unwrap().len(),
+        49_152
+    );
+    let mut types = BTreeMap::new();
+    for tensor in file.tensors() {
+        *types.entry(tensor.ggml_type.name()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        types,
+        BTreeMap::from([("F32", 61), ("Q4_1", 210), ("Q8_0", 1)])
+    );
+    assert!(
+        file.tensor("output.weight").is_none(),
+        "the embeddings are tied"
+    );
+    assert_eq!(
+        file.tensor("token_embd.weight").unwrap().ggml_type,
+        GgmlType::Q8_0
+    );
+}
+
+#[test]
+fn every_tensor_dequantises_bit_for_bit_as_gguf_py_does() {
+    let Some(path) = gguf() else { return };
+    let file = GgufFile::open(&path).unwrap();
+    let golden: BTreeMap<String, TensorDigest> = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2/digests.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let names: std::collections::BTreeSet<&String> =
+        file.tensors().iter().map(|t| &t.name).collect();
+    assert_eq!(
+        names,
+        golden.keys().collect(),
+        "the file and the reference list other tensors"
+    );
+    let mut wrong = Vec::new();
+    for tensor in file.tensors() {
+        let expected = &golden[&tensor.name];
+        assert_eq!(tensor.shape(), expected.shape, "{}", tensor.name);
+        let values = file.dequantize(tensor);
+        let mut hasher = Sha256::new();
+        for v in &values {
+            hasher.update(v.to_le_bytes());
+        }
+        if hex::encode(hasher.finalize()) != expected.sha256 {
+            wrong.push(tensor.name.clone());
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "dequantised differently from gguf-py: {wrong:?}"
+    );
+}
+
+#[derive(serde::Deserialize)]
+struct Tokenized {
+    text: String,
+    ids: Vec<u32>,
+}
+
+/// troupe's tokenizer against HF `tokenizers` built from the same vocab and merges by the
+/// reference script: digits, whitespace runs, emoji, CJK, control tokens in the text.
+#[test]
+fn the_tokenizer_matches_an_independent_one() {
+    let Some(path) = gguf() else { return };
+    let file = GgufFile::open(&path).unwrap();
+    let bpe = troupe_models::bpe::Bpe::from_gguf(&file).unwrap();
+    let golden: Vec<Tokenized> = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2/tokens.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for case in &golden {
+        assert_eq!(bpe.encode(&case.text), case.ids, "{:?}", case.text);
+        // Bytes without a token of their own became the unknown token, which decodes to
+        // itself; everything else decodes back to the text.
+        if !case.ids.contains(&0) {
+            assert_eq!(bpe.decode(&case.ids), case.text);
+        }
+    }
+}
