@@ -146,3 +146,117 @@ fn the_tokenizer_matches_an_independent_one() {
         }
     }
 }
+
+#[derive(serde::Deserialize)]
+struct Step {
+    top_ids: Vec<u32>,
+    top_logits: Vec<f64>,
+    gap: f64,
+}
+
+#[derive(serde::Deserialize)]
+struct Generated {
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    token_ids: Vec<u32>,
+    steps: Vec<Step>,
+}
+
+/// Logits within this of the reference's (float64 on the dequantised weights).
+const LOGIT_TOLERANCE: f64 = 1e-3;
+/// Below this gap between the reference's top two logits, either may win.
+const TIE_GAP: f64 = 1e-4;
+
+/// The decoder against the reference's greedy continuations: at every step the top-10 logits
+/// are within 1e-3 and the greedy choice is the reference's. Each step is fed the reference's
+/// token, so one step's error cannot hide the next ones.
+#[test]
+fn greedy_steps_match_the_reference() {
+    use troupe_models::llama::Llama;
+    let Some(path) = gguf() else { return };
+    let file = GgufFile::open(&path).unwrap();
+    let device = troupe_models::cpu_device();
+    let model = Llama::<troupe_models::CpuBackend>::load(&file, &device).unwrap();
+    let golden: Vec<Generated> = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2/generate.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut worst = 0f64;
+    for case in &golden {
+        let mut cache = model.new_cache();
+        let mut input = case.prompt_ids.clone();
+        for (step, expected) in case.steps.iter().enumerate() {
+            let logits = model.forward(&input, &mut cache);
+            let rows = logits.dims()[0];
+            let last: Vec<f32> = logits
+                .slice([rows - 1..rows, 0..model.config().vocab])
+                .into_data()
+                .to_vec()
+                .unwrap();
+            for (&id, &want) in expected.top_ids.iter().zip(&expected.top_logits) {
+                let error = (f64::from(last[id as usize]) - want).abs();
+                worst = worst.max(error);
+                assert!(
+                    error <= LOGIT_TOLERANCE,
+                    "{:?} step {step}: logit of token {id} is {}, the reference's {want}",
+                    case.prompt,
+                    last[id as usize]
+                );
+            }
+            let argmax = (0..last.len())
+                .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+                .unwrap() as u32;
+            if expected.gap >= TIE_GAP {
+                assert_eq!(
+                    argmax, case.token_ids[step],
+                    "{:?} step {step}",
+                    case.prompt
+                );
+            }
+            input = vec![case.token_ids[step]];
+        }
+    }
+    eprintln!("largest |Δlogit| over the top-10 of every step: {worst:.2e}");
+}
+
+/// The golden prompts' ids come out of troupe's tokenizer and the GGUF's own chat template
+/// (rendered with minijinja) as they came out of the reference's.
+#[test]
+fn prompts_tokenise_as_the_reference_did() {
+    use troupe_models::chat::{ChatTemplate, Message};
+    let Some(path) = gguf() else { return };
+    let file = GgufFile::open(&path).unwrap();
+    let bpe = troupe_models::bpe::Bpe::from_gguf(&file).unwrap();
+    let template = ChatTemplate::new(
+        file.get_str("tokenizer.chat_template").unwrap(),
+        "<|im_start|>",
+        "<|im_end|>",
+    )
+    .unwrap();
+    #[derive(serde::Deserialize)]
+    struct Prompt {
+        prompt: String,
+        chat: bool,
+        prompt_ids: Vec<u32>,
+    }
+    let golden: Vec<Prompt> = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2/generate.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for case in golden {
+        let text = if case.chat {
+            template
+                .render(&[Message::new("user", &case.prompt)], true)
+                .unwrap()
+        } else {
+            case.prompt.clone()
+        };
+        assert_eq!(bpe.encode(&text), case.prompt_ids, "{:?}", case.prompt);
+    }
+}

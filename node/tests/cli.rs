@@ -272,3 +272,122 @@ fn embed_by_model_name_reproduces_the_golden_vectors() {
         serde_json::from_str(&std::fs::read_to_string(golden("embeddings.json")).unwrap()).unwrap();
     assert_close(&rows, &expected, 1e-5);
 }
+
+/// The fetched SmolLM2 directory, or None (the test skips) unless TROUPE_REQUIRE_MODEL says
+/// it must be there.
+fn smollm2() -> Option<PathBuf> {
+    let dir = std::env::var_os("TROUPE_SMOLLM2_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            troupe_models::fetch::model_dir(&troupe_models::fetch::troupe_home(), "smollm2-135m")
+        });
+    if dir.join(troupe_models::fetch::SMOLLM2_GGUF).is_file() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("TROUPE_REQUIRE_MODEL").is_none(),
+        "TROUPE_REQUIRE_MODEL is set but smollm2-135m is not fetched"
+    );
+    eprintln!("skipped: smollm2-135m is not fetched (scripts/test.sh fetches it)");
+    None
+}
+
+/// `troupe generate` with the real SmolLM2: greedy output is the reference's (the first
+/// golden prompt through the chat template, and a raw one from an --input file), a seed
+/// reproduces a sampled text, a stop string ends it, and bad settings are one-line errors.
+#[test]
+fn generate_reproduces_the_reference_and_a_seed_its_sample() {
+    let Some(dir) = smollm2() else { return };
+    let dir = dir.to_str().unwrap();
+    let golden: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../models/tests/data/smollm2/generate.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let chat = golden.iter().find(|g| g["chat"] == true).unwrap();
+    let raw = golden.iter().find(|g| g["chat"] == false).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let input = scratch.path().join("prompts.jsonl");
+    std::fs::write(
+        &input,
+        format!("{}\n", serde_json::json!({"prompt": raw["prompt"]})),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model-dir", dir, "--max-tokens", "32"];
+        args.extend_from_slice(extra);
+        let output = troupe(&args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        stdout(&output)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    // The reference's ids include the end-of-sequence token, which troupe reports as the
+    // finish reason instead.
+    let check = |got: &serde_json::Value, want: &serde_json::Value| {
+        let ids = want["token_ids"].as_array().unwrap();
+        let eos = ids.last() == Some(&serde_json::json!(2));
+        assert_eq!(got["prompt_ids"], want["prompt_ids"]);
+        assert_eq!(
+            got["token_ids"].as_array().unwrap()[..],
+            ids[..ids.len() - usize::from(eos)]
+        );
+        assert_eq!(got["finish_reason"], if eos { "eos" } else { "length" });
+    };
+    check(&run(&["--chat", chat["prompt"].as_str().unwrap()])[0], chat);
+    check(&run(&["--input", input.to_str().unwrap()])[0], raw);
+
+    let sampled = [
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "42",
+        "Once upon a time",
+    ];
+    let (first, second) = (run(&sampled), run(&sampled));
+    assert_eq!(first, second, "the same seed gave different text");
+    let other = run(&[
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "43",
+        "Once upon a time",
+    ]);
+    assert_ne!(first[0]["token_ids"], other[0]["token_ids"]);
+    let stopped = run(&["--stop", " Paris", "The capital of France is"]);
+    assert_eq!(stopped[0]["finish_reason"], "stop");
+    assert_eq!(stopped[0]["text"], "");
+
+    for (args, needle) in [
+        (vec!["--temperature", "-1", "x"], "temperature"),
+        (vec!["--top-p", "0", "x"], "top_p"),
+        (
+            vec!["--input", "/nonexistent/prompts.jsonl"],
+            "cannot read input",
+        ),
+        (vec![], "no prompts"),
+    ] {
+        let mut full = vec!["generate", "--model-dir", dir];
+        full.extend(args);
+        let output = troupe(&full);
+        assert!(!output.status.success());
+        assert!(stderr(&output).contains(needle), "{}", stderr(&output));
+    }
+    std::fs::write(&input, "not json\n").unwrap();
+    let output = troupe(&[
+        "generate",
+        "--model-dir",
+        dir,
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(stderr(&output).contains("line 1"), "{}", stderr(&output));
+}

@@ -66,6 +66,11 @@ pub fn split_lines(text: &str) -> Vec<String> {
 }
 
 fn read_input(path: &Path) -> Result<Vec<String>, CliError> {
+    Ok(split_lines(&read_text(path)?))
+}
+
+/// A UTF-8 text file ('-' for stdin), whole.
+pub(crate) fn read_text(path: &Path) -> Result<String, CliError> {
     let mut bytes = Vec::new();
     let result = if path == Path::new("-") {
         std::io::stdin().read_to_end(&mut bytes)
@@ -76,11 +81,10 @@ fn read_input(path: &Path) -> Result<Vec<String>, CliError> {
         path: path.to_owned(),
         source,
     })?;
-    let text = String::from_utf8(bytes).map_err(|e| CliError::InputEncoding {
+    String::from_utf8(bytes).map_err(|e| CliError::InputEncoding {
         path: path.to_owned(),
         reason: e.utf8_error().to_string(),
-    })?;
-    Ok(split_lines(&text))
+    })
 }
 
 pub fn run(args: EmbedArgs) -> Result<(), CliError> {

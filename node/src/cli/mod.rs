@@ -9,6 +9,7 @@ mod certs;
 mod cluster;
 mod config_check;
 mod embed;
+mod generate;
 mod models;
 mod node;
 mod peer_health;
@@ -153,6 +154,10 @@ pub enum Command {
     /// Embed texts locally, or on a node with --addr: one text per line in, one JSON array
     /// per line out.
     Embed(embed::EmbedArgs),
+    /// Generate text locally with a decoder model (SmolLM2 from `troupe models fetch
+    /// smollm2-135m`): one JSON line per prompt, {"prompt_ids", "token_ids", "text",
+    /// "finish_reason"}.
+    Generate(generate::GenerateArgs),
     /// Benchmarks: `troupe bench engine` times the inference engine, `troupe bench raft` the
     /// metadata store side by side with etcd, `troupe bench serve` a serving node.
     #[command(subcommand)]
@@ -270,6 +275,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Config(command) => config_check::run(command),
         Command::Models(command) => models::run(command),
         Command::Embed(args) => embed::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Shell(args) => shell::run(args),
     }

@@ -1,0 +1,338 @@
+//! Text generation with the decoder: sampling (greedy at temperature 0; else temperature, top-k
+//! and top-p, from a seeded generator so that a seed reproduces its output), stop strings,
+//! the end-of-sequence token and a token budget.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+
+use crate::bpe::Bpe;
+use crate::gguf::{GgufError, GgufFile};
+use crate::llama::{KvCache, Llama};
+
+/// How to pick tokens, and when to stop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// 1.0 keeps every token.
+    pub top_p: f32,
+    /// 0 keeps every token.
+    pub top_k: usize,
+    pub seed: u64,
+    /// Generation stops before the first of these to appear in the text.
+    pub stop: Vec<String>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Refuses values no sampler can honour, naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!(
+                "temperature {} must be a number >= 0 (0 is greedy)",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p {} must be in (0, 1]", self.top_p));
+        }
+        if self.max_tokens == 0 {
+            return Err("max_tokens must be at least 1".into());
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err("a stop string may not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_tokens` were made.
+    Length,
+    /// A stop string appeared.
+    Stop,
+    /// The model's end-of-sequence token came.
+    Eos,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Length => "length",
+            Self::Stop => "stop",
+            Self::Eos => "eos",
+        }
+    }
+}
+
+/// One finished generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub token_ids: Vec<u32>,
+    /// The text of `token_ids`, cut before a stop string.
+    pub text: String,
+    pub finish_reason: FinishReason,
+}
+
+/// splitmix64: small, seedable, and the same on every machine.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Picks the next token from `logits`.
+pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
+    let argmax = || {
+        (0..logits.len())
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+            .unwrap_or(0) as u32
+    };
+    if params.temperature == 0.0 {
+        return argmax();
+    }
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    order.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    if params.top_k > 0 {
+        order.truncate(params.top_k);
+    }
+    let top = logits[order[0] as usize];
+    let weights: Vec<f64> = order
+        .iter()
+        .map(|&id| (f64::from(logits[id as usize] - top) / f64::from(params.temperature)).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    // The smallest prefix whose probability reaches top_p.
+    let mut kept = 0;
+    let mut mass = 0.0;
+    for weight in &weights {
+        kept += 1;
+        mass += weight / total;
+        if mass >= f64::from(params.top_p) {
+            break;
+        }
+    }
+    let kept_total: f64 = weights[..kept].iter().sum();
+    let mut draw = rng.next_f64() * kept_total;
+    for (i, weight) in weights[..kept].iter().enumerate() {
+        if draw < *weight {
+            return order[i];
+        }
+        draw -= weight;
+    }
+    order[kept - 1]
+}
+
+/// The byte offset where the first stop string starts in `text`, if one does.
+fn stop_at(text: &str, stop: &[String]) -> Option<usize> {
+    stop.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// A decoder with its tokenizer, from one GGUF file.
+pub struct Generator<B: Backend> {
+    pub model: Llama<B>,
+    pub tokenizer: Bpe,
+    pub chat_template: Option<String>,
+}
+
+impl<B: Backend> Generator<B> {
+    /// Loads `path`: a GGUF file, or a directory holding exactly one.
+    pub fn load(path: &Path, device: &B::Device) -> Result<Self, GgufError> {
+        let file = GgufFile::open(&gguf_in(path)?)?;
+        let chat_template = file
+            .metadata()
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
+        Ok(Self {
+            model: Llama::load(&file, device)?,
+            tokenizer: Bpe::from_gguf(&file)?,
+            chat_template,
+        })
+    }
+
+    /// Generates from `prompt_ids`; `on_token` sees each token as it is made.
+    pub fn generate(
+        &self,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+        mut on_token: impl FnMut(u32),
+    ) -> Generation {
+        let mut cache: KvCache<B> = self.model.new_cache();
+        let mut rng = Rng::new(params.seed);
+        let eos = self.model.config().eos;
+        let vocab = self.model.config().vocab;
+        let mut tokens = Vec::new();
+        let mut input = prompt_ids.to_vec();
+        let finish = loop {
+            if tokens.len() == params.max_tokens {
+                break FinishReason::Length;
+            }
+            let logits = self.model.forward(&input, &mut cache);
+            let rows = logits.dims()[0];
+            let last: Vec<f32> = logits
+                .slice([rows - 1..rows, 0..vocab])
+                .into_data()
+                .to_vec()
+                .expect("f32 logits");
+            let next = sample(&last, params, &mut rng);
+            if next == eos {
+                break FinishReason::Eos;
+            }
+            tokens.push(next);
+            on_token(next);
+            if !params.stop.is_empty() {
+                let text = self.tokenizer.decode(&tokens);
+                if stop_at(&text, &params.stop).is_some() {
+                    break FinishReason::Stop;
+                }
+            }
+            input = vec![next];
+        };
+        let mut text = self.tokenizer.decode(&tokens);
+        if let Some(at) = stop_at(&text, &params.stop) {
+            text.truncate(at);
+        }
+        Generation {
+            token_ids: tokens,
+            text,
+            finish_reason: finish,
+        }
+    }
+}
+
+/// The GGUF file `path` names: itself, or the only `.gguf` in a directory.
+pub fn gguf_in(path: &Path) -> Result<std::path::PathBuf, GgufError> {
+    if !path.is_dir() {
+        return Ok(path.to_owned());
+    }
+    let io = |source| GgufError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(io)? {
+        let entry = entry.map_err(io)?.path();
+        if entry.extension().is_some_and(|e| e == "gguf") {
+            found.push(entry);
+        }
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        n => Err(GgufError::Unsupported {
+            path: path.to_owned(),
+            reason: format!(
+                "the directory holds {n} .gguf files; a decoder's directory holds exactly one"
+            ),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_largest_and_a_seed_repeats_its_draws() {
+        let logits = [0.1, 2.0, 1.9, -1.0];
+        let greedy = SamplingParams::default();
+        assert_eq!(sample(&logits, &greedy, &mut Rng::new(1)), 1);
+        let hot = SamplingParams {
+            temperature: 1.0,
+            seed: 9,
+            ..SamplingParams::default()
+        };
+        let draws = |seed| {
+            let mut rng = Rng::new(seed);
+            (0..50)
+                .map(|_| sample(&logits, &hot, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draws(9), draws(9));
+        assert_ne!(draws(9), draws(10));
+        assert!(draws(9).contains(&2), "a close second is drawn sometimes");
+        // top_k = 1 and a tiny top_p are greedy whatever the temperature.
+        for params in [
+            SamplingParams {
+                top_k: 1,
+                ..hot.clone()
+            },
+            SamplingParams {
+                top_p: 0.01,
+                ..hot.clone()
+            },
+        ] {
+            let mut rng = Rng::new(3);
+            assert!((0..50).all(|_| sample(&logits, &params, &mut rng) == 1));
+        }
+    }
+
+    #[test]
+    fn bad_parameters_name_the_field() {
+        let bad = |params: SamplingParams| params.check().unwrap_err();
+        let base = SamplingParams::default();
+        assert!(bad(SamplingParams {
+            temperature: -1.0,
+            ..base.clone()
+        })
+        .contains("temperature"));
+        assert!(bad(SamplingParams {
+            top_p: 0.0,
+            ..base.clone()
+        })
+        .contains("top_p"));
+        assert!(bad(SamplingParams {
+            max_tokens: 0,
+            ..base.clone()
+        })
+        .contains("max_tokens"));
+        assert!(bad(SamplingParams {
+            stop: vec![String::new()],
+            ..base
+        })
+        .contains("stop"));
+    }
+
+    #[test]
+    fn stop_strings_cut_at_the_earliest() {
+        let stop = vec!["\n\n".to_owned(), "END".to_owned()];
+        assert_eq!(stop_at("abc END x\n\n", &stop), Some(4));
+        assert_eq!(stop_at("abc", &stop), None);
+    }
+}
