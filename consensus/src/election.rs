@@ -204,8 +204,10 @@ pub(crate) async fn run(elector: Elector) {
         let asked = monotonic_now();
         let needed = voters.len() / 2;
         let granted = 1 + ask(&elector, &voters, &nodes, &request, needed).await;
-        // A leader or an election heard of while asking makes the answers stale.
+        // A leader or an election heard of while asking makes the answers stale: a vote
+        // request counts from its arrival, since openraft publishes a vote it granted later.
         let news = silence.last_heard().is_some_and(|heard| heard > asked)
+            || silence.last_vote_request().is_some_and(|at| at > asked)
             || metrics.borrow().vote != vote;
         if news {
             continue;

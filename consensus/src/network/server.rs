@@ -42,6 +42,8 @@ pub struct RaftPeerService {
 pub struct LeaderSilence {
     last: std::sync::Mutex<Option<(u64, std::time::Instant)>>,
     longest_us: std::sync::atomic::AtomicU64,
+    /// When a candidate's RequestVote last arrived, before openraft handles it.
+    vote_request: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl LeaderSilence {
@@ -65,6 +67,19 @@ impl LeaderSilence {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .map(|(_, at)| at)
+    }
+
+    /// A candidate's RequestVote arrived: an election is under way.
+    fn vote_requested(&self) {
+        *self.vote_request.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(troupe_failpoints::monotonic_now());
+    }
+
+    /// When a candidate's RequestVote last arrived. Recorded as it arrives, before openraft
+    /// handles it: openraft publishes the vote it grants only later, so the elector could
+    /// otherwise stand against a candidate it has just voted for, and unseat it as it wins.
+    pub fn last_vote_request(&self) -> Option<std::time::Instant> {
+        *self.vote_request.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn longest(&self) -> std::time::Duration {
@@ -165,6 +180,7 @@ impl RaftPeer for RaftPeerService {
         let rpc = decode(request.get_ref()).map_err(|e| invalid("vote", e))?;
         guard::vote(&rpc, VerifiedPeer::of(&request), self.own_term())
             .map_err(|refused| self.refuse(&request, refused))?;
+        self.silence.vote_requested();
         answer(self.raft.vote(rpc).await)
     }
 

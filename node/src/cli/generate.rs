@@ -123,10 +123,12 @@ pub fn run(args: GenerateArgs) -> Result<(), CliError> {
                         .map_err(CliError::Usage)?,
                 )
             }
-            (None, true) => return Err(CliError::Usage(format!(
+            (None, true) => {
+                return Err(CliError::Usage(format!(
                 "{} has no chat template: drop --chat and write the prompt in the model's format",
                 args.model_dir.display()
-            ))),
+            )))
+            }
             (_, false) => None,
         };
         for prompt in &prompts {
