@@ -91,15 +91,24 @@ async fn a_node_started_by_run_serves_embed_equal_to_the_local_engine() {
         ..NodeConfig::default()
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(troupe::run(config, async {
-        let _ = stopped.await;
-    }));
+    let node = tokio::spawn(async move {
+        let result = troupe::run(config, async {
+            let _ = stopped.await;
+        })
+        .await;
+        if let Err(error) = &result {
+            eprintln!("the node stopped: {error}");
+        }
+        result
+    });
     let addr = format!("127.0.0.1:{api}");
     let members = format!("1=127.0.0.1:{peer}@{addr}");
     wait_for(
         "the node to accept cluster init",
         Duration::from_secs(30),
         || {
+            // A node that stopped (it printed why) will never take it.
+            assert!(!node.is_finished(), "the node stopped before cluster init");
             let command = args(&["cluster", "init", "--addr", &addr, "--members", &members]);
             async move { troupe(command).await.status.success().then_some(()) }
         },

@@ -346,12 +346,23 @@ pub async fn serve_everywhere(
 }
 
 /// A port that was free on 127.0.0.1 a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago and that this test process has not handed
+/// out before: tests in one binary run in parallel, and the kernel may give a port just
+/// released by one test's probe to the next test's, so two nodes would race for one port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A `troupe node` process on 127.0.0.1 (free ports, data under `dir/node<id>`), killed when
