@@ -169,3 +169,56 @@ async fn each_proposal_in_an_entry_gets_its_own_revision_and_blank_entries_none(
     assert_eq!(state.metadata.settings["k"].revisions.mod_revision, 2);
     assert_eq!(state.last_applied.map(|l| l.index), Some(2));
 }
+
+/// openraft 0.9 issues the purge that follows a snapshot install at the same time as the
+/// install, so the purge can reach the store first. A purge point that no stored snapshot
+/// covers is therefore kept in memory, not written: after a crash the store reports its log
+/// purged no further than its snapshot, which openraft checks at startup with a panic (the
+/// crash tier once found a node that could never start again: purged to 2204, snapshot at
+/// 2154). Once a snapshot covers it, the purge point is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_past_the_stored_snapshot_reaches_disk_only_with_its_snapshot() {
+    use openraft::RaftSnapshotBuilder;
+    let dir = TempDir::new().unwrap();
+    let at = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
+    let priority = |index: u64| {
+        entry(
+            index,
+            Command::SetTaskPriority {
+                name: format!("t{index}"),
+                priority: index as i32,
+            },
+        )
+    };
+    {
+        let (mut log, _sm) = store::open(dir.path()).unwrap();
+        log.purge(at(5)).await.unwrap();
+        // Reported at once, as openraft's contract wants.
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(at(5)));
+    }
+    // The node "crashed" before any snapshot covered index 5.
+    let (mut log, mut sm) = store::open(dir.path()).unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(
+        state.last_purged_log_id, None,
+        "a purge point no stored snapshot covers reached disk"
+    );
+    sm.apply((1..=5).map(priority).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    log.purge(at(5)).await.unwrap();
+    drop((log, sm));
+    let (mut log, _sm) = store::open(dir.path()).unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(
+        state.last_purged_log_id,
+        Some(at(5)),
+        "a covered purge point is written"
+    );
+}

@@ -41,6 +41,11 @@ pub struct LogStore {
     /// The most recently appended entries, so replication reads them without going through
     /// sled and JSON again.
     recent: Arc<std::sync::Mutex<RecentEntries>>,
+    /// What the stored snapshot covers: a purge is written to disk only up to it (see
+    /// [`RaftLogStorage::purge`]).
+    snapshot_covers: tokio::sync::watch::Receiver<Option<LogId>>,
+    /// A purge point not yet written because no stored snapshot covers it yet.
+    pending_purge: Arc<std::sync::Mutex<Option<LogId>>>,
 }
 
 /// Entries kept in memory behind the tail of the log.
@@ -177,7 +182,11 @@ fn write_io(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl LogStore {
-    pub(super) fn new(db: &sled::Db, guard: OpenGuard) -> Result<Self, StorageError> {
+    pub(super) fn new(
+        db: &sled::Db,
+        guard: OpenGuard,
+        snapshot_covers: tokio::sync::watch::Receiver<Option<LogId>>,
+    ) -> Result<Self, StorageError> {
         let (sender, queue) = mpsc::channel();
         let (flush_db, flush_guard) = (db.clone(), guard.clone());
         let thread = std::thread::Builder::new()
@@ -191,6 +200,8 @@ impl LogStore {
         Ok(Self {
             guard,
             flusher,
+            snapshot_covers,
+            pending_purge: Arc::default(),
             recent: Arc::default(),
             db: db.clone(),
             log: db.open_tree(LOG_TREE).map_err(read_io)?,
@@ -202,6 +213,32 @@ impl LogStore {
     pub async fn saved_vote(&self) -> Result<Option<Vote>, StorageError> {
         let meta = self.meta.clone();
         blocking(&self.guard, move || Self::read_meta(&meta, VOTE_KEY)).await
+    }
+
+    /// Writes purge point `log_id` (never moving it back) and deletes the entries up to it in
+    /// the background, off openraft's core loop (a purge after a snapshot removes thousands of
+    /// entries). Both reach disk with the next flush. A crash before that leaves extra entries
+    /// below the recorded purge point, which openraft tolerates, never a gap it cannot
+    /// explain.
+    fn record_purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let recorded: Option<LogId> = Self::read_meta(&self.meta, LAST_PURGED_KEY)?;
+        if recorded >= Some(log_id) {
+            return Ok(());
+        }
+        let bytes = serde_json::to_vec(&log_id).map_err(write_io)?;
+        self.meta.insert(LAST_PURGED_KEY, bytes).map_err(write_io)?;
+        let (log, guard) = (self.log.clone(), self.guard.clone());
+        tokio::task::spawn_blocking(move || {
+            // A slow deletion, for tests of what is reported before it ends.
+            let _ = troupe_failpoints::hit("raft.log.purge.delete");
+            if let Err(error) = Self::remove_range(&log, 0, Some(log_id.index.saturating_add(1))) {
+                tracing::warn!(%error, upto = log_id.index, "deleting purged raft log entries failed; they stay on disk until the next purge");
+            }
+            // The tree before the guard (see `run_flusher`).
+            drop(log);
+            drop(guard);
+        });
+        Ok(())
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, RecentEntries> {
@@ -284,6 +321,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => Some(i),
             Bound::Unbounded => None,
         };
+        // Entries up to a purge point still waiting for its snapshot are purged as far as
+        // readers can tell, though still on disk.
+        let pending = *self
+            .pending_purge
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let start = match pending {
+            Some(purged) => start.max(purged.index.saturating_add(1)),
+            None => start,
+        };
         if let Some(end) = end {
             if end <= start {
                 return Ok(Vec::new());
@@ -307,8 +354,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let (log, meta) = (self.log.clone(), self.meta.clone());
+        let pending = *self
+            .pending_purge
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         blocking(&self.guard, move || {
-            let last_purged_log_id: Option<LogId> = Self::read_meta(&meta, LAST_PURGED_KEY)?;
+            let recorded: Option<LogId> = Self::read_meta(&meta, LAST_PURGED_KEY)?;
+            let last_purged_log_id = recorded.max(pending);
             let last = match log.last().map_err(read_io)? {
                 Some((_, bytes)) => Some(
                     serde_json::from_slice::<Entry>(&bytes)
@@ -431,23 +483,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.recent().purge(log_id.index);
-        // Record the purge point now; delete the entries in the background, off openraft's
-        // core loop (a purge after a snapshot removes thousands of entries). Both reach disk
-        // with the next flush. A crash before that leaves extra entries below the recorded
-        // purge point, which openraft tolerates, never a gap it cannot explain.
         troupe_failpoints::hit("raft.log.purge").map_err(write_io)?;
-        let bytes = serde_json::to_vec(&log_id).map_err(write_io)?;
-        self.meta.insert(LAST_PURGED_KEY, bytes).map_err(write_io)?;
-        let (log, guard) = (self.log.clone(), self.guard.clone());
-        tokio::task::spawn_blocking(move || {
-            // A slow deletion, for tests of what is reported before it ends.
-            let _ = troupe_failpoints::hit("raft.log.purge.delete");
-            if let Err(error) = Self::remove_range(&log, 0, Some(log_id.index.saturating_add(1))) {
-                tracing::warn!(%error, upto = log_id.index, "deleting purged raft log entries failed; they stay on disk until the next purge");
+        // openraft 0.9 issues the purge after a snapshot install at the same time as the
+        // install (following_handler::install_full_snapshot: its PurgeLog waits for nothing).
+        // Had the purge point reached disk first and the node died before the snapshot was
+        // stored, it would restart with its log purged past its snapshot, which openraft
+        // refuses with a panic at startup (the crash tier hit it once in 30 cycles). So a
+        // purge point is written, and its entries deleted, only once a stored snapshot covers
+        // it; until then it is kept in memory, where `get_log_state` reports it.
+        if *self.snapshot_covers.borrow() >= Some(log_id) {
+            return self.record_purge(log_id);
+        }
+        {
+            let mut pending = self
+                .pending_purge
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *pending = (*pending).max(Some(log_id));
+        }
+        let mut store = self.clone();
+        let mut covers = self.snapshot_covers.clone();
+        tokio::spawn(async move {
+            // Ends without writing when the state machine store closes first; what was pending
+            // is then not on disk, and a restart finds the older purge point.
+            if covers.wait_for(|at| *at >= Some(log_id)).await.is_ok() {
+                if let Err(error) = store.record_purge(log_id) {
+                    tracing::warn!(%error, upto = log_id.index, "recording a purge failed; the entries stay until the next purge");
+                }
             }
-            // The tree before the guard (see `run_flusher`).
-            drop(log);
-            drop(guard);
         });
         Ok(())
     }

@@ -48,8 +48,9 @@ pub fn open_with_history(
     }
     let db = open_db(dir).map_err(|e| openraft::StorageIOError::read(&e))?;
     let guard = OpenGuard::default();
-    let log_store = LogStore::new(&db, guard.clone())?;
-    let state_machine = StateMachineStore::new(&db, dir.join("snapshots"), watch_history, guard)?;
+    let state_machine =
+        StateMachineStore::new(&db, dir.join("snapshots"), watch_history, guard.clone())?;
+    let log_store = LogStore::new(&db, guard, state_machine.snapshot_covers())?;
     Ok((log_store, state_machine))
 }
 

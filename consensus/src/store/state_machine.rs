@@ -86,6 +86,9 @@ pub struct StateMachineStore {
     snapshot_seq: Arc<AtomicU64>,
     /// The last applied revision, for readers that wait for "at least revision R".
     revision_tx: Arc<watch::Sender<u64>>,
+    /// The last log id the stored snapshot covers, once its record is written: the log may be
+    /// purged up to here and no further (see `LogStore::purge`).
+    snapshot_covers: Arc<watch::Sender<Option<LogId>>>,
     /// The last applied log index, for linearizable reads (read-index is a log index).
     index_tx: Arc<watch::Sender<u64>>,
     /// The metadata revision the current snapshot holds.
@@ -107,7 +110,9 @@ impl StateMachineStore {
     ) -> Result<Self, StorageError> {
         let snapshots = db.open_tree(SNAPSHOT_TREE).map_err(sm_read)?;
         let mut applied = Applied::default();
+        let mut covered = None;
         if let Some(stored) = Self::read_stored(&snapshots, &snapshot_dir)? {
+            covered = stored.meta.last_log_id;
             applied = serde_json::from_slice(&stored.data)
                 .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?;
             // The meta is authoritative for what the snapshot covers, as at install time: a
@@ -117,6 +122,7 @@ impl StateMachineStore {
             applied.last_membership = stored.meta.last_membership.clone();
         }
         let (revision_tx, _) = watch::channel(applied.metadata.revision);
+        let (snapshot_covers, _) = watch::channel(covered);
         let (index_tx, _) = watch::channel(applied.last_applied.map_or(0, |l| l.index));
         let snapshot_revision = Arc::new(AtomicU64::new(applied.metadata.revision));
         let history = History::new(history_capacity, &applied.metadata);
@@ -130,6 +136,7 @@ impl StateMachineStore {
             snapshot_write: Arc::default(),
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             revision_tx: Arc::new(revision_tx),
+            snapshot_covers: Arc::new(snapshot_covers),
             index_tx: Arc::new(index_tx),
             snapshot_revision,
         })
@@ -143,6 +150,11 @@ impl StateMachineStore {
     /// Follows the last applied revision.
     pub fn revisions(&self) -> watch::Receiver<u64> {
         self.revision_tx.subscribe()
+    }
+
+    /// Follows the last log id the stored snapshot covers.
+    pub fn snapshot_covers(&self) -> watch::Receiver<Option<LogId>> {
+        self.snapshot_covers.subscribe()
     }
 
     /// Follows the last applied log index.
@@ -203,11 +215,12 @@ impl StateMachineStore {
             file: file.clone(),
         })
         .map_err(|e| write_error(&e))?;
-        let (db, snapshots, dir, lock) = (
+        let (db, snapshots, dir, lock, published) = (
             self.db.clone(),
             self.snapshots.clone(),
             self.snapshot_dir.clone(),
             self.snapshot_write.clone(),
+            self.snapshot_covers.clone(),
         );
         blocking(&self.guard, move || {
             let _writing = lock
@@ -232,6 +245,13 @@ impl StateMachineStore {
                 .insert(SNAPSHOT_META_KEY, record)
                 .map_err(|e| write_error(&e))?;
             db.flush().map_err(|e| write_error(&e))?;
+            published.send_if_modified(|at| {
+                let newer = *at < covers;
+                if newer {
+                    *at = covers;
+                }
+                newer
+            });
             // Older snapshot files are no longer referenced.
             if let Ok(listing) = std::fs::read_dir(&*dir) {
                 for old in listing.flatten() {
