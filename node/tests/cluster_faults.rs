@@ -185,20 +185,7 @@ async fn a_late_readiness_report_does_not_overwrite_a_newer_one() {
         .await
         .unwrap()
         .into_inner();
-    push_model(&first, &model, "tiny", "1").await;
-    let activated = troupe(args(&[
-        "models",
-        "activate",
-        "tiny",
-        "1",
-        "--addr",
-        &first,
-        "--wait",
-        "--wait-timeout",
-        "30",
-    ]))
-    .await;
-    assert!(activated.status.success(), "{:?}", text(&activated));
+    push_and_activate(&first, &model, "tiny", "1").await;
     // Node 2's reports as the log ordered them, up to the activation.
     let mut node2: Vec<String> = Vec::new();
     loop {
