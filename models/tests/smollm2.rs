@@ -170,6 +170,44 @@ const TIE_GAP: f64 = 1e-4;
 /// The decoder against the reference's greedy continuations: at every step the top-10 logits
 /// are within 1e-3 and the greedy choice is the reference's. Each step is fed the reference's
 /// token, so one step's error cannot hide the next ones.
+fn golden() -> Vec<Generated> {
+    serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2/generate.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Checks one step's logits against the reference's: the top-10 within the tolerance, and
+/// the greedy choice unless the reference's top-2 gap is a tie. Returns the largest error.
+fn check_step(case: &Generated, step: usize, logits: &[f32]) -> f64 {
+    let expected = &case.steps[step];
+    let mut worst = 0f64;
+    for (&id, &want) in expected.top_ids.iter().zip(&expected.top_logits) {
+        let error = (f64::from(logits[id as usize]) - want).abs();
+        worst = worst.max(error);
+        assert!(
+            error <= LOGIT_TOLERANCE,
+            "{:?} step {step}: logit of token {id} is {}, the reference's {want}",
+            case.prompt,
+            logits[id as usize]
+        );
+    }
+    let argmax = (0..logits.len())
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+        .unwrap() as u32;
+    if expected.gap >= TIE_GAP {
+        assert_eq!(
+            argmax, case.token_ids[step],
+            "{:?} step {step}",
+            case.prompt
+        );
+    }
+    worst
+}
+
 #[test]
 fn greedy_steps_match_the_reference() {
     use troupe_models::llama::Llama;
@@ -177,18 +215,11 @@ fn greedy_steps_match_the_reference() {
     let file = GgufFile::open(&path).unwrap();
     let device = troupe_models::cpu_device();
     let model = Llama::<troupe_models::CpuBackend>::load(&file, &device).unwrap();
-    let golden: Vec<Generated> = serde_json::from_str(
-        &std::fs::read_to_string(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2/generate.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
     let mut worst = 0f64;
-    for case in &golden {
+    for case in &golden() {
         let mut cache = model.new_cache();
         let mut input = case.prompt_ids.clone();
-        for (step, expected) in case.steps.iter().enumerate() {
+        for step in 0..case.steps.len() {
             let logits = model.forward(&input, &mut cache);
             let rows = logits.dims()[0];
             let last: Vec<f32> = logits
@@ -196,30 +227,90 @@ fn greedy_steps_match_the_reference() {
                 .into_data()
                 .to_vec()
                 .unwrap();
-            for (&id, &want) in expected.top_ids.iter().zip(&expected.top_logits) {
-                let error = (f64::from(last[id as usize]) - want).abs();
-                worst = worst.max(error);
-                assert!(
-                    error <= LOGIT_TOLERANCE,
-                    "{:?} step {step}: logit of token {id} is {}, the reference's {want}",
-                    case.prompt,
-                    last[id as usize]
-                );
-            }
-            let argmax = (0..last.len())
-                .max_by(|&a, &b| last[a].total_cmp(&last[b]))
-                .unwrap() as u32;
-            if expected.gap >= TIE_GAP {
-                assert_eq!(
-                    argmax, case.token_ids[step],
-                    "{:?} step {step}",
-                    case.prompt
-                );
-            }
+            worst = worst.max(check_step(case, step, &last));
             input = vec![case.token_ids[step]];
         }
     }
     eprintln!("largest |Δlogit| over the top-10 of every step: {worst:.2e}");
+}
+
+/// The serving decoder (quantised weights, paged cache) steps all golden prompts together:
+/// prompts prefilled in chunks of 5 tokens beside other sequences' decodes, as the scheduler
+/// mixes them. Every sequence's logits must still match the reference's.
+#[test]
+fn the_quantised_decoder_matches_the_reference_in_a_ragged_batch() {
+    use troupe_models::decoder::{QuantLlama, SeqStep};
+    let Some(path) = gguf() else { return };
+    let file = GgufFile::open(&path).unwrap();
+    let model = QuantLlama::load(&file).unwrap();
+    let cases = golden();
+    const CHUNK: usize = 5;
+    let mut pool = model.new_pool(16, 256);
+    struct Seq {
+        tokens: Vec<u32>,
+        cached: usize,
+        blocks: Vec<u32>,
+        step: usize,
+    }
+    let mut seqs: Vec<Seq> = cases
+        .iter()
+        .map(|case| Seq {
+            tokens: case.prompt_ids.clone(),
+            cached: 0,
+            blocks: Vec::new(),
+            step: 0,
+        })
+        .collect();
+    let mut worst = 0f64;
+    // Sequence i joins at step i, so prefills overlap other sequences' decodes.
+    for round in 0.. {
+        let active: Vec<usize> = (0..seqs.len())
+            .filter(|&i| i <= round && seqs[i].step < cases[i].steps.len())
+            .collect();
+        if active.is_empty() && round > seqs.len() {
+            break;
+        }
+        for &i in &active {
+            let seq = &mut seqs[i];
+            let end = (seq.cached + CHUNK).min(seq.tokens.len());
+            let need = pool.blocks_for(end).saturating_sub(seq.blocks.len());
+            seq.blocks.extend(pool.allocate(need).unwrap());
+        }
+        let spans: Vec<(usize, usize)> = active
+            .iter()
+            .map(|&i| {
+                let seq = &seqs[i];
+                (seq.cached, (seq.cached + CHUNK).min(seq.tokens.len()))
+            })
+            .collect();
+        let steps: Vec<SeqStep> = active
+            .iter()
+            .zip(&spans)
+            .map(|(&i, &(from, to))| SeqStep {
+                tokens: &seqs[i].tokens[from..to],
+                start: from,
+                blocks: &seqs[i].blocks,
+                logits: to == seqs[i].tokens.len(),
+            })
+            .collect();
+        let logits = model.step(&mut pool, &steps);
+        let mut out = logits.into_iter();
+        for (&i, &(_, to)) in active.iter().zip(&spans) {
+            let seq = &mut seqs[i];
+            seq.cached = to;
+            if to == seq.tokens.len() {
+                let last = out.next().unwrap();
+                worst = worst.max(check_step(&cases[i], seq.step, &last));
+                seq.tokens.push(cases[i].token_ids[seq.step]);
+                seq.step += 1;
+            }
+        }
+    }
+    for seq in seqs {
+        pool.release(seq.blocks);
+    }
+    assert_eq!(pool.free_blocks(), 256);
+    eprintln!("quantised decoder: largest |Δlogit| over the top-10 of every step: {worst:.2e}");
 }
 
 /// The golden prompts' ids come out of troupe's tokenizer and the GGUF's own chat template
