@@ -29,6 +29,11 @@ pub struct ServingConfig {
     /// Scheduling priority of compute threads (Linux nice, 0..=19): above 0 they yield the
     /// CPU to Raft, heartbeats and routing when the machine is saturated.
     pub compute_nice: i32,
+    /// Memory for decoders' KV caches, per loaded decoder version, in MiB.
+    pub kv_cache_mb: usize,
+    /// Most prompt tokens a decoder step takes (chunked prefill): a long prompt is fed in
+    /// pieces beside the running streams' decode tokens, so it does not stall them.
+    pub prefill_chunk: usize,
 }
 
 impl Default for ServingConfig {
@@ -45,6 +50,8 @@ impl Default for ServingConfig {
             drain_timeout: Duration::from_secs(30),
             rollout_timeout: Duration::from_secs(300),
             compute_nice: 10,
+            kv_cache_mb: 512,
+            prefill_chunk: 64,
         }
     }
 }

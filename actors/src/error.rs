@@ -63,6 +63,17 @@ pub enum ServeError {
         reason: String,
     },
 
+    #[error("model '{model}' version '{version}' is a {serves} model and cannot {asked}: use the {serves} API (`troupe {serves}`), or a model of the other kind")]
+    WrongKind {
+        model: String,
+        version: String,
+        serves: &'static str,
+        asked: &'static str,
+    },
+
+    #[error("the request does not fit model '{model}': {reason}")]
+    TooLong { model: String, reason: String },
+
     #[error("the node is shutting down: retry on another node")]
     ShuttingDown,
 }

@@ -121,6 +121,31 @@ impl<T> Lanes<T> {
         taken
     }
 
+    /// The lane and item that would be taken next.
+    pub fn peek(&self) -> Option<(usize, &T)> {
+        self.lanes
+            .iter()
+            .enumerate()
+            .find_map(|(lane, queue)| queue.front().map(|entry| (lane, &entry.item)))
+    }
+
+    /// Puts `item` back at the head of `lane`, past the capacity: it had been admitted
+    /// before (a preempted sequence) and must not be refused now.
+    pub fn push_front(
+        &mut self,
+        lane: usize,
+        item: T,
+        enqueued: Instant,
+        deadline: Option<Instant>,
+    ) {
+        let lane = lane.min(self.lanes.len() - 1);
+        self.lanes[lane].push_front(Entry {
+            item,
+            enqueued,
+            deadline,
+        });
+    }
+
     /// Up to `max` entries, highest-priority lane first, FIFO within a lane.
     pub fn take_batch(&mut self, max: usize) -> Vec<T> {
         let mut batch = Vec::with_capacity(max.min(self.len()));

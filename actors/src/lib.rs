@@ -23,13 +23,14 @@ pub mod peers;
 pub mod restart;
 pub mod rollout;
 pub mod router;
+pub mod scheduler;
 pub mod stats;
 pub mod supervisor;
 pub mod sync;
 pub mod table;
 pub mod worker;
 
-pub use batcher::{BatcherCounters, BatcherHandle, EmbedJob, JobResult};
+pub use batcher::{BatcherCounters, BatcherHandle, EmbedJob, GenEvent, GenJob, JobResult};
 pub use config::{GossipConfig, ServingConfig};
 pub use error::ServeError;
 pub use health::{HeartbeatReply, NodeHealth, PeerProbe};

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -225,6 +225,20 @@ impl InFlight {
 
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request until the guard drops; the guard may outlive the caller (a stream).
+    pub fn enter_owned(self: &Arc<Self>) -> OwnedInFlightGuard {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        OwnedInFlightGuard(self.clone())
+    }
+}
+
+pub struct OwnedInFlightGuard(Arc<InFlight>);
+
+impl Drop for OwnedInFlightGuard {
+    fn drop(&mut self) {
+        (self.0).0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -11,8 +11,34 @@ use sha2::{Digest, Sha256};
 
 use crate::error::ModelError;
 
-/// Files a model version directory must hold.
+/// Files an encoder's version directory must hold.
 pub const REQUIRED_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
+
+/// Checks that the files at `paths` (relative, '/'-separated) make a model version: one
+/// `.gguf` file (a decoder), or the encoder's [`REQUIRED_FILES`]. Says what is missing.
+pub fn check_model_files<S: AsRef<str>>(paths: &[S]) -> Result<crate::ModelFormat, String> {
+    let ggufs = paths
+        .iter()
+        .filter(|p| p.as_ref().to_ascii_lowercase().ends_with(".gguf"))
+        .count();
+    match ggufs {
+        0 => {
+            for required in REQUIRED_FILES {
+                if !paths.iter().any(|p| p.as_ref() == required) {
+                    return Err(format!(
+                        "no {required}: a model directory holds {} (an encoder) or one .gguf file (a decoder)",
+                        REQUIRED_FILES.join(", ")
+                    ));
+                }
+            }
+            Ok(crate::ModelFormat::Safetensors)
+        }
+        1 => Ok(crate::ModelFormat::Gguf),
+        n => Err(format!(
+            "{n} .gguf files: a decoder's directory holds exactly one"
+        )),
+    }
+}
 
 /// Marker written last into a store entry: its files are complete and verified.
 const COMPLETE_MARKER: &str = ".troupe-verified";
@@ -42,16 +68,27 @@ impl Manifest {
                 path: dir.to_owned(),
             });
         }
-        for required in REQUIRED_FILES {
-            if !dir.join(required).is_file() {
-                return Err(ModelError::ModelFileMissing {
-                    path: dir.join(required),
-                });
-            }
-        }
         let mut relative = Vec::new();
         collect_files(dir, Path::new(""), &mut relative)?;
         relative.sort();
+        let names: Vec<String> = relative
+            .iter()
+            .map(|p| p.to_string_lossy().replace('\\', "/"))
+            .collect();
+        if crate::ModelFormat::of_files(&names) == crate::ModelFormat::Safetensors {
+            for required in REQUIRED_FILES {
+                if !dir.join(required).is_file() {
+                    return Err(ModelError::ModelFileMissing {
+                        path: dir.join(required),
+                    });
+                }
+            }
+        } else if let Err(reason) = check_model_files(&names) {
+            return Err(ModelError::InvalidConfig {
+                path: dir.to_owned(),
+                reason,
+            });
+        }
         let mut files = Vec::with_capacity(relative.len());
         for path in relative {
             let full = dir.join(&path);

@@ -219,6 +219,13 @@ impl Bpe {
         })
     }
 
+    /// A vocabulary of the 256 bytes and no merges: token `i` is byte `i` (for tests).
+    #[cfg(test)]
+    pub(crate) fn for_bytes() -> Self {
+        let tokens = byte_chars().iter().map(char::to_string).collect();
+        Self::new(tokens, &[1; 256], &[], None, PreTokenizer::Gpt2).expect("byte vocabulary")
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokens.len()
     }

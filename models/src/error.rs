@@ -7,6 +7,9 @@ use std::path::PathBuf;
 /// Each variant names what was wrong and, where there is one, the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
+
     #[error("model directory {path} does not exist or is not a directory: pass the directory that holds config.json, tokenizer.json and model.safetensors (troupe models fetch prints it)")]
     ModelDirMissing { path: PathBuf },
 

@@ -164,7 +164,150 @@ fn stop_at(text: &str, stop: &[String]) -> Option<usize> {
     stop.iter().filter_map(|s| text.find(s.as_str())).min()
 }
 
-/// A decoder with its tokenizer, from one GGUF file.
+/// What one sampled token gave: the token (none for the end-of-sequence token), its
+/// log-probability under the model, the text that may be shown now, and whether the
+/// sequence has finished.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emitted {
+    pub token: Option<u32>,
+    pub logprob: f32,
+    pub text: String,
+    pub finish: Option<FinishReason>,
+}
+
+/// One sequence's generation: sampling, the token budget, the end-of-sequence token, stop
+/// strings, and the text streamed so far. Text is released only when it is whole UTF-8 and
+/// cannot be the start of a stop string, so a streamed text never has to be taken back.
+#[derive(Debug, Clone)]
+pub struct Decoding {
+    params: SamplingParams,
+    rng: Rng,
+    eos: u32,
+    tokens: Vec<u32>,
+    /// Bytes of text already released.
+    sent: usize,
+    finish: Option<FinishReason>,
+}
+
+impl Decoding {
+    pub fn new(params: SamplingParams, eos: u32) -> Self {
+        Self {
+            rng: Rng::new(params.seed),
+            params,
+            eos,
+            tokens: Vec::new(),
+            sent: 0,
+            finish: None,
+        }
+    }
+
+    /// Tokens generated so far (without the end-of-sequence token).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub fn finish(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Samples the next token from `logits` and says what to stream.
+    pub fn next(&mut self, logits: &[f32], tokenizer: &Bpe) -> Emitted {
+        let token = sample(logits, &self.params, &mut self.rng);
+        let logprob = log_softmax_at(logits, token as usize);
+        if token == self.eos {
+            self.finish = Some(FinishReason::Eos);
+            return Emitted {
+                token: None,
+                logprob,
+                text: self.release(tokenizer, true),
+                finish: self.finish,
+            };
+        }
+        self.tokens.push(token);
+        let bytes = tokenizer.decode_bytes(&self.tokens);
+        let whole = match std::str::from_utf8(&bytes) {
+            Ok(text) => text,
+            // Up to the last whole character: a character split between tokens waits.
+            Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
+        };
+        if let Some(at) = stop_at(whole, &self.params.stop) {
+            self.finish = Some(FinishReason::Stop);
+            let text = whole[self.sent.min(at)..at].to_owned();
+            self.sent = at;
+            return Emitted {
+                token: Some(token),
+                logprob,
+                text,
+                finish: self.finish,
+            };
+        }
+        if self.tokens.len() >= self.params.max_tokens {
+            self.finish = Some(FinishReason::Length);
+        }
+        let text = self.release(tokenizer, self.finish.is_some());
+        Emitted {
+            token: Some(token),
+            logprob,
+            text,
+            finish: self.finish,
+        }
+    }
+
+    /// The text not yet released: all of it at the end (a split character becomes U+FFFD),
+    /// else what is whole and cannot begin a stop string.
+    fn release(&mut self, tokenizer: &Bpe, last: bool) -> String {
+        let bytes = tokenizer.decode_bytes(&self.tokens);
+        if last {
+            let text = String::from_utf8_lossy(&bytes[self.sent.min(bytes.len())..]).into_owned();
+            self.sent = bytes.len();
+            return text;
+        }
+        let valid = match std::str::from_utf8(&bytes) {
+            Ok(_) => bytes.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        let whole = std::str::from_utf8(&bytes[..valid]).unwrap_or_default();
+        let mut safe = whole.len();
+        for stop in &self.params.stop {
+            // The longest end of the text that a stop string starts with.
+            for (at, _) in whole.char_indices().rev().take(stop.chars().count()) {
+                if stop.starts_with(&whole[at..]) {
+                    safe = safe.min(at);
+                }
+            }
+        }
+        let text = whole[self.sent.min(safe)..safe].to_owned();
+        self.sent = self.sent.max(safe);
+        text
+    }
+
+    /// The finished generation (text cut before a stop string).
+    pub fn into_generation(self, tokenizer: &Bpe) -> Generation {
+        let mut text = tokenizer.decode(&self.tokens);
+        if let Some(at) = stop_at(&text, &self.params.stop) {
+            text.truncate(at);
+        }
+        Generation {
+            token_ids: self.tokens,
+            text,
+            finish_reason: self.finish.unwrap_or(FinishReason::Length),
+        }
+    }
+}
+
+/// `log softmax(logits)[index]`, in f64.
+pub fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let total: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    (f64::from(logits[index] - max) - total.ln()) as f32
+}
+
+/// A decoder with its tokenizer, from one GGUF file, on a burn backend: the reference path
+/// (weights dequantised to f32). Serving uses [`crate::decoder`].
 pub struct Generator<B: Backend> {
     pub model: Llama<B>,
     pub tokenizer: Bpe,
@@ -195,15 +338,10 @@ impl<B: Backend> Generator<B> {
         mut on_token: impl FnMut(u32),
     ) -> Generation {
         let mut cache: KvCache<B> = self.model.new_cache();
-        let mut rng = Rng::new(params.seed);
-        let eos = self.model.config().eos;
+        let mut decoding = Decoding::new(params.clone(), self.model.config().eos);
         let vocab = self.model.config().vocab;
-        let mut tokens = Vec::new();
         let mut input = prompt_ids.to_vec();
-        let finish = loop {
-            if tokens.len() == params.max_tokens {
-                break FinishReason::Length;
-            }
+        loop {
             let logits = self.model.forward(&input, &mut cache);
             let rows = logits.dims()[0];
             let last: Vec<f32> = logits
@@ -211,29 +349,16 @@ impl<B: Backend> Generator<B> {
                 .into_data()
                 .to_vec()
                 .expect("f32 logits");
-            let next = sample(&last, params, &mut rng);
-            if next == eos {
-                break FinishReason::Eos;
+            let emitted = decoding.next(&last, &self.tokenizer);
+            if let Some(token) = emitted.token {
+                on_token(token);
+                input = vec![token];
             }
-            tokens.push(next);
-            on_token(next);
-            if !params.stop.is_empty() {
-                let text = self.tokenizer.decode(&tokens);
-                if stop_at(&text, &params.stop).is_some() {
-                    break FinishReason::Stop;
-                }
+            if emitted.finish.is_some() {
+                break;
             }
-            input = vec![next];
-        };
-        let mut text = self.tokenizer.decode(&tokens);
-        if let Some(at) = stop_at(&text, &params.stop) {
-            text.truncate(at);
         }
-        Generation {
-            token_ids: tokens,
-            text,
-            finish_reason: finish,
-        }
+        decoding.into_generation(&self.tokenizer)
     }
 }
 
@@ -334,5 +459,53 @@ mod tests {
         let stop = vec!["\n\n".to_owned(), "END".to_owned()];
         assert_eq!(stop_at("abc END x\n\n", &stop), Some(4));
         assert_eq!(stop_at("abc", &stop), None);
+    }
+
+    #[test]
+    fn streamed_text_holds_back_what_may_start_a_stop_string() {
+        // A byte-level vocabulary: token i is byte i.
+        let bpe = Bpe::for_bytes();
+        let params = SamplingParams {
+            max_tokens: 100,
+            stop: vec!["END".into()],
+            ..SamplingParams::default()
+        };
+        let mut decoding = Decoding::new(params, 0);
+        let mut streamed = String::new();
+        let mut finish = None;
+        for &byte in b"ab EN xEND tail" {
+            let mut logits = vec![0f32; 256];
+            logits[byte as usize] = 10.0;
+            let emitted = decoding.next(&logits, &bpe);
+            streamed.push_str(&emitted.text);
+            if let Some(f) = emitted.finish {
+                finish = Some(f);
+                break;
+            }
+            // What is streamed so far never contains the stop string's start at its end
+            // until it is known not to be one.
+            assert!(
+                !streamed.ends_with("EN") && !streamed.contains("END"),
+                "{streamed:?}"
+            );
+        }
+        assert_eq!(finish, Some(FinishReason::Stop));
+        assert_eq!(streamed, "ab EN x");
+        let generation = decoding.into_generation(&bpe);
+        assert_eq!(generation.text, "ab EN x");
+    }
+
+    #[test]
+    fn a_character_split_between_tokens_is_released_whole() {
+        let bpe = Bpe::for_bytes();
+        let mut decoding = Decoding::new(SamplingParams::default(), 0);
+        let mut texts = Vec::new();
+        for &byte in "é!".as_bytes() {
+            let mut logits = vec![0f32; 256];
+            logits[byte as usize] = 10.0;
+            texts.push(decoding.next(&logits, &bpe).text);
+        }
+        assert_eq!(texts, ["", "é", "!"]);
+        assert!((log_softmax_at(&[0.0, 0.0], 1) - 0.5f32.ln()).abs() < 1e-6);
     }
 }

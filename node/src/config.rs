@@ -114,6 +114,12 @@ pub struct ServingSettings {
     /// Scheduling priority of the compute threads (Linux nice, 0..=19; 0 leaves it alone).
     /// Above 0 they yield the CPU to Raft, heartbeats and routing when every core is busy.
     pub compute_nice: i32,
+    /// Memory for each loaded decoder's paged KV cache, in MiB. When it is full, new
+    /// generations wait in their priority lane (a higher lane may preempt a lower one).
+    pub kv_cache_mb: usize,
+    /// Most prompt tokens one decoder step takes beside the running streams (chunked
+    /// prefill): smaller keeps streams smooth while long prompts arrive, larger fills faster.
+    pub prefill_chunk: usize,
     /// Cap on pulling model files from peers, in megabytes (10^6 bytes) per second, shared by
     /// all of this node's pulls; 0 means no cap.
     pub blob_bandwidth_mbps: f64,
@@ -136,6 +142,8 @@ impl Default for ServingSettings {
             drain_timeout_ms: actors.drain_timeout.as_millis() as u64,
             rollout_timeout_s: actors.rollout_timeout.as_secs(),
             compute_nice: actors.compute_nice,
+            kv_cache_mb: actors.kv_cache_mb,
+            prefill_chunk: actors.prefill_chunk,
             blob_bandwidth_mbps: 0.0,
         }
     }
@@ -165,6 +173,14 @@ pub struct LimitSettings {
     /// Largest cluster setting value, in bytes (at most 65536, the replicated state's own
     /// cap): a larger one is refused before it is replicated.
     pub max_setting_value_bytes: usize,
+    /// Longest prompt (or rendered conversation) a Generate request may send, in characters.
+    pub max_prompt_chars: usize,
+    /// Tokens generated when a request does not say (`max_tokens` 0 or absent).
+    pub default_max_tokens: usize,
+    /// Most tokens one request may ask to generate.
+    pub max_tokens: usize,
+    /// Longest a generation may stream; a shorter client deadline wins.
+    pub generate_timeout_ms: u64,
 }
 
 impl Default for LimitSettings {
@@ -180,6 +196,10 @@ impl Default for LimitSettings {
             idle_timeout_s: 300,
             max_connections: 4096,
             max_setting_value_bytes: 64 * 1024,
+            max_prompt_chars: 32_000,
+            default_max_tokens: 256,
+            max_tokens: 4096,
+            generate_timeout_ms: 300_000,
         }
     }
 }
@@ -468,6 +488,8 @@ impl NodeConfig {
             drain_timeout: Duration::from_millis(s.drain_timeout_ms),
             rollout_timeout: Duration::from_secs(s.rollout_timeout_s),
             compute_nice: s.compute_nice,
+            kv_cache_mb: s.kv_cache_mb,
+            prefill_chunk: s.prefill_chunk,
         }
     }
 
@@ -749,6 +771,31 @@ impl NodeConfig {
                 "serving.compute_nice",
                 format!("{} is not a nice value", serving.compute_nice),
                 "use 0..=19 (0: the default priority; 10: yield to Raft and heartbeats)",
+            );
+        }
+        if !(1..=1 << 20).contains(&serving.kv_cache_mb) {
+            problem(
+                "serving.kv_cache_mb",
+                format!("{} MiB", serving.kv_cache_mb),
+                "use 1..=1048576 (SmolLM2-135M needs 0.7 MiB per 16 tokens of context)",
+            );
+        }
+        if !(1..=8192).contains(&serving.prefill_chunk) {
+            problem(
+                "serving.prefill_chunk",
+                format!("{} tokens", serving.prefill_chunk),
+                "use 1..=8192 (64 keeps streams smooth)",
+            );
+        }
+        let limits = &self.limits;
+        if limits.default_max_tokens == 0 || limits.default_max_tokens > limits.max_tokens {
+            problem(
+                "limits.default_max_tokens",
+                format!(
+                    "{} with limits.max_tokens {}",
+                    limits.default_max_tokens, limits.max_tokens
+                ),
+                "use 1..=limits.max_tokens",
             );
         }
         let routing = &self.routing;

@@ -92,6 +92,77 @@ impl Forwarder {
     }
 }
 
+impl Forwarder {
+    /// Sends a generation to `peer` and returns its stream once the first chunk has come
+    /// (so that a refusal can still go to the next node), relayed chunk by chunk after.
+    pub async fn forward_generate(
+        &self,
+        peer: u64,
+        addr: &str,
+        request: troupe_proto::v1::GenerateRequest,
+        timeout: Duration,
+        traceparent: &str,
+        min_revision: u64,
+    ) -> Result<crate::server::generate::ChunkStream, Status> {
+        use tokio_stream::StreamExt;
+        let channel = self.channel(peer, addr)?;
+        let mut client = PeerClient::new(channel)
+            .max_decoding_message_size(self.max_message_bytes.max(64 * 1024 * 1024))
+            .max_encoding_message_size(self.max_message_bytes.max(64 * 1024 * 1024));
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(timeout);
+        let metadata = request.metadata_mut();
+        metadata.insert(FORWARDED_BY_HEADER, self.node_id.into());
+        metadata.insert(MIN_REVISION_HEADER, min_revision.into());
+        if let Ok(value) = traceparent.parse() {
+            metadata.insert(TRACEPARENT_HEADER, value);
+        }
+        let unreachable = {
+            let addr = addr.to_owned();
+            move |status: Status| {
+                // A status with a source came from this side's transport: another node may
+                // serve.
+                if std::error::Error::source(&status).is_some() {
+                    Status::unavailable(format!(
+                        "node {peer} ({addr}) could not be reached: {}",
+                        status.message()
+                    ))
+                } else {
+                    status
+                }
+            }
+        };
+        let relay = unreachable.clone();
+        let started = tokio::time::timeout(timeout, async {
+            let mut stream = client
+                .forward_generate(request)
+                .await
+                .map_err(&unreachable)?
+                .into_inner();
+            let first = stream.message().await.map_err(&unreachable)?;
+            Ok::<_, Status>((first, stream))
+        })
+        .await;
+        let (first, stream) = match started {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "node {peer} did not start the generation within the {} ms left of the request's deadline",
+                    timeout.as_millis()
+                )))
+            }
+        };
+        let Some(first) = first else {
+            return Err(Status::unavailable(format!(
+                "node {peer} ended the generation before its first chunk"
+            )));
+        };
+        Ok(Box::pin(
+            tokio_stream::once(Ok(first)).chain(stream.map(move |item| item.map_err(&relay))),
+        ))
+    }
+}
+
 /// A request's W3C trace context on this node: the trace it belongs to, the span that sent it
 /// (the caller's, when the caller sent a `traceparent`), and this node's own span for it.
 /// A request forwarded on carries this node's span as its parent, so the spans of one request

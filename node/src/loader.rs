@@ -1,20 +1,32 @@
-//! Loads model directories onto the node's compute backend, for the actor tree.
+//! Loads model directories onto the node's compute backend, for the actor tree: a directory
+//! of safetensors is an encoder, one GGUF file a decoder.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use troupe_actors::ModelLoader;
-use troupe_models::{Embedder, ModelError, SentenceEmbedder};
+use troupe_models::{Decoder, Embedder, LoadedModel, ModelError, ModelFormat};
+
+/// Decoders run on the CPU with their weights quantised (troupe_models::decoder), whatever
+/// the device: the fused kernels are CPU code.
+fn load_decoder(dir: &Path) -> Result<LoadedModel, ModelError> {
+    Ok(LoadedModel::Decoder(Arc::new(Decoder::load(dir)?)))
+}
 
 /// The CPU backend (burn Flex with troupe's fused kernels).
 pub struct CpuLoader;
 
 impl ModelLoader for CpuLoader {
-    fn load(&self, dir: &Path) -> Result<Arc<dyn SentenceEmbedder>, ModelError> {
+    fn load(&self, dir: &Path) -> Result<LoadedModel, ModelError> {
+        if ModelFormat::of_dir(dir) == ModelFormat::Gguf {
+            return load_decoder(dir);
+        }
         let device = troupe_models::cpu_device();
-        Ok(Arc::new(Embedder::<troupe_models::CpuBackend>::load(
-            dir, &device,
-        )?))
+        Ok(LoadedModel::Encoder(Arc::new(Embedder::<
+            troupe_models::CpuBackend,
+        >::load(
+            dir, &device
+        )?)))
     }
 }
 
@@ -24,11 +36,16 @@ pub struct CudaLoader;
 
 #[cfg(feature = "cuda")]
 impl ModelLoader for CudaLoader {
-    fn load(&self, dir: &Path) -> Result<Arc<dyn SentenceEmbedder>, ModelError> {
+    fn load(&self, dir: &Path) -> Result<LoadedModel, ModelError> {
+        if ModelFormat::of_dir(dir) == ModelFormat::Gguf {
+            return load_decoder(dir);
+        }
         let device = troupe_models::backend::CudaDevice::default();
-        Ok(Arc::new(
-            Embedder::<troupe_models::backend::CudaBackend>::load(dir, &device)?,
-        ))
+        Ok(LoadedModel::Encoder(Arc::new(Embedder::<
+            troupe_models::backend::CudaBackend,
+        >::load(
+            dir, &device
+        )?)))
     }
 }
 

@@ -48,17 +48,41 @@ fn optional(field: &'static str, value: String) -> Result<Option<String>, ProtoE
 /// The names an embed request carries: the model (required), and the version, task and
 /// request id when set. Checked before anything else reads them.
 pub fn check_embed_names(request: &v1::EmbedRequest) -> Result<(), ProtoError> {
-    if request.model.is_empty() {
+    check_request_names(
+        &request.model,
+        &request.version,
+        &request.task,
+        &request.request_id,
+    )
+}
+
+/// The names in a Generate request, checked as [`check_embed_names`] checks Embed's.
+pub fn check_generate_names(request: &v1::GenerateRequest) -> Result<(), ProtoError> {
+    check_request_names(
+        &request.model,
+        &request.version,
+        &request.task,
+        &request.request_id,
+    )
+}
+
+fn check_request_names(
+    model: &str,
+    version: &str,
+    task: &str,
+    request_id: &str,
+) -> Result<(), ProtoError> {
+    if model.is_empty() {
         return Err(ProtoError::Missing {
             field: "model",
-            hint: "name a registered model, e.g. all-MiniLM-L6-v2",
+            hint: "name a registered model, e.g. all-MiniLM-L6-v2 or smollm2-135m",
         });
     }
-    check_name("model", &request.model)?;
+    check_name("model", model)?;
     for (field, value) in [
-        ("version", &request.version),
-        ("task", &request.task),
-        ("request_id", &request.request_id),
+        ("version", version),
+        ("task", task),
+        ("request_id", request_id),
     ] {
         if !value.is_empty() {
             check_name(field, value)?;

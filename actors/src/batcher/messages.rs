@@ -3,7 +3,8 @@
 use std::time::Instant;
 
 use ractor::RpcReplyPort;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
+use troupe_models::generate::{FinishReason, SamplingParams};
 
 use crate::error::ServeError;
 
@@ -20,6 +21,38 @@ pub struct EmbedJob {
     pub deadline: Option<Instant>,
     pub received: Instant,
     pub reply: oneshot::Sender<JobResult>,
+}
+
+/// One Generate request waiting for, or holding, a place in a decoder's steps.
+#[derive(Debug)]
+pub struct GenJob {
+    /// The prompt's token ids (already through the chat template, if any).
+    pub prompt_ids: Vec<u32>,
+    pub params: SamplingParams,
+    pub request_id: String,
+    pub lane: usize,
+    pub deadline: Option<Instant>,
+    pub received: Instant,
+    /// Where the stream goes. Dropping the receiver cancels the request: its KV blocks are
+    /// freed at the next step.
+    pub events: mpsc::UnboundedSender<GenEvent>,
+}
+
+/// What a generation stream carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    /// A token: its id, its log-probability under the model, and the text it releases
+    /// (empty while a character or a possible stop string is incomplete).
+    Token { id: u32, logprob: f32, text: String },
+    /// The end: why, the text still held back, and the usage.
+    Done {
+        finish: FinishReason,
+        text: String,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The request failed (before or during generation).
+    Failed(ServeError),
 }
 
 /// A batch on its way to a worker.
@@ -56,6 +89,14 @@ pub struct BatcherCounters {
 #[derive(Debug)]
 pub enum BatcherMsg {
     Submit(EmbedJob),
+    /// A generation request (decoders only).
+    Generate(GenJob),
+    /// A decoder's step loop finished a request (any way): one fewer outstanding.
+    GenerationEnded,
+    /// A decoder's step loop panicked: restart it.
+    EngineFailed {
+        reason: String,
+    },
     /// A flush timer fired: dispatch what has waited `max_queue_delay`.
     Flush,
     /// Worker `worker` finished a batch and can take another.

@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
-use troupe_models::SentenceEmbedder;
+use troupe_models::{LoadedModel, SentenceEmbedder};
 
-pub use messages::{Batch, BatcherCounters, BatcherMsg, EmbedJob, JobResult};
+pub use messages::{Batch, BatcherCounters, BatcherMsg, EmbedJob, GenEvent, GenJob, JobResult};
 
 use crate::config::ServingConfig;
 use crate::error::ServeError;
@@ -41,16 +41,18 @@ pub struct BatcherShared {
     batch_sizes: [AtomicU64; BATCH_SIZE_BUCKETS.len()],
     batches: AtomicU64,
     rows: AtomicU64,
-    jobs: AtomicU64,
-    rejected_full: AtomicU64,
-    expired: AtomicU64,
-    cancelled: AtomicU64,
-    failed: AtomicU64,
-    queued: AtomicU64,
-    in_flight: AtomicU64,
-    worker_restarts: AtomicU64,
-    lane_depths: Mutex<Vec<usize>>,
+    pub(crate) jobs: AtomicU64,
+    pub(crate) rejected_full: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) queued: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) worker_restarts: AtomicU64,
+    pub(crate) lane_depths: Mutex<Vec<usize>>,
     restart_latencies: Mutex<Vec<Duration>>,
+    /// A decoder's figures (zero for an encoder).
+    pub generation: crate::scheduler::GenStats,
 }
 
 impl BatcherShared {
@@ -111,16 +113,35 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// How the rest of the node talks to a batcher.
+/// How the rest of the node talks to a batcher (an encoder's) or a scheduler (a decoder's).
 #[derive(Debug, Clone)]
 pub struct BatcherHandle {
     pub key: ModelKey,
     actor: ActorRef<BatcherMsg>,
     stats: Arc<ActorStats>,
     shared: Arc<BatcherShared>,
+    /// The model, for request handlers that prepare inputs (a decoder's tokenizer and chat
+    /// template).
+    model: LoadedModel,
 }
 
 impl BatcherHandle {
+    pub(crate) fn new(
+        key: ModelKey,
+        actor: ActorRef<BatcherMsg>,
+        stats: Arc<ActorStats>,
+        shared: Arc<BatcherShared>,
+        model: LoadedModel,
+    ) -> Self {
+        Self {
+            key,
+            actor,
+            stats,
+            shared,
+            model,
+        }
+    }
+
     /// Queues a job; the answer comes on the job's reply channel. A batcher that is gone
     /// answers `UNAVAILABLE` through the dropped channel.
     pub fn submit(&self, job: EmbedJob) {
@@ -135,6 +156,26 @@ impl BatcherHandle {
                 }));
             }
         }
+    }
+
+    /// Queues a generation; its stream comes on the job's event channel. A scheduler that is
+    /// gone answers `UNAVAILABLE` on it.
+    pub fn generate(&self, job: GenJob) {
+        self.stats.sent();
+        if let Err(error) = self.actor.cast(BatcherMsg::Generate(job)) {
+            self.stats.handled();
+            if let ractor::MessagingErr::SendErr(BatcherMsg::Generate(job)) = error {
+                let _ = job.events.send(GenEvent::Failed(ServeError::Unavailable {
+                    model: self.key.name.clone(),
+                    version: self.key.version.clone(),
+                    reason: "its scheduler has stopped".into(),
+                }));
+            }
+        }
+    }
+
+    pub fn model(&self) -> &LoadedModel {
+        &self.model
     }
 
     /// Waits until every queued request has been answered (or `timeout` passes).
@@ -159,7 +200,7 @@ pub struct BatcherArgs {
     pub node_id: u64,
     pub key: ModelKey,
     pub path: String,
-    pub model: Arc<dyn SentenceEmbedder>,
+    pub model: LoadedModel,
     pub config: ServingConfig,
     pub budget: Arc<RestartBudget>,
     pub directory: ActorDirectory,
@@ -220,9 +261,12 @@ impl Batcher {
         args: BatcherArgs,
         supervisor: ractor::ActorCell,
     ) -> Result<BatcherHandle, ractor::SpawnErr> {
-        let key = args.key.clone();
-        let stats = args.stats.clone();
-        let shared = args.shared.clone();
+        let (key, stats, shared, model) = (
+            args.key.clone(),
+            args.stats.clone(),
+            args.shared.clone(),
+            args.model.clone(),
+        );
         let path = args.path.clone();
         let directory = args.directory.clone();
         let actor = spawn_child(&directory, &path, Batcher, args, supervisor).await?;
@@ -231,6 +275,7 @@ impl Batcher {
             actor,
             stats,
             shared,
+            model,
         })
     }
 }
@@ -245,6 +290,13 @@ impl BatcherState {
             model: self.args.key.name.clone(),
             version: self.args.key.version.clone(),
             reason: reason.to_owned(),
+        }
+    }
+
+    fn encoder(&self) -> Result<Arc<dyn SentenceEmbedder>, ActorProcessingErr> {
+        match &self.args.model {
+            LoadedModel::Encoder(model) => Ok(model.clone()),
+            other => Err(format!("a batcher serves encoders, not {other:?}").into()),
         }
     }
 
@@ -423,7 +475,7 @@ impl BatcherState {
             index,
             node_id: self.args.node_id,
             key: self.args.key.clone(),
-            model: self.args.model.clone(),
+            model: self.encoder()?,
             max_batch_size: self.args.config.max_batch_size,
             batcher: myself.clone(),
             shared: self.args.shared.clone(),
@@ -505,6 +557,15 @@ impl Actor for Batcher {
             BatcherMsg::Flush => state.flush_at = None,
             BatcherMsg::WorkerIdle { worker } => state.worker_done(worker),
             BatcherMsg::Drain(reply) => state.drain_waiters.push(reply),
+            BatcherMsg::Generate(job) => {
+                let _ = job.events.send(GenEvent::Failed(ServeError::WrongKind {
+                    model: state.args.key.name.clone(),
+                    version: state.args.key.version.clone(),
+                    serves: "embed",
+                    asked: "generate",
+                }));
+            }
+            BatcherMsg::GenerationEnded | BatcherMsg::EngineFailed { .. } => {}
         }
         state.dispatch(&myself);
         Ok(())

@@ -1,9 +1,7 @@
 //! What the NodeSupervisor is sent.
 
-use std::sync::Arc;
-
 use ractor::RpcReplyPort;
-use troupe_models::SentenceEmbedder;
+use troupe_models::LoadedModel;
 
 use crate::batcher::BatcherHandle;
 use crate::table::ModelKey;
@@ -12,7 +10,7 @@ pub enum SupervisorMsg {
     /// Start a batcher (and its workers) for a loaded model version.
     StartModel {
         key: ModelKey,
-        model: Arc<dyn SentenceEmbedder>,
+        model: LoadedModel,
         reply: RpcReplyPort<Result<BatcherHandle, String>>,
     },
     /// Drain and stop a version's batcher; answers once it is stopped.

@@ -24,7 +24,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::watch;
 use troupe_consensus::Metadata;
 use troupe_models::artifact::ArtifactStore;
-use troupe_models::{ModelError, SentenceEmbedder};
+use troupe_models::{LoadedModel, ModelError};
 
 pub use messages::SupervisorMsg;
 
@@ -34,6 +34,7 @@ use crate::health::{self, Health, HealthArgs, HealthMsg, NodeHealth, PeerProbe};
 use crate::peers::{InFlight, PeerTable};
 use crate::restart::RestartBudget;
 use crate::rollout::{RolloutArgs, RolloutController, RolloutMsg};
+use crate::scheduler::Scheduler;
 use crate::stats::{spawn_child, ActorDirectory, ActorInfo, ActorStats, OPERATOR_RESTART};
 use crate::sync::{MetadataSync, SyncArgs, SyncMsg};
 use crate::table::{LocalState, ModelKey, ServingTable};
@@ -41,7 +42,7 @@ use crate::table::{LocalState, ModelKey, ServingTable};
 /// Loads a model directory onto the node's compute backend. The node provides it, so this
 /// crate does not depend on a backend.
 pub trait ModelLoader: Send + Sync + 'static {
-    fn load(&self, dir: &Path) -> Result<Arc<dyn SentenceEmbedder>, ModelError>;
+    fn load(&self, dir: &Path) -> Result<LoadedModel, ModelError>;
 }
 
 /// Gets a version's files from a peer into the node's artifact store (the node provides it;
@@ -96,7 +97,7 @@ impl SupervisorHandle {
     pub async fn start_model(
         &self,
         key: ModelKey,
-        model: Arc<dyn SentenceEmbedder>,
+        model: LoadedModel,
     ) -> Result<BatcherHandle, String> {
         self.stats.sent();
         match self
@@ -132,9 +133,9 @@ enum Child {
     Batcher(ModelKey),
 }
 
-struct LoadedModel {
+struct Served {
     handle: BatcherHandle,
-    model: Arc<dyn SentenceEmbedder>,
+    model: LoadedModel,
 }
 
 pub struct SupervisorState {
@@ -148,7 +149,7 @@ pub struct SupervisorState {
     sync: Option<ActorRef<SyncMsg>>,
     health: Option<ActorRef<HealthMsg>>,
     rollout: Option<ActorRef<RolloutMsg>>,
-    batchers: HashMap<ModelKey, LoadedModel>,
+    batchers: HashMap<ModelKey, Served>,
 }
 
 pub struct NodeSupervisor;
@@ -263,7 +264,7 @@ impl SupervisorState {
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
         key: ModelKey,
-        model: Arc<dyn SentenceEmbedder>,
+        model: LoadedModel,
     ) -> Result<BatcherHandle, String> {
         let path = batcher_path(&key);
         let stats = self.directory.fresh_stats(&path, "batcher");
@@ -278,12 +279,16 @@ impl SupervisorState {
             shared: Arc::new(BatcherShared::default()),
             stats,
         };
-        let handle = Batcher::start(args, myself.get_cell())
-            .await
-            .map_err(|e| format!("cannot start the batcher: {e}"))?;
+        // Encoders batch and return; decoders step sequences (continuous batching). Both
+        // speak the batcher protocol, so the table, restarts and draining treat them alike.
+        let handle = match &model {
+            LoadedModel::Encoder(_) => Batcher::start(args, myself.get_cell()).await,
+            LoadedModel::Decoder(_) => Scheduler::start(args, myself.get_cell()).await,
+        }
+        .map_err(|e| format!("cannot start the batcher: {e}"))?;
         self.batchers.insert(
             key,
-            LoadedModel {
+            Served {
                 handle: handle.clone(),
                 model,
             },

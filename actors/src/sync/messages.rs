@@ -1,8 +1,6 @@
 //! What MetadataSync is sent.
 
-use std::sync::Arc;
-
-use troupe_models::SentenceEmbedder;
+use troupe_models::LoadedModel;
 
 use crate::table::ModelKey;
 
@@ -12,7 +10,7 @@ pub enum SyncMsg {
     /// A load started by this actor finished.
     Loaded {
         key: ModelKey,
-        result: Result<Arc<dyn SentenceEmbedder>, String>,
+        result: Result<LoadedModel, String>,
     },
     /// A readiness report's proposal returned: `proposed` if Raft took it, false if it
     /// failed (after a back-off). The next report of that version may go.

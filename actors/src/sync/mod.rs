@@ -22,7 +22,8 @@ use troupe_consensus::metadata::{
 };
 use troupe_consensus::{Metadata, ReadConsistency, WatchEvent};
 use troupe_models::artifact::ArtifactStore;
-use troupe_models::SentenceEmbedder;
+use troupe_models::generate::SamplingParams;
+use troupe_models::LoadedModel;
 
 pub use messages::SyncMsg;
 
@@ -158,15 +159,30 @@ fn load_and_warm(
     loader: &dyn ModelLoader,
     dir: &Path,
     max_batch_size: usize,
-) -> Result<Arc<dyn SentenceEmbedder>, String> {
-    let model = loader.load(dir).map_err(|e| e.to_string())?;
+) -> Result<LoadedModel, String> {
+    let loaded = loader.load(dir).map_err(|e| e.to_string())?;
+    let model = match &loaded {
+        LoadedModel::Encoder(model) => model,
+        LoadedModel::Decoder(decoder) => {
+            // One short generation: the weights are paged in and every kernel has run.
+            let ids = decoder.tokenizer.encode(WARMUP_TEXTS[0]);
+            let params = SamplingParams {
+                max_tokens: 2,
+                ..SamplingParams::default()
+            };
+            decoder
+                .generate(&ids, &params, |_| {})
+                .map_err(|e| format!("warm-up failed: {e}"))?;
+            return Ok(loaded);
+        }
+    };
     let texts: Vec<String> = WARMUP_TEXTS.iter().map(|t| (*t).to_owned()).collect();
     let ids = model.tokenize(&texts).map_err(|e| e.to_string())?;
     model
         .embed_token_ids(&ids[..1], 1)
         .and_then(|_| model.embed_token_ids(&ids, max_batch_size.max(1)))
         .map_err(|e| format!("warm-up failed: {e}"))?;
-    Ok(model)
+    Ok(loaded)
 }
 
 impl SyncState {

@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use crate::bpe::Bpe;
 use crate::chat::{ChatTemplate, Message};
+use crate::generate::{Decoding, Generation, SamplingParams};
 use crate::gguf::{GgufError, GgufFile};
 use crate::llama::LlamaConfig;
 pub use paged::KvPool;
@@ -86,7 +87,12 @@ impl QuantLlama {
                     problem: format!("{:?}, the config wants {:?}", info.shape(), [rows, cols]),
                 });
             }
-            Ok(QMatrix::from_ggml(info.ggml_type, file.data(info), rows, cols))
+            Ok(QMatrix::from_ggml(
+                info.ggml_type,
+                file.data(info),
+                rows,
+                cols,
+            ))
         };
         let vector = |name: &str, n: usize| -> Result<Vec<f32>, GgufError> {
             let info = file.tensor(name).ok_or_else(|| GgufError::Tensor {
@@ -147,8 +153,7 @@ impl QuantLlama {
         );
         for position in 0..c.context {
             for i in 0..half {
-                let angle =
-                    position as f64 * c.rope_base.powf(-2.0 * i as f64 / c.head_dim as f64);
+                let angle = position as f64 * c.rope_base.powf(-2.0 * i as f64 / c.head_dim as f64);
                 rope_cos.push(angle.cos() as f32);
                 rope_sin.push(angle.sin() as f32);
             }
@@ -248,7 +253,10 @@ impl QuantLlama {
             .chunks_exact_mut(d)
             .zip(steps.iter().flat_map(|s| s.tokens.iter()))
         {
-            assert!((id as usize) < c.vocab, "token id {id} is outside the vocabulary");
+            assert!(
+                (id as usize) < c.vocab,
+                "token id {id} is outside the vocabulary"
+            );
             self.embeddings.row(id as usize, row);
         }
         let qkv_width = d + 2 * kv;
@@ -452,3 +460,56 @@ impl Decoder {
         }
     }
 }
+
+impl Decoder {
+    /// Generates from `prompt_ids` alone (no batching): for the command line and warm-up.
+    /// `on_token` sees each token as it is made.
+    pub fn generate(
+        &self,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<Generation, String> {
+        let context = self.model.config().context;
+        let total = prompt_ids.len() + params.max_tokens;
+        if prompt_ids.is_empty() || total > context {
+            return Err(format!(
+                "a prompt of {} tokens plus max_tokens {} must be 1..={context} tokens (the model's context)",
+                prompt_ids.len(),
+                params.max_tokens
+            ));
+        }
+        let mut pool = self
+            .model
+            .new_pool(BLOCK_TOKENS, total.div_ceil(BLOCK_TOKENS));
+        let blocks = pool
+            .allocate(pool.total_blocks())
+            .expect("a pool sized for the sequence");
+        let mut decoding = Decoding::new(params.clone(), self.model.config().eos);
+        let (mut input, mut start) = (prompt_ids.to_vec(), 0);
+        loop {
+            let logits = self.model.step(
+                &mut pool,
+                &[SeqStep {
+                    tokens: &input,
+                    start,
+                    blocks: &blocks,
+                    logits: true,
+                }],
+            );
+            start += input.len();
+            let emitted = decoding.next(&logits[0], &self.tokenizer);
+            if let Some(token) = emitted.token {
+                on_token(token);
+                input = vec![token];
+            }
+            if emitted.finish.is_some() {
+                break;
+            }
+        }
+        Ok(decoding.into_generation(&self.tokenizer))
+    }
+}
+
+/// Tokens per KV block.
+pub const BLOCK_TOKENS: usize = 16;

@@ -143,8 +143,14 @@ impl QMatrix {
             kind: first.kind,
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
-            quants: parts.iter().flat_map(|p| p.quants.iter().copied()).collect(),
-            scales: parts.iter().flat_map(|p| p.scales.iter().copied()).collect(),
+            quants: parts
+                .iter()
+                .flat_map(|p| p.quants.iter().copied())
+                .collect(),
+            scales: parts
+                .iter()
+                .flat_map(|p| p.scales.iter().copied())
+                .collect(),
         })
     }
 

@@ -49,8 +49,9 @@ pub struct RegisterArgs {
     /// Artifact size in bytes, with --digest.
     #[arg(long, requires = "digest")]
     pub size: Option<u64>,
-    #[arg(long, default_value = "safetensors")]
-    pub format: String,
+    /// `safetensors` (an encoder) or `gguf` (a decoder); default: recognised from the files.
+    #[arg(long, value_parser = ["safetensors", "gguf"])]
+    pub format: Option<String>,
     #[command(flatten)]
     pub write: WriteOptions,
 }
@@ -65,8 +66,9 @@ pub struct PushArgs {
     /// Version (default: the first 12 hex characters of the manifest digest).
     #[arg(long)]
     pub version: Option<String>,
-    #[arg(long, default_value = "safetensors")]
-    pub format: String,
+    /// `safetensors` (an encoder) or `gguf` (a decoder); default: recognised from the files.
+    #[arg(long, value_parser = ["safetensors", "gguf"])]
+    pub format: Option<String>,
     /// API address of the node to upload to.
     #[arg(long)]
     pub addr: String,
@@ -163,6 +165,14 @@ pub fn run(command: ModelsCommand) -> Result<(), CliError> {
 
 async fn register(args: RegisterArgs) -> Result<(), CliError> {
     let write = args.write;
+    let format_of = args
+        .dir
+        .as_deref()
+        .map_or(
+            troupe_models::ModelFormat::Safetensors,
+            troupe_models::ModelFormat::of_dir,
+        )
+        .name();
     let (digest, size_bytes, source_dir) = match (&args.dir, args.digest, args.size) {
         (Some(dir), _, _) => {
             let dir = std::fs::canonicalize(dir).map_err(|source| CliError::Input {
@@ -193,7 +203,7 @@ async fn register(args: RegisterArgs) -> Result<(), CliError> {
             version: args.version,
             digest,
             size_bytes,
-            format: args.format,
+            format: args.format.unwrap_or_else(|| format_of.to_owned()),
             expected_revision: write.expected_revision,
             request_id: write.request_id.unwrap_or_default(),
             source_dir,

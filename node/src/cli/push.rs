@@ -85,7 +85,7 @@ pub async fn push(args: PushArgs) -> Result<(), CliError> {
         name: args.name.clone(),
         version: version.clone(),
         files: crate::server::push::manifest_entries(&manifest),
-        format: args.format.clone(),
+        format: args.format.clone().unwrap_or_default(),
         request_id: String::new(),
     };
     let bar = progress(manifest.total_bytes(), args.quiet);

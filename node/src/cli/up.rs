@@ -495,7 +495,7 @@ async fn deploy_model(addr: &str, name: &str, dir: &Path) -> Result<String, CliE
                 dir: dir.to_path_buf(),
                 name: name.to_owned(),
                 version: None,
-                format: "safetensors".into(),
+                format: None,
                 addr: addr.to_owned(),
                 quiet: false,
                 json: false,

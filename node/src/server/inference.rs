@@ -25,16 +25,16 @@ pub const SUPPORTED_API_VERSIONS: std::ops::RangeInclusive<u32> = 1..=1;
 
 /// What the Embed handler and the peer port's Forward handler share.
 pub struct InferenceCore {
-    node_id: u64,
-    tree: TreeView,
-    limits: LimitSettings,
+    pub(crate) node_id: u64,
+    pub(crate) tree: TreeView,
+    pub(crate) limits: LimitSettings,
     next_request: AtomicU64,
-    router: Router,
-    forwarder: Forwarder,
-    max_attempts: usize,
+    pub(crate) router: Router,
+    pub(crate) forwarder: Forwarder,
+    pub(crate) max_attempts: usize,
     /// This node is a backup: its router tries it after the primaries too.
     backup: bool,
-    metrics: Arc<NodeMetrics>,
+    pub(crate) metrics: Arc<NodeMetrics>,
 }
 
 /// `troupe.v1.Inference` on the API port.
@@ -86,7 +86,7 @@ pub fn check_api_version<T>(request: &Request<T>) -> Result<(), Status> {
 }
 
 /// The `grpc-timeout` header as a duration (`<digits><unit>`, unit one of H M S m u n).
-fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
+pub(crate) fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
     let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     let amount: u64 = digits.parse().ok()?;
@@ -142,7 +142,7 @@ struct Admitted {
 }
 
 /// Codes after which the next node is tried: the node was full, or could not serve now.
-fn try_next_node(code: Code) -> bool {
+pub(crate) fn try_next_node(code: Code) -> bool {
     matches!(code, Code::ResourceExhausted | Code::Unavailable)
 }
 
@@ -175,11 +175,7 @@ impl InferenceCore {
         let trace = TraceContext::of(&request, &seed);
         let mut request = request.into_inner();
         if request.request_id.is_empty() {
-            request.request_id = format!(
-                "{}-{}",
-                self.node_id,
-                self.next_request.fetch_add(1, Ordering::Relaxed)
-            );
+            request.request_id = self.new_request_id();
         }
         // Validated before any field is used (a span field, a log line, a lookup).
         self.validate(&request)?;
@@ -261,18 +257,36 @@ impl InferenceCore {
         })
     }
 
+    /// A new request id for a request that came without one.
+    pub(crate) fn new_request_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.node_id,
+            self.next_request.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// The order to try nodes in for a request with routing `key`.
+    pub(crate) fn order(&self, candidates: &[Candidate], key: &[u8]) -> Vec<u64> {
+        let members: Vec<u64> = match self.router.strategy() {
+            troupe_actors::Strategy::ConsistentHash => std::iter::once(self.node_id)
+                .chain(self.tree.peers.snapshot().iter().map(|p| p.node_id))
+                .collect(),
+            _ => Vec::new(),
+        };
+        self.router.order(self.node_id, candidates, &members, key)
+    }
+
     /// The nodes that can serve the request now, this one included when it can.
-    fn candidates(
+    pub(crate) fn candidates(
         &self,
-        request: &EmbedRequest,
+        model: &str,
+        version: &str,
+        task: &str,
     ) -> Result<(Vec<Candidate>, Option<Status>), Status> {
         let mut candidates = Vec::new();
         let mut local_error = None;
-        match self
-            .tree
-            .table
-            .route(&request.model, &request.version, &request.task)
-        {
+        match self.tree.table.route(model, version, task) {
             Ok(_) => candidates.push(Candidate {
                 node_id: self.node_id,
                 outstanding: self.tree.in_flight.get(),
@@ -284,10 +298,7 @@ impl InferenceCore {
         }
         for peer in self.tree.peers.snapshot() {
             let reachable = matches!(peer.state, PeerState::Up | PeerState::Suspect);
-            if peer.node_id == self.node_id
-                || !reachable
-                || !peer.serves(&request.model, &request.version)
-            {
+            if peer.node_id == self.node_id || !reachable || !peer.serves(model, version) {
                 continue;
             }
             candidates.push(Candidate {
@@ -306,19 +317,14 @@ impl InferenceCore {
         let request = &admitted.request;
         // Peers must serve at least what this node's table knows now.
         let revision = self.tree.table.revision();
-        let (candidates, local_error) = self.candidates(request)?;
+        let (candidates, local_error) =
+            self.candidates(&request.model, &request.version, &request.task)?;
         let key: Vec<u8> = if request.routing_key.is_empty() {
             request.texts.join("\u{0}").into_bytes()
         } else {
             request.routing_key.clone().into_bytes()
         };
-        let members: Vec<u64> = match self.router.strategy() {
-            troupe_actors::Strategy::ConsistentHash => std::iter::once(self.node_id)
-                .chain(self.tree.peers.snapshot().iter().map(|p| p.node_id))
-                .collect(),
-            _ => Vec::new(),
-        };
-        let order = self.router.order(self.node_id, &candidates, &members, &key);
+        let order = self.order(&candidates, &key);
         let mut last_error = local_error;
         for node in order.into_iter().take(self.max_attempts) {
             let now = Instant::now();
@@ -398,7 +404,11 @@ impl InferenceCore {
     }
 
     /// Waits until this node's serving table is at `revision` or later, up to `deadline`.
-    async fn wait_for_revision(&self, revision: u64, deadline: Instant) -> Result<(), Status> {
+    pub(crate) async fn wait_for_revision(
+        &self,
+        revision: u64,
+        deadline: Instant,
+    ) -> Result<(), Status> {
         let table = &self.tree.table;
         let mut changes = table.subscribe();
         let caught_up = tokio::time::timeout_at(deadline.into(), async {
@@ -426,6 +436,42 @@ const OTHER: &str = "other";
 
 #[tonic::async_trait]
 impl Inference for InferenceService {
+    type GenerateStream = super::generate::ChunkStream;
+
+    #[tracing::instrument(
+        skip_all,
+        fields(node_id = self.0.node_id, model = %request.get_ref().model)
+    )]
+    async fn generate(
+        &self,
+        request: Request<troupe_proto::v1::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let started = Instant::now();
+        let model = if self.0.tree.table.knows_model(&request.get_ref().model) {
+            request.get_ref().model.clone()
+        } else {
+            OTHER.to_owned()
+        };
+        let task = request.get_ref().task.clone();
+        let task = if task.is_empty() || self.0.tree.table.knows_task(&task) {
+            task
+        } else {
+            OTHER.to_owned()
+        };
+        let result = match self.0.admit_generate(request) {
+            Ok(admitted) => self.0.generate_routed(admitted).await,
+            Err(status) => Err(status),
+        };
+        // The latency recorded is the time to the first chunk.
+        self.0.metrics.record_request(
+            &model,
+            &task,
+            result.as_ref().err().map(Status::code),
+            started.elapsed(),
+        );
+        result.map(Response::new)
+    }
+
     #[tracing::instrument(
         skip_all,
         fields(node_id = self.0.node_id, model, task, request_id, version, trace_id, span_id, parent_id, sampled, forwarded_by, served_by)

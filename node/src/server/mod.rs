@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod artifacts;
+pub mod generate;
 pub mod heartbeat;
 pub mod inference;
 pub mod metrics_http;

@@ -21,6 +21,20 @@ pub struct PeerService {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
+    type ForwardGenerateStream = super::generate::ChunkStream;
+
+    async fn forward_generate(
+        &self,
+        request: Request<troupe_proto::v1::GenerateRequest>,
+    ) -> Result<Response<Self::ForwardGenerateStream>, Status> {
+        let inference = self.inference.clone();
+        self.serving
+            .spawn(async move { inference.generate_forwarded(request).await })
+            .await
+            .map_err(|e| Status::internal(format!("a forwarded request's task failed: {e}")))?
+            .map(Response::new)
+    }
+
     #[tracing::instrument(level = "trace", skip_all, fields(from = request.get_ref().from_node))]
     async fn heartbeat(
         &self,

@@ -9,9 +9,7 @@ use std::collections::HashSet;
 use tonic::{Status, Streaming};
 use troupe_consensus::metadata::{Command, Proposal};
 use troupe_consensus::{Metadata, ReadConsistency};
-use troupe_models::artifact::{
-    check_manifest_path, ArtifactStore, Manifest, ManifestFile, REQUIRED_FILES,
-};
+use troupe_models::artifact::{check_manifest_path, ArtifactStore, Manifest, ManifestFile};
 use troupe_proto::v1::push_model_chunk::Part;
 use troupe_proto::v1::{PushModelChunk, PushModelHeader, PushModelResponse};
 
@@ -56,14 +54,9 @@ pub(crate) fn manifest_of(header: &PushModelHeader) -> Result<Manifest, Status> 
             sha256: file.sha256.clone(),
         });
     }
-    for required in REQUIRED_FILES {
-        if !seen.contains(required) {
-            return Err(Status::invalid_argument(format!(
-                "the manifest has no {required}: a model directory needs {}",
-                REQUIRED_FILES.join(", ")
-            )));
-        }
-    }
+    let paths: Vec<&str> = seen.iter().copied().collect();
+    troupe_models::artifact::check_model_files(&paths)
+        .map_err(|reason| Status::invalid_argument(format!("the manifest has {reason}")))?;
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Manifest { files })
 }
@@ -112,8 +105,10 @@ pub async fn receive(
         version: version.clone(),
         digest: digest.clone(),
         size_bytes,
+        // Recognised from the files unless the client named it.
         format: if header.format.is_empty() {
-            "safetensors".into()
+            let paths: Vec<&str> = header.files.iter().map(|f| f.path.as_str()).collect();
+            troupe_models::ModelFormat::of_files(&paths).name().into()
         } else {
             header.format.clone()
         },

@@ -31,6 +31,7 @@ pub const TABLE: &[(&str, Option<Role>)] = &[
     ),
     // infer: inference.
     ("/troupe.v1.Inference/Embed", Some(Role::Infer)),
+    ("/troupe.v1.Inference/Generate", Some(Role::Infer)),
     // operator: metadata writes and actor restarts.
     ("/troupe.v1.Admin/SetPriority", Some(Role::Operator)),
     ("/troupe.v1.Admin/SetSetting", Some(Role::Operator)),

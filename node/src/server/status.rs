@@ -105,7 +105,8 @@ impl ServiceError for troupe_actors::ServeError {
             | E::ShuttingDown => Code::Unavailable,
             E::QueueFull { .. } => Code::ResourceExhausted,
             E::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-            E::InvalidText { .. } => Code::InvalidArgument,
+            E::InvalidText { .. } | E::TooLong { .. } => Code::InvalidArgument,
+            E::WrongKind { .. } => Code::FailedPrecondition,
         }
     }
 }

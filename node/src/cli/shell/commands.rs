@@ -303,7 +303,7 @@ impl Session {
                         dir,
                         name,
                         version,
-                        format: "safetensors".into(),
+                        format: None,
                         addr,
                         quiet: json,
                         json,

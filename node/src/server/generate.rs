@@ -1,0 +1,398 @@
+//! `troupe.v1.Inference/Generate`: validate, pick the nodes to try (the router), and stream a
+//! generation from this node's scheduler or relay a peer's stream chunk by chunk.
+//!
+//! A node is tried until one accepts: the stream is handed to the client only once its
+//! first chunk has arrived, so a full lane (`RESOURCE_EXHAUSTED`) or an unavailable node
+//! moves on to the next node before the client has seen anything. After that the stream is
+//! the client's; a failure mid-stream ends it with the error.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Status};
+use troupe_actors::{GenEvent, GenJob, ServeError};
+use troupe_models::chat::Message;
+use troupe_models::generate::SamplingParams;
+use troupe_models::LoadedModel;
+use troupe_proto::v1::{GenerateChunk, GenerateRequest, Usage};
+
+use super::inference::{check_api_version, grpc_timeout, try_next_node, InferenceCore};
+use super::status::serve_error;
+use crate::forward::{TraceContext, FORWARDED_BY_HEADER, MIN_REVISION_HEADER};
+
+/// A generation as the client receives it.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Send>>;
+
+/// Stop strings one request may give, and their longest length in bytes.
+const MAX_STOP_STRINGS: usize = 16;
+const MAX_STOP_BYTES: usize = 256;
+
+/// A Generate request as it is served: validated, with its id and deadline.
+pub struct AdmittedGeneration {
+    pub request: GenerateRequest,
+    pub received: Instant,
+    pub deadline: Instant,
+    pub trace: TraceContext,
+}
+
+impl InferenceCore {
+    /// Checks the API version and the request's fields, names it, and fixes its deadline.
+    pub fn admit_generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<AdmittedGeneration, Status> {
+        let received = Instant::now();
+        check_api_version(&request)?;
+        let timeout = Duration::from_millis(self.limits.generate_timeout_ms);
+        let timeout = grpc_timeout(&request).map_or(timeout, |t| t.min(timeout));
+        let seed = format!("{}-{:?}", self.node_id, received);
+        let trace = TraceContext::of(&request, &seed);
+        let mut request = request.into_inner();
+        if request.request_id.is_empty() {
+            request.request_id = self.new_request_id();
+        }
+        self.validate_generate(&request)?;
+        Ok(AdmittedGeneration {
+            request,
+            received,
+            deadline: received + timeout,
+            trace,
+        })
+    }
+
+    fn validate_generate(&self, request: &GenerateRequest) -> Result<(), Status> {
+        let limits = &self.limits;
+        troupe_proto::convert::check_generate_names(request)
+            .map_err(|e| super::status::status(&e))?;
+        match (request.prompt.is_empty(), request.messages.is_empty()) {
+            (true, true) => {
+                return Err(Status::invalid_argument(
+                    "no input: send a prompt, or messages for the chat template",
+                ))
+            }
+            (false, false) => {
+                return Err(Status::invalid_argument(
+                    "both prompt and messages are set: send one of them",
+                ))
+            }
+            _ => {}
+        }
+        let chars: usize = request.prompt.chars().count()
+            + request
+                .messages
+                .iter()
+                .map(|m| m.content.chars().count() + m.role.chars().count())
+                .sum::<usize>();
+        if chars > limits.max_prompt_chars {
+            return Err(Status::invalid_argument(format!(
+                "the prompt has {chars} characters, the limit is {} (limits.max_prompt_chars): shorten it",
+                limits.max_prompt_chars
+            )));
+        }
+        for message in &request.messages {
+            if !matches!(message.role.as_str(), "system" | "user" | "assistant") {
+                return Err(Status::invalid_argument(format!(
+                    "message role {:?} is not one of system, user, assistant",
+                    message.role
+                )));
+            }
+        }
+        if request.max_tokens as usize > limits.max_tokens {
+            return Err(Status::invalid_argument(format!(
+                "max_tokens {} is above the limit {} (limits.max_tokens)",
+                request.max_tokens, limits.max_tokens
+            )));
+        }
+        if request.stop.len() > MAX_STOP_STRINGS
+            || request.stop.iter().any(|s| s.len() > MAX_STOP_BYTES)
+        {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_BYTES} bytes each"
+            )));
+        }
+        self.sampling(request)
+            .check()
+            .map_err(Status::invalid_argument)?;
+        Ok(())
+    }
+
+    /// The request's sampling settings, with the server's defaults filled in.
+    pub(crate) fn sampling(&self, request: &GenerateRequest) -> SamplingParams {
+        SamplingParams {
+            max_tokens: if request.max_tokens == 0 {
+                self.limits.default_max_tokens
+            } else {
+                request.max_tokens as usize
+            },
+            temperature: request.temperature,
+            top_p: if request.top_p == 0.0 {
+                1.0
+            } else {
+                request.top_p
+            },
+            top_k: request.top_k as usize,
+            seed: request.seed,
+            stop: request.stop.clone(),
+        }
+    }
+
+    /// Starts the generation on this node. Returns once its first chunk is out, or with the
+    /// error that kept it from starting.
+    pub async fn generate_local(
+        self: &Arc<Self>,
+        admitted: &AdmittedGeneration,
+    ) -> Result<ChunkStream, Status> {
+        let in_flight = self.tree.in_flight.enter_owned();
+        let request = &admitted.request;
+        let route = self
+            .tree
+            .table
+            .route(&request.model, &request.version, &request.task)
+            .map_err(serve_error)?;
+        let LoadedModel::Decoder(decoder) = route.batcher.model().clone() else {
+            return Err(serve_error(ServeError::WrongKind {
+                model: request.model.clone(),
+                version: route.version.clone(),
+                serves: "embed",
+                asked: "generate",
+            }));
+        };
+        let text = if request.messages.is_empty() {
+            request.prompt.clone()
+        } else {
+            let messages: Vec<Message> = request
+                .messages
+                .iter()
+                .map(|m| Message::new(&m.role, &m.content))
+                .collect();
+            decoder
+                .render_chat(&messages)
+                .map_err(Status::invalid_argument)?
+        };
+        let prompt_ids = decoder.tokenizer.encode(&text);
+        let params = self.sampling(request);
+        let context = decoder.model.config().context;
+        if prompt_ids.is_empty() || prompt_ids.len() + params.max_tokens > context {
+            return Err(serve_error(ServeError::TooLong {
+                model: request.model.clone(),
+                reason: format!(
+                    "the prompt is {} tokens and max_tokens {}; together they must fit the model's context of {context} tokens",
+                    prompt_ids.len(),
+                    params.max_tokens
+                ),
+            }));
+        }
+        let (events, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        route.batcher.generate(GenJob {
+            prompt_ids: prompt_ids.clone(),
+            params,
+            request_id: request.request_id.clone(),
+            lane: route.lane,
+            deadline: Some(admitted.deadline),
+            received: admitted.received,
+            events,
+        });
+        let first = tokio::time::timeout_at(admitted.deadline.into(), receiver.recv()).await;
+        let first = match first {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "no token within {} ms (the client's deadline or limits.generate_timeout_ms): allow longer, or retry when the node is less busy",
+                    admitted.deadline.duration_since(admitted.received).as_millis()
+                )))
+            }
+            Ok(None) => {
+                return Err(serve_error(ServeError::Unavailable {
+                    model: request.model.clone(),
+                    version: route.version.clone(),
+                    reason: "its scheduler stopped before answering (it is being restarted): retry"
+                        .into(),
+                }))
+            }
+            Ok(Some(GenEvent::Failed(error))) => return Err(serve_error(error)),
+            Ok(Some(event)) => event,
+        };
+        let head = GenerateChunk {
+            prompt_ids,
+            model_version: route.version.clone(),
+            served_by: self.node_id,
+            request_id: request.request_id.clone(),
+            ..GenerateChunk::default()
+        };
+        let (model, version) = (request.model.clone(), route.version.clone());
+        let stream = async_stream(move |sender| async move {
+            // Held while the stream lives: the node counts it as in flight.
+            let _in_flight = in_flight;
+            let mut head = Some(head);
+            let mut next = Some(first);
+            loop {
+                let event = match next.take() {
+                    Some(event) => event,
+                    None => match receiver.recv().await {
+                        Some(event) => event,
+                        None => {
+                            let _ = sender
+                                .send(Err(serve_error(ServeError::Unavailable {
+                                    model: model.clone(),
+                                    version: version.clone(),
+                                    reason: "its scheduler stopped mid-generation: retry".into(),
+                                })))
+                                .await;
+                            return;
+                        }
+                    },
+                };
+                let mut chunk = head.take().unwrap_or_default();
+                let done = match event {
+                    GenEvent::Token { id, logprob, text } => {
+                        chunk.token_ids.push(id);
+                        chunk.logprobs.push(logprob);
+                        chunk.text = text;
+                        false
+                    }
+                    GenEvent::Done {
+                        finish,
+                        text,
+                        prompt_tokens,
+                        completion_tokens,
+                    } => {
+                        chunk.text = text;
+                        chunk.finish_reason = finish.as_str().to_owned();
+                        chunk.usage = Some(Usage {
+                            prompt_tokens: prompt_tokens as u32,
+                            completion_tokens: completion_tokens as u32,
+                        });
+                        true
+                    }
+                    GenEvent::Failed(error) => {
+                        let _ = sender.send(Err(serve_error(error))).await;
+                        return;
+                    }
+                };
+                // A client that went away ends the stream; the scheduler sees the dropped
+                // receiver and frees the sequence's blocks.
+                if sender.send(Ok(chunk)).await.is_err() || done {
+                    return;
+                }
+            }
+        });
+        Ok(stream)
+    }
+
+    /// Serves a client's request here or on a peer, trying the next node when one is full or
+    /// unavailable, at most `routing.max_attempts` nodes in all.
+    pub async fn generate_routed(
+        self: &Arc<Self>,
+        admitted: AdmittedGeneration,
+    ) -> Result<ChunkStream, Status> {
+        let request = &admitted.request;
+        let revision = self.tree.table.revision();
+        let (candidates, local_error) =
+            self.candidates(&request.model, &request.version, &request.task)?;
+        let key: Vec<u8> = if request.routing_key.is_empty() {
+            let mut key = request.prompt.clone().into_bytes();
+            for message in &request.messages {
+                key.extend(message.content.as_bytes());
+            }
+            key
+        } else {
+            request.routing_key.clone().into_bytes()
+        };
+        let order = self.order(&candidates, &key);
+        let mut last_error = local_error;
+        for node in order.into_iter().take(self.max_attempts) {
+            let now = Instant::now();
+            if now >= admitted.deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "the request's deadline passed while trying nodes (last error: {})",
+                    last_error.as_ref().map_or("none", |s| s.message())
+                )));
+            }
+            let result = if node == self.node_id {
+                self.generate_local(&admitted).await
+            } else {
+                let Some(peer) = self.tree.peers.get(node) else {
+                    continue;
+                };
+                let counted = self.router.forwarding(node);
+                let forwarded = self
+                    .forwarder
+                    .forward_generate(
+                        node,
+                        &peer.peer_addr,
+                        request.clone(),
+                        admitted.deadline - now,
+                        &admitted.trace.traceparent(),
+                        revision,
+                    )
+                    .await;
+                self.metrics
+                    .record_forward(node, forwarded.as_ref().err().map(Status::code));
+                // The peer counts as busy with this request until its stream ends.
+                forwarded.map(|stream| -> ChunkStream {
+                    Box::pin(stream.map(move |item| {
+                        let _counted = &counted;
+                        item
+                    }))
+                })
+            };
+            match result {
+                Ok(stream) => return Ok(stream),
+                Err(status) if try_next_node(status.code()) => {
+                    tracing::debug!(node, code = ?status.code(), message = status.message(), "node could not take the generation; trying the next");
+                    last_error = Some(status);
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            Status::unavailable(format!(
+                "no node serves model '{}' now (none has it loaded and reachable): retry shortly, or see `troupe models list` and `troupe cluster status`",
+                request.model
+            ))
+        }))
+    }
+
+    /// A generation another node's router sent here: served on this node or refused, never
+    /// forwarded again.
+    pub async fn generate_forwarded(
+        self: &Arc<Self>,
+        request: Request<GenerateRequest>,
+    ) -> Result<ChunkStream, Status> {
+        let min_revision = match request.metadata().get(MIN_REVISION_HEADER) {
+            None => 0,
+            Some(value) => value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "{MIN_REVISION_HEADER} must be a revision number"
+                    ))
+                })?,
+        };
+        let forwarded_by = request
+            .metadata()
+            .get(FORWARDED_BY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let admitted = self.admit_generate(request)?;
+        tracing::debug!(%forwarded_by, request_id = %admitted.request.request_id, "generation forwarded here");
+        self.wait_for_revision(min_revision, admitted.deadline)
+            .await?;
+        self.generate_local(&admitted).await
+    }
+}
+
+/// A stream fed by `body` through a small channel: the body stops when the client is gone.
+fn async_stream<F, Fut>(body: F) -> ChunkStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<GenerateChunk, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(sender));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))
+}
