@@ -446,6 +446,7 @@ fn render_serving(out: &mut String, node: &str, tree: &TreeView) {
             let _ = writeln!(out, "troupe_batcher_rejections_total{{{node},model=\"{}\",version=\"{}\",reason=\"{reason}\"}} {count}", escape(&batcher.key.name), escape(&batcher.key.version));
         }
     }
+    render_generation(out, node, &batchers);
     family(
         out,
         "troupe_in_flight_requests",
@@ -574,4 +575,103 @@ fn render_peers(out: &mut String, node: &str, tree: &TreeView) {
             peer.node_id, peer.sync_lag
         );
     }
+}
+
+/// Decoders' figures: tokens, KV blocks, preemptions, time to first token and between tokens.
+fn render_generation(out: &mut String, node: &str, batchers: &[troupe_actors::BatcherHandle]) {
+    let decoders: Vec<_> = batchers
+        .iter()
+        .filter(|b| matches!(b.model(), troupe_models::LoadedModel::Decoder(_)))
+        .collect();
+    let labels = |b: &troupe_actors::BatcherHandle| {
+        format!(
+            "{node},model=\"{}\",version=\"{}\"",
+            escape(&b.key.name),
+            escape(&b.key.version)
+        )
+    };
+    for (name, kind, help, value) in [
+        (
+            "troupe_generated_tokens_total",
+            "counter",
+            "Tokens generated, by model version.",
+            (|g: &troupe_actors::scheduler::GenStats| load(&g.generated_tokens))
+                as fn(&troupe_actors::scheduler::GenStats) -> u64,
+        ),
+        (
+            "troupe_prompt_tokens_total",
+            "counter",
+            "Prompt tokens prefilled (again after a preemption), by model version.",
+            |g| load(&g.prompt_tokens),
+        ),
+        (
+            "troupe_decode_steps_total",
+            "counter",
+            "Decoder steps (ragged batches) run.",
+            |g| load(&g.steps),
+        ),
+        (
+            "troupe_preemptions_total",
+            "counter",
+            "Sequences preempted (their KV blocks taken for a higher lane, or the cache full); each is prefilled again when readmitted.",
+            |g| load(&g.preemptions),
+        ),
+        (
+            "troupe_running_sequences",
+            "gauge",
+            "Sequences holding KV blocks now.",
+            |g| load(&g.running),
+        ),
+        (
+            "troupe_kv_blocks_used",
+            "gauge",
+            "KV cache blocks (16 tokens each) held by sequences now.",
+            |g| load(&g.kv_blocks_used),
+        ),
+        (
+            "troupe_kv_blocks_free",
+            "gauge",
+            "KV cache blocks free now.",
+            |g| load(&g.kv_blocks_total) - load(&g.kv_blocks_used),
+        ),
+    ] {
+        family(out, name, kind, help);
+        for b in &decoders {
+            let _ = writeln!(
+                out,
+                "{name}{{{}}} {}",
+                labels(b),
+                value(&b.shared().generation)
+            );
+        }
+    }
+    for (name, help, pick) in [
+        (
+            "troupe_time_to_first_token_seconds",
+            "From a generation's arrival to its first token.",
+            (|g: &troupe_actors::scheduler::GenStats| &g.ttft)
+                as fn(&troupe_actors::scheduler::GenStats) -> &troupe_actors::scheduler::Histogram,
+        ),
+        (
+            "troupe_inter_token_seconds",
+            "Between two tokens of one stream.",
+            |g| &g.inter_token,
+        ),
+    ] {
+        family(out, name, "histogram", help);
+        for b in &decoders {
+            let (buckets, sum, count) = pick(&b.shared().generation).snapshot();
+            let labels = labels(b);
+            for (bound, cumulative) in buckets {
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+            let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        }
+    }
+}
+
+fn load(value: &std::sync::atomic::AtomicU64) -> u64 {
+    value.load(std::sync::atomic::Ordering::Relaxed)
 }

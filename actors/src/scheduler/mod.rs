@@ -273,9 +273,10 @@ impl StepLoop {
         self.ended();
     }
 
-    /// Blocks a sequence of `tokens` needs to take its next step, beyond what it holds.
+    /// Blocks a sequence of `tokens` tokens needs for its next step (which writes up to
+    /// position `tokens - 1`), beyond the `held` it has.
     fn missing_blocks(&self, tokens: usize, held: usize) -> usize {
-        self.pool.blocks_for(tokens + 1).saturating_sub(held)
+        self.pool.blocks_for(tokens).saturating_sub(held)
     }
 
     /// Preempts running sequences of a lane below `lane` (latest admitted of the lowest lane
