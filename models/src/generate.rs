@@ -23,6 +23,8 @@ pub struct SamplingParams {
     pub seed: u64,
     /// Generation stops before the first of these to appear in the text.
     pub stop: Vec<String>,
+    /// Never pick the end-of-sequence token (benchmarks: every request makes `max_tokens`).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -34,6 +36,7 @@ impl Default for SamplingParams {
             top_k: 0,
             seed: 0,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -216,7 +219,13 @@ impl Decoding {
 
     /// Samples the next token from `logits` and says what to stream.
     pub fn next(&mut self, logits: &[f32], tokenizer: &Bpe) -> Emitted {
-        let token = sample(logits, &self.params, &mut self.rng);
+        let token = if self.params.ignore_eos && (self.eos as usize) < logits.len() {
+            let mut masked = logits.to_vec();
+            masked[self.eos as usize] = f32::NEG_INFINITY;
+            sample(&masked, &self.params, &mut self.rng)
+        } else {
+            sample(logits, &self.params, &mut self.rng)
+        };
         let logprob = log_softmax_at(logits, token as usize);
         if token == self.eos {
             self.finish = Some(FinishReason::Eos);

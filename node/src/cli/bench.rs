@@ -21,6 +21,9 @@ pub enum BenchCommand {
     /// Closed-loop Embed load against a node at several concurrencies, with the raw engine
     /// in the same run: throughput, latency, batch size, serving efficiency, batching gain.
     Serve(super::bench_serve::ServeArgs),
+    /// Decoder speed in llama.cpp's workloads: the engine alone (prefill, decode, streams
+    /// stepped together), or streams against a node or an OpenAI-compatible server.
+    Generate(super::bench_generate::GenerateBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -64,6 +67,7 @@ pub fn run(command: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Engine(args) => engine(args),
         BenchCommand::Raft(args) => super::bench_raft::run(*args),
         BenchCommand::Serve(args) => super::bench_serve::run(args),
+        BenchCommand::Generate(args) => super::bench_generate::run(args),
     }
 }
 

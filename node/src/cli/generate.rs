@@ -121,6 +121,7 @@ pub fn run(args: GenerateArgs) -> Result<(), CliError> {
         top_k: args.top_k,
         seed: args.seed,
         stop: args.stop.clone(),
+        ignore_eos: false,
     };
     params.check().map_err(CliError::Usage)?;
     let stdout = std::io::stdout();

@@ -3,6 +3,7 @@
 //! line on stderr and a non-zero exit.
 
 mod bench;
+mod bench_generate;
 mod bench_raft;
 mod bench_serve;
 mod certs;

@@ -135,6 +135,7 @@ impl InferenceCore {
             top_k: request.top_k as usize,
             seed: request.seed,
             stop: request.stop.clone(),
+            ignore_eos: request.ignore_eos,
         }
     }
 

@@ -19,6 +19,9 @@ use crate::error::CliError;
 /// How long `embed` and `similar` wait for an answer.
 const EMBED_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long `generate` and `chat` wait for a whole answer.
+const GENERATE_TIMEOUT: Duration = Duration::from_secs(300);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "",
@@ -86,6 +89,33 @@ enum ShellCommand {
         model: Option<String>,
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         text: Vec<String>,
+    },
+    /// Generate from PROMPT (the rest of the line) with the active generative model (or
+    /// --model NAME), streaming the text as it comes.
+    Generate {
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: u32,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        prompt: Vec<String>,
+    },
+    /// Chat: MESSAGE (the rest of the line) goes to the model with the conversation so far,
+    /// through its chat template, and the answer streams in. `chat --reset` starts over.
+    Chat {
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: u32,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Forget the conversation.
+        #[arg(long)]
+        reset: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        message: Vec<String>,
     },
     /// The models, priorities and settings as they were at revision REV (while the node's
     /// history still holds it).
@@ -163,6 +193,8 @@ pub enum Next {
 pub struct Session {
     addr: String,
     json: bool,
+    /// The `chat` conversation so far.
+    conversation: Vec<troupe_proto::v1::ChatMessage>,
 }
 
 /// The names of the commands, for completion and `help`.
@@ -191,7 +223,11 @@ pub fn subcommand_names(command: &str) -> Vec<String> {
 
 impl Session {
     pub fn new(addr: String, json: bool) -> Self {
-        Self { addr, json }
+        Self {
+            addr,
+            json,
+            conversation: Vec::new(),
+        }
     }
 
     pub fn addr(&self) -> &str {
@@ -371,6 +407,51 @@ impl Session {
             }
             ShellCommand::Similar { model, text } => {
                 similar(&addr, model, &text.join(" "), json).await?
+            }
+            ShellCommand::Generate {
+                model,
+                max_tokens,
+                temperature,
+                prompt,
+            } => {
+                let request = troupe_proto::v1::GenerateRequest {
+                    prompt: prompt.join(" "),
+                    max_tokens,
+                    temperature,
+                    ..Default::default()
+                };
+                stream_generation(&addr, model, request, json).await?;
+            }
+            ShellCommand::Chat {
+                model,
+                max_tokens,
+                temperature,
+                reset,
+                message,
+            } => {
+                if reset {
+                    self.conversation.clear();
+                    println!("(a new conversation)");
+                }
+                if !message.is_empty() {
+                    let mut messages = self.conversation.clone();
+                    messages.push(troupe_proto::v1::ChatMessage {
+                        role: "user".into(),
+                        content: message.join(" "),
+                    });
+                    let request = troupe_proto::v1::GenerateRequest {
+                        messages: messages.clone(),
+                        max_tokens,
+                        temperature,
+                        ..Default::default()
+                    };
+                    let answer = stream_generation(&addr, model, request, json).await?;
+                    messages.push(troupe_proto::v1::ChatMessage {
+                        role: "assistant".into(),
+                        content: answer,
+                    });
+                    self.conversation = messages;
+                }
             }
             ShellCommand::History { revision } => history(&addr, revision, json).await?,
             ShellCommand::Help { command } => help(command.as_deref())?,
@@ -642,8 +723,52 @@ async fn watch(
     Ok(())
 }
 
+/// Streams a generation into the terminal (or prints its chunks as JSON lines); returns its
+/// text.
+async fn stream_generation(
+    addr: &str,
+    model: Option<String>,
+    mut request: troupe_proto::v1::GenerateRequest,
+    json: bool,
+) -> Result<String, CliError> {
+    use std::io::Write;
+    request.model = pick_model_of(addr, model, "generate").await?;
+    let mut client = remote::inference(addr, GENERATE_TIMEOUT).await?;
+    let mut call = tonic::Request::new(request);
+    call.set_timeout(GENERATE_TIMEOUT);
+    let mut stream = client.generate(call).await?.into_inner();
+    let mut text = String::new();
+    let mut stdout = std::io::stdout();
+    while let Some(chunk) = stream.message().await? {
+        text.push_str(&chunk.text);
+        if json {
+            print_json(&serde_json::json!({
+                "token_ids": chunk.token_ids,
+                "text": chunk.text,
+                "finish_reason": chunk.finish_reason,
+                "served_by": chunk.served_by,
+            }))?;
+            continue;
+        }
+        print!("{}", chunk.text);
+        let _ = stdout.flush();
+        if let Some(usage) = chunk.usage {
+            println!(
+                "\n({}, {} prompt + {} generated tokens)",
+                chunk.finish_reason, usage.prompt_tokens, usage.completion_tokens
+            );
+        }
+    }
+    Ok(text)
+}
+
 /// The model to embed with: `model`, or the one name with an active version.
 async fn pick_model(addr: &str, model: Option<String>) -> Result<String, CliError> {
+    pick_model_of(addr, model, "embed").await
+}
+
+/// `model`, or the one model of `kind` (`embed` or `generate`) with an active version.
+async fn pick_model_of(addr: &str, model: Option<String>, kind: &str) -> Result<String, CliError> {
     if let Some(model) = model {
         return Ok(model);
     }
@@ -658,15 +783,17 @@ async fn pick_model(addr: &str, model: Option<String>) -> Result<String, CliErro
         .models;
     let mut active: Vec<String> = models
         .into_iter()
-        .filter(|m| m.state == "active")
+        .filter(|m| {
+            m.state == "active" && troupe_models::ModelFormat::from_name(&m.format).kind() == kind
+        })
         .map(|m| m.name)
         .collect();
     active.dedup();
     match active.as_slice() {
         [one] => Ok(one.clone()),
-        [] => Err(CliError::Usage(
-            "no model is active: `models push` and `models activate` one first".into(),
-        )),
+        [] => Err(CliError::Usage(format!(
+            "no {kind} model is active: `models push` and `models activate` one first"
+        ))),
         many => Err(CliError::Usage(format!(
             "several models are active ({}): name one with --model",
             many.join(", ")
@@ -836,6 +963,9 @@ mod tests {
             "embed --model m a --b c",
             "similar a b | c d",
             "history 4",
+            "generate --max-tokens 8 Once upon a time",
+            "chat --reset",
+            "chat What is 2 + 2?",
             "help models",
             "exit",
         ] {
