@@ -2,8 +2,9 @@
 # The one test command: formatting, lints, every test (with the real model weights, fetched
 # into the cache on first use), a 60 s Jepsen-style fault run, the alert rules, the
 # docker-compose cluster (skipped without a Docker engine) and the CUDA build check. Runs on a fresh
-# machine with only the Rust toolchain, gcc and Python 3 with pip; as root it installs
-# promtool (Debian package prometheus) and tmux with apt-get when missing.
+# machine with only the Rust toolchain, gcc and Python 3 with pip (the `openai` client for the
+# HTTP API test goes into a venv in the cache); as root it installs promtool (Debian package
+# prometheus), tmux, curl and python3-venv with apt-get when missing.
 #
 # env: TROUPE_HOME       model cache (default ~/.cache/troupe)
 #      CARGO_TARGET_DIR  where cargo builds (default ./target)
@@ -31,6 +32,16 @@ apt_need() {
 }
 # tmux: the shell test types into `troupe shell` through a pseudo-terminal.
 apt_need tmux tmux
+# The OpenAI HTTP API test: curl, and a venv for the openai client (Debian ships venv apart).
+apt_need curl curl
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "python3 cannot make a venv: apt-get install -y python3-venv" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+fi
 
 step "alert rules (promtool check rules, promtool test rules)"
 apt_need promtool prometheus
@@ -52,9 +63,13 @@ echo "model: $model_dir"
 smollm2_dir=$("$target_dir/debug/troupe" models fetch smollm2-135m --quiet | tail -n 1)
 echo "model: $smollm2_dir"
 
+step "the openai Python client for the OpenAI HTTP API test (a venv in \$TROUPE_HOME, cached)"
+openai_python=$(bash scripts/openai-venv.sh | tail -n 1)
+echo "python: $openai_python"
+
 step "cargo test"
-TROUPE_MODEL_DIR="$model_dir" TROUPE_SMOLLM2_DIR="$smollm2_dir" TROUPE_REQUIRE_MODEL=1 \
-  cargo test --workspace --all-targets
+TROUPE_MODEL_DIR="$model_dir" TROUPE_SMOLLM2_DIR="$smollm2_dir" TROUPE_OPENAI_PYTHON="$openai_python" \
+  TROUPE_REQUIRE_MODEL=1 cargo test --workspace --all-targets
 
 step "fault tier: a 60 s Jepsen-style run (troupe-jepsen, local tier; scripts/faults.sh runs long ones)"
 # 3 node processes (in network namespaces as root, so partitions are in the schedule), kill -9,

@@ -19,6 +19,9 @@ pub struct NodeConfig {
     pub peer: String,
     /// HTTP metrics and health probes.
     pub metrics: String,
+    /// OpenAI-compatible HTTP API (`/v1/models`, `/v1/embeddings`, `/v1/completions`,
+    /// `/v1/chat/completions`), with the API port's TLS and credentials. Off when unset.
+    pub http: Option<String>,
     /// Raft log, snapshots and model blobs live here.
     pub data_dir: PathBuf,
     /// Verified copies of model versions, by digest. Default: `<data_dir>/models`. When set,
@@ -305,6 +308,7 @@ impl Default for NodeConfig {
             api: "127.0.0.1:7700".into(),
             peer: "127.0.0.1:7701".into(),
             metrics: "127.0.0.1:7702".into(),
+            http: None,
             data_dir: PathBuf::from("troupe-data"),
             artifact_dir: None,
             raft: RaftSettings::default(),
@@ -378,12 +382,14 @@ impl NodeConfig {
         };
         let mut tree =
             toml::Table::try_from(&*self).map_err(|e| invalid("TROUPE_*", "", e.to_string()))?;
-        // `artifact_dir` is absent from the tree while unset, so list the keys by hand.
+        // `artifact_dir` and `http` are absent from the tree while unset, so list the keys by
+        // hand.
         let top = [
             "id",
             "api",
             "peer",
             "metrics",
+            "http",
             "data_dir",
             "artifact_dir",
             "insecure",
@@ -549,6 +555,24 @@ impl NodeConfig {
                 "two ports are the same".into(),
                 "give each its own port",
             );
+        }
+        if let Some(http) = &self.http {
+            if http.parse::<SocketAddr>().is_err() {
+                problem(
+                    "http",
+                    format!("{http:?} is not an address"),
+                    "write it as IP:PORT, e.g. 127.0.0.1:7703, or leave it out to serve no HTTP API",
+                );
+            } else if [&self.api, &self.peer, &self.metrics]
+                .into_iter()
+                .any(|other| clash(http, other))
+            {
+                problem(
+                    "http",
+                    format!("{http} is also the api, peer or metrics address"),
+                    "give the HTTP API its own port (troupe up uses api + 3)",
+                );
+            }
         }
         if let Err(reason) = check_writable(&self.data_dir) {
             problem(
@@ -1295,5 +1319,29 @@ mod tests {
         };
         let fields: Vec<String> = partial.problems().into_iter().map(|p| p.field).collect();
         assert_eq!(fields, ["tls.cert", "tls.key"]);
+    }
+
+    #[test]
+    fn the_http_address_comes_from_the_file_or_the_environment_and_is_checked() {
+        let config: NodeConfig = toml::from_str("http = \"127.0.0.1:7703\"").unwrap();
+        assert_eq!(config.http.as_deref(), Some("127.0.0.1:7703"));
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig {
+            insecure: true,
+            data_dir: dir.path().join("data"),
+            ..NodeConfig::default()
+        };
+        assert!(config.problems().is_empty(), "{:?}", config.problems());
+        config
+            .apply_env(|name| (name == "TROUPE_HTTP").then(|| "127.0.0.1:7702".into()))
+            .unwrap();
+        assert_eq!(config.http.as_deref(), Some("127.0.0.1:7702"));
+        let problems = config.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "http");
+        config.http = Some("localhost".into());
+        assert!(config.problems()[0].problem.contains("not an address"));
+        config.http = Some("127.0.0.1:0".into());
+        assert!(config.problems().is_empty());
     }
 }

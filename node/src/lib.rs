@@ -3,7 +3,8 @@
 //! - [`cli`]: the `troupe` command line: argument parsing and one module per command group.
 //! - [`config`]: node configuration (TOML, then `TROUPE_*` environment, then flags).
 //! - [`run`]: [`run()`] and [`start`], how a node starts and stops.
-//! - [`server`]: the gRPC services (Inference, Admin) and the one error-to-status table.
+//! - [`server`]: the gRPC services (Inference, Admin), the one error-to-status table, and
+//!   the OpenAI-compatible HTTP API over Inference (`server::openai`, on `--http`).
 //! - [`forward`]: forwarding requests to peers (their connections, trace context).
 //! - [`gossip`]: heartbeating peers for Health (a connection of its own per peer).
 //! - [`metrics`]: the Prometheus series, served on the metrics port.

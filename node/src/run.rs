@@ -87,6 +87,8 @@ pub struct RunningNode {
     pub peer_addr: SocketAddr,
     /// `/metrics`, `/healthz` and `/readyz`.
     pub metrics_addr: SocketAddr,
+    /// The OpenAI-compatible HTTP API, when the config names an `http` address.
+    pub http_addr: Option<SocketAddr>,
     pub metadata: Arc<Metadata>,
     /// The actor tree as request handlers see it (serving table, actors, health).
     pub tree: TreeView,
@@ -100,6 +102,8 @@ pub struct RunningNode {
     api_stop: oneshot::Sender<()>,
     stopping: tokio::sync::watch::Sender<bool>,
     api_task: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The OpenAI HTTP server: its stop signal and task.
+    http: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
     peer_stop: oneshot::Sender<()>,
     peer_task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -129,13 +133,22 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let api_listener = bind("api", &config.api).await?;
     let peer_listener = bind("peer", &config.peer).await?;
     let metrics_listener = bind("metrics", &config.metrics).await?;
+    let http_listener = match &config.http {
+        Some(addr) => Some(bind("http", addr).await?),
+        None => None,
+    };
     let api_addr = local_addr("api", &api_listener)?;
     let peer_addr = local_addr("peer", &peer_listener)?;
     let metrics_addr = local_addr("metrics", &metrics_listener)?;
+    let http_addr = http_listener
+        .as_ref()
+        .map(|listener| local_addr("http", listener))
+        .transpose()?;
     let mut config = config;
     config.api = api_addr.to_string();
     config.peer = peer_addr.to_string();
     config.metrics = metrics_addr.to_string();
+    config.http = http_addr.map(|addr| addr.to_string());
     raise_fd_limit(2 * config.limits.max_connections as u64 + 1024);
     let node_metrics = Arc::new(NodeMetrics::default());
     // Each file reloader (certificates, JWKS) gets a notify that SIGHUP pulls.
@@ -145,7 +158,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     tls_tasks.extend(on_sighup(reload_now));
 
     let metadata = Arc::new(Metadata::start(config.metadata_config(), transport.clone()).await?);
-    tracing::info!(node_id = config.id, %api_addr, %peer_addr, %metrics_addr, data_dir = %config.data_dir.display(), "node started");
+    tracing::info!(node_id = config.id, %api_addr, %peer_addr, %metrics_addr, http_addr = ?http_addr, data_dir = %config.data_dir.display(), "node started");
 
     // The pool is process-wide: the first node of a process sizes it. Its threads run at a
     // lower priority than the async runtime's, so Raft and heartbeats never wait behind a
@@ -307,7 +320,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         limits.max_setting_value_bytes,
     ))
     .max_decoding_message_size(limits.max_message_bytes);
-    let inference = InferenceServer::new(InferenceService(inference_core))
+    let inference = InferenceServer::new(InferenceService(inference_core.clone()))
         .max_decoding_message_size(limits.max_message_bytes);
     // Every API call passes the gate: a credential with the role the RPC needs.
     let api_gate = transport.api_gate(
@@ -315,6 +328,18 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         crate::server::rbac::required_role,
         node_metrics.api_denials.clone(),
     );
+    // The OpenAI routes pass the same gate: the same verifier, roles and denial counts.
+    let http = match http_listener {
+        Some(listener) => Some(serve_http(
+            listener,
+            &config,
+            inference_core,
+            &transport,
+            verifier.clone(),
+            node_metrics.api_denials.clone(),
+        )?),
+        None => None,
+    };
     let api_incoming = transport.incoming(
         api_listener,
         "api",
@@ -359,6 +384,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         api_addr,
         peer_addr,
         metrics_addr,
+        http_addr,
         metadata,
         tree,
         transport,
@@ -370,9 +396,55 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         api_stop,
         stopping: stopping_tx,
         api_task,
+        http,
         peer_stop,
         peer_task,
     })
+}
+
+/// Starts the OpenAI HTTP server on `listener`: the API port's TLS material and connection
+/// limits, and its gate.
+fn serve_http(
+    listener: TcpListener,
+    config: &NodeConfig,
+    inference: Arc<InferenceCore>,
+    transport: &Arc<PeerTransport>,
+    verifier: Option<Arc<Verifier>>,
+    denials: Arc<troupe_transport::Denials>,
+) -> Result<(oneshot::Sender<()>, JoinHandle<()>), NodeError> {
+    use crate::server::openai;
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+    let listener = openai::listener::HttpListener::new(
+        listener,
+        openai::listener::Accept {
+            tls: transport.tls_state().cloned(),
+            refusals: transport.refusals().clone(),
+            tracker: troupe_transport::conns::Tracker::new(config.conn_limits(), Arc::default()),
+        },
+    )
+    .map_err(|source| NodeError::Bind {
+        what: "http",
+        addr,
+        source,
+    })?;
+    let state = openai::OpenAiState {
+        inference,
+        auth: Arc::new(troupe_transport::api_gate::ApiAuth {
+            verifier,
+            rbac: openai::required_role,
+            denials,
+            refusals: transport.refusals().clone(),
+        }),
+        refusals: transport.refusals().clone(),
+        max_body_bytes: config.limits.max_message_bytes,
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = openai::serve(listener, state, async {
+        let _ = stopped.await;
+    });
+    Ok((stop, task))
 }
 
 async fn join(
@@ -399,7 +471,23 @@ impl RunningNode {
     pub async fn shutdown(self) -> Result<(), NodeError> {
         self.stopping.send_replace(true);
         let _ = self.api_stop.send(());
+        let http_task = self.http.map(|(stop, task)| {
+            let _ = stop.send(());
+            task
+        });
         join("api", self.api_task).await?;
+        if let Some(mut task) = http_task {
+            // Streams in flight finish, up to the drain timeout.
+            if tokio::time::timeout(self.drain_timeout, &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "the OpenAI HTTP server did not finish its streams in time; closing them"
+                );
+                task.abort();
+            }
+        }
         self.actors.drain(self.drain_timeout).await;
         self.actors.stop(self.drain_timeout).await;
         self.health_task.abort();

@@ -26,6 +26,12 @@ pub struct NodeArgs {
     /// Metrics HTTP address: /metrics (Prometheus text), /healthz and /readyz.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// OpenAI-compatible HTTP address: /v1/models, /v1/embeddings, /v1/completions and
+    /// /v1/chat/completions (server-sent events when streamed), with the API port's TLS and
+    /// credentials (`Authorization: Bearer TOKEN`). Off unless given (or `http` in the config,
+    /// TROUPE_HTTP).
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
     /// Data directory; a directory holding Raft state rejoins with it.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -57,6 +63,9 @@ impl NodeArgs {
             if let Some(value) = flag {
                 *slot = value.clone();
             }
+        }
+        if let Some(http) = &self.http {
+            config.http = Some(http.clone());
         }
         if let Some(dir) = &self.data_dir {
             config.data_dir = dir.clone();

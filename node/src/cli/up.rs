@@ -1,12 +1,12 @@
 //! `troupe up`: a local N-node cluster on 127.0.0.1, serving a model, with the shell on top.
 //!
 //! Each node is a real `troupe node` child process (this binary) with its own data dir and
-//! log under the data dir. Node i listens on api = base + 10·(i−1), peer = api + 1 and
-//! metrics = api + 2. `up` forms the cluster (idempotent), pushes the model unless the
-//! cluster already has those bytes, activates it unless it is active, waits until every
-//! node serves it, prints the endpoints and opens the shell. Ctrl-D or `quit` (or, with
-//! `--no-shell`, SIGINT or SIGTERM) stops every node gracefully. The same data dir again
-//! resumes the same cluster.
+//! log under the data dir. Node i listens on api = base + 10·(i−1), peer = api + 1,
+//! metrics = api + 2 and the OpenAI-compatible HTTP API on api + 3. `up` forms the cluster
+//! (idempotent), pushes the model unless the cluster already has those bytes, activates it
+//! unless it is active, waits until every node serves it, prints the endpoints and opens the
+//! shell. Ctrl-D or `quit` (or, with `--no-shell`, SIGINT or SIGTERM) stops every node
+//! gracefully. The same data dir again resumes the same cluster.
 //!
 //! The cluster runs with TLS: the first `up` on a data dir makes a CA and the nodes' and the
 //! admin's certificates in `<data dir>/certs` (`troupe certs init`), every node starts with
@@ -44,7 +44,8 @@ pub struct UpArgs {
     /// Nodes in the cluster (voters).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
     pub nodes: u16,
-    /// Node i listens on api = BASE + 10·(i−1), peer = api + 1, metrics = api + 2.
+    /// Node i listens on api = BASE + 10·(i−1), peer = api + 1, metrics = api + 2, OpenAI
+    /// HTTP = api + 3.
     #[arg(long, default_value_t = 7700)]
     pub base_port: u16,
     /// Where the nodes keep their state and logs (node-I/, node-I.log) and the shell its
@@ -72,6 +73,8 @@ struct Endpoints {
     api: String,
     peer: String,
     metrics: String,
+    /// The OpenAI-compatible HTTP API (`--http`).
+    http: String,
 }
 
 impl Endpoints {
@@ -82,6 +85,7 @@ impl Endpoints {
             api: format!("127.0.0.1:{api}"),
             peer: format!("127.0.0.1:{}", api + 1),
             metrics: format!("127.0.0.1:{}", api + 2),
+            http: format!("127.0.0.1:{}", api + 3),
         }
     }
 }
@@ -141,7 +145,7 @@ pub fn run(args: UpArgs) -> Result<(), CliError> {
         .data_dir
         .clone()
         .unwrap_or_else(|| fetch::troupe_home().join("up"));
-    let last_port = u32::from(args.base_port) + 10 * (u32::from(args.nodes) - 1) + 2;
+    let last_port = u32::from(args.base_port) + 10 * (u32::from(args.nodes) - 1) + 3;
     if last_port > u32::from(u16::MAX) {
         return Err(CliError::Usage(format!(
             "--base-port {} leaves no room for {} nodes (the last would listen on {last_port}): use a lower base port",
@@ -338,6 +342,7 @@ fn spawn_node(dir: &Path, node: &Endpoints, certs: &Path) -> Result<Child, CliEr
         .args(["--id", &node.id.to_string()])
         .args(["--api", &node.api, "--peer", &node.peer])
         .args(["--metrics", &node.metrics])
+        .args(["--http", &node.http])
         .arg("--data-dir")
         .arg(dir.join(format!("node-{}", node.id)))
         .arg("--tls-dir")
@@ -536,16 +541,17 @@ fn print_endpoints(dir: &Path, endpoints: &[Endpoints], model: &str, certs: &Pat
         endpoints.len()
     );
     println!(
-        "{:>4}  {:<16}  {:<16}  {:<30}  log",
-        "node", "api (gRPC)", "peer", "metrics"
+        "{:>4}  {:<16}  {:<16}  {:<30}  {:<28}  log",
+        "node", "api (gRPC)", "peer", "metrics", "openai (HTTP)"
     );
     for node in endpoints {
         println!(
-            "{:>4}  {:<16}  {:<16}  {:<30}  {}",
+            "{:>4}  {:<16}  {:<16}  {:<30}  {:<28}  {}",
             node.id,
             node.api,
             node.peer,
             format!("http://{}/metrics", node.metrics),
+            format!("https://{}/v1", node.http),
             dir.join(format!("node-{}.log", node.id)).display()
         );
     }
@@ -561,8 +567,14 @@ fn print_endpoints(dir: &Path, endpoints: &[Endpoints], model: &str, certs: &Pat
         admin_token_path(dir).display()
     );
     println!(
-        "try: troupe embed --addr {} --model {model} --input docs/sample.txt\n",
+        "try: troupe embed --addr {} --model {model} --input docs/sample.txt",
         endpoints[0].api
+    );
+    println!(
+        "or:  curl --cacert {} -H \"Authorization: Bearer $(cat {})\" https://{}/v1/models\n",
+        admin.ca.display(),
+        admin_token_path(dir).display(),
+        endpoints[0].http
     );
 }
 

@@ -134,7 +134,7 @@ impl InferenceCore {
 }
 
 /// A request as it is served: validated, with its id, deadline and trace context.
-struct Admitted {
+pub(crate) struct Admitted {
     request: EmbedRequest,
     received: Instant,
     deadline: Instant,
@@ -160,7 +160,7 @@ fn cluster_wide(error: &ServeError) -> bool {
 
 impl InferenceCore {
     /// Checks the API version and the request, names it, and fixes its deadline.
-    fn admit(&self, request: Request<EmbedRequest>) -> Result<Admitted, Status> {
+    pub(crate) fn admit(&self, request: Request<EmbedRequest>) -> Result<Admitted, Status> {
         let received = Instant::now();
         check_api_version(&request)?;
         let timeout = Duration::from_millis(self.limits.request_timeout_ms);
@@ -313,7 +313,7 @@ impl InferenceCore {
 
     /// Serves a client's request here or on a peer, trying the next node when one is full or
     /// unavailable, at most `routing.max_attempts` nodes in all.
-    async fn embed_routed(&self, admitted: Admitted) -> Result<EmbedResponse, Status> {
+    pub(crate) async fn embed_routed(&self, admitted: Admitted) -> Result<EmbedResponse, Status> {
         let request = &admitted.request;
         // Peers must serve at least what this node's table knows now.
         let revision = self.tree.table.revision();

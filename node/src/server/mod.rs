@@ -7,6 +7,7 @@ pub mod generate;
 pub mod heartbeat;
 pub mod inference;
 pub mod metrics_http;
+pub mod openai;
 pub mod peer;
 pub mod push;
 pub mod rbac;
