@@ -44,6 +44,9 @@ pub struct Sampling {
     pub top_p: Option<f32>,
     /// Not OpenAI's, but other OpenAI-compatible servers take it.
     pub top_k: Option<u32>,
+    /// Not OpenAI's (llama.cpp's and vLLM's): generate `max_tokens` whatever the model says,
+    /// for benchmarks.
+    pub ignore_eos: Option<bool>,
     pub stop: Value,
     pub seed: Option<i64>,
     pub n: Option<u32>,
@@ -129,6 +132,7 @@ impl Sampling {
             top_k: self.top_k.unwrap_or(0),
             seed,
             stop: strings("stop", &self.stop)?,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
             ..GenerateRequest::default()
         })
     }
@@ -347,6 +351,12 @@ mod tests {
         assert_eq!(request.top_p, 1.0);
         assert_eq!(request.stop, ["\n"]);
         assert_eq!(request.seed, 3);
+        assert!(!request.ignore_eos);
+        assert!(
+            completion(json!({"prompt": "x", "ignore_eos": true}))
+                .unwrap()
+                .ignore_eos
+        );
         assert_eq!(
             completion(json!({"prompt": ["one"]})).unwrap().prompt,
             "one"
