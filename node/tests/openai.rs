@@ -222,6 +222,45 @@ async fn grpc_generate(
     (text, logprobs, finish)
 }
 
+/// A gauge or counter of the node's decoder, from /metrics.
+async fn metric(node: &troupe::RunningNode, name: &str) -> f64 {
+    let (status, body) = http_get(node.metrics_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find(|line| line.starts_with(&format!("{name}{{")))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("/metrics has no {name}"))
+}
+
+/// Starts a long streamed completion, reads its first event, and hangs up.
+async fn abandon_a_stream(http: std::net::SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = json!({
+        "model": DECODER, "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": true,
+        "temperature": 0, "stream": true,
+    })
+    .to_string();
+    let mut socket = tokio::net::TcpStream::connect(http).await.unwrap();
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let read = socket.read(&mut buffer).await.unwrap();
+        assert!(
+            read > 0,
+            "the stream ended: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buffer[..read]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+}
+
 fn openai_finish(troupe: &str) -> &'static str {
     if troupe == "length" {
         "length"
@@ -340,6 +379,22 @@ async fn openai_clients_get_what_grpc_gives() {
     assert_eq!(status, 404, "{body}");
     let (status, body) = curl(args(&[&format!("{base}/models/{DECODER}")])).await;
     assert_eq!(status, 200, "{body}");
+
+    // A client that goes away mid-stream cancels its generation.
+    let before = metric(&node, "troupe_generated_tokens_total").await;
+    abandon_a_stream(http).await;
+    wait_for(
+        "the abandoned sequence to end",
+        Duration::from_secs(30),
+        || async { (metric(&node, "troupe_running_sequences").await == 0.0).then_some(()) },
+    )
+    .await;
+    let generated = metric(&node, "troupe_generated_tokens_total").await - before;
+    eprintln!("an abandoned stream made {generated} tokens");
+    assert!(
+        generated < 2000.0,
+        "the sequence ran on after its client left ({generated} tokens)"
+    );
 
     // The official client.
     let Some(python) = openai_python() else {
