@@ -302,11 +302,9 @@ async fn one_node_samples_by_seed_queues_preempts_and_frees_blocks() {
     .await;
 
     // What cannot fit the whole cache is refused at once, naming the setting.
-    let error = client
-        .generate(request(&long.prompt, false, 100))
-        .await
-        .err()
-        .expect("a request larger than the cache");
+    let Err(error) = client.generate(request(&long.prompt, false, 100)).await else {
+        panic!("a request larger than the cache was accepted");
+    };
     assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
     assert!(
         error.message().contains("kv_cache_mb"),

@@ -59,7 +59,7 @@ impl QMatrix {
     pub fn from_ggml(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Self {
         let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         let blocks = rows * cols / BLOCK;
-        let quantised = cols % BLOCK == 0;
+        let quantised = cols.is_multiple_of(BLOCK);
         match ty {
             GgmlType::Q4_1 if quantised => {
                 assert_eq!(data.len(), blocks * 20, "Q4_1 size");
@@ -271,8 +271,10 @@ fn dequant_block(kind: QKind, quants: &[u8], scales: &[f32], at: usize) -> [f32;
 }
 
 /// Rows `first..last` of `m` against `n` (≤ TILE) tokens `xs`, into
-/// `out[t * ROWS_PER_TASK + (r - first)]`.
+/// `out[t * ROWS_PER_TASK + (r - first)]`. (The matrix comes in parts so that the dispatch
+/// macro's signature stays plain slices.)
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn rows_body(
     kind: QKind,
     quants: &[u8],

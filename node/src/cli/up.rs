@@ -52,10 +52,16 @@ pub struct UpArgs {
     /// history. Default: $TROUPE_HOME/up.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// The model to serve: a known name (fetched into $TROUPE_HOME when missing) or a model
-    /// directory (registered under the directory's name).
-    #[arg(long, default_value = "all-MiniLM-L6-v2", value_name = "NAME|DIR")]
-    pub model: String,
+    /// The models to serve (repeat the flag, or separate with commas): known names (fetched
+    /// into $TROUPE_HOME when missing) or model directories (registered under the directory's
+    /// name). Default: the embedding model and the generative one.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_values_t = ["all-MiniLM-L6-v2".to_owned(), "smollm2-135m".to_owned()],
+        value_name = "NAME|DIR"
+    )]
+    pub model: Vec<String>,
     /// Do not open the shell: serve until SIGINT or SIGTERM.
     #[arg(long)]
     pub no_shell: bool,
@@ -155,7 +161,11 @@ pub fn run(args: UpArgs) -> Result<(), CliError> {
     std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
     check_layout(&dir, &args)?;
     let certs = ensure_certs(&dir, args.nodes)?;
-    let (model_name, model_dir) = resolve_model(&args.model)?;
+    let models = args
+        .model
+        .iter()
+        .map(|model| resolve_model(model))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -173,14 +183,9 @@ pub fn run(args: UpArgs) -> Result<(), CliError> {
             .children
             .push((node.id, spawn_node(&dir, node, &certs)?));
     }
-    runtime.block_on(bring_up(
-        &dir,
-        &endpoints,
-        &mut nodes,
-        &model_name,
-        &model_dir,
-    ))?;
-    print_endpoints(&dir, &endpoints, &model_name, &certs);
+    runtime.block_on(bring_up(&dir, &endpoints, &mut nodes, &models))?;
+    let names: Vec<&str> = models.iter().map(|(name, _)| name.as_str()).collect();
+    print_endpoints(&dir, &endpoints, &names.join(" and "), &certs);
 
     let api = endpoints[0].api.clone();
     if args.no_shell {
@@ -395,8 +400,7 @@ async fn bring_up(
     dir: &Path,
     endpoints: &[Endpoints],
     nodes: &mut Nodes,
-    model_name: &str,
-    model_dir: &Path,
+    models: &[(String, PathBuf)],
 ) -> Result<(), CliError> {
     let deadline = Instant::now() + START_TIMEOUT;
     for node in endpoints {
@@ -449,13 +453,33 @@ async fn bring_up(
         }
         tokio::time::sleep(POLL).await;
     }
-    let version = deploy_model(first, model_name, model_dir).await?;
-    println!("waiting until every node serves {model_name}@{version}");
+    for (model_name, model_dir) in models {
+        let version = deploy_model(first, model_name, model_dir).await?;
+        println!("waiting until every node serves {model_name}@{version}");
+        let generative =
+            troupe_models::ModelFormat::of_dir(model_dir) == troupe_models::ModelFormat::Gguf;
+        wait_served(dir, endpoints, nodes, model_name, generative).await?;
+    }
+    Ok(())
+}
+
+/// Waits until every node answers a request for `model_name`.
+async fn wait_served(
+    dir: &Path,
+    endpoints: &[Endpoints],
+    nodes: &mut Nodes,
+    model_name: &str,
+    generative: bool,
+) -> Result<(), CliError> {
     let deadline = Instant::now() + SERVE_TIMEOUT;
     for node in endpoints {
         loop {
             check_alive(dir, nodes)?;
-            let outcome = embed_once(&node.api, model_name).await;
+            let outcome = if generative {
+                generate_once(&node.api, model_name).await
+            } else {
+                embed_once(&node.api, model_name).await
+            };
             match outcome {
                 Ok(()) => break,
                 Err(error) if Instant::now() >= deadline => {
@@ -527,6 +551,20 @@ async fn deploy_model(addr: &str, name: &str, dir: &Path) -> Result<String, CliE
         .await?;
     }
     Ok(version)
+}
+
+async fn generate_once(addr: &str, model: &str) -> Result<(), CliError> {
+    let mut client = super::remote::inference(addr, Duration::from_secs(10)).await?;
+    let mut request = tonic::Request::new(troupe_proto::v1::GenerateRequest {
+        model: model.to_owned(),
+        prompt: "troupe up".into(),
+        max_tokens: 1,
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(10));
+    let mut stream = client.generate(request).await?.into_inner();
+    while stream.message().await?.is_some() {}
+    Ok(())
 }
 
 async fn embed_once(addr: &str, model: &str) -> Result<(), CliError> {
