@@ -254,7 +254,9 @@ async fn serve(args: &GenerateBenchArgs) -> Result<(), CliError> {
                 let mut errors = 0;
                 let mut n = client;
                 while Instant::now() < deadline {
-                    let prompt = PROMPTS[n % PROMPTS.len()];
+                    // A distinct start per request: no server can reuse a cached prefix.
+                    let prompt = format!("Request {n}. {}", PROMPTS[n % PROMPTS.len()]);
+                    let prompt = prompt.as_str();
                     n += count;
                     let result = match (&addr, &openai) {
                         (Some(addr), _) => grpc_stream(addr, &model, prompt, tokens).await,
@@ -371,6 +373,9 @@ async fn openai_stream(
         "temperature": 0,
         "stream": true,
         "ignore_eos": true,
+        // llama-server reuses a slot's cached prompt unless told not to; troupe has no prefix
+        // cache, so neither side may have one.
+        "cache_prompt": false,
     })
     .to_string();
     let started = Instant::now();
