@@ -13,7 +13,7 @@
 #   scripts/bench-generate.sh [OUT_DIR]
 #
 # Env: PEERS (default ../shared/peers from the repo root), ROUNDS (default 3), SECONDS_PER_POINT
-#      (default 20), THREADS (default 2).
+#      (default 20), THREADS (default 2), PARTS (default engines,serve: which parts to run).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,6 +22,7 @@ OUT=${1:-$ROOT/target/bench-generate}
 ROUNDS=${ROUNDS:-3}
 SECS=${SECONDS_PER_POINT:-20}
 THREADS=${THREADS:-2}
+PARTS=${PARTS:-engines,serve}
 mkdir -p "$OUT"
 cd "$ROOT"
 
@@ -34,6 +35,7 @@ MODEL_DIR=$("$TROUPE" models fetch smollm2-135m --quiet | tail -n 1)
 GGUF=$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf
 cmp -s "$GGUF" "$SMOLLM2_GGUF" || { echo "bench-generate: the peer's GGUF differs from troupe's" >&2; exit 1; }
 
+if [[ ,$PARTS, == *,engines,* ]]; then
 echo "## Engines ($ROUNDS rounds, $THREADS threads)"
 for round in $(seq "$ROUNDS"); do
   "$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p 128,512 -n 128 -o json >"$OUT/llama-bench-$round.json" 2>/dev/null
@@ -78,7 +80,9 @@ for test, who in rows.items():
     print(f"| {test} | {statistics.median(t):.1f} | {statistics.median(l):.1f} | "
           f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
 PY
+fi
 
+[[ ,$PARTS, == *,serve,* ]] || exit 0
 echo
 echo "## Serving (${SECS} s per point)"
 LLAMA_PORT=18180

@@ -1,8 +1,8 @@
 //! Fault injection for tests, compiled in only with the `failpoints` feature; without it
 //! every hook is an empty inline function.
 //!
-//! - [`panic_next_batches`]: the next N batches panic inside the worker thread, as a bug in
-//!   the model code would.
+//! - [`panic_next_batches`]: the next N batches panic inside the worker thread (or the next
+//!   N decoder steps inside a scheduler's step loop), as a bug in the model code would.
 //! - [`hold_batches`]: workers block before computing until the returned guard is dropped,
 //!   so tests can fill queues and let deadlines pass deterministically.
 //! - [`set_batch_delay`]: every batch takes at least this long, as a slow model would, so

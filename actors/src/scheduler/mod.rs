@@ -409,6 +409,7 @@ impl StepLoop {
                 logits: take > 0 && r.cached + take == r.tokens.len(),
             })
             .collect();
+        crate::failpoints::during_batch();
         let logits = self.decoder.model.step(&mut self.pool, &steps);
         drop(steps);
         let stats = &self.shared.generation;

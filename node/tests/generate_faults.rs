@@ -1,0 +1,73 @@
+//! A decoder's step loop under an injected panic (feature `failpoints` of troupe-actors): the
+//! streams it held fail with UNAVAILABLE, the loop is restarted from the node's restart
+//! budget, and the next request is served. Its own test binary, since failpoints are
+//! process-wide.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use tonic::Code;
+use troupe_actors::failpoints;
+use troupe_proto::v1::GenerateRequest;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_step_loop_fails_its_streams_and_is_restarted() {
+    let dir = std::env::var_os("TROUPE_SMOLLM2_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            troupe_models::fetch::model_dir(&troupe_models::fetch::troupe_home(), "smollm2-135m")
+        });
+    if !dir.join(troupe_models::fetch::SMOLLM2_GGUF).is_file() {
+        assert!(
+            std::env::var_os("TROUPE_REQUIRE_MODEL").is_none(),
+            "TROUPE_REQUIRE_MODEL is set but {} holds no SmolLM2 GGUF",
+            dir.display()
+        );
+        eprintln!("SKIPPED: run `troupe models fetch smollm2-135m` or set TROUPE_SMOLLM2_DIR");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let node = serving_node(&tmp, &dir, "smollm2-135m", |_| {}).await;
+    let mut client = inference_client(&node).await;
+    let request = || GenerateRequest {
+        model: "smollm2-135m".into(),
+        prompt: "The capital of France is".into(),
+        max_tokens: 8,
+        ..GenerateRequest::default()
+    };
+    let greedy = |stream: Vec<troupe_proto::v1::GenerateChunk>| -> Vec<u32> {
+        stream.into_iter().flat_map(|c| c.token_ids).collect()
+    };
+    let collect = |mut client: InferenceClient| async move {
+        let mut stream = client.generate(request()).await?.into_inner();
+        let mut chunks = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            chunks.push(chunk);
+        }
+        Ok::<_, tonic::Status>(chunks)
+    };
+    let before = greedy(collect(client.clone()).await.unwrap());
+    assert_eq!(before.len(), 8);
+    for round in 0..3 {
+        failpoints::panic_next_batches(1);
+        let status = collect(client.clone()).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::Unavailable,
+            "round {round}: {status:?}"
+        );
+        assert!(
+            status.message().contains("restarted"),
+            "{}",
+            status.message()
+        );
+        // The restarted loop serves the next request, with the same greedy tokens.
+        let after = greedy(collect(client.clone()).await.unwrap());
+        assert_eq!(after, before, "round {round}");
+    }
+    let scheduler = &node.tree.batchers()[0];
+    assert_eq!(scheduler.shared().counters().worker_restarts, 3);
+    node.shutdown().await.unwrap();
+}
