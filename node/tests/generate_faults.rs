@@ -30,7 +30,7 @@ async fn a_panicking_step_loop_fails_its_streams_and_is_restarted() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let node = serving_node(&tmp, &dir, "smollm2-135m", |_| {}).await;
-    let mut client = inference_client(&node).await;
+    let client = inference_client(&node).await;
     let request = || GenerateRequest {
         model: "smollm2-135m".into(),
         prompt: "The capital of France is".into(),
