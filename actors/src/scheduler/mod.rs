@@ -552,6 +552,9 @@ pub struct SchedulerState {
     args: BatcherArgs,
     decoder: Arc<Decoder>,
     work: Option<mpsc::Sender<Work>>,
+    /// The loop's end of `work`. It outlives a loop that panics: requests sent while the
+    /// loop is being restarted wait in the channel for the next one instead of being lost.
+    inbox: Arc<std::sync::Mutex<mpsc::Receiver<Work>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Tells the loop to fail what it holds and end (the scheduler is stopping).
     stop: Arc<AtomicBool>,
@@ -586,7 +589,7 @@ impl Scheduler {
 
 impl SchedulerState {
     fn spawn_loop(&mut self, myself: &ActorRef<BatcherMsg>) -> Result<(), ActorProcessingErr> {
-        let (sender, receiver) = mpsc::channel();
+        let inbox = self.inbox.clone();
         let blocks = kv_blocks(&self.decoder, self.args.config.kv_cache_mb);
         let mut step_loop = StepLoop {
             pool: self.decoder.model.new_pool(BLOCK_TOKENS, blocks),
@@ -609,7 +612,11 @@ impl SchedulerState {
                 if let Err(error) = troupe_models::priority::lower_current_thread_priority(nice) {
                     tracing::warn!(%error, "cannot lower the step loop's priority");
                 }
+                // Held for the loop's life; a panic is caught inside, so the lock is never
+                // poisoned and the next loop takes the same channel.
+                let receiver = inbox.lock().unwrap_or_else(|p| p.into_inner());
                 let result = catch_unwind(AssertUnwindSafe(|| step_loop.run(&receiver, &stop)));
+                drop(receiver);
                 if let Err(panic) = result {
                     let reason = panic
                         .downcast_ref::<String>()
@@ -623,7 +630,6 @@ impl SchedulerState {
                 }
             })
             .map_err(|e| format!("cannot start the step loop: {e}"))?;
-        self.work = Some(sender);
         self.thread = Some(thread);
         Ok(())
     }
@@ -658,10 +664,12 @@ impl Actor for Scheduler {
             )
             .into());
         }
+        let (work, inbox) = mpsc::channel();
         let mut state = SchedulerState {
             args,
             decoder,
-            work: None,
+            work: Some(work),
+            inbox: Arc::new(std::sync::Mutex::new(inbox)),
             thread: None,
             stop: Arc::new(AtomicBool::new(false)),
             outstanding: 0,
@@ -732,11 +740,11 @@ impl Actor for Scheduler {
             BatcherMsg::EngineFailed { reason } => {
                 let path = state.args.path.clone();
                 tracing::warn!(model = %state.args.key, %reason, "the step loop failed");
-                state.work = None;
+                // The failed loop answered what it held (each counted as ended); what waits
+                // in the channel goes to the next loop.
                 if let Some(thread) = state.thread.take() {
-                    let _ = thread.join();
+                    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
                 }
-                state.outstanding = 0;
                 match state.args.budget.try_restart(&path, Instant::now()) {
                     Ok(()) => {
                         state.spawn_loop(&myself)?;
@@ -749,6 +757,21 @@ impl Actor for Scheduler {
                     }
                     Err(escalation) => {
                         tracing::error!(model = %state.args.key, %escalation, "not restarting the step loop");
+                        let error = ServeError::Unavailable {
+                            model: state.args.key.name.clone(),
+                            version: state.args.key.version.clone(),
+                            reason: escalation.clone(),
+                        };
+                        let waiting: Vec<Work> = state
+                            .inbox
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .try_iter()
+                            .collect();
+                        for Work::Job(job) in waiting {
+                            let _ = job.events.send(GenEvent::Failed(error.clone()));
+                            state.outstanding = state.outstanding.saturating_sub(1);
+                        }
                         state.broken = Some(escalation);
                     }
                 }
