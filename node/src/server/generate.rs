@@ -18,9 +18,11 @@ use troupe_models::generate::SamplingParams;
 use troupe_models::LoadedModel;
 use troupe_proto::v1::{GenerateChunk, GenerateRequest, Usage};
 
-use super::inference::{check_api_version, grpc_timeout, try_next_node, InferenceCore};
+use super::inference::{
+    check_api_version, grpc_timeout, min_revision, try_next_node, InferenceCore,
+};
 use super::status::serve_error;
-use crate::forward::{TraceContext, FORWARDED_BY_HEADER, MIN_REVISION_HEADER};
+use crate::forward::{TraceContext, FORWARDED_BY_HEADER};
 
 /// A generation as the client receives it.
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Send>>;
@@ -361,18 +363,7 @@ impl InferenceCore {
         self: &Arc<Self>,
         request: Request<GenerateRequest>,
     ) -> Result<ChunkStream, Status> {
-        let min_revision = match request.metadata().get(MIN_REVISION_HEADER) {
-            None => 0,
-            Some(value) => value
-                .to_str()
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "{MIN_REVISION_HEADER} must be a revision number"
-                    ))
-                })?,
-        };
+        let min_revision = min_revision(&request)?;
         let forwarded_by = request
             .metadata()
             .get(FORWARDED_BY_HEADER)

@@ -385,18 +385,7 @@ impl InferenceCore {
         &self,
         request: Request<EmbedRequest>,
     ) -> Result<Response<EmbedResponse>, Status> {
-        let min_revision = match request.metadata().get(MIN_REVISION_HEADER) {
-            None => 0,
-            Some(value) => value
-                .to_str()
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "{MIN_REVISION_HEADER} must be a revision number"
-                    ))
-                })?,
-        };
+        let min_revision = min_revision(&request)?;
         let admitted = self.admit(request)?;
         self.wait_for_revision(min_revision, admitted.deadline)
             .await?;
@@ -428,6 +417,21 @@ impl InferenceCore {
                 table.revision()
             ))),
         }
+    }
+}
+
+/// The revision a forwarding node asks this one to have applied first (its
+/// [`MIN_REVISION_HEADER`]); 0 when absent.
+pub(crate) fn min_revision<T>(request: &Request<T>) -> Result<u64, Status> {
+    match request.metadata().get(MIN_REVISION_HEADER) {
+        None => Ok(0),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("{MIN_REVISION_HEADER} must be a revision number"))
+            }),
     }
 }
 
