@@ -19,7 +19,7 @@ use crate::error::MetadataError;
 use crate::metadata::{MetadataState, Outcome, Proposal};
 use crate::network::client::PeerNetworkFactory;
 use crate::network::server::{ForwardedReadIndex, ForwardedWrite, LeaderSilence, RaftPeerService};
-use crate::network::{decode, encode};
+use crate::network::wire;
 use crate::proposer::{Proposer, WriteFailure};
 use crate::removal::Removal;
 use crate::runtime::RaftRuntime;
@@ -244,11 +244,15 @@ impl Metadata {
     ) -> Result<Self, MetadataError> {
         let raft_config = Arc::new(config.raft_config()?);
         let raft_dir = config.data_dir.join("raft");
-        let (log_store, state_machine) = store::open_with_history(&raft_dir, config.watch_history)
-            .map_err(|e| MetadataError::StorageOpen {
-                path: raft_dir.display().to_string(),
-                reason: e.to_string(),
+        let (mut log_store, mut state_machine) =
+            store::open_with_history(&raft_dir, config.watch_history).map_err(|e| {
+                MetadataError::StorageOpen {
+                    path: raft_dir.display().to_string(),
+                    reason: e.to_string(),
+                }
             })?;
+        let durable =
+            store::persist_in_parallel(&mut log_store, &mut state_machine, config.node_id);
         let applied = state_machine.applied();
         let revisions = state_machine.revisions();
         let applied_indexes = state_machine.applied_indexes();
@@ -259,6 +263,7 @@ impl Metadata {
         let network = PeerNetworkFactory {
             transport: transport.clone(),
             removal: removal.clone(),
+            durable: Some(durable.clone()),
         };
         // Raft's tasks (the core, replication, the proposer) are spawned on its own runtime:
         // see [`crate::runtime`].
@@ -292,6 +297,7 @@ impl Metadata {
                     timings,
                 }));
                 tokio::spawn(removed.run(raft.clone()));
+                tokio::spawn(release_held_commits(raft.clone(), durable));
                 Ok::<_, MetadataError>((raft, proposer))
             })
             .await
@@ -606,15 +612,14 @@ impl Metadata {
             addr: addr.clone(),
             reason,
         };
-        let payload = encode(proposal).map_err(|e| MetadataError::Raft(e.to_string()))?;
-        let mut request = tonic::Request::new(payload);
+        let mut request = tonic::Request::new(wire::proposal_to(proposal));
         request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let reply = client
             .propose(request)
             .await
             .map_err(|s| unreachable(s.to_string()))?;
         let result: ForwardedWrite =
-            decode(reply.get_ref()).map_err(|e| unreachable(format!("malformed reply: {e}")))?;
+            wire::write_result_from(reply.into_inner()).map_err(|e| unreachable(e.to_string()))?;
         match result {
             Ok(outcome) => Ok(outcome),
             // The leader changed under us: the write did not apply there; it is sent again.
@@ -684,15 +689,14 @@ impl Metadata {
             addr: addr.clone(),
             reason,
         };
-        let payload = encode(&()).map_err(|e| MetadataError::Raft(e.to_string()))?;
-        let mut request = tonic::Request::new(payload);
+        let mut request = tonic::Request::new(troupe_proto::v1::ReadIndexRequest {});
         request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let reply = client
             .read_index(request)
             .await
             .map_err(|s| unreachable(s.to_string()))?;
         let result: ForwardedReadIndex =
-            decode(reply.get_ref()).map_err(|e| unreachable(format!("malformed reply: {e}")))?;
+            wire::read_index_from(reply.into_inner()).map_err(|e| unreachable(e.to_string()))?;
         result.map_err(|_| MetadataError::NoLeader)
     }
 
@@ -974,6 +978,18 @@ fn quorum_index(
         .collect();
     matched.sort_unstable_by(|a, b| b.cmp(a));
     matched.get(voters.len() / 2).copied().unwrap_or(0)
+}
+
+/// Sends a heartbeat when a flush reaches a commit point that was held back from followers
+/// (see [`store::Durable`]), so they learn it now rather than at the next heartbeat. Ends
+/// with the log store or the Raft core.
+async fn release_held_commits(raft: Raft<TypeConfig>, durable: store::Durable) {
+    let mut state = durable.subscribe();
+    while durable.released(&mut state).await.is_ok() {
+        if raft.trigger().heartbeat().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Counts changes of the known leader until the counter is dropped or Raft stops.

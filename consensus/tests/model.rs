@@ -99,6 +99,19 @@ impl Reference {
         }
     }
 
+    /// The key's value as a lost CAS reports it.
+    fn current_value(&self, command: &Command) -> Option<String> {
+        match command {
+            Command::SetTaskPriority { name, .. } => self.tasks.get(name).map(|t| t.0.to_string()),
+            Command::SetSetting { key, .. } => self.settings.get(key).map(|s| s.0.clone()),
+            Command::RegisterModelVersion { version, .. }
+            | Command::SetModelState { version, .. }
+            | Command::ReportModelReadiness { version, .. } => {
+                self.versions.get(version).map(|v| v.1.as_str().to_owned())
+            }
+        }
+    }
+
     fn apply(
         &mut self,
         rev: u64,
@@ -123,6 +136,7 @@ impl Reference {
                 return Outcome::Conflict {
                     key: command.key(),
                     current_revision: current,
+                    current_value: self.current_value(command),
                 };
             }
         }

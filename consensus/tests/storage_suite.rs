@@ -156,7 +156,8 @@ async fn each_proposal_in_an_entry_gets_its_own_revision_and_blank_entries_none(
                 Outcome::Applied { revision: 2 },
                 Outcome::Conflict {
                     key: "settings/k".into(),
-                    current_revision: 2
+                    current_revision: 2,
+                    current_value: Some("b".into()),
                 },
             ],
             vec![],

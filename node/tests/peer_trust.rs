@@ -12,7 +12,7 @@ use common::*;
 use troupe::RunningNode;
 use troupe_proto::v1::admin_client::AdminClient;
 use troupe_proto::v1::raft_peer_client::RaftPeerClient;
-use troupe_proto::v1::{RaftPayload, SetSettingRequest};
+use troupe_proto::v1::{AppendEntriesRequest, RaftVote, SetSettingRequest, VoteRequest};
 use troupe_transport::certs::{self, Authority, Validity};
 use troupe_transport::{ClientTls, Identity, Refusal};
 
@@ -90,48 +90,55 @@ fn client_files(dir: &Path, name: &str, ca: &Path, cert_pem: &str, key_pem: &str
     }
 }
 
-fn vote_json(term: u64, candidate: u64) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "vote": {"leader_id": {"term": term, "node_id": candidate}, "committed": false},
-        "last_log_id": null
-    }))
-    .unwrap()
+/// A Raft message an attacker sends to the peer port.
+enum RaftMessage {
+    Vote(VoteRequest),
+    Append(AppendEntriesRequest),
 }
 
-fn append_json(term: u64, leader: u64) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "vote": {"leader_id": {"term": term, "node_id": leader}, "committed": true},
-        "prev_log_id": null,
-        "entries": [],
-        "leader_commit": null
-    }))
-    .unwrap()
+fn vote(term: u64, candidate: u64) -> RaftMessage {
+    RaftMessage::Vote(VoteRequest {
+        vote: Some(RaftVote {
+            term,
+            node_id: candidate,
+            committed: false,
+        }),
+        last_log_id: None,
+    })
 }
 
-/// Sends a Vote (or an AppendEntries) to `node`'s peer port as `tls` would.
+fn append(term: u64, leader: u64) -> RaftMessage {
+    RaftMessage::Append(AppendEntriesRequest {
+        vote: Some(RaftVote {
+            term,
+            node_id: leader,
+            committed: true,
+        }),
+        prev_log_id: None,
+        entries: vec![],
+        leader_commit: None,
+    })
+}
+
+/// Sends a Vote or an AppendEntries to `node`'s peer port as `tls` would.
 async fn raft_call(
     node: &RunningNode,
     tls: Option<&ClientTls>,
-    append: bool,
-    json: Vec<u8>,
+    message: RaftMessage,
 ) -> Result<(), tonic::Status> {
     let mut client = RaftPeerClient::new(channel(node.peer_addr, tls).await);
-    let request = RaftPayload { json };
-    if append {
-        client.append_entries(request).await.map(|_| ())
-    } else {
-        client.vote(request).await.map(|_| ())
+    match message {
+        RaftMessage::Append(request) => client.append_entries(request).await.map(|_| ()),
+        RaftMessage::Vote(request) => client.vote(request).await.map(|_| ()),
     }
 }
 
-/// An attack on the peer port: its name, the client's TLS, whether it is an AppendEntries
-/// (else a Vote), the message, the code expected (`None`: the handshake itself fails) and the
-/// refusal counted.
+/// An attack on the peer port: its name, the client's TLS, the message, the code expected
+/// (`None`: the handshake itself fails) and the refusal counted.
 type Attack<'a> = (
     &'a str,
     Option<&'a ClientTls>,
-    bool,
-    Vec<u8>,
+    RaftMessage,
     Option<tonic::Code>,
     Refusal,
 );
@@ -199,93 +206,90 @@ async fn the_peer_port_admits_only_member_nodes_and_bad_raft_messages_change_not
         identity: None,
     };
 
-    // (case, client TLS, append?, message, expected code, or None when the handshake itself
-    // fails, and the refusal counted)
+    // (case, client TLS, message, expected code, or None when the handshake itself fails, and
+    // the refusal counted)
     let cases: Vec<Attack> = vec![
         (
             "plaintext",
             None,
-            false,
-            vote_json(term + 1, 2),
+            vote(term + 1, 2),
             Some(tonic::Code::Unauthenticated),
             Refusal::Plaintext,
         ),
         (
             "TLS without a client certificate",
             Some(&anonymous),
-            false,
-            vote_json(term + 1, 2),
+            vote(term + 1, 2),
             Some(tonic::Code::Unauthenticated),
             Refusal::NoCertificate,
         ),
         (
             "a node certificate from another CA",
             Some(&foreign),
-            false,
-            vote_json(term + 1, 2),
+            vote(term + 1, 2),
             None,
             Refusal::BadCertificate,
         ),
         (
             "the admin client certificate",
             Some(&admin),
-            false,
-            vote_json(term + 1, 2),
+            vote(term + 1, 2),
             Some(tonic::Code::PermissionDenied),
             Refusal::ClientCertificate,
         ),
         (
             "an expired node certificate",
             Some(&expired),
-            false,
-            vote_json(term + 1, 2),
+            vote(term + 1, 2),
             None,
             Refusal::BadCertificate,
         ),
         (
             "node 2's certificate claiming node 3 in a Vote",
             Some(&node2),
-            false,
-            vote_json(term + 1, 3),
+            vote(term + 1, 3),
             Some(tonic::Code::PermissionDenied),
             Refusal::WrongSender,
         ),
         (
             "node 2's certificate claiming node 3 in an AppendEntries",
             Some(&node2),
-            true,
-            append_json(term + 1, 3),
+            append(term + 1, 3),
             Some(tonic::Code::PermissionDenied),
             Refusal::WrongSender,
         ),
         (
             "a forged AppendEntries from a non-member certificate",
             Some(&stranger),
-            true,
-            append_json(term, 9),
+            append(term, 9),
             Some(tonic::Code::PermissionDenied),
             Refusal::NotMember,
         ),
         (
             "a Vote at term u64::MAX from a member certificate",
             Some(&node2),
-            false,
-            vote_json(u64::MAX, 2),
+            vote(u64::MAX, 2),
             Some(tonic::Code::InvalidArgument),
             Refusal::BadMessage,
         ),
         (
             "an AppendEntries at term u64::MAX from a member certificate",
             Some(&node2),
-            true,
-            append_json(u64::MAX, 2),
+            append(u64::MAX, 2),
+            Some(tonic::Code::InvalidArgument),
+            Refusal::BadMessage,
+        ),
+        (
+            "an AppendEntries without a vote from a member certificate",
+            Some(&node2),
+            RaftMessage::Append(AppendEntriesRequest::default()),
             Some(tonic::Code::InvalidArgument),
             Refusal::BadMessage,
         ),
     ];
-    for (case, tls, append, json, code, refusal) in cases {
+    for (case, tls, message, code, refusal) in cases {
         let counted = target.transport.refusals().count(refusal);
-        let answer = raft_call(target, tls, append, json).await;
+        let answer = raft_call(target, tls, message).await;
         let status = answer.expect_err(case);
         match code {
             Some(code) => {
@@ -435,7 +439,7 @@ async fn rotating_every_certificate_to_a_new_ca_under_load_fails_no_request() {
     );
     let counted = nodes[0].transport.refusals().count(Refusal::BadCertificate);
     let term = nodes[0].metadata.status().term;
-    raft_call(&nodes[0], Some(&stale), false, vote_json(term + 1, 2))
+    raft_call(&nodes[0], Some(&stale), vote(term + 1, 2))
         .await
         .unwrap_err();
     wait_for("the old CA's certificate to be refused", WAIT, || async {
@@ -500,14 +504,9 @@ async fn a_removed_node_is_refused_and_notices_it_was_removed() {
         )),
     };
     let term = leader.metadata.status().term;
-    let status = raft_call(
-        leader,
-        Some(&its_cert),
-        false,
-        vote_json(term + 1, removed_id),
-    )
-    .await
-    .unwrap_err();
+    let status = raft_call(leader, Some(&its_cert), vote(term + 1, removed_id))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert_eq!(Refusal::of(&status), Some(Refusal::NotMember));
     // It does not campaign: over many election timeouts its term stays put, and so does the

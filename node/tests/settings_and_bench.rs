@@ -47,6 +47,36 @@ async fn settings_are_set_read_and_compared_through_any_node() {
     ])
     .await;
     assert_lost_cas(&lost, revision);
+    // Over gRPC the lost CAS carries the current revision and value, so a client retries in
+    // one round trip (etcd's Txn answers the same way).
+    let mut admin =
+        troupe_proto::v1::admin_client::AdminClient::connect(format!("http://{}", api[2]))
+            .await
+            .unwrap();
+    let lost = admin
+        .set_setting(troupe_proto::v1::SetSettingRequest {
+            key: "max_batch".into(),
+            value: "64".into(),
+            expected_revision: Some(revision + 7),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(lost.code(), tonic::Code::Aborted, "{lost:?}");
+    let header = |name: &str| {
+        lost.metadata()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        header("x-troupe-current-revision"),
+        Some(revision.to_string())
+    );
+    let value = lost
+        .metadata()
+        .get_bin("x-troupe-current-value-bin")
+        .unwrap();
+    assert_eq!(value.to_bytes().unwrap().as_ref(), b"32");
     let won = troupe(&[
         "settings",
         "set",

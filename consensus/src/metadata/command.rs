@@ -157,8 +157,15 @@ pub enum Outcome {
     Applied { revision: u64 },
     /// The write was valid but changed nothing (same value again); state is at `revision`.
     Unchanged { revision: u64 },
-    /// The CAS lost: the key is at `current_revision`.
-    Conflict { key: String, current_revision: u64 },
+    /// The CAS lost: the key is at `current_revision`, holding `current_value` (a setting's
+    /// value, a task's priority, a model version's state; none when the key does not exist),
+    /// so the loser can retry without reading it back, as etcd's Txn answers.
+    Conflict {
+        key: String,
+        current_revision: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        current_value: Option<String>,
+    },
     /// The command is not valid in the current state.
     Rejected { reason: Rejection },
 }

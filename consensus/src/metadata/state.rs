@@ -204,6 +204,24 @@ impl MetadataState {
         }
     }
 
+    /// The current value of the key `command` writes, as the API shows it: a setting's value,
+    /// a task's priority, a model version's state. `None` when the key does not exist.
+    pub fn key_value(&self, command: &Command) -> Option<String> {
+        match command {
+            Command::RegisterModelVersion { name, version, .. }
+            | Command::SetModelState { name, version, .. }
+            | Command::ReportModelReadiness { name, version, .. } => self
+                .models
+                .get(name)
+                .and_then(|versions| versions.get(version))
+                .map(|record| record.state.as_str().to_owned()),
+            Command::SetTaskPriority { name, .. } => {
+                self.tasks.get(name).map(|t| t.priority.to_string())
+            }
+            Command::SetSetting { key, .. } => self.settings.get(key).map(|s| s.value.clone()),
+        }
+    }
+
     /// Applies the next proposal in log order at the next revision; returns that revision and
     /// the outcome.
     pub fn apply_next(&mut self, proposal: &Proposal) -> (u64, Outcome) {
@@ -259,6 +277,7 @@ impl MetadataState {
                 return Outcome::Conflict {
                     key: command.key(),
                     current_revision: current,
+                    current_value: self.key_value(command),
                 };
             }
         }

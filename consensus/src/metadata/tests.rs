@@ -76,7 +76,8 @@ fn a_stale_expected_revision_loses_and_names_the_current_one() {
         state.apply(5, &stale),
         Outcome::Conflict {
             key: "tasks/search".into(),
-            current_revision: 4
+            current_revision: 4,
+            current_value: Some("5".into()),
         }
     );
     let mut fresh = priority("search", 9);

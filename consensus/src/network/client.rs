@@ -10,15 +10,13 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tonic::transport::Channel;
 use troupe_proto::v1::raft_peer_client::RaftPeerClient;
-use troupe_proto::v1::RaftPayload;
 use troupe_transport::{Lane, PeerTransport, Refusal};
 
-use super::{decode, encode};
+use super::wire;
 use crate::removal::Removal;
+use crate::store::Durable;
 use crate::types::{NodeAddr, NodeId, TypeConfig};
 
 /// Builds a [`PeerClient`] for each peer openraft replicates to.
@@ -26,6 +24,8 @@ use crate::types::{NodeAddr, NodeId, TypeConfig};
 pub struct PeerNetworkFactory {
     pub transport: Arc<PeerTransport>,
     pub removal: Arc<Removal>,
+    /// How far this node's log is on disk: a leader never sends a commit point past it.
+    pub durable: Option<Durable>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for PeerNetworkFactory {
@@ -37,6 +37,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetworkFactory {
             addr: node.peer_addr.clone(),
             transport: self.transport.clone(),
             removal: self.removal.clone(),
+            durable: self.durable.clone(),
             unanswered: 0,
             pending: false,
         }
@@ -52,6 +53,7 @@ pub struct PeerClient {
     addr: String,
     transport: Arc<PeerTransport>,
     removal: Arc<Removal>,
+    durable: Option<Durable>,
     /// RPCs in a row that got no answer: timed out, cut off, or dropped by openraft's own
     /// timeout before they completed.
     unanswered: u32,
@@ -61,19 +63,25 @@ pub struct PeerClient {
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeAddr, RaftError<NodeId, E>>>;
 
+fn network_error<E: std::error::Error>(
+    error: wire::Malformed,
+) -> RPCError<NodeId, NodeAddr, RaftError<NodeId, E>> {
+    RPCError::Network(NetworkError::new(&error))
+}
+
 impl PeerClient {
-    async fn call<Req, Resp, E>(
+    /// Runs one RPC on this peer's channel (made anew after unanswered ones); the reply, or
+    /// the error openraft expects for a dead, slow or refusing peer.
+    async fn call<Req, Reply, E, Fut>(
         &mut self,
-        request: &Req,
+        request: Req,
         option: &RPCOption,
-        method: fn(RaftPeerClient<Channel>, tonic::Request<RaftPayload>) -> futures_call::BoxedCall,
-    ) -> RpcResult<Resp, E>
+        method: impl FnOnce(RaftPeerClient<Channel>, tonic::Request<Req>) -> Fut,
+    ) -> RpcResult<Reply, E>
     where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
+        Fut: std::future::Future<Output = Result<tonic::Response<Reply>, tonic::Status>>,
+        E: std::error::Error,
     {
-        let payload = encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         // A connection can go dead without a reset (the peer's address moved to another
         // host or network, a cut link): HTTP/2 keepalive notices only after seconds, and
         // until then every RPC on it times out. After a few unanswered RPCs in a row the
@@ -94,7 +102,7 @@ impl PeerClient {
                 )));
             }
         };
-        let mut request = tonic::Request::new(payload);
+        let mut request = tonic::Request::new(request);
         request.set_timeout(option.hard_ttl());
         let reply = method(client, request).await;
         self.pending = false;
@@ -118,62 +126,29 @@ impl PeerClient {
         })?;
         self.unanswered = 0;
         self.removal.accepted_by(self.target);
-        let result: Result<Resp, RaftError<NodeId, E>> =
-            decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|error| RPCError::RemoteError(RemoteError::new(self.target, error)))
-    }
-}
-
-/// The generated client methods, boxed so one `call` serves all three RPCs.
-mod futures_call {
-    use std::future::Future;
-    use std::pin::Pin;
-
-    use tonic::transport::Channel;
-    use troupe_proto::v1::raft_peer_client::RaftPeerClient;
-    use troupe_proto::v1::RaftPayload;
-
-    pub type BoxedCall = Pin<Box<dyn Future<Output = Result<RaftPayload, tonic::Status>> + Send>>;
-
-    pub fn append_entries(
-        mut client: RaftPeerClient<Channel>,
-        request: tonic::Request<RaftPayload>,
-    ) -> BoxedCall {
-        Box::pin(async move {
-            client
-                .append_entries(request)
-                .await
-                .map(tonic::Response::into_inner)
-        })
-    }
-
-    pub fn vote(
-        mut client: RaftPeerClient<Channel>,
-        request: tonic::Request<RaftPayload>,
-    ) -> BoxedCall {
-        Box::pin(async move { client.vote(request).await.map(tonic::Response::into_inner) })
-    }
-
-    pub fn install_snapshot(
-        mut client: RaftPeerClient<Channel>,
-        request: tonic::Request<RaftPayload>,
-    ) -> BoxedCall {
-        Box::pin(async move {
-            client
-                .install_snapshot(request)
-                .await
-                .map(tonic::Response::into_inner)
-        })
+        Ok(reply.into_inner())
     }
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call(&rpc, &option, futures_call::append_entries).await
+        // openraft may count this leader's copy of an entry before its flush ends; followers
+        // learn a commit only once it has (see `crate::store::Durable`).
+        if let Some(durable) = &self.durable {
+            rpc.leader_commit = durable.clamp_commit(rpc.leader_commit);
+        }
+        let reply = self
+            .call(
+                wire::append_request_to(&rpc),
+                &option,
+                |mut c, r| async move { c.append_entries(r).await },
+            )
+            .await?;
+        wire::append_reply_from(reply).map_err(network_error)
     }
 
     async fn install_snapshot(
@@ -181,8 +156,18 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call(&rpc, &option, futures_call::install_snapshot)
-            .await
+        let reply = self
+            .call(
+                wire::snapshot_request_to(&rpc),
+                &option,
+                |mut c, r| async move { c.install_snapshot(r).await },
+            )
+            .await?;
+        wire::snapshot_reply_from(reply)
+            .map_err(network_error)?
+            .map_err(|error| {
+                RPCError::RemoteError(RemoteError::new(self.target, RaftError::APIError(error)))
+            })
     }
 
     async fn vote(
@@ -190,6 +175,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        self.call(&rpc, &option, futures_call::vote).await
+        let reply = self
+            .call(
+                wire::vote_request_to(&rpc),
+                &option,
+                |mut c, r| async move { c.vote(r).await },
+            )
+            .await?;
+        wire::vote_reply_from(reply).map_err(network_error)
     }
 }

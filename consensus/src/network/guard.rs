@@ -24,6 +24,11 @@ fn refused(refusal: Refusal, reason: String) -> Refused {
     Refused { refusal, reason }
 }
 
+/// A message that does not decode into a Raft message: a field missing, an unknown state.
+pub fn malformed(error: super::wire::Malformed) -> Refused {
+    refused(Refusal::BadMessage, error.to_string())
+}
+
 /// The sender a message claims must be the node its certificate proves.
 fn check_sender(peer: Option<VerifiedPeer>, what: &str, claimed: NodeId) -> Result<(), Refused> {
     match peer {

@@ -1,14 +1,11 @@
 //! Raft over tonic on the peer port: [`client`] is openraft's network (one lazily connected
 //! channel per peer), [`server`] the `troupe.v1.RaftPeer` service that feeds incoming RPCs to
-//! the local Raft. Messages are openraft's own types as JSON inside a `RaftPayload`.
+//! the local Raft. Messages are typed protobuf ([`wire`] converts openraft's types both ways).
 
 pub mod client;
 pub mod guard;
 pub mod server;
-
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-use troupe_proto::v1::RaftPayload;
+pub mod wire;
 
 /// Largest peer message either side sends or accepts. An append carries up to 64 entries of
 /// up to 512 KiB of proposals each; snapshots travel in openraft's 3 MiB chunks.
@@ -23,40 +20,45 @@ pub(crate) fn peer_client(
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-/// Encodes a value for the wire.
-pub(crate) fn encode<T: Serialize>(value: &T) -> Result<RaftPayload, serde_json::Error> {
-    Ok(RaftPayload {
-        json: serde_json::to_vec(value)?,
-    })
-}
-
-/// Decodes a payload; a malformed one is an error, never a panic.
-pub(crate) fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, serde_json::Error> {
-    serde_json::from_slice(&payload.json)
-}
-
-/// Decodes `bytes` as every payload the peer port's Raft service takes, and runs the guard and
+/// Decodes `bytes` as every message the peer port's Raft service takes, and runs the guard and
 /// the command check on whatever decodes. For the fuzz target and its corpus replay: it must
 /// never panic, whatever the bytes.
 #[doc(hidden)]
 pub fn fuzz_payload(bytes: &[u8]) {
-    use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+    use prost::Message;
+    use troupe_proto::v1 as pb;
     use troupe_transport::VerifiedPeer;
-    let payload = RaftPayload {
-        json: bytes.to_vec(),
-    };
     let peer = Some(VerifiedPeer::Node(1));
     let own_term = bytes.first().copied().map_or(1, u64::from);
-    if let Ok(rpc) = decode::<VoteRequest<crate::types::NodeId>>(&payload) {
+    if let Some(rpc) = pb::VoteRequest::decode(bytes)
+        .ok()
+        .and_then(|m| wire::vote_request_from(m).ok())
+    {
         let _ = guard::vote(&rpc, peer, own_term);
     }
-    if let Ok(rpc) = decode::<AppendEntriesRequest<crate::types::TypeConfig>>(&payload) {
+    if let Some(rpc) = pb::AppendEntriesRequest::decode(bytes)
+        .ok()
+        .and_then(|m| wire::append_request_from(m).ok())
+    {
         let _ = guard::append_entries(&rpc, peer, own_term);
+        let _ = wire::append_request_to(&rpc).encoded_len();
     }
-    if let Ok(rpc) = decode::<InstallSnapshotRequest<crate::types::TypeConfig>>(&payload) {
+    if let Some(rpc) = pb::InstallSnapshotRequest::decode(bytes)
+        .ok()
+        .and_then(|m| wire::snapshot_request_from(m).ok())
+    {
         let _ = guard::install_snapshot(&rpc, peer, own_term);
     }
-    if let Ok(proposal) = decode::<crate::metadata::Proposal>(&payload) {
+    if let Some(proposal) = pb::Proposal::decode(bytes)
+        .ok()
+        .and_then(|m| wire::proposal_from(m).ok())
+    {
         let _ = crate::metadata::state::check_command(&proposal.command);
     }
+    // The replies a peer sends back: decoded the same way by the asking side.
+    let _ = pb::AppendEntriesReply::decode(bytes).map(wire::append_reply_from);
+    let _ = pb::VoteReply::decode(bytes).map(wire::vote_reply_from);
+    let _ = pb::InstallSnapshotReply::decode(bytes).map(wire::snapshot_reply_from);
+    let _ = pb::ProposeReply::decode(bytes).map(wire::write_result_from);
+    let _ = pb::ReadIndexReply::decode(bytes).map(wire::read_index_from);
 }

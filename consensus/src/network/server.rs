@@ -5,15 +5,14 @@ use std::sync::Arc;
 
 use openraft::error::RaftError;
 use openraft::Raft;
-use serde::Serialize;
 use tonic::{Request, Response, Status};
+use troupe_proto::v1 as pb;
 use troupe_proto::v1::raft_peer_server::RaftPeer;
-use troupe_proto::v1::{PreVoteRequest, PreVoteResponse, RaftPayload};
+use troupe_proto::v1::{PreVoteRequest, PreVoteResponse};
 use troupe_transport::{Refusals, VerifiedPeer};
 
 use super::guard::{self, Refused};
-use super::{decode, encode};
-use crate::metadata::Proposal;
+use super::wire;
 use crate::proposer::{Proposer, WriteResult};
 use crate::removal::Removal;
 use crate::types::{NodeId, TypeConfig};
@@ -122,12 +121,13 @@ impl RaftPeerService {
     }
 }
 
-/// openraft's answer as the peer gets it. A fatal error (the core panicked, or its storage
-/// failed) is this node's failure, not an answer to the message: the peer gets
-/// `UNAVAILABLE`, and the node logs it.
-fn answer<T: Serialize, E: Serialize>(
+/// openraft's answer as the peer gets it, or `UNAVAILABLE` when this node's Raft core has
+/// stopped (it panicked, or its storage failed): that is this node's failure, not an answer to
+/// the message, and the node logs it.
+fn answer<T, E, Reply>(
     result: Result<T, RaftError<NodeId, E>>,
-) -> Result<Response<RaftPayload>, Status> {
+    reply: impl FnOnce(Result<T, E>) -> Reply,
+) -> Result<Response<Reply>, Status> {
     match result {
         Err(RaftError::Fatal(fatal)) => {
             tracing::error!(%fatal, "the Raft core has stopped: this node cannot take part in the cluster until it is restarted");
@@ -135,27 +135,35 @@ fn answer<T: Serialize, E: Serialize>(
                 "this node's Raft core has stopped ({fatal}): it must be restarted"
             )))
         }
-        result => reply(&result),
+        Err(RaftError::APIError(error)) => Ok(Response::new(reply(Err(error)))),
+        Ok(value) => Ok(Response::new(reply(Ok(value)))),
     }
 }
 
-fn invalid(what: &str, error: serde_json::Error) -> Status {
-    Status::invalid_argument(format!("malformed {what} payload: {error}"))
+/// An infallible openraft call's value.
+fn infallible<T>(result: Result<T, openraft::error::Infallible>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(never) => match never {},
+    }
 }
 
-fn reply<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
-    encode(value)
-        .map(Response::new)
-        .map_err(|e| Status::internal(format!("cannot encode reply: {e}")))
+/// The message, and the request without it (its metadata and extensions: the verified
+/// sender, the connection), so decoding takes the message without a copy.
+fn split<T>(request: Request<T>) -> (Request<()>, T) {
+    let (metadata, extensions, message) = request.into_parts();
+    (Request::from_parts(metadata, extensions, ()), message)
 }
 
 #[tonic::async_trait]
 impl RaftPeer for RaftPeerService {
     async fn append_entries(
         &self,
-        request: Request<RaftPayload>,
-    ) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(request.get_ref()).map_err(|e| invalid("append_entries", e))?;
+        request: Request<pb::AppendEntriesRequest>,
+    ) -> Result<Response<pb::AppendEntriesReply>, Status> {
+        let (request, message) = split(request);
+        let rpc = wire::append_request_from(message)
+            .map_err(|error| self.refuse(&request, guard::malformed(error)))?;
         guard::append_entries(&rpc, VerifiedPeer::of(&request), self.own_term())
             .map_err(|refused| self.refuse(&request, refused))?;
         let term = rpc.vote.leader_id().term;
@@ -173,22 +181,31 @@ impl RaftPeer for RaftPeerService {
             // A leader replicates only to members: whatever refusals said, this node is one.
             self.removal.heard_from_leader();
         }
-        answer(result)
+        answer(result, |r| wire::append_reply_to(&infallible(r)))
     }
 
-    async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(request.get_ref()).map_err(|e| invalid("vote", e))?;
+    async fn vote(
+        &self,
+        request: Request<pb::VoteRequest>,
+    ) -> Result<Response<pb::VoteReply>, Status> {
+        let (request, message) = split(request);
+        let rpc = wire::vote_request_from(message)
+            .map_err(|error| self.refuse(&request, guard::malformed(error)))?;
         guard::vote(&rpc, VerifiedPeer::of(&request), self.own_term())
             .map_err(|refused| self.refuse(&request, refused))?;
         self.silence.vote_requested();
-        answer(self.raft.vote(rpc).await)
+        answer(self.raft.vote(rpc).await, |r| {
+            wire::vote_reply_to(&infallible(r))
+        })
     }
 
     async fn install_snapshot(
         &self,
-        request: Request<RaftPayload>,
-    ) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(request.get_ref()).map_err(|e| invalid("install_snapshot", e))?;
+        request: Request<pb::InstallSnapshotRequest>,
+    ) -> Result<Response<pb::InstallSnapshotReply>, Status> {
+        let (request, message) = split(request);
+        let rpc = wire::snapshot_request_from(message)
+            .map_err(|error| self.refuse(&request, guard::malformed(error)))?;
         guard::install_snapshot(&rpc, VerifiedPeer::of(&request), self.own_term())
             .map_err(|refused| self.refuse(&request, refused))?;
         let term = rpc.vote.leader_id().term;
@@ -196,7 +213,7 @@ impl RaftPeer for RaftPeerService {
         if result.is_ok() {
             self.silence.heard(term);
         }
-        answer(result)
+        answer(result, |r| wire::snapshot_reply_to(&r))
     }
 
     async fn pre_vote(
@@ -215,9 +232,11 @@ impl RaftPeer for RaftPeerService {
 
     async fn propose(
         &self,
-        request: Request<RaftPayload>,
-    ) -> Result<Response<RaftPayload>, Status> {
-        let proposal: Proposal = decode(request.get_ref()).map_err(|e| invalid("propose", e))?;
+        request: Request<pb::Proposal>,
+    ) -> Result<Response<pb::ProposeReply>, Status> {
+        let (request, message) = split(request);
+        let proposal = wire::proposal_from(message)
+            .map_err(|error| self.refuse(&request, guard::malformed(error)))?;
         // A forwarded write is checked here too: nothing invalid reaches the log, whoever
         // proposes it.
         let result: ForwardedWrite = match crate::metadata::state::check_command(&proposal.command)
@@ -225,17 +244,17 @@ impl RaftPeer for RaftPeerService {
             Err(reason) => Ok(crate::metadata::Outcome::Rejected { reason }),
             Ok(()) => self.proposer.write(proposal).await,
         };
-        reply(&result)
+        Ok(Response::new(wire::write_result_to(&result)))
     }
 
     async fn read_index(
         &self,
-        _request: Request<RaftPayload>,
-    ) -> Result<Response<RaftPayload>, Status> {
+        _request: Request<pb::ReadIndexRequest>,
+    ) -> Result<Response<pb::ReadIndexReply>, Status> {
         let result: ForwardedReadIndex = match self.raft.ensure_linearizable().await {
             Ok(read_log_id) => Ok(read_log_id.map_or(0, |log_id| log_id.index)),
             Err(error) => Err(error.to_string()),
         };
-        reply(&result)
+        Ok(Response::new(wire::read_index_to(&result)))
     }
 }

@@ -5,12 +5,14 @@
 //! Another engine can replace sled by implementing the same two traits; nothing outside this
 //! module knows sled is there.
 
+mod durable;
 mod history;
 mod log_store;
 mod state_machine;
 
 use std::path::Path;
 
+pub use durable::{Durable, DurableState};
 pub use history::{History, Live, Replay};
 pub use log_store::LogStore;
 pub use state_machine::{Applied, StateMachineStore};
@@ -33,6 +35,19 @@ pub const DEFAULT_WATCH_HISTORY: usize = 10_000;
 /// Opens (or creates) the node's Raft storage under `dir`.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StorageError> {
     open_with_history(dir, DEFAULT_WATCH_HISTORY)
+}
+
+/// Makes a node's leader replicate its appends while it flushes them, with the leader's own
+/// copy counted toward a commit only once it is on disk (see [`Durable`]). What a node runs;
+/// without it a leader flushes first and replicates after.
+pub fn persist_in_parallel(
+    log: &mut LogStore,
+    state_machine: &mut StateMachineStore,
+    node_id: crate::types::NodeId,
+) -> Durable {
+    let durable = log.persist_in_parallel(node_id);
+    state_machine.apply_when_durable(durable.clone());
+    durable
 }
 
 /// As [`open`], keeping `watch_history` changes for watches to replay.

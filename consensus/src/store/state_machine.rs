@@ -13,6 +13,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, RwLock};
 
+use super::durable::Durable;
 use super::history::History;
 use super::{blocking, OpenGuard, SNAPSHOT_TREE};
 use crate::metadata::{MetadataState, Outcome};
@@ -95,6 +96,9 @@ pub struct StateMachineStore {
     snapshot_revision: Arc<AtomicU64>,
     history: History,
     guard: OpenGuard,
+    /// When set, an entry is applied only once the local log's flush covers it (see
+    /// `super::durable`).
+    durable: Option<Durable>,
 }
 
 fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
@@ -139,7 +143,15 @@ impl StateMachineStore {
             snapshot_covers: Arc::new(snapshot_covers),
             index_tx: Arc::new(index_tx),
             snapshot_revision,
+            durable: None,
         })
+    }
+
+    /// Applies entries only once the local log's flush covers them: what a leader that
+    /// replicates while it persists needs, so that nothing becomes visible before a quorum
+    /// holds it on disk (see `super::durable`).
+    pub fn apply_when_durable(&mut self, durable: Durable) {
+        self.durable = Some(durable);
     }
 
     /// A shared handle to the applied state, for local reads.
@@ -318,6 +330,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if let (Some(durable), Some(last)) = (&self.durable, entries.last()) {
+            durable.covers(last.log_id).await.map_err(|error| {
+                StorageIOError::apply(last.log_id, &std::io::Error::other(error))
+            })?;
+        }
         let mut applied = self.applied.write().await;
         let mut outcomes = Vec::new();
         let mut changes = Vec::new();

@@ -122,6 +122,10 @@ impl ServiceError for WatchError {
 
 /// Metadata on an ABORTED (lost compare-and-set) status: the key's current revision.
 pub const CURRENT_REVISION_HEADER: &str = "x-troupe-current-revision";
+/// Metadata on an ABORTED (lost compare-and-set) status: the key's current value (binary
+/// metadata, the value's UTF-8 bytes); absent when the key does not exist. With the revision
+/// a loser can retry at once, without reading the key back.
+pub const CURRENT_VALUE_HEADER: &str = "x-troupe-current-value-bin";
 
 pub fn metadata_error(error: MetadataError) -> Status {
     status(&error)
@@ -155,9 +159,16 @@ pub fn write_outcome(outcome: Outcome) -> Result<(u64, bool), Status> {
         Outcome::Conflict {
             key,
             current_revision,
+            current_value,
         } => {
             let mut metadata = tonic::metadata::MetadataMap::new();
             metadata.insert(CURRENT_REVISION_HEADER, current_revision.into());
+            if let Some(value) = current_value {
+                metadata.insert_bin(
+                    CURRENT_VALUE_HEADER,
+                    tonic::metadata::MetadataValue::from_bytes(value.as_bytes()),
+                );
+            }
             Err(Status::with_metadata(
                 Code::Aborted,
                 format!(

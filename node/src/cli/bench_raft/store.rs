@@ -149,16 +149,6 @@ impl Store {
         key: &str,
         timeout: Duration,
     ) -> Result<Current, Status> {
-        self.get_at_least(member, key, 0, timeout).await
-    }
-
-    async fn get_at_least(
-        &self,
-        member: usize,
-        key: &str,
-        min_revision: u64,
-        timeout: Duration,
-    ) -> Result<Current, Status> {
         let missing = || Status::not_found(format!("key '{key}' is not set"));
         match self.conns[member].clone() {
             Conn::Troupe(mut admin) => {
@@ -166,7 +156,7 @@ impl Store {
                     key: key.to_owned(),
                     read: Some(ReadRequest {
                         stale: false,
-                        min_revision,
+                        min_revision: 0,
                     }),
                 };
                 let reply = admin.get_setting(with_timeout(request, timeout)).await?;
@@ -209,8 +199,8 @@ impl Store {
                 match admin.set_setting(with_timeout(request, timeout)).await {
                     Ok(_) => Ok(None),
                     Err(status) if status.code() == Code::Aborted => {
-                        // The lost write names the key's revision; read the value as of at
-                        // least that revision on the same member (etcd's Txn carries it).
+                        // The lost write names the key's revision and value, as etcd's Txn
+                        // answer does: no read back.
                         let current = status
                             .metadata()
                             .get("x-troupe-current-revision")
@@ -222,8 +212,21 @@ impl Store {
                                     status.message()
                                 ))
                             })?;
-                        let seen = self.get_at_least(member, key, current, timeout).await?;
-                        Ok(Some(seen))
+                        let value = status
+                            .metadata()
+                            .get_bin("x-troupe-current-value-bin")
+                            .and_then(|v| v.to_bytes().ok())
+                            .and_then(|v| String::from_utf8(v.to_vec()).ok())
+                            .ok_or_else(|| {
+                                Status::internal(format!(
+                                    "ABORTED without x-troupe-current-value-bin: {}",
+                                    status.message()
+                                ))
+                            })?;
+                        Ok(Some(Current {
+                            mod_revision: current,
+                            value,
+                        }))
                     }
                     Err(status) => Err(status),
                 }
