@@ -215,26 +215,42 @@ pub struct QuantizedRows {
 
 /// Moves the static channels and the `DYNAMIC_OUTLIERS` largest others of `row` into
 /// `outliers` and zeroes them in `row`.
+#[inline(always)]
 fn take_outliers(row: &mut [f32], static_channels: &[usize], outliers: &mut [(u32, f32)]) {
     let (fixed, dynamic) = outliers.split_at_mut(static_channels.len());
     for (slot, &channel) in fixed.iter_mut().zip(static_channels) {
         *slot = (channel as u32, row[channel]);
         row[channel] = 0.0;
     }
-    // The largest magnitudes, kept sorted (largest first) by insertion.
+    // The largest magnitudes, kept sorted (largest first) by insertion. A chunk of 16 whose
+    // largest magnitude cannot enter is skipped after one vectorised pass; after the first
+    // chunks that is nearly all of them.
     dynamic.fill((0, 0.0));
     let mut smallest = 0.0f32;
-    for (channel, &x) in row.iter().enumerate() {
-        if x.abs() <= smallest {
+    for (index, chunk) in row.chunks(16).enumerate() {
+        let chunk_max = chunk.iter().fold(0.0f32, |max, x| {
+            let magnitude = x.abs();
+            if magnitude > max {
+                magnitude
+            } else {
+                max
+            }
+        });
+        if chunk_max <= smallest {
             continue;
         }
-        let mut at = dynamic.len() - 1;
-        while at > 0 && dynamic[at - 1].1.abs() < x.abs() {
-            dynamic[at] = dynamic[at - 1];
-            at -= 1;
+        for (offset, &x) in chunk.iter().enumerate() {
+            if x.abs() <= smallest {
+                continue;
+            }
+            let mut at = dynamic.len() - 1;
+            while at > 0 && dynamic[at - 1].1.abs() < x.abs() {
+                dynamic[at] = dynamic[at - 1];
+                at -= 1;
+            }
+            dynamic[at] = ((16 * index + offset) as u32, x);
+            smallest = dynamic[dynamic.len() - 1].1.abs();
         }
-        dynamic[at] = (channel as u32, x);
-        smallest = dynamic[dynamic.len() - 1].1.abs();
     }
     for &(channel, value) in dynamic.iter() {
         if value != 0.0 {
@@ -243,12 +259,28 @@ fn take_outliers(row: &mut [f32], static_channels: &[usize], outliers: &mut [(u3
     }
 }
 
+/// Adding it to a value in 0..=255 leaves the value rounded to an integer (ties to even) in
+/// the low mantissa byte: 1.5 · 2²³, whose unit in the last place is 1.
+const ROUNDING_MAGIC: f32 = 12_582_912.0;
+
 #[inline(always)]
 fn quantize_row(row: &[f32], out: &mut [u8]) -> (f32, i32) {
+    // Range with 0 included, in 16 lanes so that it vectorises.
+    let (mut lows, mut highs) = ([0.0f32; 16], [0.0f32; 16]);
+    let chunks = row.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for ((low, high), &x) in lows.iter_mut().zip(highs.iter_mut()).zip(chunk) {
+            *low = if x < *low { x } else { *low };
+            *high = if x > *high { x } else { *high };
+        }
+    }
     let (mut low, mut high) = (0.0f32, 0.0f32);
-    for &x in row {
-        low = low.min(x);
-        high = high.max(x);
+    for &x in lows.iter().chain(tail) {
+        low = if x < low { x } else { low };
+    }
+    for &x in highs.iter().chain(tail) {
+        high = if x > high { x } else { high };
     }
     let range = high - low;
     if !(range > 0.0 && range.is_finite()) {
@@ -260,20 +292,31 @@ fn quantize_row(row: &[f32], out: &mut [u8]) -> (f32, i32) {
     let inv_scale = 255.0 / range;
     let zero = (-low * inv_scale).round_ties_even().clamp(0.0, 255.0);
     for (u, &x) in out.iter_mut().zip(row) {
-        *u = (x * inv_scale + zero).round_ties_even().clamp(0.0, 255.0) as u8;
+        let level = (x * inv_scale + zero).clamp(0.0, 255.0);
+        *u = (level + ROUNDING_MAGIC).to_bits() as u8;
     }
     out[row.len()..].fill(0);
     (scale, zero as i32)
 }
 
+/// One row: `scratch` gets the row without its outliers, `outliers` the outliers, `out` the
+/// quantised rest; returns the row's scale and zero point.
 #[inline(always)]
-fn quantize_row_body(row: &[f32], out: &mut [u8]) -> (f32, i32) {
-    quantize_row(row, out)
+fn prepare_row(
+    row: &[f32],
+    scratch: &mut [f32],
+    static_channels: &[usize],
+    outliers: &mut [(u32, f32)],
+    out: &mut [u8],
+) -> (f32, i32) {
+    scratch.copy_from_slice(row);
+    take_outliers(scratch, static_channels, outliers);
+    quantize_row(scratch, out)
 }
 dispatch_simd!(
-    quantize_row_simd,
-    quantize_row_body,
-    (row: &[f32], out: &mut [u8]) -> (f32, i32)
+    prepare_row_simd,
+    prepare_row,
+    (row: &[f32], scratch: &mut [f32], static_channels: &[usize], outliers: &mut [(u32, f32)], out: &mut [u8]) -> (f32, i32)
 );
 
 impl QuantizedRows {
@@ -306,9 +349,8 @@ impl QuantizedRows {
                     .zip(params.iter_mut())
                     .zip(outliers.chunks_exact_mut(outliers_per_row))
                 {
-                    scratch.copy_from_slice(row);
-                    take_outliers(&mut scratch, static_channels, row_outliers);
-                    *param = quantize_row_simd(&scratch, out_row);
+                    *param =
+                        prepare_row_simd(row, &mut scratch, static_channels, row_outliers, out_row);
                 }
             });
         let (scales, zeros) = params.into_iter().unzip();
