@@ -289,6 +289,7 @@ async fn concurrent_conflicting_writers_leave_every_node_with_identical_state() 
                         size_bytes: u64::from(client),
                         format: "safetensors".into(),
                         source: None,
+                        precision: None,
                     },
                 };
                 propose_retrying(&metadata, Proposal::new(command)).await;

@@ -47,6 +47,7 @@ fn command() -> impl Strategy<Value = Command> {
             size_bytes: u64::from(d),
             format: "safetensors".into(),
             source: None,
+            precision: None,
         }),
         (0..3u8, 0..6u8).prop_map(|(v, s)| Command::SetModelState {
             name: "m".into(),

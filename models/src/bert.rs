@@ -1,6 +1,8 @@
 //! The BERT encoder: a burn `Module` laid out like Hugging Face's `BertModel` (so
 //! safetensors load by name), and [`Encoder`], the inference form built from it with the
-//! Q, K and V projections fused into one matrix.
+//! Q, K and V projections fused into one matrix, and its linear layers in fp32 or int8.
+
+use std::sync::Arc;
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -8,7 +10,9 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::config::BertConfig;
 use crate::error::ModelError;
+use crate::kernels::int8::QuantizedWeight;
 use crate::kernels::{generic, Activation, EncoderBackend};
+use crate::precision::Precision;
 
 #[derive(Module, Debug)]
 pub struct BertModel<B: burn::tensor::backend::Backend> {
@@ -105,20 +109,60 @@ impl<B: burn::tensor::backend::Backend> BertModel<B> {
     }
 }
 
+/// A linear layer's weight `[in, out]`, in the precision the encoder runs in.
+#[derive(Debug, Clone)]
+enum LinearWeight<B: EncoderBackend> {
+    Fp32(Tensor<B, 2>),
+    Int8(Arc<QuantizedWeight>),
+}
+
+impl<B: EncoderBackend> LinearWeight<B> {
+    fn new(weight: Tensor<B, 2>, precision: Precision, name: &str) -> Result<Self, ModelError> {
+        match precision {
+            Precision::Fp32 => Ok(Self::Fp32(weight)),
+            Precision::Int8 => {
+                let [inner, outer] = weight.dims();
+                let values = weight
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .map_err(|error| ModelError::Backend {
+                        reason: format!("cannot read weight {name} for int8: {error:?}"),
+                    })?;
+                let quantized =
+                    QuantizedWeight::quantize(&values, inner, outer).map_err(|error| {
+                        ModelError::Backend {
+                            reason: format!("cannot quantise weight {name} to int8: {error}"),
+                        }
+                    })?;
+                Ok(Self::Int8(Arc::new(quantized)))
+            }
+        }
+    }
+
+    /// `activation(x @ W + bias)`.
+    fn linear(&self, x: Tensor<B, 2>, bias: Tensor<B, 1>, activation: Activation) -> Tensor<B, 2> {
+        match self {
+            Self::Fp32(weight) => B::fused_linear(x, weight.clone(), bias, activation),
+            Self::Int8(weight) => B::quantized_linear(x, weight, bias, activation),
+        }
+    }
+}
+
 /// One layer's parameters in the shapes the kernels want.
 #[derive(Debug, Clone)]
 struct LayerWeights<B: EncoderBackend> {
-    qkv_weight: Tensor<B, 2>,
+    qkv_weight: LinearWeight<B>,
     qkv_bias: Tensor<B, 1>,
     attention_out: OutputWeights<B>,
-    intermediate_weight: Tensor<B, 2>,
+    intermediate_weight: LinearWeight<B>,
     intermediate_bias: Tensor<B, 1>,
     output: OutputWeights<B>,
 }
 
 #[derive(Debug, Clone)]
 struct OutputWeights<B: EncoderBackend> {
-    weight: Tensor<B, 2>,
+    weight: LinearWeight<B>,
     bias: Tensor<B, 1>,
     gamma: Tensor<B, 1>,
     beta: Tensor<B, 1>,
@@ -143,14 +187,37 @@ fn norm_parts<B: EncoderBackend>(norm: &LayerNorm<B>) -> (Tensor<B, 1>, Tensor<B
 }
 
 impl<B: EncoderBackend> OutputWeights<B> {
-    fn from_module(output: &BertOutput<B>) -> Self {
+    fn from_module(
+        output: &BertOutput<B>,
+        precision: Precision,
+        name: &str,
+    ) -> Result<Self, ModelError> {
         let (weight, bias) = linear_parts(&output.dense);
         let (gamma, beta) = norm_parts(&output.layer_norm);
-        Self {
-            weight,
+        Ok(Self {
+            weight: LinearWeight::new(weight, precision, name)?,
             bias,
             gamma,
             beta,
+        })
+    }
+
+    /// `layer_norm(x @ W + bias + residual)`.
+    fn apply(&self, x: Tensor<B, 2>, residual: Tensor<B, 2>, epsilon: f64) -> Tensor<B, 2> {
+        let (bias, gamma, beta) = (self.bias.clone(), self.gamma.clone(), self.beta.clone());
+        match &self.weight {
+            LinearWeight::Fp32(weight) => B::fused_linear_residual_norm(
+                x,
+                weight.clone(),
+                bias,
+                residual,
+                gamma,
+                beta,
+                epsilon,
+            ),
+            LinearWeight::Int8(weight) => {
+                B::quantized_linear_residual_norm(x, weight, bias, residual, gamma, beta, epsilon)
+            }
         }
     }
 }
@@ -164,6 +231,7 @@ pub struct Encoder<B: EncoderBackend> {
     token_type_embedding: Tensor<B, 1>,
     embedding_norm: (Tensor<B, 1>, Tensor<B, 1>),
     layers: Vec<LayerWeights<B>>,
+    precision: Precision,
     device: B::Device,
 }
 
@@ -198,40 +266,76 @@ impl PaddedBatch {
 }
 
 impl<B: EncoderBackend> Encoder<B> {
+    /// The fp32 encoder.
     pub fn from_model(config: &BertConfig, model: &BertModel<B>, device: &B::Device) -> Self {
+        Self::from_model_with_precision(config, model, device, Precision::Fp32)
+            .unwrap_or_else(|_| unreachable!("fp32 keeps the weights as they are"))
+    }
+
+    /// The encoder with its linear layers in `precision`; int8 quantises every projection
+    /// here, once.
+    pub fn from_model_with_precision(
+        config: &BertConfig,
+        model: &BertModel<B>,
+        device: &B::Device,
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
         let embeddings = &model.embeddings;
         let layers = model
             .encoder
             .layer
             .iter()
-            .map(|layer| {
+            .enumerate()
+            .map(|(index, layer)| {
                 let attention = &layer.attention.self_attention;
                 let (wq, bq) = linear_parts(&attention.query);
                 let (wk, bk) = linear_parts(&attention.key);
                 let (wv, bv) = linear_parts(&attention.value);
                 let (intermediate_weight, intermediate_bias) =
                     linear_parts(&layer.intermediate.dense);
-                LayerWeights {
-                    qkv_weight: Tensor::cat(vec![wq, wk, wv], 1),
+                let name = |part: &str| format!("encoder.layer.{index}.{part}");
+                Ok(LayerWeights {
+                    qkv_weight: LinearWeight::new(
+                        Tensor::cat(vec![wq, wk, wv], 1),
+                        precision,
+                        &name("attention.self.qkv"),
+                    )?,
                     qkv_bias: Tensor::cat(vec![bq, bk, bv], 0),
-                    attention_out: OutputWeights::from_module(&layer.attention.output),
-                    intermediate_weight,
+                    attention_out: OutputWeights::from_module(
+                        &layer.attention.output,
+                        precision,
+                        &name("attention.output.dense"),
+                    )?,
+                    intermediate_weight: LinearWeight::new(
+                        intermediate_weight,
+                        precision,
+                        &name("intermediate.dense"),
+                    )?,
                     intermediate_bias,
-                    output: OutputWeights::from_module(&layer.output),
-                }
+                    output: OutputWeights::from_module(
+                        &layer.output,
+                        precision,
+                        &name("output.dense"),
+                    )?,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, ModelError>>()?;
         let token_types = embeddings.token_type_embeddings.weight.val();
         let hidden = config.hidden_size;
-        Self {
+        Ok(Self {
             config: config.clone(),
             word_embeddings: embeddings.word_embeddings.weight.val(),
             position_embeddings: embeddings.position_embeddings.weight.val(),
             token_type_embedding: token_types.slice([0..1, 0..hidden]).reshape([hidden]),
             embedding_norm: norm_parts(&embeddings.layer_norm),
             layers,
+            precision,
             device: device.clone(),
-        }
+        })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn config(&self) -> &BertConfig {
@@ -273,44 +377,22 @@ impl<B: EncoderBackend> Encoder<B> {
         let mut x = generic::layer_norm(words + positions, gamma, beta, epsilon);
 
         for layer in &self.layers {
-            let qkv = B::fused_linear(
-                x.clone(),
-                layer.qkv_weight.clone(),
-                layer.qkv_bias.clone(),
-                Activation::None,
-            );
+            let qkv = layer
+                .qkv_weight
+                .linear(x.clone(), layer.qkv_bias.clone(), Activation::None);
             let context = B::fused_self_attention(
                 qkv.reshape([rows, seq, 3 * hidden]),
                 &batch.lengths,
                 heads,
             )
             .reshape([rows * seq, hidden]);
-            let out = &layer.attention_out;
-            x = B::fused_linear_residual_norm(
-                context,
-                out.weight.clone(),
-                out.bias.clone(),
-                x,
-                out.gamma.clone(),
-                out.beta.clone(),
-                epsilon,
-            );
-            let intermediate = B::fused_linear(
+            x = layer.attention_out.apply(context, x, epsilon);
+            let intermediate = layer.intermediate_weight.linear(
                 x.clone(),
-                layer.intermediate_weight.clone(),
                 layer.intermediate_bias.clone(),
                 Activation::Gelu,
             );
-            let out = &layer.output;
-            x = B::fused_linear_residual_norm(
-                intermediate,
-                out.weight.clone(),
-                out.bias.clone(),
-                x,
-                out.gamma.clone(),
-                out.beta.clone(),
-                epsilon,
-            );
+            x = layer.output.apply(intermediate, x, epsilon);
         }
         x
     }

@@ -8,6 +8,7 @@ use crate::bert::{Encoder, PaddedBatch};
 use crate::config::BertConfig;
 use crate::error::ModelError;
 use crate::kernels::EncoderBackend;
+use crate::precision::Precision;
 use crate::tokenizer::SentenceTokenizer;
 use crate::weights;
 
@@ -25,8 +26,18 @@ pub struct Embedder<B: EncoderBackend> {
 }
 
 impl<B: EncoderBackend> Embedder<B> {
-    /// Loads `config.json`, `tokenizer.json` and `model.safetensors` from `dir`.
+    /// Loads `config.json`, `tokenizer.json` and `model.safetensors` from `dir`, in fp32.
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self, ModelError> {
+        Self::load_with_precision(dir, device, Precision::Fp32)
+    }
+
+    /// Loads the model from `dir` with its linear layers in `precision` (int8 weights are
+    /// quantised from the fp32 file here, at load).
+    pub fn load_with_precision(
+        dir: &Path,
+        device: &B::Device,
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
         if !dir.is_dir() {
             return Err(ModelError::ModelDirMissing {
                 path: dir.to_owned(),
@@ -36,8 +47,12 @@ impl<B: EncoderBackend> Embedder<B> {
         let tokenizer =
             SentenceTokenizer::from_file(&dir.join("tokenizer.json"), config.max_seq_length)?;
         let model = weights::load_bert::<B>(&config, &dir.join("model.safetensors"), device)?;
-        let encoder = Encoder::from_model(&config, &model, device);
+        let encoder = Encoder::from_model_with_precision(&config, &model, device, precision)?;
         Ok(Self { tokenizer, encoder })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.encoder.precision()
     }
 
     pub fn config(&self) -> &BertConfig {

@@ -69,6 +69,9 @@ pub enum ModelError {
         vocab_size: usize,
     },
 
+    #[error("precision {precision} applies to encoders (safetensors); {path} is a gguf decoder, which keeps the quantisation of its file: register it without a precision, or with fp32")]
+    PrecisionNotForDecoder { precision: String, path: PathBuf },
+
     #[error("the compute backend failed on a batch: {reason}")]
     Backend { reason: String },
 }

@@ -16,6 +16,7 @@
 //! - [`llama`]: the Llama decoder (SmolLM2) from GGUF, in plain burn ops.
 //! - [`quant`]: ggml's tensor types and their dequantisation.
 //! - [`bench`]: the engine benchmark workload.
+//! - [`precision`]: fp32 or int8 linear layers.
 //! - [`priority`]: compute threads yield the CPU to the node's control work.
 
 pub mod artifact;
@@ -33,6 +34,7 @@ pub mod generate;
 pub mod gguf;
 pub mod kernels;
 pub mod llama;
+pub mod precision;
 pub mod priority;
 pub mod quant;
 pub mod tokenizer;
@@ -47,6 +49,7 @@ pub use embedder::{
 };
 pub use error::{FetchError, ModelError};
 pub use kernels::EncoderBackend;
+pub use precision::{Precision, UnknownPrecision};
 pub use tokenizer::SentenceTokenizer;
 
 #[cfg(test)]

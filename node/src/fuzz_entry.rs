@@ -48,6 +48,7 @@ pub fn proto(data: &[u8]) {
                     size_bytes: request.size_bytes,
                     format: request.format,
                     source: None,
+                    precision: (!request.precision.is_empty()).then_some(request.precision),
                 });
             }
         }

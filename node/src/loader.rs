@@ -5,55 +5,71 @@ use std::path::Path;
 use std::sync::Arc;
 
 use troupe_actors::ModelLoader;
-use troupe_models::{Decoder, Embedder, LoadedModel, ModelError, ModelFormat};
+use troupe_models::{Decoder, Embedder, LoadedModel, ModelError, ModelFormat, Precision};
 
 /// Decoders run on the CPU with their weights quantised (troupe_models::decoder), whatever
-/// the device: the fused kernels are CPU code.
-fn load_decoder(dir: &Path) -> Result<LoadedModel, ModelError> {
+/// the device: the fused kernels are CPU code. They keep their file's quantisation: a version
+/// that asks for int8 is refused (the node-wide `serving.precision` applies to encoders only).
+fn load_decoder(dir: &Path, precision: Option<Precision>) -> Result<LoadedModel, ModelError> {
+    if precision == Some(Precision::Int8) {
+        return Err(ModelError::PrecisionNotForDecoder {
+            precision: Precision::Int8.name().to_owned(),
+            path: dir.to_owned(),
+        });
+    }
     Ok(LoadedModel::Decoder(Arc::new(Decoder::load(dir)?)))
 }
 
-/// The CPU backend (burn Flex with troupe's fused kernels).
-pub struct CpuLoader;
+/// The CPU backend (burn Flex with troupe's fused kernels); encoders in the version's
+/// precision, else in `precision` (`serving.precision`).
+pub struct CpuLoader {
+    pub precision: Precision,
+}
 
 impl ModelLoader for CpuLoader {
-    fn load(&self, dir: &Path) -> Result<LoadedModel, ModelError> {
+    fn load(&self, dir: &Path, precision: Option<Precision>) -> Result<LoadedModel, ModelError> {
         if ModelFormat::of_dir(dir) == ModelFormat::Gguf {
-            return load_decoder(dir);
+            return load_decoder(dir, precision);
         }
         let device = troupe_models::cpu_device();
         Ok(LoadedModel::Encoder(Arc::new(Embedder::<
             troupe_models::CpuBackend,
-        >::load(
-            dir, &device
+        >::load_with_precision(
+            dir,
+            &device,
+            precision.unwrap_or(self.precision),
         )?)))
     }
 }
 
-/// NVIDIA GPUs through burn-cuda.
+/// NVIDIA GPUs through burn-cuda (int8 linear layers run on the host CPU).
 #[cfg(feature = "cuda")]
-pub struct CudaLoader;
+pub struct CudaLoader {
+    pub precision: Precision,
+}
 
 #[cfg(feature = "cuda")]
 impl ModelLoader for CudaLoader {
-    fn load(&self, dir: &Path) -> Result<LoadedModel, ModelError> {
+    fn load(&self, dir: &Path, precision: Option<Precision>) -> Result<LoadedModel, ModelError> {
         if ModelFormat::of_dir(dir) == ModelFormat::Gguf {
-            return load_decoder(dir);
+            return load_decoder(dir, precision);
         }
         let device = troupe_models::backend::CudaDevice::default();
         Ok(LoadedModel::Encoder(Arc::new(Embedder::<
             troupe_models::backend::CudaBackend,
-        >::load(
-            dir, &device
+        >::load_with_precision(
+            dir,
+            &device,
+            precision.unwrap_or(self.precision),
         )?)))
     }
 }
 
-/// The loader for `serving.device` (validated by the config).
-pub fn for_device(device: &str) -> Arc<dyn ModelLoader> {
+/// The loader for `serving.device` and `serving.precision` (validated by the config).
+pub fn for_device(device: &str, precision: Precision) -> Arc<dyn ModelLoader> {
     match device {
         #[cfg(feature = "cuda")]
-        "cuda" => Arc::new(CudaLoader),
-        _ => Arc::new(CpuLoader),
+        "cuda" => Arc::new(CudaLoader { precision }),
+        _ => Arc::new(CpuLoader { precision }),
     }
 }

@@ -186,7 +186,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         node_id: config.id,
         config: config.serving_config(),
         metadata: metadata.clone(),
-        loader: crate::loader::for_device(&config.serving.device),
+        loader: crate::loader::for_device(
+            &config.serving.device,
+            troupe_models::Precision::from_name(&config.serving.precision).unwrap_or_default(),
+        ),
         fetcher: Arc::new(crate::pull::PeerPuller {
             node_id: config.id,
             metadata: metadata.clone(),

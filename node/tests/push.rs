@@ -30,6 +30,7 @@ async fn raw_push(
         files: troupe::server::push::manifest_entries(&manifest),
         format: String::new(),
         request_id: String::new(),
+        precision: String::new(),
     };
     let messages = std::iter::once(PushModelChunk {
         part: Some(Part::Header(header)),

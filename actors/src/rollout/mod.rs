@@ -303,6 +303,7 @@ mod tests {
             size_bytes: 1,
             format: "safetensors".into(),
             source: None,
+            precision: None,
             state: ModelState::Wanted,
             traffic_weight: 100,
             revisions: KeyRevisions {

@@ -24,7 +24,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::watch;
 use troupe_consensus::Metadata;
 use troupe_models::artifact::ArtifactStore;
-use troupe_models::{LoadedModel, ModelError};
+use troupe_models::{LoadedModel, ModelError, Precision};
 
 pub use messages::SupervisorMsg;
 
@@ -42,7 +42,8 @@ use crate::table::{LocalState, ModelKey, ServingTable};
 /// Loads a model directory onto the node's compute backend. The node provides it, so this
 /// crate does not depend on a backend.
 pub trait ModelLoader: Send + Sync + 'static {
-    fn load(&self, dir: &Path) -> Result<LoadedModel, ModelError>;
+    /// `precision` is the version's own (`None`: the loader's default, `serving.precision`).
+    fn load(&self, dir: &Path, precision: Option<Precision>) -> Result<LoadedModel, ModelError>;
 }
 
 /// Gets a version's files from a peer into the node's artifact store (the node provides it;

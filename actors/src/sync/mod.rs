@@ -23,7 +23,7 @@ use troupe_consensus::metadata::{
 use troupe_consensus::{Metadata, ReadConsistency, WatchEvent};
 use troupe_models::artifact::ArtifactStore;
 use troupe_models::generate::SamplingParams;
-use troupe_models::LoadedModel;
+use troupe_models::{LoadedModel, Precision};
 
 pub use messages::SyncMsg;
 
@@ -159,8 +159,14 @@ fn load_and_warm(
     loader: &dyn ModelLoader,
     dir: &Path,
     max_batch_size: usize,
+    precision: Option<&str>,
 ) -> Result<LoadedModel, String> {
-    let loaded = loader.load(dir).map_err(|e| e.to_string())?;
+    // Checked when the version was registered; a record from elsewhere still fails cleanly.
+    let precision = precision
+        .map(Precision::from_name)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let loaded = loader.load(dir, precision).map_err(|e| e.to_string())?;
     let model = match &loaded {
         LoadedModel::Encoder(model) => model,
         LoadedModel::Decoder(decoder) => {
@@ -225,7 +231,12 @@ impl SyncState {
             tokio::spawn(async move {
                 let result = match artifact_dir(&store, fetcher.as_ref(), &record).await {
                     Ok(dir) => tokio::task::spawn_blocking(move || {
-                        load_and_warm(loader.as_ref(), &dir, max_batch_size)
+                        load_and_warm(
+                            loader.as_ref(),
+                            &dir,
+                            max_batch_size,
+                            record.precision.as_deref(),
+                        )
                     })
                     .await
                     .unwrap_or_else(|e| Err(format!("the load task failed: {e}"))),

@@ -73,6 +73,11 @@ pub enum Command {
         /// Nodes without a verified copy import it from there; the digest still decides.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source: Option<String>,
+        /// Arithmetic of an encoder's linear layers, `fp32` or `int8`; absent (entries from
+        /// before precisions existed, or not given) means the serving node's
+        /// `serving.precision`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        precision: Option<String>,
     },
     SetModelState {
         name: String,

@@ -37,6 +37,9 @@ pub struct ModelVersionRecord {
     /// Directory the version was registered from, if it was (see `Command::RegisterModelVersion`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// `fp32` or `int8` (see `Command::RegisterModelVersion`); absent: the node's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
     pub state: ModelState,
     pub traffic_weight: u32,
     pub revisions: KeyRevisions,
@@ -111,6 +114,33 @@ fn check_reason(reason: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// The precisions a model version may ask for.
+pub const PRECISIONS: [&str; 2] = ["fp32", "int8"];
+
+/// A version's precision must be one troupe runs, and int8 only for an encoder.
+fn check_precision(format: &str, precision: Option<&str>) -> Result<(), Rejection> {
+    let Some(precision) = precision else {
+        return Ok(());
+    };
+    if !PRECISIONS.contains(&precision) {
+        let shown: String = precision.chars().take(32).collect();
+        return Err(Rejection::Invalid {
+            field: "precision".into(),
+            reason: format!(
+                "{shown:?} is not a precision: use one of {}",
+                PRECISIONS.join(", ")
+            ),
+        });
+    }
+    if precision == "int8" && format.eq_ignore_ascii_case("gguf") {
+        return Err(Rejection::Invalid {
+            field: "precision".into(),
+            reason: "int8 applies to encoders (safetensors); a gguf decoder keeps the quantisation of its file: register it without a precision, or with fp32".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Whether `command` is well formed. The state machine applies only commands that pass, and
 /// the facade checks before proposing, so an invalid command never reaches the log.
 pub fn check_command(command: &Command) -> Result<(), Rejection> {
@@ -120,11 +150,13 @@ pub fn check_command(command: &Command) -> Result<(), Rejection> {
             version,
             digest,
             format,
+            precision,
             ..
         } => {
             check_name("model name", name)?;
             check_name("version", version)?;
             check_name("format", format)?;
+            check_precision(format, precision.as_deref())?;
             let hex =
                 digest.len() == 64 && digest.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f'));
             if !hex {
@@ -289,12 +321,14 @@ impl MetadataState {
                 size_bytes,
                 format,
                 source,
+                precision,
             } => {
                 let versions = self.models.entry(name.clone()).or_default();
                 if let Some(existing) = versions.get(version) {
                     if existing.digest == *digest
                         && existing.size_bytes == *size_bytes
                         && existing.format == *format
+                        && existing.precision == *precision
                     {
                         return Outcome::Unchanged { revision };
                     }
@@ -313,6 +347,7 @@ impl MetadataState {
                         size_bytes: *size_bytes,
                         format: format.clone(),
                         source: source.clone(),
+                        precision: precision.clone(),
                         state: ModelState::Loading,
                         traffic_weight: 100,
                         revisions: KeyRevisions {

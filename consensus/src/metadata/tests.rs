@@ -13,6 +13,7 @@ fn register(version: &str, digest: &str) -> Proposal {
         size_bytes: 10,
         format: "safetensors".into(),
         source: None,
+        precision: None,
     })
 }
 
@@ -249,4 +250,64 @@ fn readiness_reports_are_status_they_keep_the_versions_mod_revision() {
             reason: Rejection::Invalid { .. }
         }
     ));
+}
+
+fn register_with(format: &str, precision: Option<&str>) -> Command {
+    Command::RegisterModelVersion {
+        name: "minilm".into(),
+        version: "1".into(),
+        digest: DIGEST_A.into(),
+        size_bytes: 10,
+        format: format.into(),
+        source: None,
+        precision: precision.map(str::to_owned),
+    }
+}
+
+#[test]
+fn a_version_precision_is_fp32_or_int8_and_int8_only_for_an_encoder() {
+    for precision in [None, Some("fp32"), Some("int8")] {
+        assert_eq!(
+            state::check_command(&register_with("safetensors", precision)),
+            Ok(())
+        );
+    }
+    assert_eq!(
+        state::check_command(&register_with("gguf", Some("fp32"))),
+        Ok(())
+    );
+    match state::check_command(&register_with("safetensors", Some("int4"))) {
+        Err(Rejection::Invalid { field, reason }) => {
+            assert_eq!(field, "precision");
+            assert!(
+                reason.contains("int4") && reason.contains("fp32, int8"),
+                "{reason}"
+            );
+        }
+        other => panic!("int4 accepted: {other:?}"),
+    }
+    match state::check_command(&register_with("gguf", Some("int8"))) {
+        Err(Rejection::Invalid { field, reason }) => {
+            assert_eq!(field, "precision");
+            assert!(reason.contains("gguf"), "{reason}");
+        }
+        other => panic!("int8 gguf accepted: {other:?}"),
+    }
+}
+
+#[test]
+fn entries_from_before_precisions_still_decode_and_encode_the_same() {
+    let old = r#"{"kind":"register_model_version","name":"minilm","version":"1","digest":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","size_bytes":10,"format":"safetensors"}"#;
+    let command: Command = serde_json::from_str(old).unwrap();
+    assert_eq!(command, register_with("safetensors", None));
+    assert_eq!(serde_json::to_string(&command).unwrap(), old);
+    let mut state = MetadataState::default();
+    state.apply(
+        1,
+        &Proposal::new(register_with("safetensors", Some("int8"))),
+    );
+    assert_eq!(
+        state.models["minilm"]["1"].precision.as_deref(),
+        Some("int8")
+    );
 }

@@ -10,6 +10,7 @@ use burn_flex::{Flex, FlexTensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use super::int8::{self, QuantizedWeight};
 use super::math::{self, dispatch_simd};
 use super::Activation;
 
@@ -299,6 +300,44 @@ pub fn linear_residual_layer_norm(
             residual_layer_norm_rows_simd(chunk, residual_chunk, bias, gamma, beta, epsilon as f32)
         });
     into_tensor(out, [rows, n])
+}
+
+/// [`linear`] with an int8 weight ([`super::int8`]).
+pub fn quantized_linear(
+    x: Tensor<Flex, 2>,
+    weight: &QuantizedWeight,
+    bias: Tensor<Flex, 1>,
+    activation: Activation,
+) -> Tensor<Flex, 2> {
+    let [rows, _] = x.dims();
+    let (x, bias) = (Dense::new(x), Dense::new(bias));
+    let out = int8::linear(x.slice(), weight, bias.slice(), activation);
+    into_tensor(out, [rows, weight.outer()])
+}
+
+/// [`linear_residual_layer_norm`] with an int8 weight ([`super::int8`]).
+pub fn quantized_linear_residual_norm(
+    x: Tensor<Flex, 2>,
+    weight: &QuantizedWeight,
+    bias: Tensor<Flex, 1>,
+    residual: Tensor<Flex, 2>,
+    gamma: Tensor<Flex, 1>,
+    beta: Tensor<Flex, 1>,
+    epsilon: f64,
+) -> Tensor<Flex, 2> {
+    let [rows, _] = x.dims();
+    let (x, bias, residual) = (Dense::new(x), Dense::new(bias), Dense::new(residual));
+    let (gamma, beta) = (Dense::new(gamma), Dense::new(beta));
+    let out = int8::linear_residual_layer_norm(
+        x.slice(),
+        weight,
+        bias.slice(),
+        residual.slice(),
+        gamma.slice(),
+        beta.slice(),
+        epsilon,
+    );
+    into_tensor(out, [rows, weight.outer()])
 }
 
 /// Output pointer shared by the attention tasks; each writes a disjoint block of it.

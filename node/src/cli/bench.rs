@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use troupe_models::bench::{bench_engine, bench_gemm, EngineResult, GemmResult};
-use troupe_models::{Embedder, EncoderBackend};
+use troupe_models::{Embedder, EncoderBackend, Precision};
 
 use super::{init_threads, with_backend, DeviceKind, ModelSource};
 use crate::error::CliError;
@@ -48,6 +48,10 @@ pub struct EngineArgs {
     /// Compute device.
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
+    /// Linear layers in fp32, or int8 (weights per channel, activations per token, integer
+    /// GEMM with VNNI/AVX2 kernels): fp32 or int8.
+    #[arg(long, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
     /// Print one JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -56,6 +60,7 @@ pub struct EngineArgs {
 #[derive(Serialize)]
 struct Report {
     device: String,
+    precision: Precision,
     threads: usize,
     engine: Vec<EngineResult>,
     gemm: GemmResult,
@@ -91,13 +96,21 @@ fn engine_on<B: EncoderBackend>(
     dir: &std::path::Path,
     device: &B::Device,
 ) -> Result<(), CliError> {
-    let embedder = Embedder::<B>::load(dir, device)?;
+    let embedder = Embedder::<B>::load_with_precision(dir, device, args.precision)?;
     let min_time = Duration::from_secs_f64(args.min_time);
     let threads = rayon::current_num_threads();
     if !args.json {
+        let kernel = match args.precision {
+            Precision::Fp32 => String::new(),
+            Precision::Int8 => format!(
+                " int8-kernel={}",
+                troupe_models::kernels::int8_tiles::Int8Kernel::best().name()
+            ),
+        };
         println!(
-            "device={} (cpu: burn flex with troupe's fused kernels) threads={threads} model={}",
+            "device={} (cpu: burn flex with troupe's fused kernels) precision={}{kernel} threads={threads} model={}",
             format!("{:?}", args.device).to_lowercase(),
+            args.precision,
             dir.display()
         );
     }
@@ -119,6 +132,7 @@ fn engine_on<B: EncoderBackend>(
     let gemm = bench_gemm::<B>(device, (4096, hidden, 4 * hidden), min_time);
     let report = Report {
         device: format!("{:?}", args.device).to_lowercase(),
+        precision: args.precision,
         threads,
         engine,
         gflop_per_128_token_sentence: embedder.config().forward_flops(128) / 1e9,

@@ -5,7 +5,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use troupe_models::{Embedder, DEFAULT_BATCH_SIZE};
+use troupe_models::{Embedder, Precision, DEFAULT_BATCH_SIZE};
 
 use std::time::Duration;
 
@@ -48,6 +48,10 @@ pub struct EmbedArgs {
     /// Compute device.
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
+    /// Local embedding: linear layers in fp32, or int8 (cosine ≥ 0.999 against fp32):
+    /// fp32 or int8. With --addr the node's setting for the version applies.
+    #[arg(long, default_value_t = Precision::Fp32, conflicts_with = "addr")]
+    pub precision: Precision,
     /// Texts to embed (when no --input is given).
     pub texts: Vec<String>,
 }
@@ -104,7 +108,8 @@ pub fn run(args: EmbedArgs) -> Result<(), CliError> {
             args.device.check_available()?;
             let dir = args.source.resolve()?;
             with_backend!(args.device, |Backend, device| {
-                Embedder::<Backend>::load(&dir, &device)?.embed(&texts, args.batch_size)?
+                Embedder::<Backend>::load_with_precision(&dir, &device, args.precision)?
+                    .embed(&texts, args.batch_size)?
             })
         }
     };

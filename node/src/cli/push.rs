@@ -87,6 +87,7 @@ pub async fn push(args: PushArgs) -> Result<(), CliError> {
         files: crate::server::push::manifest_entries(&manifest),
         format: args.format.clone().unwrap_or_default(),
         request_id: String::new(),
+        precision: args.precision.clone().unwrap_or_default(),
     };
     let bar = progress(manifest.total_bytes(), args.quiet);
     let (sender, receiver) = tokio::sync::mpsc::channel::<PushModelChunk>(4);

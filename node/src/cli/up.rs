@@ -525,6 +525,7 @@ async fn deploy_model(addr: &str, name: &str, dir: &Path) -> Result<String, CliE
                 name: name.to_owned(),
                 version: None,
                 format: None,
+                precision: None,
                 addr: addr.to_owned(),
                 quiet: false,
                 json: false,

@@ -142,6 +142,7 @@ fn model_entries(state: &MetadataState) -> Vec<ModelVersionEntry> {
                 digest: record.digest.clone(),
                 size_bytes: record.size_bytes,
                 format: record.format.clone(),
+                precision: record.precision.clone().unwrap_or_default(),
                 state: record.state.as_str().to_owned(),
                 traffic_weight: record.traffic_weight,
                 create_revision: record.revisions.create_revision,
@@ -446,6 +447,7 @@ impl Admin for AdminService {
             size_bytes: request.size_bytes,
             format: request.format,
             source: (!request.source_dir.is_empty()).then_some(request.source_dir),
+            precision: (!request.precision.is_empty()).then_some(request.precision),
         };
         self.write(command, request.expected_revision, request.request_id)
             .await

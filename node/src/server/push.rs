@@ -113,6 +113,7 @@ pub async fn receive(
             header.format.clone()
         },
         source: None,
+        precision: (!header.precision.is_empty()).then(|| header.precision.clone()),
     };
     troupe_consensus::metadata::state::check_command(&command)
         .map_err(|reason| super::status::status(&reason))?;

@@ -340,6 +340,7 @@ impl Session {
                         name,
                         version,
                         format: None,
+                        precision: None,
                         addr,
                         quiet: json,
                         json,
