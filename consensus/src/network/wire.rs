@@ -225,6 +225,7 @@ pub fn proposal_to(proposal: &Proposal) -> pb::Proposal {
             size_bytes,
             format,
             source,
+            precision,
         } => C::RegisterModelVersion(pb::RegisterModelVersionCommand {
             name: name.clone(),
             version: version.clone(),
@@ -232,6 +233,7 @@ pub fn proposal_to(proposal: &Proposal) -> pb::Proposal {
             size_bytes: *size_bytes,
             format: format.clone(),
             source: source.clone(),
+            precision: precision.clone(),
         }),
         Command::SetModelState {
             name,
@@ -289,6 +291,7 @@ pub fn proposal_from(proposal: pb::Proposal) -> Result<Proposal, Malformed> {
             size_bytes: c.size_bytes,
             format: c.format,
             source: c.source,
+            precision: c.precision,
         },
         C::SetModelState(c) => Command::SetModelState {
             name: c.name,
@@ -692,6 +695,7 @@ mod tests {
                 size_bytes: 90_000_000,
                 format: "safetensors".into(),
                 source: Some("/models/minilm".into()),
+                precision: Some("int8".into()),
             },
             Command::SetModelState {
                 name: "minilm".into(),
