@@ -57,6 +57,10 @@ def ratio_cell(ratios):
     return f"{m:.2f}x", spread
 
 
+def plural(n, word):
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def div(a, b):
     return a / b if a is not None and b else None
 
@@ -91,7 +95,7 @@ class Summary:
             return None
 
         keys = sorted({(p["tokens"], p["batch"]) for d in docs for p in d["sides"].get("troupe", [])})
-        lines = [f"### Engine against numpy and ONNX Runtime fp32 (`scripts/bench-engine.sh`, {len(docs)} runs)", "",
+        lines = [f"### Engine against numpy and ONNX Runtime fp32 (`scripts/bench-engine.sh`, {plural(len(docs), 'run')})", "",
                  f"Sentences/s end to end, {docs[0]['threads']} threads, at least {docs[0]['min_time_s']} s per point; "
                  "medians over the runs, each ratio taken within a run.", ""]
         header = "| tokens | batch | troupe | numpy | ONNX Runtime | troupe / numpy | troupe / ORT | spread of troupe / ORT |"
@@ -158,7 +162,7 @@ class Summary:
         def tp(doc, c):
             return next((p for p in doc["points"] if p["concurrency"] == c), None)
 
-        lines = [f"### Serving against Ray Serve (`scripts/bench-serve.sh`, {len(dirs)} runs)", "",
+        lines = [f"### Serving against Ray Serve (`scripts/bench-serve.sh`, {plural(len(dirs), 'run')})", "",
                  f"One node, 16-token sentences, closed loop, {troupe[0]['seconds']:.0f} s per point; Ray Serve "
                  "(`@serve.batch` max 32 / 5 ms, ONNX Runtime fp32) right after, in the same run. Medians over the runs.", "",
                  "| clients | troupe req/s | p50 / p99 ms | mean batch | Ray Serve req/s | p50 / p99 ms | Ray mean batch | troupe / Ray | spread |",
@@ -191,8 +195,11 @@ class Summary:
                   f"{', '.join(num(e) for e in effs)} | {num(med(ray_eff))}; {', '.join(num(e) for e in ray_eff)} (raw ORT batch 32) |"]
         hist = load(os.path.join(dirs[-1], "batch-size.json"))
         if hist and hist.get("batches"):
-            buckets = ", ".join(f"{'≤' + str(b['up_to']) if b['up_to'] else '>' + str(b['above'])}: {b['batches']}"
-                                for b in hist["buckets"] if b["batches"])
+            def span(b):
+                if b["up_to"] is None:
+                    return f"over {b['above']}"
+                return str(b["up_to"]) if b["up_to"] == b["above"] + 1 else f"{b['above'] + 1}-{b['up_to']}"
+            buckets = ", ".join(f"{span(b)}: {b['batches']}" for b in hist["buckets"] if b["batches"])
             lines += ["", f"Node batch sizes over run {len(dirs)} (all client counts; /metrics buckets, batches): "
                           f"{buckets}; mean {hist['texts'] / hist['batches']:.1f} texts per batch."]
         self.sections.append("\n".join(lines))
@@ -212,7 +219,7 @@ class Summary:
 
         clients = sorted({p["clients"] for d in docs for s in d["stores"] for p in s["put"]})
         have_etcd = any(store(d, "etcd") for d in docs)
-        lines = [f"### Metadata store against etcd (`scripts/bench-raft.sh`, {len(docs)} runs)", "",
+        lines = [f"### Metadata store against etcd (`scripts/bench-raft.sh`, {plural(len(docs), 'run')})", "",
                  f"3 members each on 127.0.0.1, 256-byte puts, {docs[0]['seconds']:.0f} s per point, one Rust load "
                  "generator for both; each store at its defaults; a fresh pair of clusters per run. Medians over the runs.", "",
                  "| test | troupe | etcd | troupe / etcd | spread |", "|---|---:|---:|---:|---|"]
@@ -266,7 +273,7 @@ class Summary:
         self.headline.append(("rollout (no peer)", f"{doc['model_mb']:.0f} MB model, activate until active on 3 nodes: s",
                               num(med(s)), "goal ≤ 5", "-", f"{num(min(s))}-{num(max(s))} s ({len(s)} rollouts)"))
         self.sections.append("\n".join([
-            f"### Rollout (`scripts/bench-cluster.sh`, {len(s)} fresh 3-node clusters)", "",
+            f"### Rollout (`scripts/bench-cluster.sh`, {plural(len(s), 'fresh 3-node cluster')})", "",
             f"all-MiniLM-L6-v2 ({doc['model_mb']:.0f} MB) pushed to node 1, then `models activate --wait` until it "
             f"is active on all 3: {', '.join(num(v) for v in s)} s (median {num(med(s))} s; goal ≤ 5 s)."]))
 
@@ -276,7 +283,7 @@ class Summary:
         if not one or not three:
             return
         rounds = list(zip(one.get("rounds") or [one], three.get("rounds") or [three]))
-        lines = [f"### Scale-out 1 → 3 nodes through one node (`scripts/bench-cluster.sh`, {len(rounds)} rounds in one run)", "",
+        lines = [f"### Scale-out 1 → 3 nodes through one node (`scripts/bench-cluster.sh`, {plural(len(rounds), 'round')} in one run)", "",
                  "All three nodes share the same 2 cores, so 1.0x is the ceiling here. Round i of one node is "
                  "paired with round i of three nodes.", "",
                  "| clients | 1 node req/s | p50 / p99 ms | 3 nodes req/s | p50 / p99 ms | 3 nodes / 1 node | spread |",
@@ -310,7 +317,7 @@ class Summary:
             doc = load(os.path.join(d, f"serve-tls{mode}-{pair}.json"))
             return doc and doc["points"][0][key]
 
-        lines = [f"### What TLS costs (`scripts/bench-tls.sh`, {len(pairs)} alternating pairs)", "",
+        lines = [f"### What TLS costs (`scripts/bench-tls.sh`, {plural(len(pairs), 'alternating pair')})", "",
                  "The same workloads in plaintext and with mTLS, alternating; each ratio is TLS / plaintext within a pair.", "",
                  "| test | plaintext | mTLS | mTLS / plaintext | spread |", "|---|---:|---:|---:|---|"]
         for label, get, headline in [
@@ -335,7 +342,7 @@ class Summary:
         eng = load(os.path.join(d, "engines.json"))
         lines = []
         if eng:
-            lines += [f"### Generation against llama.cpp (`scripts/bench-generate.sh`, {eng['rounds']} engine rounds)", "",
+            lines += [f"### Generation against llama.cpp (`scripts/bench-generate.sh`, {plural(eng['rounds'], 'engine round')})", "",
                       "SmolLM2-135M-Instruct, the same Q4_1 GGUF, 2 threads each; rounds alternate the two engines.", "",
                       "| test | troupe tokens/s | llama.cpp tokens/s | troupe / llama.cpp | spread |", "|---|---:|---:|---:|---|"]
             for test, who in eng["tests"].items():

@@ -63,7 +63,7 @@ export TROUPE3_BASE=280 TROUPE3_POINTER=$OUT/troupe3.current
 export ETCD3_BASE=2479 ETCD3_POINTER=$OUT/etcd3.current
 # Ray's run_all.sh: its own port; no retries or long waits for an idle machine, as troupe's
 # side gets none either.
-export PORT=28800 QUIET_WAIT=${QUIET_WAIT:-10} ATTEMPTS=${ATTEMPTS:-1} RAW_TIME=${RAW_TIME:-$((SECS < 8 ? SECS : 8))}
+export PORT=28800 QUIET_WAIT=${QUIET_WAIT:-0} ATTEMPTS=${ATTEMPTS:-1} RAW_TIME=${RAW_TIME:-$((SECS < 8 ? SECS : 8))}
 
 log() { echo "[bench $(date -u +%H:%M:%S)] $*" >&2; }
 

@@ -134,7 +134,8 @@ def serve(out, img, made):
                    series, img, "serve-latency.png", made, "requests")
     hist = load(os.path.join(dirs[-1], "batch-size.json")) if dirs else None
     if hist and hist.get("batches"):
-        buckets = [b for b in hist["buckets"] if b["up_to"] is not None or b["batches"]]
+        last = max(i for i, b in enumerate(hist["buckets"]) if b["batches"])
+        buckets = hist["buckets"][:last + 1]
         labels = [f"{b['above'] + 1}" if b["up_to"] == b["above"] + 1 else
                   (f"{b['above'] + 1}-{b['up_to']}" if b["up_to"] else f">{b['above']}") for b in buckets]
         labels[0] = "1" if buckets[0]["up_to"] == 1 else labels[0]
