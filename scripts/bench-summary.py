@@ -407,8 +407,24 @@ class Summary:
                 notes.append(f"- **{part}: {s['state']}** ({s['seconds']} s): {s['note']}")
         if notes:
             out += ["", "Not measured in this run, and why:", ""] + notes
-        ran = [f"{p} {self.status[p]['seconds'] // 60} min {self.status[p]['seconds'] % 60} s" for p in PARTS if self.status.get(p)]
-        out += ["", f"Time per part: {', '.join(ran)}."]
+        load = []
+        try:
+            load = [tuple(map(float, line.split())) for line in open(os.path.join(self.out, "load.txt")) if line.strip()]
+        except OSError:
+            pass
+        ran = []
+        for p in PARTS:
+            s = self.status.get(p)
+            if not s:
+                continue
+            cell = f"{p} {s['seconds'] // 60} min {s['seconds'] % 60} s"
+            during = [v for t, v in load if s.get("ended_epoch", 0) - s["seconds"] <= t <= s.get("ended_epoch", 0)]
+            if during:
+                cell += f" (load {statistics.mean(during):.1f}, max {max(during):.1f})"
+            ran.append(cell)
+        out += ["", f"Time per part: {', '.join(ran)}. Load: the machine's 1-minute load average during the part "
+                    "(sampled every 5 s); about 2 is this benchmark alone on 2 cores, more means other work was "
+                    "running and the absolute figures suffer."]
         for section in self.sections:
             out += ["", section]
         if plots:

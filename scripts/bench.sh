@@ -25,8 +25,9 @@
 #      few minutes), DOCS (1, or 0 with QUICK=1: write docs/benchmarks.md's generated section and
 #      docs/img/*.png; 0 writes OUT_DIR/summary.md and OUT_DIR/img only), PLOTS (1),
 #      ENGINE_MIN_TIME (2; QUICK 0.3), GEN_SECONDS (2 x SECONDS_PER_POINT),
-#      FAILOVER_ROUNDS (5; QUICK 2), TROUPE_HOME (~/.cache/troupe: the plots' venv lives there),
-#      PEERS (../shared/peers), TROUPE_BIN (a troupe binary to use instead of building this tree).
+#      FAILOVER_ROUNDS (5; QUICK 2), LLAMA_REPS (llama-bench repetitions: 3; QUICK 1), TROUPE_HOME (~/.cache/troupe: the plots' venv lives there),
+#      PEERS (../shared/peers), TROUPE_BIN (a troupe binary to use instead of building this tree),
+#      DEADLINE_MIN (none: parts not yet started after this many minutes are skipped, and say so).
 # Ports: 28000-28900 and 24791-24803, apart from the per-area scripts' defaults, so a run of
 # those elsewhere on the machine is not disturbed.
 set -uo pipefail
@@ -35,11 +36,11 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
   ROUNDS=${ROUNDS:-2}; SLOW_ROUNDS=1; SECS=${SECONDS_PER_POINT:-2}
-  ENGINE_MIN_TIME=${ENGINE_MIN_TIME:-0.3}; FAILOVER_ROUNDS=${FAILOVER_ROUNDS:-2}; LLAMA_REPS=1
+  ENGINE_MIN_TIME=${ENGINE_MIN_TIME:-0.3}; FAILOVER_ROUNDS=${FAILOVER_ROUNDS:-2}; LLAMA_REPS=${LLAMA_REPS:-1}
   DOCS=${DOCS:-0}
 else
   ROUNDS=${ROUNDS:-3}; SLOW_ROUNDS=$ROUNDS; SECS=${SECONDS_PER_POINT:-10}
-  ENGINE_MIN_TIME=${ENGINE_MIN_TIME:-2}; FAILOVER_ROUNDS=${FAILOVER_ROUNDS:-5}; LLAMA_REPS=5
+  ENGINE_MIN_TIME=${ENGINE_MIN_TIME:-2}; FAILOVER_ROUNDS=${FAILOVER_ROUNDS:-5}; LLAMA_REPS=${LLAMA_REPS:-3}
   DOCS=${DOCS:-1}
 fi
 GEN_SECONDS=${GEN_SECONDS:-$((SECS * 2))}
@@ -108,8 +109,9 @@ PY
 
 # status PART STATE SECONDS NOTE: one JSON file per part for the summary.
 status() {
-  python3 -c 'import json, sys; json.dump({"part": sys.argv[1], "state": sys.argv[2],
-    "seconds": int(sys.argv[3]), "note": sys.argv[4]}, open(sys.argv[5], "w"))' "$1" "$2" "$3" "$4" "$OUT/status/$1.json"
+  python3 -c 'import json, sys, time; json.dump({"part": sys.argv[1], "state": sys.argv[2],
+    "seconds": int(sys.argv[3]), "note": sys.argv[4], "ended_epoch": time.time()}, open(sys.argv[5], "w"))' \
+    "$1" "$2" "$3" "$4" "$OUT/status/$1.json"
 }
 
 # run_step PART DIR CMD...: one run of a per-area script, its tables to DIR.md and its log to
@@ -182,16 +184,29 @@ part_tls() {
 }
 
 part_generate() {
-  ROUNDS=$SLOW_ROUNDS SECONDS_PER_POINT=$GEN_SECONDS LLAMA_REPS=$LLAMA_REPS LLAMA_PORT=28180 API_PORT=28190 \
+  PARTS=engines,serve ROUNDS=$SLOW_ROUNDS SECONDS_PER_POINT=$GEN_SECONDS LLAMA_REPS=$LLAMA_REPS LLAMA_PORT=28180 API_PORT=28190 \
     run_step generate "$OUT/generate/run" bash scripts/bench-generate.sh
 }
+
+# The machine's 1-minute load average every 5 s, so the summary can say how busy it was during
+# each part (about 2 is this benchmark alone on 2 cores; more is other work).
+while :; do echo "$(date +%s) $(cut -d' ' -f1 /proc/loadavg)"; sleep 5; done >"$OUT/load.txt" &
+LOAD_SAMPLER=$!
+trap 'kill "$LOAD_SAMPLER" 2>/dev/null' EXIT
+trap 'exit 143' TERM INT
 
 log "out: $OUT; parts: $PARTS; rounds $ROUNDS (slow parts $SLOW_ROUNDS); ${SECS} s per point"
 for part in ${PARTS//,/ }; do
   started=$SECONDS
+  if [[ -n ${DEADLINE_MIN:-} ]] && ((SECONDS >= DEADLINE_MIN * 60)); then
+    status "$part" skipped 0 "not started: the run had used its DEADLINE_MIN=$DEADLINE_MIN minutes"
+    log "$part: not started (DEADLINE_MIN=$DEADLINE_MIN reached)"
+    continue
+  fi
   "part_$part"
   finish "$part" $? "$started"
 done
+kill "$LOAD_SAMPLER" 2>/dev/null
 python3 -c 'import json, sys, time; m = json.load(open(sys.argv[1])); m["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()); json.dump(m, open(sys.argv[1], "w"), indent=1)' "$OUT/machine.json"
 
 if [[ $DOCS == 1 ]]; then

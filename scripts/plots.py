@@ -21,10 +21,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"troupe": "tab:blue", "ort": "tab:orange", "numpy": "tab:green", "ray": "tab:red",
-          "etcd": "tab:purple", "llama": "tab:brown", "troupe-grpc": "tab:cyan"}
+          "etcd": "tab:purple", "llama": "tab:brown", "llama-server": "tab:brown", "troupe-http": "tab:blue",
+          "troupe-grpc": "tab:cyan"}
 NAMES = {"troupe": "troupe", "ort": "ONNX Runtime fp32", "numpy": "numpy reference", "ray": "Ray Serve",
          "etcd": "etcd 3.4", "llama": "llama.cpp", "troupe-http": "troupe (OpenAI HTTP)",
-         "troupe-grpc": "troupe (gRPC)"}
+         "troupe-grpc": "troupe (gRPC)", "llama-server": "llama-server"}
 
 
 def load(path):
@@ -186,6 +187,15 @@ def raft(out, img, made):
             if r.get("healed_s") is not None:
                 ax.axvline(r["healed_s"], color=line.get_color(), linestyle=":", linewidth=0.8)
         ax.axvline(0, color="black", linewidth=1)
+        gaps = []
+        for r in fail["rounds"]:
+            sent = [p["sent_s"] for p in r.get("timeline") or []]
+            gaps += [b - a for a, b in zip(sent, sent[1:]) if b > a]
+        if gaps:
+            rate = 1 / statistics.median(gaps)
+            ax.axhline(rate, color="grey", linestyle="--", linewidth=0.8)
+            ax.annotate(f"probe rate {rate:.0f}/s", (0.02, rate), xycoords=("axes fraction", "data"),
+                        xytext=(0, 3), textcoords="offset points", fontsize=7, color="grey")
         ax.set_xlabel("seconds since kill -9 of the leader (dotted: member restarted)")
         ax.set_ylabel("acknowledged probe puts/s (100 ms bins)")
         ax.set_title(f"{NAMES.get(kind, kind)}: failover, median {fail['median_s']:.2f} s"
@@ -200,6 +210,7 @@ def generate(out, img, made):
     d = os.path.join(out, "generate", "run")
     eng = load(os.path.join(d, "engines.json"))
     serve = {s: load(os.path.join(d, f"serve-{s}.json")) for s in ("llama", "troupe-http", "troupe-grpc")}
+    serve["llama-server"] = serve.pop("llama")
     panels = []
     if eng:
         panels.append("engine")
@@ -222,7 +233,8 @@ def generate(out, img, made):
                     ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
                                 yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
                                 marker="o", capsize=3, color=COLORS[who], label=NAMES[who])
-            ax.set_title(f"Engines: decode, streams stepped together ({eng['rounds']} rounds)")
+            ax.set_title(f"Engines: decode, streams stepped together ({eng['rounds']} round"
+                         f"{'s' if eng['rounds'] != 1 else ''})")
         else:
             for who, doc in serve.items():
                 pts = sorted((p["streams"], p["tokens_per_s"]) for p in doc["serve"])
