@@ -101,7 +101,7 @@ echo
 echo "## Serving (${SECS} s per point)"
 LLAMA_PORT=${LLAMA_PORT:-18180}
 "$LLAMA_BIN/llama-server" -m "$GGUF" -t "$THREADS" -np 16 -c $((16 * 256)) --cont-batching \
-  --host 127.0.0.1 --port $LLAMA_PORT >"$OUT/llama-server.log" 2>&1 &
+  --host 127.0.0.1 --port "$LLAMA_PORT" >"$OUT/llama-server.log" 2>&1 &
 LLAMA_PID=$!
 trap 'kill $LLAMA_PID 2>/dev/null || true; [[ -n ${NODE_PID:-} ]] && kill $NODE_PID 2>/dev/null || true' EXIT
 for _ in $(seq 120); do

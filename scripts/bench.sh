@@ -46,7 +46,8 @@ fi
 GEN_SECONDS=${GEN_SECONDS:-$((SECS * 2))}
 PARTS=${PARTS:-engine,serve,raft,rollout,scaleout,tls,generate}
 PLOTS=${PLOTS:-1}
-export PEERS=${PEERS:-$ROOT/../shared/peers} TROUPE_PEERS=${PEERS:-$ROOT/../shared/peers}
+export PEERS=${PEERS:-$ROOT/../shared/peers}
+export TROUPE_PEERS=$PEERS
 TROUPE_HOME=${TROUPE_HOME:-$HOME/.cache/troupe}
 OUT=${1:-$ROOT/target/bench/$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT/status"
@@ -70,7 +71,7 @@ log() { echo "[bench $(date -u +%H:%M:%S)] $*" >&2; }
 
 # One troupe binary for the whole run (TROUPE_BIN, or built from this tree), copied out of the
 # shared target dir so that another worktree's build cannot swap it mid-run.
-cd "$ROOT"
+cd "$ROOT" || exit 1
 if [[ -z ${TROUPE_BIN:-} ]]; then
   log "building troupe (release)"
   cargo build --release -q -p troupe || { log "cargo build failed"; exit 1; }
@@ -130,7 +131,7 @@ finish() {
   if [[ $code == 3 ]]; then
     state=skipped; note=${skipped:-the peer could not be set up}
   elif [[ $code != 0 ]]; then
-    state=failed; note="exit $code; see $(ls -t "$OUT/$part"/*.log 2>/dev/null | head -n 1)"
+    state=failed; note="exit $code; its logs are $OUT/$part/*.log"
   elif [[ -n $skipped ]]; then
     state=partial; note=$skipped
   fi
