@@ -407,9 +407,9 @@ class Summary:
                 notes.append(f"- **{part}: {s['state']}** ({s['seconds']} s): {s['note']}")
         if notes:
             out += ["", "Not measured in this run, and why:", ""] + notes
-        load = []
+        samples = []
         try:
-            load = [tuple(map(float, line.split())) for line in open(os.path.join(self.out, "load.txt")) if line.strip()]
+            samples = [tuple(map(float, line.split())) for line in open(os.path.join(self.out, "load.txt")) if line.strip()]
         except OSError:
             pass
         ran = []
@@ -418,7 +418,7 @@ class Summary:
             if not s:
                 continue
             cell = f"{p} {s['seconds'] // 60} min {s['seconds'] % 60} s"
-            during = [v for t, v in load if s.get("ended_epoch", 0) - s["seconds"] <= t <= s.get("ended_epoch", 0)]
+            during = [v for t, v in samples if s.get("ended_epoch", 0) - s["seconds"] <= t <= s.get("ended_epoch", 0)]
             if during:
                 cell += f" (load {statistics.mean(during):.1f}, max {max(during):.1f})"
             ran.append(cell)
