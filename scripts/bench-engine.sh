@@ -1,30 +1,41 @@
 #!/usr/bin/env bash
 # Engine benchmark, side by side with its peers in one run: troupe (burn, fused CPU kernels),
 # the numpy reference and ONNX Runtime fp32, on the same machine, same workload, same
-# model files. Prints a markdown table with ratios; keeps each side's raw output (NAME.txt) and
-# engine.json (every side's points, parsed from those files) in OUT_DIR.
+# model files.
 #
-# usage: scripts/bench-engine.sh [--threads N] [--min-time S] [OUT_DIR]
+# The engines run one after the other in each round, the order rotating between rounds, so
+# drift on a shared machine falls on all of them. Prints a markdown table per point: the
+# median sentences/s over the rounds with min-max, and the medians of the per-round ratios.
+# Keeps each engine's raw output (ENGINE.ROUND.txt) and engine.json (every engine's points,
+# round by round, parsed from those files) in OUT_DIR.
+#
+# usage: scripts/bench-engine.sh [--threads N] [--min-time S] [--rounds R] [--no-numpy] [OUT_DIR]
 # env:   TROUPE_PEERS  folder of the peer scripts (default ../shared/peers)
 #        TROUPE_BIN    a troupe binary to use instead of building one (scripts/bench.sh sets it)
+# A peer that cannot be set up is reported in OUT_DIR/skipped.txt (exit 3).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 peers=${TROUPE_PEERS:-$root/../shared/peers}
 threads=2
 min_time=2
+rounds=3
+numpy=1
 out=$root/target/bench-engine
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) threads=$2; shift 2 ;;
     --min-time) min_time=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    --no-numpy) numpy=0; shift ;;
     -*) echo "unknown argument $1" >&2; exit 2 ;;
     *) out=$1; shift ;;
   esac
 done
 [ -f "$peers/setup-minilm-peers.sh" ] || { echo "peer scripts not found in $peers: set TROUPE_PEERS" >&2; exit 2; }
+[ "$rounds" -ge 1 ] 2>/dev/null || { echo "--rounds must be a positive integer" >&2; exit 2; }
 
 mkdir -p "$out"
-# A peer that cannot be set up is reported in OUT_DIR/skipped.txt (exit 3), never left out silently.
+rm -f "$out"/*.[0-9]*.txt "$out/engine.json"
 if ! setup=$(bash "$peers/setup-minilm-peers.sh"); then
   echo "numpy and ONNX Runtime: shared/peers/setup-minilm-peers.sh failed" | tee "$out/skipped.txt" >&2
   exit 3
@@ -35,43 +46,67 @@ if [ -z "${TROUPE_BIN:-}" ]; then
   TROUPE_BIN=${CARGO_TARGET_DIR:-$root/target}/release/troupe
 fi
 
-echo "== troupe" >&2
-"$TROUPE_BIN" bench engine --model-dir "$MODEL_DIR" --threads "$threads" \
-  --min-time "$min_time" | tee "$out/troupe.txt" >&2
-echo "== numpy reference" >&2
-"$PEER_PY" "$peers/minilm_ref.py" --model-dir "$MODEL_DIR" --bench --threads "$threads" \
-  --min-time "$min_time" | tee "$out/numpy.txt" >&2
-echo "== onnxruntime" >&2
-"$PEER_PY" "$peers/bench_ort.py" "$MODEL_DIR" "$ONNX" --threads "$threads" \
-  --min-time "$min_time" | tee "$out/ort.txt" >&2
+run() { # name round
+  case "$1" in
+    troupe_fp32) "$TROUPE_BIN" bench engine --model-dir "$MODEL_DIR" --threads "$threads" --min-time "$min_time" ;;
+    numpy) "$PEER_PY" "$peers/minilm_ref.py" --model-dir "$MODEL_DIR" --bench --threads "$threads" --min-time "$min_time" ;;
+    ort_fp32) "$PEER_PY" "$peers/bench_ort.py" "$MODEL_DIR" "$ONNX" --threads "$threads" --min-time "$min_time" ;;
+  esac > "$out/$1.$2.txt"
+}
 
-python3 - "$out" "$threads" "$min_time" <<'PY'
-import glob, json, re, sys, os
-out = sys.argv[1]
-def parse(name):
+engines=(troupe_fp32 ort_fp32)
+[ "$numpy" = 1 ] && engines+=(numpy)
+for round in $(seq 1 "$rounds"); do
+  n=${#engines[@]}
+  for i in $(seq 0 $((n - 1))); do
+    name=${engines[$(( (i + round - 1) % n ))]}
+    echo "== round $round/$rounds: $name" >&2
+    run "$name" "$round"
+    cat "$out/$name.$round.txt" >&2
+  done
+done
+
+echo "$(date -u +%Y-%m-%d) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, threads=$threads, min-time=${min_time}s, rounds=$rounds"
+grep -h -m1 '^gemm' "$out"/troupe_fp32.1.txt || true
+python3 - "$out" "$rounds" "$threads" "$min_time" "${engines[@]}" <<'PY'
+import json, os, re, statistics, sys
+out, rounds, threads, min_time, engines = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5:]
+def parse(path):
     rows = {}
-    for line in open(os.path.join(out, name)):
+    for line in open(path):
         m = re.search(r"tokens=\s*(\d+) batch=\s*(\d+) .*ms/batch=\s*([\d.]+) sentences/sec=\s*([\d.]+)", line)
         if m:
             rows[(int(m[1]), int(m[2]))] = (float(m[3]), float(m[4]))
     return rows
-t, n, o = parse("troupe.txt"), parse("numpy.txt"), parse("ort.txt")
-gemm = [l for l in open(os.path.join(out, "troupe.txt")) if l.startswith("gemm")]
-# engine.json: every side whose raw output is in OUT_DIR (NAME.txt), so a further side run into
-# the same folder is kept too.
-sides = {os.path.basename(p)[:-4]: parse(os.path.basename(p)) for p in sorted(glob.glob(os.path.join(out, "*.txt")))}
-json.dump({"threads": int(sys.argv[2]), "min_time_s": float(sys.argv[3]),
-           "gemm": gemm[0].strip() if gemm else None,
-           "sides": {side: [{"tokens": k[0], "batch": k[1], "ms_per_batch": v[0], "sentences_per_s": v[1]}
-                            for k, v in sorted(rows.items())] for side, rows in sides.items() if rows}},
+raw = {e: [parse(os.path.join(out, f"{e}.{r}.txt")) for r in range(1, rounds + 1)] for e in engines}
+gemm = [l.strip() for l in open(os.path.join(out, "troupe_fp32.1.txt")) if l.startswith("gemm")]
+# engine.json: per engine, one list of points per round (round order).
+json.dump({"threads": threads, "min_time_s": min_time, "rounds": rounds, "gemm": gemm[0] if gemm else None,
+           "sides": {e: [[{"tokens": k[0], "batch": k[1], "ms_per_batch": v[0], "sentences_per_s": v[1]}
+                          for k, v in sorted(d.items())] for d in raw[e]] for e in engines}},
           open(os.path.join(out, "engine.json"), "w"), indent=1)
-print("| tokens | batch | troupe sent/s (ms/batch) | numpy sent/s | ONNX Runtime sent/s | troupe / numpy | troupe / ORT |")
-print("|---:|---:|---:|---:|---:|---:|---:|")
-for key in sorted(t):
-    ts, ns, os_ = t[key][1], n.get(key, (0, 0))[1], o.get(key, (0, 0))[1]
-    r = lambda a, b: f"{a / b:.2f}x" if b else "n/a"
-    print(f"| {key[0]} | {key[1]} | {ts:.1f} ({t[key][0]:.1f}) | {ns:.1f} | {os_:.1f} | {r(ts, ns)} | {r(ts, os_)} |")
-if gemm:
-    print()
-    print(gemm[0].strip())
+data = {e: [{k: v[1] for k, v in d.items()} for d in raw[e]] for e in engines}
+points = sorted(data["troupe_fp32"][0])
+def cell(e, key):
+    v = [d.get(key, 0.0) for d in data[e]]
+    return f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
+def ratio(a, b, key):
+    v = [da.get(key, 0.0) / db[key] for da, db in zip(data[a], data[b]) if db.get(key)]
+    return f"{statistics.median(v):.2f}x ({min(v):.2f}-{max(v):.2f})" if v else "n/a"
+names = {"troupe_fp32": "troupe fp32", "ort_fp32": "ORT fp32", "numpy": "numpy"}
+print()
+print("sentences/s, median over the rounds (min-max):")
+print()
+print("| tokens | batch | " + " | ".join(names[e] for e in engines) + " |")
+print("|---:|---:|" + "---:|" * len(engines))
+for key in points:
+    print(f"| {key[0]} | {key[1]} | " + " | ".join(cell(e, key) for e in engines) + " |")
+print()
+print("ratios, median of the per-round ratios (min-max):")
+print()
+pairs = [(a, b) for a, b in [("troupe_fp32", "ort_fp32"), ("troupe_fp32", "numpy")] if a in engines and b in engines]
+print("| tokens | batch | " + " | ".join(f"{names[a]} / {names[b]}" for a, b in pairs) + " |")
+print("|---:|---:|" + "---:|" * len(pairs))
+for key in points:
+    print(f"| {key[0]} | {key[1]} | " + " | ".join(ratio(a, b, key) for a, b in pairs) + " |")
 PY

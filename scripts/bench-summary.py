@@ -47,13 +47,13 @@ def med(values):
     return statistics.median(values) if values else None
 
 
-def ratio_cell(ratios):
-    """'1.23x (1.10-1.30, 3 runs)': the median of the per-run ratios and their range."""
+def ratio_cell(ratios, unit="run"):
+    """'1.23x', '1.10-1.30 (3 runs)': the median of the per-run ratios, and their range."""
     ratios = [r for r in ratios if r is not None and r == r]
     if not ratios:
         return "-", "-"
     m = statistics.median(ratios)
-    spread = f"{min(ratios):.2f}-{max(ratios):.2f} ({len(ratios)} runs)" if len(ratios) > 1 else "1 run"
+    spread = f"{min(ratios):.2f}-{max(ratios):.2f} ({plural(len(ratios), unit)})" if len(ratios) > 1 else f"1 {unit}"
     return f"{m:.2f}x", spread
 
 
@@ -72,66 +72,63 @@ class Summary:
         self.sections = []
         self.status = {p: load(os.path.join(out, "status", f"{p}.json")) for p in PARTS}
 
-    def head(self, comparison, figure, troupe, peer, ratios):
-        r, spread = ratio_cell(ratios)
+    def head(self, comparison, figure, troupe, peer, ratios, unit="run"):
+        r, spread = ratio_cell(ratios, unit)
         self.headline.append((comparison, figure, troupe, peer, r, spread))
 
     # -- engine ---------------------------------------------------------------------------
     def engine(self):
-        docs = runs(self.out, "engine", "engine.json")
-        if not docs:
+        doc = load(os.path.join(self.out, "engine", "run", "engine.json"))
+        if not doc:
             return
-        sides = []
-        for d in docs:
-            for s in d["sides"]:
-                if s not in sides:
-                    sides.append(s)
-        extra = [s for s in sides if s not in ("troupe", "numpy", "ort")]
+        sides = doc["sides"]  # engine -> one list of points per round
+        T, O, N = "troupe_fp32", "ort_fp32", "numpy"
+        extra = [s for s in sides if s not in (T, O, N)]
+        names = {"troupe_int8": "troupe int8", "ort_int8_package": "ORT int8 (package graph)",
+                 "ort_int8_dynamic": "ORT int8 (dynamic)"}
 
-        def value(doc, side, key):
-            for p in doc["sides"].get(side, []):
-                if (p["tokens"], p["batch"]) == key:
-                    return p["sentences_per_s"]
-            return None
+        def values(side, key):
+            """Sentences/s of one engine at one point, round by round."""
+            return [next((p["sentences_per_s"] for p in points if (p["tokens"], p["batch"]) == key), None)
+                    for points in sides.get(side, [])]
 
-        keys = sorted({(p["tokens"], p["batch"]) for d in docs for p in d["sides"].get("troupe", [])})
-        lines = [f"### Engine against numpy and ONNX Runtime fp32 (`scripts/bench-engine.sh`, {plural(len(docs), 'run')})", "",
-                 f"Sentences/s end to end, {docs[0]['threads']} threads, at least {docs[0]['min_time_s']} s per point; "
-                 "medians over the runs, each ratio taken within a run.", ""]
+        def ratios(a, b, key):
+            return [div(x, y) for x, y in zip(values(a, key), values(b, key))]
+
+        rounds = doc.get("rounds", 1)
+        keys = sorted({(p["tokens"], p["batch"]) for points in sides.get(T, []) for p in points})
+        lines = [f"### Engine against numpy and ONNX Runtime fp32 (`scripts/bench-engine.sh`, {plural(rounds, 'round')})", "",
+                 f"Sentences/s end to end, {doc['threads']} threads, at least {doc['min_time_s']} s per point; the "
+                 "engines' order rotates between rounds. Medians over the rounds; each ratio is taken within a round.", ""]
         header = "| tokens | batch | troupe | numpy | ONNX Runtime | troupe / numpy | troupe / ORT | spread of troupe / ORT |"
         align = "|---:|---:|---:|---:|---:|---:|---:|---|"
         for s in extra:
-            header += f" {s} | {s} / troupe |"
+            header += f" {names.get(s, s)} | {names.get(s, s)} / troupe fp32 |"
             align += "---:|---:|"
         lines += [header, align]
-        int8_pair = ([s for s in extra if s.startswith("troupe") and "int8" in s][:1]
-                     + [s for s in extra if s.startswith("ort") and "int8" in s][:1])
+        int8 = "troupe_int8" if "troupe_int8" in sides else None
+        ort8 = next((s for s in ("ort_int8_package", "ort_int8_dynamic") if s in sides), None)
         for key in keys:
-            t = [value(d, "troupe", key) for d in docs]
-            n = [value(d, "numpy", key) for d in docs]
-            o = [value(d, "ort", key) for d in docs]
-            tn = [div(a, b) for a, b in zip(t, n)]
-            to = [div(a, b) for a, b in zip(t, o)]
-            r_to, spread = ratio_cell(to)
+            t, n, o = values(T, key), values(N, key), values(O, key)
+            r_to, spread = ratio_cell(ratios(T, O, key), "round")
             row = (f"| {key[0]} | {key[1]} | {num(med(t))} | {num(med(n))} | {num(med(o))} | "
-                   f"{ratio_cell(tn)[0]} | {r_to} | {spread} |")
+                   f"{ratio_cell(ratios(T, N, key))[0]} | {r_to} | {spread} |")
             for s in extra:
-                x = [value(d, s, key) for d in docs]
-                row += f" {num(med(x))} | {ratio_cell([div(a, b) for a, b in zip(x, t)])[0]} |"
+                row += f" {num(med(values(s, key)))} | {ratio_cell(ratios(s, T, key))[0]} |"
             lines.append(row)
             if key in ((16, 1), (128, 1), (128, 32)):
                 self.head("engine vs ONNX Runtime fp32", f"{key[0]} tokens x batch {key[1]}: sentences/s",
-                          num(med(t)), num(med(o)), to)
-            if len(int8_pair) == 2 and key == (128, 32):
-                a = [value(d, int8_pair[0], key) for d in docs]
-                b = [value(d, int8_pair[1], key) for d in docs]
-                self.head("engine int8 vs ONNX Runtime int8", "128 tokens x batch 32: sentences/s",
-                          num(med(a)), num(med(b)), [div(x, y) for x, y in zip(a, b)])
-        gemm = [d["gemm"] for d in docs if d.get("gemm")]
-        if gemm:
-            lines += ["", f"GEMM probe, run 1: `{gemm[0]}`"]
-        if not extra:
-            lines += ["", "No int8 side ran: scripts/bench-engine.sh has no int8 mode in this build."]
+                          num(med(t)), num(med(o)), ratios(T, O, key), "round")
+            if int8 and key == (128, 32):
+                self.head("engine int8 vs troupe fp32", "128 tokens x batch 32: sentences/s",
+                          num(med(values(int8, key))), num(med(t)), ratios(int8, T, key), "round")
+                if ort8:
+                    self.head(f"engine int8 vs {names[ort8]}", "128 tokens x batch 32: sentences/s",
+                              num(med(values(int8, key))), num(med(values(ort8, key))), ratios(int8, ort8, key), "round")
+        if doc.get("gemm"):
+            lines += ["", f"GEMM probe, round 1: `{doc['gemm']}`"]
+        if not int8:
+            lines += ["", "No int8 engine ran: scripts/bench-engine.sh has no int8 mode in this build."]
         self.sections.append("\n".join(lines))
 
     # -- serve ------------------------------------------------------------------------------
@@ -292,12 +289,12 @@ class Summary:
             c = a["concurrency"]
             per = [div(next(q["throughput"] for q in y["points"] if q["concurrency"] == c),
                        next(q["throughput"] for q in x["points"] if q["concurrency"] == c)) for x, y in rounds]
-            r, spread = ratio_cell(per)
+            r, spread = ratio_cell(per, "round")
             lines.append(f"| {c} | {num(a['throughput'])} | {num(a['p50_ms'])} / {num(a['p99_ms'])} | "
                          f"{num(b['throughput'])} | {num(b['p50_ms'])} / {num(b['p99_ms'])} | {r} | {spread} |")
             if c == 64 or c == max(p["concurrency"] for p in one["points"]):
                 self.head("scale-out 1 → 3 nodes (same 2 cores)", f"{c} clients through node 1: req/s",
-                          num(b["throughput"]), f"{num(a['throughput'])} (1 node)", per)
+                          num(b["throughput"]), f"{num(a['throughput'])} (1 node)", per, "round")
         self.sections.append("\n".join(lines))
 
     # -- tls --------------------------------------------------------------------------------
@@ -330,10 +327,11 @@ class Summary:
         ]:
             a = [get(0, p) for p in pairs]
             b = [get(1, p) for p in pairs]
-            r, spread = ratio_cell([div(y, x) for x, y in zip(a, b)])
+            r, spread = ratio_cell([div(y, x) for x, y in zip(a, b)], "pair")
             lines.append(f"| {label} | {num(med(a))} | {num(med(b))} | {r} | {spread} |")
             if headline:
-                self.head("TLS overhead", headline, num(med(b)), f"{num(med(a))} (plaintext)", [div(y, x) for x, y in zip(a, b)])
+                self.head("TLS overhead", headline, num(med(b)), f"{num(med(a))} (plaintext)",
+                          [div(y, x) for x, y in zip(a, b)], "pair")
         self.sections.append("\n".join(lines))
 
     # -- generate ---------------------------------------------------------------------------
@@ -350,10 +348,10 @@ class Summary:
                 if not t or not l:
                     continue
                 per = [div(a, b) for a, b in zip(t, l)]
-                r, spread = ratio_cell(per)
+                r, spread = ratio_cell(per, "round")
                 lines.append(f"| {test} | {num(med(t))} | {num(med(l))} | {r} | {spread} |")
                 if test.startswith("decode, 1 stream (128") or test.startswith("decode, 16 streams") or test == "prefill 128":
-                    self.head("generation vs llama.cpp", f"{test}: tokens/s", num(med(t)), num(med(l)), per)
+                    self.head("generation vs llama.cpp", f"{test}: tokens/s", num(med(t)), num(med(l)), per, "round")
         serve = {s: load(os.path.join(d, f"serve-{s}.json")) for s in ("llama", "troupe-http", "troupe-grpc")}
         if all(serve.values()):
             lines += ["", "Serving, closed-loop streams of 64 tokens (one run): llama-server against one troupe node's "
@@ -385,9 +383,9 @@ class Summary:
                f"- **Machine:** {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, "
                f"{', '.join(m.get('flags', [])) or 'no AVX-512 or VNNI flags'}, {m.get('ram_gib', '?')} GiB RAM, "
                f"Linux {m.get('kernel', '?')}. Shared and noisy: compare ratios, not absolute figures.",
-               f"- **Settings:** parts `{st.get('parts', '?')}`; {st.get('rounds', '?')} runs of engine, serving, "
-               f"Raft puts and rollouts; {st.get('slow_rounds', '?')} round(s) of scale-out, "
-               f"TLS pairs and generation engines; {st.get('seconds_per_point', '?')} s per load point "
+               f"- **Settings:** parts `{st.get('parts', '?')}`; ROUNDS={st.get('rounds', '?')} (engine rounds, "
+               f"serving and Raft runs, rollouts), {st.get('slow_rounds', '?')} for the slow parts (scale-out rounds, "
+               f"TLS pairs, generation engine rounds); {st.get('seconds_per_point', '?')} s per load point "
                f"({st.get('gen_seconds', '?')} s for generation serving), engine points ≥ {st.get('engine_min_time', '?')} s, "
                f"{st.get('failover_rounds', '?')} leader kills{'; QUICK mode (a smoke test)' if st.get('quick') == '1' else ''}.",
                "",

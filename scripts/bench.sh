@@ -5,7 +5,8 @@
 #   scripts/bench.sh [OUT_DIR]          # default target/bench/<UTC date-time>
 #
 # The parts (PARTS, comma-separated; default all, in this order):
-#   engine    scripts/bench-engine.sh: troupe's engine against numpy and ONNX Runtime, ROUNDS runs
+#   engine    scripts/bench-engine.sh: troupe's engine against numpy and ONNX Runtime, ROUNDS
+#             rounds (the engines' order rotates between rounds)
 #   serve     scripts/bench-serve.sh: one node against Ray Serve, ROUNDS runs of both sides; the
 #             node's batch-size histogram from /metrics after each run
 #   raft      scripts/bench-raft.sh: puts and CAS against etcd, ROUNDS runs; leader kill -9
@@ -139,12 +140,8 @@ finish() {
   log "$part: $state ${note:+($note)} in $((SECONDS - started)) s"
 }
 
-part_engine() {
-  local r code=0
-  for ((r = 1; r <= ROUNDS; r++)); do
-    run_step engine "$OUT/engine/r$r" bash scripts/bench-engine.sh --min-time "$ENGINE_MIN_TIME" || { code=$?; break; }
-  done
-  return "$code"
+part_engine() { # one run whose rounds rotate the engines' order
+  run_step engine "$OUT/engine/run" bash scripts/bench-engine.sh --min-time "$ENGINE_MIN_TIME" --rounds "$ROUNDS"
 }
 
 part_serve() {

@@ -20,10 +20,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"troupe": "tab:blue", "ort": "tab:orange", "numpy": "tab:green", "ray": "tab:red",
+COLORS = {"troupe": "tab:blue", "troupe_fp32": "tab:blue", "troupe_int8": "tab:cyan", "ort": "tab:orange",
+          "ort_fp32": "tab:orange", "ort_int8_package": "tab:olive", "ort_int8_dynamic": "tab:pink",
+          "numpy": "tab:green", "ray": "tab:red",
           "etcd": "tab:purple", "llama": "tab:brown", "llama-server": "tab:brown", "troupe-http": "tab:blue",
           "troupe-grpc": "tab:cyan"}
-NAMES = {"troupe": "troupe", "ort": "ONNX Runtime fp32", "numpy": "numpy reference", "ray": "Ray Serve",
+NAMES = {"troupe": "troupe", "troupe_fp32": "troupe fp32", "troupe_int8": "troupe int8",
+         "ort_int8_package": "ONNX Runtime int8 (package graph)", "ort_int8_dynamic": "ONNX Runtime int8 (dynamic)",
+         "ort": "ONNX Runtime fp32", "ort_fp32": "ONNX Runtime fp32", "numpy": "numpy reference", "ray": "Ray Serve",
          "etcd": "etcd 3.4", "llama": "llama.cpp", "troupe-http": "troupe (OpenAI HTTP)",
          "troupe-grpc": "troupe (gRPC)", "llama-server": "llama-server"}
 
@@ -54,27 +58,25 @@ def save(fig, img, name, made):
 
 
 def engine(out, img, made):
-    docs = [d for d in (load(os.path.join(r, "engine.json")) for r in run_dirs(out, "engine")) if d]
-    if not docs:
+    doc = load(os.path.join(out, "engine", "run", "engine.json"))
+    if not doc:
         return
-    sides = []
-    for d in docs:
-        sides += [s for s in d["sides"] if s not in sides]
-    tokens = sorted({p["tokens"] for d in docs for s in d["sides"].values() for p in s})
+    sides = doc["sides"]  # engine -> one list of points per round
+    tokens = sorted({p["tokens"] for rounds in sides.values() for points in rounds for p in points})
     fig, axes = plt.subplots(1, len(tokens), figsize=(5.5 * len(tokens), 4.2), squeeze=False)
     for ax, t in zip(axes[0], tokens):
-        for side in sides:
-            batches = sorted({p["batch"] for d in docs for p in d["sides"].get(side, []) if p["tokens"] == t})
+        for side, rounds in sides.items():
+            batches = sorted({p["batch"] for points in rounds for p in points if p["tokens"] == t})
             if not batches:
                 continue
-            per = [[p["sentences_per_s"] for d in docs for p in d["sides"].get(side, [])
-                    if p["tokens"] == t and p["batch"] == b] for b in batches]
+            per = [[p["sentences_per_s"] for points in rounds for p in points if p["tokens"] == t and p["batch"] == b]
+                   for b in batches]
             mid = [statistics.median(v) for v in per]
             err = [[m - min(v) for m, v in zip(mid, per)], [max(v) - m for m, v in zip(mid, per)]]
             ax.errorbar(batches, mid, yerr=err, marker="o", capsize=3, label=NAMES.get(side, side),
                         color=COLORS.get(side), linestyle="--" if "int8" in side else "-")
         ax.set_xscale("log", base=2)
-        ticks = sorted({p["batch"] for d in docs for s in d["sides"].values() for p in s if p["tokens"] == t})
+        ticks = sorted({p["batch"] for rounds in sides.values() for points in rounds for p in points if p["tokens"] == t})
         ax.set_xticks(ticks, [str(b) for b in ticks])
         ax.set_ylim(bottom=0)
         ax.set_xlabel("batch size (sentences)")
@@ -82,7 +84,8 @@ def engine(out, img, made):
         ax.set_title(f"{t} tokens per sentence")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Engine, all-MiniLM-L6-v2, {docs[0]['threads']} threads (median of {len(docs)} runs, bars: min-max)")
+    fig.suptitle(f"Engine, all-MiniLM-L6-v2, {doc['threads']} threads (median of {doc.get('rounds', 1)} rounds, "
+                 "bars: min-max)")
     save(fig, img, "engine.png", made)
 
 
