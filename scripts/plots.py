@@ -205,7 +205,8 @@ def raft(out, img, made):
                      if fail.get("median_s") is not None else NAMES.get(kind, kind))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Probe puts (one every 20 ms, round robin to the survivors) around each leader kill")
+    fig.suptitle("Probe puts (one every 20 ms, round robin to the survivors) after each leader kill; `troupe bench raft`\n"
+                 "sends no probe while the restart command runs, so the dip just before each dotted line is the bench's")
     save(fig, img, "failover.png", made)
 
 
