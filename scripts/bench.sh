@@ -226,3 +226,5 @@ fi
 python3 scripts/bench-summary.py "$OUT" --img "$IMG" ${DOC:+--doc "$DOC"} >"$OUT/summary.md" || { log "bench-summary.py failed"; exit 1; }
 cat "$OUT/summary.md"
 log "done in $((SECONDS / 60)) min: $OUT${DOC:+; $DOC and $IMG updated}"
+# A part that failed (not one whose peer was missing) fails the run, after the summary is written.
+! grep -l '"state": "failed"' "$OUT"/status/*.json >&2
