@@ -10,9 +10,11 @@
 # 2. Scale-up: `troupe bench serve` against node 1's address (16-token sentences, one per
 #    request, closed loop) with that node alone, then with 3 nodes serving behind it (the
 #    default least-outstanding router forwards to the peers), in the same run.
-# Output: a Markdown table on stdout; the JSON reports in OUT_DIR (default target/bench-cluster).
+# Output: a Markdown table on stdout; the JSON reports in OUT_DIR (default target/bench-cluster):
+# rollout.json (seconds per rollout), one-node.json and three-nodes.json (`troupe bench serve`).
 # Env: SECONDS_PER_POINT (10), CONCURRENCY (1,16,64), ROUNDS (3), ROLLOUTS (3),
-#      PORT_BASE (27600).
+#      PORT_BASE (27600), PARTS (rollout,scaleout: which of the two to run),
+#      TROUPE_BIN (a troupe binary to use instead of building one).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,13 +24,16 @@ CONC=${CONCURRENCY:-1,16,64}
 ROUNDS=${ROUNDS:-3}
 ROLLOUTS=${ROLLOUTS:-3}
 PORT_BASE=${PORT_BASE:-27600}
+PARTS=${PARTS:-rollout,scaleout}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
 cd "$ROOT"
-cargo build --release -p troupe >&2
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-TROUPE=$TARGET/release/troupe
+if [[ -z ${TROUPE_BIN:-} ]]; then
+  cargo build --release -p troupe >&2
+  TROUPE_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/troupe
+fi
+TROUPE=$TROUPE_BIN
 MODEL_DIR=$("$TROUPE" models fetch all-MiniLM-L6-v2 --quiet | tail -n 1)
 MODEL=all-MiniLM-L6-v2
 
@@ -75,14 +80,22 @@ rollout() {
   python3 -c "print(f'{$ended - $started:.2f}')"
 }
 
-echo "== rollout of a $(du -sm "$MODEL_DIR" | cut -f1) MB version on 3 nodes, $ROLLOUTS times ==" >&2
 TIMES=()
-for ((r = 1; r <= ROLLOUTS; r++)); do
-  start_cluster 3 "rollout$r"
-  TIMES+=("$(rollout)")
-  echo "rollout $r: ${TIMES[-1]} s" >&2
-  stop_nodes
-done
+if [[ ,$PARTS, == *,rollout,* ]]; then
+  echo "== rollout of a $(du -sm "$MODEL_DIR" | cut -f1) MB version on 3 nodes, $ROLLOUTS times ==" >&2
+  for ((r = 1; r <= ROLLOUTS; r++)); do
+    start_cluster 3 "rollout$r"
+    TIMES+=("$(rollout)")
+    echo "rollout $r: ${TIMES[-1]} s" >&2
+    stop_nodes
+  done
+  python3 - "$(du -sm "$MODEL_DIR" | cut -f1)" "${TIMES[@]}" >"$OUT/rollout.json" <<'EOF'
+import json, sys
+json.dump({"model_mb": float(sys.argv[1]), "nodes": 3, "seconds": [float(t) for t in sys.argv[2:]]}, sys.stdout)
+EOF
+  echo "Rollout, 3 nodes, uncapped: ${TIMES[*]} s"
+fi
+[[ ,$PARTS, == *,scaleout,* ]] || exit 0
 
 bench() {
   "$TROUPE" bench serve --addr "$(api 1)" --model "$MODEL" --model-dir "$MODEL_DIR" \
@@ -101,12 +114,10 @@ rollout >/dev/null
 bench "$OUT/three-nodes.json"
 stop_nodes
 
-python3 - "$OUT/one-node.json" "$OUT/three-nodes.json" "${TIMES[@]}" <<'EOF'
-import json, statistics, sys
+python3 - "$OUT/one-node.json" "$OUT/three-nodes.json" <<'EOF'
+import json, sys
 one, three = (json.load(open(p)) for p in sys.argv[1:3])
-times = [float(t) for t in sys.argv[3:]]
-print(f"Rollout, 3 nodes, uncapped: median {statistics.median(times):.2f} s "
-      f"(runs: {', '.join(f'{t:.2f}' for t in times)})\n")
+print()
 print("| clients | 1 node req/s | p50 / p99 ms | 3 nodes req/s | p50 / p99 ms | scale-up |")
 print("|---:|---:|---:|---:|---:|---:|")
 for a, b in zip(one["points"], three["points"]):

@@ -18,7 +18,10 @@
 # The tables (Markdown) are printed; the JSON reports go to OUT_DIR (default target/bench-raft).
 # Env: SECONDS_PER_POINT (default 10), PAUSE_SECS (default 5), PHASES (default
 #      put,cas,failover,pause for the first run), PEERS (default ../shared/peers from the repo
-#      root).
+#      root), RUNS (default defaults,same-election-timeout: which of the two runs), CLIENTS
+#      (default 1,16,64), FAILOVER_ROUNDS (default 5), TROUPE_BIN (a troupe binary to use
+#      instead of building one).
+# When etcd cannot be installed, OUT_DIR/skipped.txt says so and the script exits 3.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,20 +30,26 @@ OUT=${1:-$ROOT/target/bench-raft}
 SECS=${SECONDS_PER_POINT:-10}
 PAUSE_SECS=${PAUSE_SECS:-5}
 PHASES=${PHASES:-put,cas,failover,pause}
+RUNS=${RUNS:-defaults,same-election-timeout}
+CLIENTS=${CLIENTS:-1,16,64}
+FAILOVER_ROUNDS=${FAILOVER_ROUNDS:-5}
 # etcd3.sh has no pause verb: signal the PID it recorded for member N.
 etcd_signal() { echo "kill -$1 \$(cat \$(cat \${ETCD3_POINTER:-/tmp/etcd3-peer.current})/m{n}.pid)"; }
 mkdir -p "$OUT"
 
 if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
   echo "bench-raft: installing etcd (Debian packages etcd-server, etcd-client)" >&2
-  apt-get install -y etcd-server etcd-client >/dev/null
+  apt-get install -y etcd-server etcd-client >/dev/null ||
+    { echo "etcd: apt-get install etcd-server etcd-client failed" | tee "$OUT/skipped.txt" >&2; exit 3; }
 fi
 [[ -f $PEERS/etcd3.sh ]] || { echo "bench-raft: $PEERS/etcd3.sh not found (set PEERS)" >&2; exit 1; }
 
 cd "$ROOT"
-cargo build --release -p troupe >&2
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-export TROUPE_BIN=$TARGET/release/troupe
+if [[ -z ${TROUPE_BIN:-} ]]; then
+  cargo build --release -p troupe >&2
+  TROUPE_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/troupe
+fi
+export TROUPE_BIN
 
 cleanup() {
   bash scripts/troupe3.sh stop >/dev/null 2>&1 || true
@@ -59,7 +68,7 @@ run() { # NAME PHASES ETCD_EXTRA TROUPE_RAFT
   "$TROUPE_BIN" bench raft \
     --addr "$(bash scripts/troupe3.sh endpoints)" \
     --etcd "$(bash "$PEERS/etcd3.sh" endpoints)" \
-    --clients 1,16,64 --seconds "$SECS" --phases "$phases" \
+    --clients "$CLIENTS" --seconds "$SECS" --phases "$phases" --failover-rounds "$FAILOVER_ROUNDS" \
     --kill-cmd "bash $ROOT/scripts/troupe3.sh kill9 {n}" \
     --restart-cmd "bash $ROOT/scripts/troupe3.sh restart {n}" \
     --etcd-kill-cmd "bash $PEERS/etcd3.sh kill9 {n}" \
@@ -72,8 +81,12 @@ run() { # NAME PHASES ETCD_EXTRA TROUPE_RAFT
     --json-out "$OUT/$name.json"
 }
 
-run defaults "$PHASES" "" ""
-run same-election-timeout failover,pause "--heartbeat-interval=60 --election-timeout=300" \
-  "heartbeat_interval_ms = 60
+if [[ ,$RUNS, == *,defaults,* ]]; then
+  run defaults "$PHASES" "" ""
+fi
+if [[ ,$RUNS, == *,same-election-timeout,* ]]; then
+  run same-election-timeout failover,pause "--heartbeat-interval=60 --election-timeout=300" \
+    "heartbeat_interval_ms = 60
 election_timeout_min_ms = 150
 election_timeout_max_ms = 300"
+fi

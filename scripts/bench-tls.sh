@@ -11,7 +11,8 @@
 # 2. Embed: scripts/bench-serve.sh's node (TLS=0 or 1), `troupe bench serve` at 16 clients,
 #    without the raw engine or Ray runs.
 # JSON reports go to OUT_DIR (default target/bench-tls); the medians per mode are printed.
-# Env: SECONDS_PER_POINT (10), PAIRS (2), PORT_BASE (27500),
+# Env: SECONDS_PER_POINT (10), PAIRS (2), PORT_BASE (27500), TROUPE_BIN (a troupe binary to use
+#      instead of building one),
 #      COMPARE (tls: plaintext against mTLS; auth: both mTLS, the clients' credential a client
 #      certificate with a role against a bearer token the node verifies on every call).
 set -euo pipefail
@@ -26,9 +27,11 @@ PORT_BASE=${PORT_BASE:-27500}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$ROOT"
-cargo build --release -p troupe >&2
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-export TROUPE_BIN=$TARGET/release/troupe
+if [[ -z ${TROUPE_BIN:-} ]]; then
+  cargo build --release -p troupe >&2
+  TROUPE_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/troupe
+fi
+export TROUPE_BIN
 cleanup() { bash scripts/troupe3.sh stop >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 

@@ -127,6 +127,19 @@ pub struct FaultRound {
     pub new_leader: Option<usize>,
     pub term_before: u64,
     pub term_after: Option<u64>,
+    /// Seconds from the fault until the member was healed (restarted or resumed).
+    pub healed_s: Option<f64>,
+    /// Every probe that finished, in the order sent: the failover timeline (scripts/plots.py
+    /// draws acknowledged probes per interval around each fault from it).
+    pub timeline: Vec<ProbeSample>,
+}
+
+/// One probe put of a fault round; times in seconds from the fault.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeSample {
+    pub sent_s: f64,
+    pub done_s: f64,
+    pub ok: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -438,6 +451,7 @@ pub async fn fault_rounds(
         let mut acks: Vec<Instant> = Vec::new();
         let (mut probes, mut failed) = (0u64, 0u64);
         let mut healed_at: Option<Instant> = None;
+        let mut timeline: Vec<ProbeSample> = Vec::new();
         let mut inflight = tokio::task::JoinSet::new();
         let mut ticker = tokio::time::interval(work.probe_interval);
         loop {
@@ -457,21 +471,35 @@ pub async fn fault_rounds(
                     let member = survivors[probes as usize % survivors.len()];
                     let (store, key, timeout) = (store.clone(), probe_key.clone(), work.probe_timeout);
                     let value = probes.to_string();
+                    let sent = Instant::now();
                     inflight.spawn(async move {
-                        store.put(member, &key, &value, timeout).await.ok().map(|()| Instant::now())
+                        let ok = store.put(member, &key, &value, timeout).await.is_ok();
+                        (sent, Instant::now(), ok)
                     });
                     probes += 1;
                 }
                 Some(joined) = inflight.join_next(), if !inflight.is_empty() => {
                     match joined {
-                        Ok(Some(at)) => acks.push(at),
-                        _ => failed += 1,
+                        Ok((sent, done, ok)) => {
+                            timeline.push(ProbeSample {
+                                sent_s: sent.saturating_duration_since(faulted_at).as_secs_f64(),
+                                done_s: done.saturating_duration_since(faulted_at).as_secs_f64(),
+                                ok,
+                            });
+                            if ok {
+                                acks.push(done);
+                            } else {
+                                failed += 1;
+                            }
+                        }
+                        Err(_) => failed += 1,
                     }
                 }
             }
         }
         inflight.abort_all();
         acks.sort();
+        timeline.sort_by(|a, b| a.sent_s.total_cmp(&b.sent_s));
         let first_ok = acks.first().copied();
         let max_gap = first_ok.map(|_| {
             std::iter::once(faulted_at)
@@ -499,6 +527,8 @@ pub async fn fault_rounds(
             new_leader: new_leader.map(|m| m + 1),
             term_before,
             term_after,
+            healed_s: healed_at.map(|at| (at - faulted_at).as_secs_f64()),
+            timeline,
         };
         let secs = |v: Option<f64>| v.map_or("-".to_owned(), |s| format!("{s:.3}"));
         report(&format!(
