@@ -521,6 +521,9 @@ impl StepLoop {
             self.drop_gone(now);
             self.admit();
             self.grow();
+            // Before the step too: the step sends tokens, and a client that has its first
+            // token must find the blocks behind it in the gauges (a test scrapes them then).
+            self.publish();
             self.step();
             self.publish();
             if self.running.is_empty() && !self.lanes.is_empty() {
