@@ -516,7 +516,21 @@ async fn a_removed_node_is_refused_and_notices_it_was_removed() {
         removed.tree.peers.snapshot().is_empty().then_some(())
     })
     .await;
-    let refused = leader.transport.refusals().count(Refusal::NotMember);
+    // A heartbeat or pre-vote sent just before the node noticed can still be on its way: the
+    // count to hold still is the one no call already sent can change, i.e. unchanged for
+    // longer than such a call may take (a heartbeat's or a pre-vote's timeout, well under
+    // 500 ms here).
+    let settled = Duration::from_millis(500);
+    let refused = wait_for(
+        "calls sent before the removal was noticed to land",
+        WAIT,
+        || async {
+            let before = leader.transport.refusals().count(Refusal::NotMember);
+            tokio::time::sleep(settled).await;
+            (leader.transport.refusals().count(Refusal::NotMember) == before).then_some(before)
+        },
+    )
+    .await;
     let removed_term = removed.metadata.status().term;
     let mut client = admin(leader, &certs_dir).await;
     // Writes go on for 2 s (many election timeouts); after each, look for any sign of a
