@@ -90,7 +90,7 @@ def parse(path):
     for line in open(path):
         m = re.search(r"tokens=\s*(\d+) batch=\s*(\d+) .*ms/batch=\s*([\d.]+) sentences/sec=\s*([\d.]+)", line)
         if m:
-            rows[(int(m[1]), int(m[2]))] = float(m[4])
+            rows[(int(m[1]), int(m[2]))] = (float(m[3]), float(m[4]))
     return rows
 raw = {e: [parse(os.path.join(out, f"{e}.{r}.txt")) for r in range(1, rounds + 1)] for e in engines}
 gemm = [l.strip() for l in open(os.path.join(out, "troupe_fp32.1.txt")) if l.startswith("gemm")]
