@@ -112,6 +112,41 @@ async fn settings_are_set_read_and_compared_through_any_node() {
     let (_, stderr) = text(&bad_key);
     assert!(!bad_key.status.success());
     assert!(stderr.starts_with("error: INVALID_ARGUMENT: "), "{stderr}");
+
+    // A value too long for a trailer (HTTP/2 bounds a header list) still loses as ABORTED,
+    // with its revision, and without the value.
+    let long = "v".repeat(60_000);
+    let set_long = admin
+        .set_setting(troupe_proto::v1::SetSettingRequest {
+            key: "long".into(),
+            value: long.clone(),
+            expected_revision: None,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let lost_long = admin
+        .set_setting(troupe_proto::v1::SetSettingRequest {
+            key: "long".into(),
+            value: format!("{long}w"),
+            expected_revision: Some(set_long.revision + 7),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(lost_long.code(), tonic::Code::Aborted, "{lost_long:?}");
+    assert_eq!(
+        lost_long
+            .metadata()
+            .get("x-troupe-current-revision")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        Some(set_long.revision.to_string())
+    );
+    assert!(lost_long
+        .metadata()
+        .get_bin("x-troupe-current-value-bin")
+        .is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

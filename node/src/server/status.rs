@@ -123,9 +123,15 @@ impl ServiceError for WatchError {
 /// Metadata on an ABORTED (lost compare-and-set) status: the key's current revision.
 pub const CURRENT_REVISION_HEADER: &str = "x-troupe-current-revision";
 /// Metadata on an ABORTED (lost compare-and-set) status: the key's current value (binary
-/// metadata, the value's UTF-8 bytes); absent when the key does not exist. With the revision
-/// a loser can retry at once, without reading the key back.
+/// metadata, the value's UTF-8 bytes); absent when the key does not exist or the value is
+/// longer than [`MAX_VALUE_TRAILER_BYTES`]. With the revision a loser can retry at once,
+/// without reading the key back.
 pub const CURRENT_VALUE_HEADER: &str = "x-troupe-current-value-bin";
+/// The longest value sent back in [`CURRENT_VALUE_HEADER`]. HTTP/2 peers bound a header list
+/// (16 KiB by default), and a setting may hold 64 KiB: a longer trailer broke the connection
+/// with a protocol error instead of answering ABORTED. A longer value is left out, and the
+/// client reads it back.
+pub const MAX_VALUE_TRAILER_BYTES: usize = 4 * 1024;
 
 pub fn metadata_error(error: MetadataError) -> Status {
     status(&error)
@@ -163,7 +169,7 @@ pub fn write_outcome(outcome: Outcome) -> Result<(u64, bool), Status> {
         } => {
             let mut metadata = tonic::metadata::MetadataMap::new();
             metadata.insert(CURRENT_REVISION_HEADER, current_revision.into());
-            if let Some(value) = current_value {
+            if let Some(value) = current_value.filter(|v| v.len() <= MAX_VALUE_TRAILER_BYTES) {
                 metadata.insert_bin(
                     CURRENT_VALUE_HEADER,
                     tonic::metadata::MetadataValue::from_bytes(value.as_bytes()),

@@ -199,8 +199,8 @@ impl Store {
                 match admin.set_setting(with_timeout(request, timeout)).await {
                     Ok(_) => Ok(None),
                     Err(status) if status.code() == Code::Aborted => {
-                        // The lost write names the key's revision and value, as etcd's Txn
-                        // answer does: no read back.
+                        // The lost write names the key's revision and, when short enough for
+                        // a trailer, its value, as etcd's Txn answer does: no read back.
                         let current = status
                             .metadata()
                             .get("x-troupe-current-revision")
@@ -216,17 +216,14 @@ impl Store {
                             .metadata()
                             .get_bin("x-troupe-current-value-bin")
                             .and_then(|v| v.to_bytes().ok())
-                            .and_then(|v| String::from_utf8(v.to_vec()).ok())
-                            .ok_or_else(|| {
-                                Status::internal(format!(
-                                    "ABORTED without x-troupe-current-value-bin: {}",
-                                    status.message()
-                                ))
-                            })?;
-                        Ok(Some(Current {
-                            mod_revision: current,
-                            value,
-                        }))
+                            .and_then(|v| String::from_utf8(v.to_vec()).ok());
+                        match value {
+                            Some(value) => Ok(Some(Current {
+                                mod_revision: current,
+                                value,
+                            })),
+                            None => self.get(member, key, timeout).await.map(Some),
+                        }
                     }
                     Err(status) => Err(status),
                 }
