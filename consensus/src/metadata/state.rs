@@ -216,8 +216,10 @@ pub fn check_command(command: &Command) -> Result<(), Rejection> {
 }
 
 impl MetadataState {
-    /// The `mod_revision` of the key `command` writes, 0 if it does not exist.
-    pub fn key_revision(&self, command: &Command) -> u64 {
+    /// The key `command` writes, as it stands: its `mod_revision` and its value as the API
+    /// shows it (a setting's value, a task's priority, a model version's state). `None` when
+    /// the key does not exist.
+    pub fn key_current(&self, command: &Command) -> Option<(u64, String)> {
         match command {
             Command::RegisterModelVersion { name, version, .. }
             | Command::SetModelState { name, version, .. }
@@ -225,32 +227,15 @@ impl MetadataState {
                 .models
                 .get(name)
                 .and_then(|versions| versions.get(version))
-                .map_or(0, |r| r.revisions.mod_revision),
-            Command::SetTaskPriority { name, .. } => {
-                self.tasks.get(name).map_or(0, |t| t.revisions.mod_revision)
-            }
+                .map(|r| (r.revisions.mod_revision, r.state.as_str().to_owned())),
+            Command::SetTaskPriority { name, .. } => self
+                .tasks
+                .get(name)
+                .map(|t| (t.revisions.mod_revision, t.priority.to_string())),
             Command::SetSetting { key, .. } => self
                 .settings
                 .get(key)
-                .map_or(0, |s| s.revisions.mod_revision),
-        }
-    }
-
-    /// The current value of the key `command` writes, as the API shows it: a setting's value,
-    /// a task's priority, a model version's state. `None` when the key does not exist.
-    pub fn key_value(&self, command: &Command) -> Option<String> {
-        match command {
-            Command::RegisterModelVersion { name, version, .. }
-            | Command::SetModelState { name, version, .. }
-            | Command::ReportModelReadiness { name, version, .. } => self
-                .models
-                .get(name)
-                .and_then(|versions| versions.get(version))
-                .map(|record| record.state.as_str().to_owned()),
-            Command::SetTaskPriority { name, .. } => {
-                self.tasks.get(name).map(|t| t.priority.to_string())
-            }
-            Command::SetSetting { key, .. } => self.settings.get(key).map(|s| s.value.clone()),
+                .map(|s| (s.revisions.mod_revision, s.value.clone())),
         }
     }
 
@@ -304,12 +289,13 @@ impl MetadataState {
             return Outcome::Rejected { reason };
         }
         if let Some(expected) = proposal.expected_revision {
-            let current = self.key_revision(command);
-            if current != expected {
+            let current = self.key_current(command);
+            let revision = current.as_ref().map_or(0, |(revision, _)| *revision);
+            if revision != expected {
                 return Outcome::Conflict {
                     key: command.key(),
-                    current_revision: current,
-                    current_value: self.key_value(command),
+                    current_revision: revision,
+                    current_value: current.map(|(_, value)| value),
                 };
             }
         }
