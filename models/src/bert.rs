@@ -11,7 +11,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use crate::config::BertConfig;
 use crate::error::ModelError;
 use crate::kernels::int8::QuantizedWeight;
-use crate::kernels::{generic, Activation, EncoderBackend};
+use crate::kernels::packed::PackedWeight;
+use crate::kernels::{generic, Activation, EncoderBackend, HostWeight};
 use crate::precision::Precision;
 
 #[derive(Module, Debug)]
@@ -109,26 +110,42 @@ impl<B: burn::tensor::backend::Backend> BertModel<B> {
     }
 }
 
-/// A linear layer's weight `[in, out]`, in the precision the encoder runs in.
+/// A linear layer's weight `[in, out]`, in the precision and form the encoder runs it in.
 #[derive(Debug, Clone)]
 enum LinearWeight<B: EncoderBackend> {
-    Fp32(Tensor<B, 2>),
+    /// fp32 as a backend tensor (backends that do not pack, such as CUDA).
+    Tensor(Tensor<B, 2>),
+    /// fp32 packed for the host GEMM ([`EncoderBackend::PACKS_WEIGHTS`]).
+    Packed(Arc<PackedWeight>),
     Int8(Arc<QuantizedWeight>),
+}
+
+/// A weight tensor's values on the host, for packing or quantising it.
+fn host_values<B: EncoderBackend>(
+    weight: Tensor<B, 2>,
+    name: &str,
+) -> Result<Vec<f32>, ModelError> {
+    weight
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|error| ModelError::Backend {
+            reason: format!("cannot read weight {name}: {error:?}"),
+        })
 }
 
 impl<B: EncoderBackend> LinearWeight<B> {
     fn new(weight: Tensor<B, 2>, precision: Precision, name: &str) -> Result<Self, ModelError> {
+        let [inner, outer] = weight.dims();
         match precision {
-            Precision::Fp32 => Ok(Self::Fp32(weight)),
+            Precision::Fp32 if !B::PACKS_WEIGHTS => Ok(Self::Tensor(weight)),
+            Precision::Fp32 => Ok(Self::Packed(Arc::new(PackedWeight::pack(
+                &host_values(weight, name)?,
+                inner,
+                outer,
+            )))),
             Precision::Int8 => {
-                let [inner, outer] = weight.dims();
-                let values = weight
-                    .into_data()
-                    .convert::<f32>()
-                    .into_vec::<f32>()
-                    .map_err(|error| ModelError::Backend {
-                        reason: format!("cannot read weight {name} for int8: {error:?}"),
-                    })?;
+                let values = host_values(weight, name)?;
                 let quantized =
                     QuantizedWeight::quantize(&values, inner, outer).map_err(|error| {
                         ModelError::Backend {
@@ -140,11 +157,21 @@ impl<B: EncoderBackend> LinearWeight<B> {
         }
     }
 
+    /// The weight for the host kernels, unless it is a backend tensor.
+    fn host(&self) -> Option<HostWeight<'_>> {
+        match self {
+            Self::Tensor(_) => None,
+            Self::Packed(weight) => Some(HostWeight::Packed(weight)),
+            Self::Int8(weight) => Some(HostWeight::Int8(weight)),
+        }
+    }
+
     /// `activation(x @ W + bias)`.
     fn linear(&self, x: Tensor<B, 2>, bias: Tensor<B, 1>, activation: Activation) -> Tensor<B, 2> {
-        match self {
-            Self::Fp32(weight) => B::fused_linear(x, weight.clone(), bias, activation),
-            Self::Int8(weight) => B::quantized_linear(x, weight, bias, activation),
+        match (self, self.host()) {
+            (_, Some(weight)) => B::host_linear(x, weight, bias, activation),
+            (Self::Tensor(weight), None) => B::fused_linear(x, weight.clone(), bias, activation),
+            (_, None) => unreachable!("only a tensor weight has no host form"),
         }
     }
 }
@@ -205,8 +232,11 @@ impl<B: EncoderBackend> OutputWeights<B> {
     /// `layer_norm(x @ W + bias + residual)`.
     fn apply(&self, x: Tensor<B, 2>, residual: Tensor<B, 2>, epsilon: f64) -> Tensor<B, 2> {
         let (bias, gamma, beta) = (self.bias.clone(), self.gamma.clone(), self.beta.clone());
-        match &self.weight {
-            LinearWeight::Fp32(weight) => B::fused_linear_residual_norm(
+        match (&self.weight, self.weight.host()) {
+            (_, Some(weight)) => {
+                B::host_linear_residual_norm(x, weight, bias, residual, gamma, beta, epsilon)
+            }
+            (LinearWeight::Tensor(weight), None) => B::fused_linear_residual_norm(
                 x,
                 weight.clone(),
                 bias,
@@ -215,9 +245,7 @@ impl<B: EncoderBackend> OutputWeights<B> {
                 beta,
                 epsilon,
             ),
-            LinearWeight::Int8(weight) => {
-                B::quantized_linear_residual_norm(x, weight, bias, residual, gamma, beta, epsilon)
-            }
+            (_, None) => unreachable!("only a tensor weight has no host form"),
         }
     }
 }
@@ -266,12 +294,6 @@ impl PaddedBatch {
 }
 
 impl<B: EncoderBackend> Encoder<B> {
-    /// The fp32 encoder.
-    pub fn from_model(config: &BertConfig, model: &BertModel<B>, device: &B::Device) -> Self {
-        Self::from_model_with_precision(config, model, device, Precision::Fp32)
-            .unwrap_or_else(|_| unreachable!("fp32 keeps the weights as they are"))
-    }
-
     /// The encoder with its linear layers in `precision`; int8 quantises every projection
     /// here, once.
     pub fn from_model_with_precision(

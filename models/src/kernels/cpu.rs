@@ -10,9 +10,10 @@ use burn_flex::{Flex, FlexTensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::int8::{self, QuantizedWeight};
 use super::math::{self, dispatch_simd};
-use super::Activation;
+use super::packed::{self, F32Kernel, PackedWeight};
+use super::pool::{self, SharedSlice};
+use super::{Activation, Epilogue, HostWeight};
 
 /// Rows handed to one rayon task in the row-wise epilogues.
 const ROWS_PER_TASK: usize = 16;
@@ -124,7 +125,7 @@ fn matmul(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
     // threads than computing. One serial GEMM per column slice, one slice per thread, needs
     // a single fork and join.
     let slice = n.div_ceil(threads).next_multiple_of(16);
-    let shared = SharedOut(out.as_mut_ptr());
+    let shared = SharedSlice::new(&mut out);
     (0..n.div_ceil(slice)).into_par_iter().for_each(|part| {
         let start = part * slice;
         let width = slice.min(n - start);
@@ -133,7 +134,7 @@ fn matmul(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
         unsafe {
             gemm_f32(
                 (rows, width, k),
-                shared.at(start),
+                shared.ptr_at(start),
                 n,
                 x.as_ptr(),
                 (k, 1),
@@ -302,23 +303,24 @@ pub fn linear_residual_layer_norm(
     into_tensor(out, [rows, n])
 }
 
-/// [`linear`] with an int8 weight ([`super::int8`]).
-pub fn quantized_linear(
+/// [`linear`] with a weight troupe's kernels multiply ([`HostWeight`]), reading the Flex
+/// tensors in place.
+pub fn host_linear(
     x: Tensor<Flex, 2>,
-    weight: &QuantizedWeight,
+    weight: HostWeight<'_>,
     bias: Tensor<Flex, 1>,
     activation: Activation,
 ) -> Tensor<Flex, 2> {
     let [rows, _] = x.dims();
     let (x, bias) = (Dense::new(x), Dense::new(bias));
-    let out = int8::linear(x.slice(), weight, bias.slice(), activation);
+    let out = weight.matmul(x.slice(), &Epilogue::Bias(bias.slice(), activation));
     into_tensor(out, [rows, weight.outer()])
 }
 
-/// [`linear_residual_layer_norm`] with an int8 weight ([`super::int8`]).
-pub fn quantized_linear_residual_norm(
+/// [`linear_residual_layer_norm`] with a weight troupe's kernels multiply.
+pub fn host_linear_residual_norm(
     x: Tensor<Flex, 2>,
-    weight: &QuantizedWeight,
+    weight: HostWeight<'_>,
     bias: Tensor<Flex, 1>,
     residual: Tensor<Flex, 2>,
     gamma: Tensor<Flex, 1>,
@@ -328,30 +330,17 @@ pub fn quantized_linear_residual_norm(
     let [rows, _] = x.dims();
     let (x, bias, residual) = (Dense::new(x), Dense::new(bias), Dense::new(residual));
     let (gamma, beta) = (Dense::new(gamma), Dense::new(beta));
-    let out = int8::linear_residual_layer_norm(
+    let out = weight.matmul(
         x.slice(),
-        weight,
-        bias.slice(),
-        residual.slice(),
-        gamma.slice(),
-        beta.slice(),
-        epsilon,
+        &Epilogue::ResidualNorm {
+            bias: bias.slice(),
+            residual: residual.slice(),
+            gamma: gamma.slice(),
+            beta: beta.slice(),
+            epsilon: epsilon as f32,
+        },
     );
     into_tensor(out, [rows, weight.outer()])
-}
-
-/// Output pointer shared by the attention tasks; each writes a disjoint block of it.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: the tasks write disjoint (row range, column range) blocks, see `self_attention`.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The element at `offset`; a method so closures capture the whole (Send) wrapper.
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
 }
 
 pub fn self_attention(qkv: Tensor<Flex, 3>, lengths: &[usize], heads: usize) -> Tensor<Flex, 3> {
@@ -367,48 +356,54 @@ pub fn self_attention(qkv: Tensor<Flex, 3>, lengths: &[usize], heads: usize) -> 
     let qkv = Dense::new(qkv);
     let qkv = qkv.slice();
     let mut out = vec![0.0f32; batch * seq * hidden];
-    let shared = SharedOut(out.as_mut_ptr());
+    let shared = SharedSlice::new(&mut out);
 
-    (0..batch * heads).into_par_iter().for_each(|task| {
+    let kernel = F32Kernel::best();
+    pool::run(batch * heads, |task| {
         let (b, h) = (task / heads, task % heads);
         let length = lengths[b];
         if length == 0 {
             return;
         }
-        let base = b * seq * three_hidden;
-        let query = &qkv[base + h * head_dim..];
-        let key = &qkv[base + hidden + h * head_dim..];
-        let value = &qkv[base + 2 * hidden + h * head_dim..];
+        // This head's columns of the sequence's first row; row j of Q, K and V is
+        // `three_hidden` further on, K and V `hidden` and `2 * hidden` to the right.
+        let base = b * seq * three_hidden + h * head_dim;
+        let at = |j: usize, part: usize, c: usize| qkv[base + j * three_hidden + part * hidden + c];
+        // scores = Q K^T, with K^T packed like a weight (`head_dim` × `length`).
+        let keys = PackedWeight::pack_with(head_dim, length, |c, j| at(j, 1, c));
         let mut scores = vec![0.0f32; length * length];
-        // SAFETY: query/key/value rows are read with row stride 3*hidden for `length` rows
-        // and `head_dim` columns, all inside this sequence's block of `qkv`. The context is
-        // written to rows b*seq..b*seq+length, columns h*head_dim..(h+1)*head_dim of `out`:
-        // no two tasks share a (b, h) pair, so their blocks are disjoint.
-        unsafe {
-            // scores = Q K^T: K read transposed through its strides.
-            gemm_f32(
-                (length, length, head_dim),
-                scores.as_mut_ptr(),
-                length,
-                query.as_ptr(),
-                (three_hidden, 1),
-                key.as_ptr(),
-                (1, three_hidden),
-                Parallelism::None,
-            );
-            scaled_softmax_rows_simd(&mut scores, length, scale);
-            // context = P V, written straight into this head's columns of the output rows.
-            gemm_f32(
-                (length, head_dim, length),
-                shared.at(b * seq * hidden + h * head_dim),
-                hidden,
-                scores.as_ptr(),
-                (length, 1),
-                value.as_ptr(),
-                (three_hidden, 1),
-                Parallelism::None,
-            );
-        }
+        packed::product(
+            kernel,
+            &qkv[base..],
+            three_hidden,
+            length,
+            &keys,
+            0..keys.panel_count(),
+            |i, first, sums| scores[i * length + first..][..sums.len()].copy_from_slice(sums),
+        );
+        scaled_softmax_rows_simd(&mut scores, length, scale);
+        // context = P V, written straight into this head's columns of the output rows.
+        let values = PackedWeight::pack_with(length, head_dim, |j, c| at(j, 2, c));
+        packed::product(
+            kernel,
+            &scores,
+            length,
+            length,
+            &values,
+            0..values.panel_count(),
+            |i, first, sums| {
+                // SAFETY: row b*seq+i, columns h*head_dim+first..+sums.len() of `out`: inside
+                // it (i < length <= seq, first + sums.len() <= head_dim), and no two tasks
+                // share a (b, h) pair, so their blocks are disjoint.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        sums.as_ptr(),
+                        shared.ptr_at((b * seq + i) * hidden + h * head_dim + first),
+                        sums.len(),
+                    );
+                }
+            },
+        );
     });
     into_tensor(out, [batch, seq, hidden])
 }

@@ -24,7 +24,9 @@ use rayon::prelude::*;
 
 use super::int8_tiles::{Int8Kernel, TileSums, BLOCK_COLUMNS, GROUP_BYTES, MAX_TILE_ROWS};
 use super::math::dispatch_simd;
-use super::{cpu, Activation};
+use super::packed::Split;
+use super::pool::{self, SharedSlice};
+use super::{Activation, Epilogue};
 
 /// Most rows one rayon task quantises or multiplies.
 const MAX_ROWS_PER_TASK: usize = 48;
@@ -439,51 +441,6 @@ pub fn integer_product(kernel: Int8Kernel, x: &QuantizedRows, w: &QuantizedWeigh
     out
 }
 
-/// Output pointer shared by the GEMM tasks; each writes a disjoint block of it.
-#[derive(Clone, Copy)]
-struct SharedRows(*mut f32);
-// SAFETY: the tasks write disjoint (row range, column range) blocks, see `matmul`.
-unsafe impl Send for SharedRows {}
-unsafe impl Sync for SharedRows {}
-
-impl SharedRows {
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
-
-/// What runs on a task's finished rows.
-enum Epilogue<'a> {
-    Bias(&'a [f32], Activation),
-    ResidualNorm {
-        bias: &'a [f32],
-        residual: &'a [f32],
-        gamma: &'a [f32],
-        beta: &'a [f32],
-        epsilon: f32,
-    },
-}
-
-impl Epilogue<'_> {
-    /// Runs on whole output rows `first_row..`, `rows.len() / width` of them.
-    fn apply(&self, rows: &mut [f32], first_row: usize, width: usize) {
-        match *self {
-            Epilogue::Bias(bias, Activation::None) => cpu::bias_rows_simd(rows, bias),
-            Epilogue::Bias(bias, Activation::Gelu) => cpu::bias_gelu_rows_simd(rows, bias),
-            Epilogue::ResidualNorm {
-                bias,
-                residual,
-                gamma,
-                beta,
-                epsilon,
-            } => {
-                let residual = &residual[first_row * width..first_row * width + rows.len()];
-                cpu::residual_layer_norm_rows_simd(rows, residual, bias, gamma, beta, epsilon);
-            }
-        }
-    }
-}
-
 /// `x @ w` with `kernel`, dequantised into `[rows, outer]`, then `epilogue` on every row.
 fn matmul(
     kernel: Int8Kernel,
@@ -501,83 +458,66 @@ fn matmul(
     if rows == 0 {
         return out;
     }
-    let threads = rayon::current_num_threads().max(1);
-    // Row blocks of whole tiles, about four per thread; few rows also split the columns.
-    let rows_per_task = rows
-        .div_ceil(4 * threads)
-        .next_multiple_of(MAX_TILE_ROWS)
-        .min(MAX_ROWS_PER_TASK);
-    let row_tasks = rows.div_ceil(rows_per_task);
     let blocks = w.blocks();
-    let column_tasks = if row_tasks >= 2 * threads {
-        1
-    } else {
-        (4 * threads).div_ceil(row_tasks).min(blocks)
-    };
-    let blocks_per_task = blocks.div_ceil(column_tasks);
-    let column_tasks = blocks.div_ceil(blocks_per_task);
-    let whole_rows = column_tasks == 1;
-    let shared = SharedRows(out.as_mut_ptr());
+    let split = Split::new(
+        rows,
+        blocks,
+        pool::global().threads(),
+        MAX_TILE_ROWS,
+        MAX_ROWS_PER_TASK,
+    );
+    let shared = SharedSlice::new(&mut out);
 
-    (0..row_tasks * column_tasks)
-        .into_par_iter()
-        .for_each(|task| {
-            let (row_task, column_task) = (task / column_tasks, task % column_tasks);
-            let first_row = row_task * rows_per_task;
-            let task_rows = rows_per_task.min(rows - first_row);
-            let first_block = column_task * blocks_per_task;
-            let last_block = (first_block + blocks_per_task).min(blocks);
-            let mut sums: TileSums = [[0; BLOCK_COLUMNS]; MAX_TILE_ROWS];
-            for block in first_block..last_block {
-                let first_column = block * BLOCK_COLUMNS;
-                let columns = BLOCK_COLUMNS.min(outer - first_column);
-                let column_sums = &w.column_sums[first_column..first_column + columns];
-                let weight_scales = &w.scales[first_column..first_column + columns];
-                for tile_row in (first_row..first_row + task_rows).step_by(MAX_TILE_ROWS) {
-                    let tile_rows = MAX_TILE_ROWS.min(first_row + task_rows - tile_row);
-                    kernel.tile(
-                        &x.values[tile_row * x.stride..],
-                        x.stride,
-                        tile_rows,
-                        w.block(block),
-                        w.groups,
-                        &mut sums,
+    pool::run(split.tasks(), |task| {
+        let (row_task, column_task) = (task / split.column_tasks, task % split.column_tasks);
+        let first_row = row_task * split.rows_per_task;
+        let task_rows = split.rows_per_task.min(rows - first_row);
+        let first_block = column_task * split.units_per_task;
+        let last_block = (first_block + split.units_per_task).min(blocks);
+        let mut sums: TileSums = [[0; BLOCK_COLUMNS]; MAX_TILE_ROWS];
+        for block in first_block..last_block {
+            let first_column = block * BLOCK_COLUMNS;
+            let columns = BLOCK_COLUMNS.min(outer - first_column);
+            let column_sums = &w.column_sums[first_column..first_column + columns];
+            let weight_scales = &w.scales[first_column..first_column + columns];
+            for tile_row in (first_row..first_row + task_rows).step_by(MAX_TILE_ROWS) {
+                let tile_rows = MAX_TILE_ROWS.min(first_row + task_rows - tile_row);
+                kernel.tile(
+                    &x.values[tile_row * x.stride..],
+                    x.stride,
+                    tile_rows,
+                    w.block(block),
+                    w.groups,
+                    &mut sums,
+                );
+                for (r, tile_sums) in sums.iter().enumerate().take(tile_rows) {
+                    let row = tile_row + r;
+                    // SAFETY: row < rows and first_column + columns <= outer, so the slice is
+                    // inside `out`; this task alone writes rows first_row..+task_rows of
+                    // blocks first_block..last_block.
+                    let start = row * outer + first_column;
+                    let out_row = unsafe { shared.range(start..start + columns) };
+                    dequantize_tile_simd(
+                        &tile_sums[..columns],
+                        column_sums,
+                        weight_scales,
+                        (x.scales[row], x.zeros[row]),
+                        x.row_outliers(row),
+                        (&w.exact[first_column..], outer),
+                        out_row,
                     );
-                    for (r, tile_sums) in sums.iter().enumerate().take(tile_rows) {
-                        let row = tile_row + r;
-                        // SAFETY: row < rows and first_column + columns <= outer, so the slice is
-                        // inside `out`; this task alone writes rows first_row..+task_rows of
-                        // blocks first_block..last_block.
-                        let out_row = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                shared.at(row * outer + first_column),
-                                columns,
-                            )
-                        };
-                        dequantize_tile_simd(
-                            &tile_sums[..columns],
-                            column_sums,
-                            weight_scales,
-                            (x.scales[row], x.zeros[row]),
-                            x.row_outliers(row),
-                            (&w.exact[first_column..], outer),
-                            out_row,
-                        );
-                    }
                 }
             }
-            if whole_rows {
-                // SAFETY: this task owns whole rows first_row..first_row + task_rows.
-                let task_out = unsafe {
-                    std::slice::from_raw_parts_mut(shared.at(first_row * outer), task_rows * outer)
-                };
-                epilogue.apply(task_out, first_row, outer);
-            }
-        });
-    if !whole_rows {
-        out.par_chunks_mut(outer * MAX_TILE_ROWS)
-            .enumerate()
-            .for_each(|(chunk, rows)| epilogue.apply(rows, chunk * MAX_TILE_ROWS, outer));
+        }
+        if split.whole_rows() {
+            // SAFETY: this task owns whole rows first_row..first_row + task_rows.
+            let task_out =
+                unsafe { shared.range(first_row * outer..(first_row + task_rows) * outer) };
+            epilogue.apply(task_out, first_row, outer);
+        }
+    });
+    if !split.whole_rows() {
+        epilogue.apply_in_parallel(&mut out, outer);
     }
     out
 }
@@ -586,6 +526,13 @@ dispatch_simd!(
     dequantize_tile,
     (sums: &[i32], column_sums: &[i32], weight_scales: &[f32], row: (f32, i32), outliers: &[(u32, f32)], exact: (&[f32], usize), out: &mut [f32]) -> ()
 );
+
+/// `x @ w` for row-major fp32 `x` `[rows, w.inner()]` (quantised per row here), then
+/// `epilogue`, with the fastest kernel this CPU has.
+pub(crate) fn matmul_f32(x: &[f32], w: &QuantizedWeight, epilogue: &Epilogue<'_>) -> Vec<f32> {
+    let x = QuantizedRows::quantize(x, w.inner, &w.static_channels);
+    matmul(Int8Kernel::best(), &x, w, epilogue)
+}
 
 /// `activation(x @ w + bias)` for row-major `x` `[rows, w.inner()]`, with `kernel`.
 pub fn linear_with(

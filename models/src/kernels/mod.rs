@@ -16,8 +16,11 @@ pub mod generic;
 pub mod int8;
 pub mod int8_tiles;
 pub mod math;
+pub mod packed;
+pub mod pool;
 
 use int8::QuantizedWeight;
+use packed::PackedWeight;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -27,6 +30,82 @@ use burn::tensor::{Tensor, TensorData};
 pub enum Activation {
     None,
     Gelu,
+}
+
+/// What a GEMM driver runs on finished output rows while they are in cache.
+pub enum Epilogue<'a> {
+    /// `activation(row + bias)`.
+    Bias(&'a [f32], Activation),
+    /// `layer_norm(row + bias + residual)`.
+    ResidualNorm {
+        bias: &'a [f32],
+        residual: &'a [f32],
+        gamma: &'a [f32],
+        beta: &'a [f32],
+        epsilon: f32,
+    },
+}
+
+/// Rows per task when an epilogue runs as a step of its own.
+const EPILOGUE_ROWS_PER_TASK: usize = 16;
+
+impl Epilogue<'_> {
+    /// Runs on whole output rows `first_row..`, `rows.len() / width` of them.
+    pub(crate) fn apply(&self, rows: &mut [f32], first_row: usize, width: usize) {
+        match *self {
+            Epilogue::Bias(bias, Activation::None) => cpu::bias_rows_simd(rows, bias),
+            Epilogue::Bias(bias, Activation::Gelu) => cpu::bias_gelu_rows_simd(rows, bias),
+            Epilogue::ResidualNorm {
+                bias,
+                residual,
+                gamma,
+                beta,
+                epsilon,
+            } => {
+                let residual = &residual[first_row * width..first_row * width + rows.len()];
+                cpu::residual_layer_norm_rows_simd(rows, residual, bias, gamma, beta, epsilon);
+            }
+        }
+    }
+
+    /// Panics unless the epilogue fits `[rows, width]` outputs.
+    fn check(&self, rows: usize, width: usize) {
+        let vectors: &[&[f32]] = match self {
+            Epilogue::Bias(bias, _) => &[bias],
+            Epilogue::ResidualNorm {
+                bias,
+                gamma,
+                beta,
+                residual,
+                ..
+            } => {
+                assert_eq!(
+                    residual.len(),
+                    rows * width,
+                    "residual shape differs from output"
+                );
+                &[bias, gamma, beta]
+            }
+        };
+        assert!(
+            vectors.iter().all(|vector| vector.len() == width),
+            "bias, gamma or beta length differs from the weight's outputs"
+        );
+    }
+
+    /// [`Self::apply`] on every row of `out` (`[rows, width]`), in row blocks on the encoder
+    /// pool.
+    pub(crate) fn apply_in_parallel(&self, out: &mut [f32], width: usize) {
+        let block = EPILOGUE_ROWS_PER_TASK * width;
+        let len = out.len();
+        let shared = pool::SharedSlice::new(out);
+        pool::run(len.div_ceil(block), |task| {
+            let start = task * block;
+            // SAFETY: task `t` alone takes elements t*block..(t+1)*block.
+            let rows = unsafe { shared.range(start..(start + block).min(len)) };
+            self.apply(rows, task * EPILOGUE_ROWS_PER_TASK, width);
+        });
+    }
 }
 
 /// A burn backend that can run the encoder, with optional fused versions of its hot ops.
@@ -69,25 +148,29 @@ pub trait EncoderBackend: Backend {
         generic::self_attention(qkv, lengths, heads)
     }
 
-    /// [`Self::fused_linear`] with an int8 weight: `x` is quantised per row, multiplied in
-    /// integers, and dequantised before the epilogue.
-    fn quantized_linear(
+    /// Whether the encoder should pack its fp32 linear weights for [`packed`]'s GEMM at
+    /// load (and call [`Self::host_linear`] with them) rather than keep them as tensors.
+    const PACKS_WEIGHTS: bool = false;
+
+    /// [`Self::fused_linear`] with a weight the host CPU multiplies ([`HostWeight`]).
+    fn host_linear(
         x: Tensor<Self, 2>,
-        weight: &QuantizedWeight,
+        weight: HostWeight<'_>,
         bias: Tensor<Self, 1>,
         activation: Activation,
     ) -> Tensor<Self, 2> {
         let device = x.device();
         let [rows, _] = x.dims();
-        let out = int8::linear(&host(x), weight, &host(bias), activation);
+        let bias = host(bias);
+        let out = weight.matmul(&host(x), &Epilogue::Bias(&bias, activation));
         Tensor::from_data(TensorData::new(out, [rows, weight.outer()]), &device)
     }
 
-    /// [`Self::fused_linear_residual_norm`] with an int8 weight.
+    /// [`Self::fused_linear_residual_norm`] with a weight the host CPU multiplies.
     #[allow(clippy::too_many_arguments)]
-    fn quantized_linear_residual_norm(
+    fn host_linear_residual_norm(
         x: Tensor<Self, 2>,
-        weight: &QuantizedWeight,
+        weight: HostWeight<'_>,
         bias: Tensor<Self, 1>,
         residual: Tensor<Self, 2>,
         gamma: Tensor<Self, 1>,
@@ -96,16 +179,61 @@ pub trait EncoderBackend: Backend {
     ) -> Tensor<Self, 2> {
         let device = x.device();
         let [rows, _] = x.dims();
-        let out = int8::linear_residual_layer_norm(
+        let (bias, residual, gamma, beta) = (host(bias), host(residual), host(gamma), host(beta));
+        let out = weight.matmul(
             &host(x),
-            weight,
-            &host(bias),
-            &host(residual),
-            &host(gamma),
-            &host(beta),
-            epsilon,
+            &Epilogue::ResidualNorm {
+                bias: &bias,
+                residual: &residual,
+                gamma: &gamma,
+                beta: &beta,
+                epsilon: epsilon as f32,
+            },
         );
         Tensor::from_data(TensorData::new(out, [rows, weight.outer()]), &device)
+    }
+}
+
+/// A linear weight `[inner, outer]` that troupe's own kernels multiply on the host CPU.
+#[derive(Debug, Clone, Copy)]
+pub enum HostWeight<'a> {
+    /// fp32, packed in panels ([`packed`]).
+    Packed(&'a PackedWeight),
+    /// int8 per output channel ([`int8`]); the input is quantised per row on the way in.
+    Int8(&'a QuantizedWeight),
+}
+
+impl HostWeight<'_> {
+    pub fn inner(&self) -> usize {
+        match self {
+            Self::Packed(weight) => weight.inner(),
+            Self::Int8(weight) => weight.inner(),
+        }
+    }
+
+    pub fn outer(&self) -> usize {
+        match self {
+            Self::Packed(weight) => weight.outer(),
+            Self::Int8(weight) => weight.outer(),
+        }
+    }
+
+    /// `x @ weight` for row-major `x` `[rows, inner]`, then `epilogue` on every row.
+    ///
+    /// # Panics
+    /// If the epilogue's vectors do not match the weight's outputs; the encoder sizes them
+    /// from the same checkpoint.
+    pub(crate) fn matmul(&self, x: &[f32], epilogue: &Epilogue<'_>) -> Vec<f32> {
+        assert_eq!(
+            x.len() % self.inner().max(1),
+            0,
+            "input is not [rows, inner]"
+        );
+        epilogue.check(x.len() / self.inner().max(1), self.outer());
+        match self {
+            Self::Packed(weight) => packed::matmul(x, weight, epilogue),
+            Self::Int8(weight) => int8::matmul_f32(x, weight, epilogue),
+        }
     }
 }
 
@@ -152,25 +280,27 @@ impl EncoderBackend for burn_flex::Flex {
         cpu::self_attention(qkv, lengths, heads)
     }
 
-    fn quantized_linear(
+    const PACKS_WEIGHTS: bool = true;
+
+    fn host_linear(
         x: Tensor<Self, 2>,
-        weight: &QuantizedWeight,
+        weight: HostWeight<'_>,
         bias: Tensor<Self, 1>,
         activation: Activation,
     ) -> Tensor<Self, 2> {
-        cpu::quantized_linear(x, weight, bias, activation)
+        cpu::host_linear(x, weight, bias, activation)
     }
 
-    fn quantized_linear_residual_norm(
+    fn host_linear_residual_norm(
         x: Tensor<Self, 2>,
-        weight: &QuantizedWeight,
+        weight: HostWeight<'_>,
         bias: Tensor<Self, 1>,
         residual: Tensor<Self, 2>,
         gamma: Tensor<Self, 1>,
         beta: Tensor<Self, 1>,
         epsilon: f64,
     ) -> Tensor<Self, 2> {
-        cpu::quantized_linear_residual_norm(x, weight, bias, residual, gamma, beta, epsilon)
+        cpu::host_linear_residual_norm(x, weight, bias, residual, gamma, beta, epsilon)
     }
 }
 
