@@ -710,7 +710,7 @@ impl Metadata {
     }
 
     /// Waits until this node has applied the log up to `index`.
-    async fn wait_applied_index(
+    pub async fn wait_applied_index(
         &self,
         index: u64,
         timeout: Duration,
@@ -765,8 +765,10 @@ impl Metadata {
         (applied.metadata.clone(), applied.metadata.revision)
     }
 
-    /// sha256 of this node's serialised metadata and the revision it is at. Two nodes at
-    /// the same revision must have the same digest.
+    /// sha256 of this node's serialised metadata (keys and idempotency records) and the log
+    /// index it has applied up to. Two nodes that have applied the same index must have the
+    /// same digest. (Not the same revision: proposals that change nothing take no revision,
+    /// yet their request ids are remembered.)
     pub async fn state_digest(&self) -> (String, u64) {
         use sha2::{Digest, Sha256};
         let applied = self.applied.read().await;
@@ -774,7 +776,7 @@ impl Metadata {
         let bytes = serde_json::to_vec(&applied.metadata).unwrap_or_default();
         (
             hex::encode(Sha256::digest(bytes)),
-            applied.metadata.revision,
+            applied.last_applied.map_or(0, |log_id| log_id.index),
         )
     }
 

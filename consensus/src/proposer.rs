@@ -4,7 +4,7 @@
 //! loop, until that entry is flushed before it takes the next one: one write per flush, however
 //! many clients are waiting. The proposer gathers the proposals that arrive while earlier
 //! batches are in flight into one entry ([`ProposalBatch`]), so one Raft round and one flush
-//! carry all of them. Each proposal still gets its own revision and its own outcome. A lone
+//! carry all of them. Each proposal still gets its own outcome, and each change its own revision. A lone
 //! writer pays one channel hop; under load the batches grow by themselves.
 
 use std::sync::Arc;

@@ -2,7 +2,8 @@
 //! snapshot built and installed into a fresh store at random points, must give exactly the
 //! outcomes and the final state of a small reference model written independently here.
 //! Writes are packed into log entries of random size (as the proposer batches them), with
-//! blank entries in between: a revision counts writes, not entries.
+//! blank entries in between: a revision counts changes, not writes or entries (a rejected
+//! write, a lost compare-and-set, a no-op and a replay take none).
 
 use std::collections::BTreeMap;
 
@@ -130,6 +131,8 @@ impl Reference {
         outcome
     }
 
+    /// `rev` is the revision a change takes, one past the current one; anything that changes
+    /// nothing reports the current one, `rev - 1`.
     fn apply_new(&mut self, rev: u64, command: &Command, expected: Option<u64>) -> Outcome {
         if let Some(expected) = expected {
             let current = self.current(command);
@@ -143,7 +146,7 @@ impl Reference {
         }
         match command {
             Command::SetTaskPriority { name, priority } => match self.tasks.get_mut(name) {
-                Some(t) if t.0 == *priority => Outcome::Unchanged { revision: rev },
+                Some(t) if t.0 == *priority => Outcome::Unchanged { revision: rev - 1 },
                 Some(t) => {
                     t.0 = *priority;
                     t.2 = rev;
@@ -155,7 +158,7 @@ impl Reference {
                 }
             },
             Command::SetSetting { key, value } => match self.settings.get_mut(key) {
-                Some(s) if s.0 == *value => Outcome::Unchanged { revision: rev },
+                Some(s) if s.0 == *value => Outcome::Unchanged { revision: rev - 1 },
                 Some(s) => {
                     s.0 = value.clone();
                     s.2 = rev;
@@ -169,7 +172,7 @@ impl Reference {
             Command::RegisterModelVersion {
                 version, digest, ..
             } => match self.versions.get(version) {
-                Some(v) if v.0 == *digest => Outcome::Unchanged { revision: rev },
+                Some(v) if v.0 == *digest => Outcome::Unchanged { revision: rev - 1 },
                 Some(_) => Outcome::Rejected {
                     reason: rejected_exists(version, &self.versions[version].0),
                 },
@@ -193,7 +196,7 @@ impl Reference {
                 if current == *state
                     || (*state == ModelState::Wanted && current == ModelState::Active)
                 {
-                    return Outcome::Unchanged { revision: rev };
+                    return Outcome::Unchanged { revision: rev - 1 };
                 }
                 // One active version and one rollout per model.
                 if matches!(state, ModelState::Active | ModelState::Wanted) {
@@ -272,18 +275,22 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 expected_revision,
                 request_id,
             } => {
-                revision += 1;
                 pending.proposals.push(Proposal {
                     command: command.clone(),
                     expected_revision,
                     request_id: request_id.map(|id| format!("req-{id}")),
                 });
-                pending.expected.push(reference.apply(
-                    revision,
-                    &command,
-                    expected_revision,
-                    request_id,
-                ));
+                let outcome =
+                    reference.apply(revision + 1, &command, expected_revision, request_id);
+                // Only a change takes a revision (a replay of one reports its first).
+                if outcome
+                    == (Outcome::Applied {
+                        revision: revision + 1,
+                    })
+                {
+                    revision += 1;
+                }
+                pending.expected.push(outcome);
             }
             Step::EndEntry => end_entry(&mut machine, &mut index, &mut pending).await?,
             Step::SnapshotAndRestore => {

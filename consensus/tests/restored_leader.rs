@@ -43,7 +43,14 @@ async fn a_leader_restarted_at_once_reads_every_acknowledged_write() {
     stop_node(&mut nodes[l]).await;
     nodes[l] = start_node_at(leader, &dir, &peer, patient).await;
     troupe_failpoints::configure("").unwrap();
-    let status = nodes[l].metadata.status();
+    // The status reads openraft's metrics, which show the restored vote and log a moment
+    // after the node starts: wait for them, not for an election.
+    let restarted = &nodes[l].metadata;
+    let status = troupe_cluster_wait(|| {
+        let status = restarted.status();
+        (status.term >= term && status.last_log_index > 0).then_some(status)
+    })
+    .await;
     assert!(
         status.role != Role::Leader && status.term == term,
         "the restarted node must be back as a follower of term {term}, before any election: {status:?}"

@@ -62,13 +62,13 @@ where
         .map(|r| r.into_inner().revision)
 }
 
-/// Every node's (digest, revision, term), once they agree on the revision.
+/// Every node's (digest, applied log index, term), once they agree on the index.
 async fn cluster_state(nodes: &[RunningNode]) -> Vec<(String, u64, u64)> {
-    wait_for("the nodes to apply the same revision", WAIT, || async {
+    wait_for("the nodes to apply the same log index", WAIT, || async {
         let mut states = Vec::new();
         for node in nodes {
-            let (digest, revision) = node.metadata.state_digest().await;
-            states.push((digest, revision, node.metadata.status().term));
+            let (digest, index) = node.metadata.state_digest().await;
+            states.push((digest, index, node.metadata.status().term));
         }
         states.iter().all(|s| s.1 == states[0].1).then_some(states)
     })
@@ -579,8 +579,12 @@ async fn a_removed_node_is_refused_and_notices_it_was_removed() {
         )
         .await
         .unwrap();
-    let (_, revision) = leader.metadata.state_digest().await;
-    joiner.metadata.wait_applied(revision, WAIT).await.unwrap();
+    let (_, index) = leader.metadata.state_digest().await;
+    joiner
+        .metadata
+        .wait_applied_index(index, WAIT)
+        .await
+        .unwrap();
     assert_eq!(
         joiner.metadata.state_digest().await,
         leader.metadata.state_digest().await

@@ -1,11 +1,13 @@
 //! The replicated metadata: model versions, task priorities and cluster settings, each key
 //! with etcd-style `create_revision` / `mod_revision`, plus the idempotency table.
 //!
-//! The revision is the write's position in the Raft-ordered sequence of proposals: every
-//! proposal applied takes the next one, whatever its outcome, and entries that carry no
-//! proposal (blank, membership) take none. [`MetadataState::apply`] is a pure function of the
-//! state, the revision and the proposal, so every node that applies the same log holds the same
-//! state, byte for byte once serialised.
+//! The revision counts changes, as etcd's does: a proposal that changes a key takes the next
+//! revision, in Raft log order. A rejected write, a lost compare-and-set, a write of what is
+//! already there and an idempotent replay change nothing and take none; they report the
+//! current revision (a replay, the outcome of its first application). Entries that carry no
+//! proposal (blank, membership) take none either. [`MetadataState::apply`] is a pure function
+//! of the state, the revision and the proposal, so every node that applies the same log holds
+//! the same state, byte for byte once serialised.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -82,7 +84,7 @@ pub struct SettingRecord {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetadataState {
-    /// Revision of the last applied proposal.
+    /// Revision of the last proposal that changed the state.
     pub revision: u64,
     /// model name -> version -> record.
     pub models: BTreeMap<String, BTreeMap<String, ModelVersionRecord>>,
@@ -239,11 +241,11 @@ impl MetadataState {
         }
     }
 
-    /// Applies the next proposal in log order at the next revision; returns that revision and
-    /// the outcome.
+    /// Applies the next proposal in log order; returns the state's revision after it (the next
+    /// one if the proposal changed the state, the current one if not) and the outcome.
     pub fn apply_next(&mut self, proposal: &Proposal) -> (u64, Outcome) {
-        let revision = self.revision + 1;
-        (revision, self.apply(revision, proposal))
+        let outcome = self.apply(self.revision + 1, proposal);
+        (self.revision, outcome)
     }
 
     /// The keys alone (models, tasks, settings) at this state's revision, without the
@@ -258,15 +260,19 @@ impl MetadataState {
         }
     }
 
-    /// Applies a proposal at `revision` (above the current one).
+    /// Applies a proposal at `revision` (above the current one). Only a proposal that changes
+    /// the state moves the state's revision to `revision`; every other outcome reports the
+    /// current revision and leaves it.
     pub fn apply(&mut self, revision: u64, proposal: &Proposal) -> Outcome {
-        self.revision = self.revision.max(revision);
         if let Some(id) = &proposal.request_id {
             if let Some(first) = self.idempotency.get(id) {
                 return first.clone();
             }
         }
         let outcome = self.apply_new(revision, proposal);
+        if matches!(outcome, Outcome::Applied { .. }) {
+            self.revision = self.revision.max(revision);
+        }
         if let Some(id) = &proposal.request_id {
             self.remember(id.clone(), outcome.clone());
         }
@@ -284,6 +290,8 @@ impl MetadataState {
     }
 
     fn apply_new(&mut self, revision: u64, proposal: &Proposal) -> Outcome {
+        // What a write that changes nothing reports: the revision as it stands.
+        let current_revision = self.revision;
         let command = &proposal.command;
         if let Err(reason) = check_command(command) {
             return Outcome::Rejected { reason };
@@ -316,7 +324,9 @@ impl MetadataState {
                         && existing.format == *format
                         && existing.precision == *precision
                     {
-                        return Outcome::Unchanged { revision };
+                        return Outcome::Unchanged {
+                            revision: current_revision,
+                        };
                     }
                     return Outcome::Rejected {
                         reason: Rejection::VersionExists {
@@ -371,7 +381,9 @@ impl MetadataState {
                 let already = record.state == *state
                     || (*state == ModelState::Wanted && record.state == ModelState::Active);
                 if already && record.traffic_weight == weight && record.reason == reason {
-                    return Outcome::Unchanged { revision };
+                    return Outcome::Unchanged {
+                        revision: current_revision,
+                    };
                 }
                 for (other, record) in versions.iter_mut() {
                     if other == version {
@@ -413,12 +425,14 @@ impl MetadataState {
                 else {
                     return unknown_version(name, version);
                 };
-                let unchanged = record
+                let same = record
                     .nodes
                     .get(node_id)
                     .is_some_and(|r| r.state == *state && r.reason == *reason);
-                if unchanged {
-                    return Outcome::Unchanged { revision };
+                if same {
+                    return Outcome::Unchanged {
+                        revision: current_revision,
+                    };
                 }
                 record.nodes.insert(
                     *node_id,
@@ -433,7 +447,9 @@ impl MetadataState {
             Command::SetTaskPriority { name, priority } => {
                 match self.tasks.get_mut(name) {
                     Some(task) if task.priority == *priority => {
-                        return Outcome::Unchanged { revision }
+                        return Outcome::Unchanged {
+                            revision: current_revision,
+                        }
                     }
                     Some(task) => {
                         task.priority = *priority;
@@ -457,7 +473,9 @@ impl MetadataState {
             Command::SetSetting { key, value } => {
                 match self.settings.get_mut(key) {
                     Some(setting) if setting.value == *value => {
-                        return Outcome::Unchanged { revision }
+                        return Outcome::Unchanged {
+                            revision: current_revision,
+                        }
                     }
                     Some(setting) => {
                         setting.value = value.clone();

@@ -42,9 +42,10 @@ fn registering_the_same_bytes_again_is_a_no_op_and_other_bytes_are_refused() {
         state.apply(1, &register("1", DIGEST_A)),
         Outcome::Applied { revision: 1 }
     );
+    // Nothing changes, so no revision is taken: the current one is reported.
     assert_eq!(
         state.apply(2, &register("1", DIGEST_A)),
-        Outcome::Unchanged { revision: 2 }
+        Outcome::Unchanged { revision: 1 }
     );
     let outcome = state.apply(3, &register("1", DIGEST_B));
     assert!(matches!(
@@ -62,7 +63,8 @@ fn registering_the_same_bytes_again_is_a_no_op_and_other_bytes_are_refused() {
         (1, 1)
     );
     assert_eq!(record.state, ModelState::Loading);
-    assert_eq!(state.revision, 3);
+    // Neither the no-op nor the refused write moved the revision.
+    assert_eq!(state.revision, 1);
 }
 
 #[test]
@@ -83,6 +85,8 @@ fn a_stale_expected_revision_loses_and_names_the_current_one() {
     );
     let mut fresh = priority("search", 9);
     fresh.expected_revision = Some(4);
+    // The lost compare-and-set took no revision.
+    assert_eq!(state.revision, 4);
     assert_eq!(state.apply(6, &fresh), Outcome::Applied { revision: 6 });
     assert_eq!(state.tasks["search"].priority, 9);
     assert_eq!(state.tasks["search"].revisions.create_revision, 4);
@@ -98,6 +102,8 @@ fn a_retried_request_id_applies_once_and_returns_the_first_outcome() {
     // The retry arrives after another write: it must not overwrite it.
     assert_eq!(state.apply(3, &first), Outcome::Applied { revision: 1 });
     assert_eq!(state.tasks["chat"].priority, 7);
+    // The replay took no revision either.
+    assert_eq!(state.revision, 2);
     assert_eq!(state.tasks["chat"].revisions.mod_revision, 2);
 }
 
@@ -143,7 +149,7 @@ fn a_rollout_leaves_the_active_version_alone_until_it_completes_or_fails() {
     // Asking for the active version again is a no-op, not a second rollout.
     assert_eq!(
         state.apply(5, &set_state("1", ModelState::Wanted)),
-        Outcome::Unchanged { revision: 5 }
+        Outcome::Unchanged { revision: 4 }
     );
     let mut failed = set_state("2", ModelState::Failed);
     if let Command::SetModelState { reason, .. } = &mut failed.command {
@@ -234,7 +240,7 @@ fn readiness_reports_are_status_they_keep_the_versions_mod_revision() {
     assert_eq!(state.apply(4, &command), Outcome::Applied { revision: 4 });
     assert_eq!(
         state.apply(5, &report("1", 2, NodeModelState::Failed, "out of memory")),
-        Outcome::Unchanged { revision: 5 }
+        Outcome::Unchanged { revision: 4 }
     );
     let record = &state.models["minilm"]["1"];
     assert_eq!(record.revisions.mod_revision, 2);

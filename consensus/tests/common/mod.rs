@@ -140,11 +140,11 @@ pub async fn stop_node(node: &mut TestNode) {
 }
 
 /// Waits until every node has applied `revision`, then returns their digests.
-pub async fn digests_at(nodes: &[&TestNode], revision: u64) -> Vec<(String, u64)> {
+pub async fn digests_at(nodes: &[&TestNode], index: u64) -> Vec<(String, u64)> {
     let mut digests = Vec::new();
     for node in nodes {
         node.metadata
-            .wait_applied(revision, Duration::from_secs(15))
+            .wait_applied_index(index, Duration::from_secs(15))
             .await
             .unwrap();
     }
