@@ -23,4 +23,4 @@ pub mod crash;
 pub mod history;
 pub mod local;
 pub mod runner;
-pub mod wait;
+pub use troupe_wait as wait;

@@ -92,14 +92,11 @@ impl Follower {
         self.raft.shutdown().await.expect("shutdown");
         drop(self.raft);
         drop(self.log);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while self.handles.strong_count() > 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the storage never closed"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let handles = self.handles;
+        troupe_wait::expect("the storage to close", Duration::from_secs(10), || {
+            std::future::ready((handles.strong_count() == 0).then_some(()))
+        })
+        .await;
     }
 }
 

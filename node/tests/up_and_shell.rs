@@ -395,18 +395,14 @@ fn interactive_session(api: &str, dir: &std::path::Path) {
     tmux(&["set-option", "-t", &session, "remain-on-exit", "on"]);
     let screen = || tmux(&["capture-pane", "-p", "-t", &session, "-S", "-200"]);
     let wait_screen = |what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let shown = screen();
-            if shown.contains(what) {
-                return shown;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what:?} never appeared:\n{shown}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        troupe_wait::expect_blocking(
+            &format!("{what:?} on the screen"),
+            Duration::from_secs(30),
+            || {
+                let shown = screen();
+                shown.contains(what).then_some(shown)
+            },
+        )
     };
     wait_screen(&format!("troupe {api}>"));
     // Tab completes the command name.
@@ -429,20 +425,15 @@ fn interactive_session(api: &str, dir: &std::path::Path) {
     // `quit` ends the shell with status 0, its history saved. The pane's shell writes the
     // status to a file: tmux's own record of it (#{pane_dead_status}) stayed empty in a
     // fresh-clone CI run although the pane was dead.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let exit = loop {
-        if let Ok(exit) = std::fs::read_to_string(&exit_file) {
-            if exit.ends_with('\n') {
-                break exit;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the shell did not exit after quit:\n{}",
-            screen()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let exit = troupe_wait::expect_blocking(
+        "the shell to exit after quit",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&exit_file)
+                .ok()
+                .filter(|exit| exit.ends_with('\n'))
+        },
+    );
     assert_eq!(exit, "exit 0\n", "the shell's exit status\n{}", screen());
     let saved = std::fs::read_to_string(history_dir.join("shell_history")).unwrap();
     for typed in ["status", "similar one | one", "raft", "quit"] {

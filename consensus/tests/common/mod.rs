@@ -154,18 +154,10 @@ pub async fn digests_at(nodes: &[&TestNode], index: u64) -> Vec<(String, u64)> {
     digests
 }
 
-/// Polls `condition` every 10 ms for up to 15 s.
+/// Polls `condition` for up to 15 s (the shared helper, [`troupe_wait::expect`]).
 pub async fn troupe_cluster_wait<T>(mut condition: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let mut poll = tokio::time::interval(Duration::from_millis(10));
-    loop {
-        poll.tick().await;
-        if let Some(value) = condition() {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within 15 s"
-        );
-    }
+    troupe_wait::expect("a cluster condition", Duration::from_secs(15), || {
+        std::future::ready(condition())
+    })
+    .await
 }

@@ -111,25 +111,14 @@ pub fn assert_lost_cas(output: &Output, current_revision: u64) {
     );
 }
 
-/// Polls `condition` until it yields `Some`, failing with `what` after `timeout`. Waits on a
-/// condition, never a fixed sleep.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: std::time::Duration, mut condition: F) -> T
+/// Polls `condition` until it yields `Some`, failing with `what` after `timeout`: the shared
+/// helper ([`troupe_wait::expect`]). Waits on a condition, never a fixed sleep.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: std::time::Duration, condition: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(5));
-    loop {
-        if let Some(value) = condition().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tick.tick().await;
-    }
+    troupe_wait::expect(what, timeout, condition).await
 }
 
 /// A one-node cluster on 127.0.0.1 serving `model_dir` as `name` version `1`: registered
