@@ -1,8 +1,10 @@
 //! What the actor tree looks like from outside: each actor's path, kind, mailbox depth and
 //! restart count, for `Admin/ActorTree` and the shell.
 //!
-//! ractor does not expose a mailbox's length, so each actor's typed helpers count the
-//! messages they send and the actor counts the ones it handles; the difference is the depth.
+//! ractor does not expose a mailbox's length, so every message to an actor of the tree is sent
+//! through [`send`], [`send_after`] or [`call`], which count it into the actor's
+//! [`ActorStats`] once it is in the mailbox, and the actor counts the ones it handles; the
+//! difference is the depth.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -30,7 +32,17 @@ impl ActorStats {
     }
 
     pub fn mailbox_depth(&self) -> u64 {
-        self.mailbox.load(Ordering::Relaxed).max(0) as u64
+        let depth = self.mailbox.load(Ordering::Relaxed);
+        // Every send is counted before the message can be handled, so this cannot go below
+        // zero; if it ever does, a message was handled that no helper counted: say so rather
+        // than hide it.
+        u64::try_from(depth).unwrap_or_else(|_| {
+            tracing::warn!(
+                depth,
+                "an actor handled a message that was never counted as sent"
+            );
+            0
+        })
     }
 
     pub fn restarts(&self) -> u64 {
@@ -41,6 +53,47 @@ impl ActorStats {
     fn reset_mailbox(&self) {
         self.mailbox.store(0, Ordering::Relaxed);
     }
+}
+
+/// Sends `message` to `actor`, counted in `stats` (the actor's) while it waits in the mailbox.
+/// A message the actor can no longer take is not counted.
+pub fn send<M: ractor::Message>(
+    actor: &ractor::ActorRef<M>,
+    stats: &ActorStats,
+    message: M,
+) -> Result<(), ractor::MessagingErr<M>> {
+    stats.sent();
+    actor.cast(message).inspect_err(|_| stats.handled())
+}
+
+/// [`send`] after `delay`, from a timer task; the message is made when it is sent.
+pub fn send_after<M: ractor::Message>(
+    actor: &ractor::ActorRef<M>,
+    stats: &Arc<ActorStats>,
+    delay: std::time::Duration,
+    make: impl FnOnce() -> M + Send + 'static,
+) {
+    let (actor, stats) = (actor.clone(), stats.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        // An actor that stopped meanwhile has no use for it.
+        let _ = send(&actor, &stats, make());
+    });
+}
+
+/// `actor.call`, with the request counted in `stats` like [`send`].
+pub async fn call<M: ractor::Message, R: Send + 'static>(
+    actor: &ractor::ActorRef<M>,
+    stats: &ActorStats,
+    build: impl FnOnce(ractor::RpcReplyPort<R>) -> M,
+    timeout: Option<std::time::Duration>,
+) -> Result<ractor::rpc::CallResult<R>, ractor::MessagingErr<M>> {
+    stats.sent();
+    // An error means the request never reached the mailbox; a timeout means it did.
+    actor
+        .call(build, timeout)
+        .await
+        .inspect_err(|_| stats.handled())
 }
 
 /// One row of the tree.
@@ -196,4 +249,77 @@ pub fn spawn_rechecks(
             check();
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ractor::{Actor, ActorProcessingErr, ActorRef};
+    use std::time::Duration;
+
+    /// Handles a message only when its gate opens, counting it as the tree's actors do.
+    struct Gated;
+
+    struct GatedArgs {
+        stats: Arc<ActorStats>,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Actor for Gated {
+        type Msg = u32;
+        type State = GatedArgs;
+        type Arguments = GatedArgs;
+
+        async fn pre_start(
+            &self,
+            _myself: ActorRef<u32>,
+            args: GatedArgs,
+        ) -> Result<GatedArgs, ActorProcessingErr> {
+            Ok(args)
+        }
+
+        async fn handle(
+            &self,
+            _myself: ActorRef<u32>,
+            _message: u32,
+            state: &mut GatedArgs,
+        ) -> Result<(), ActorProcessingErr> {
+            state.gate.acquire().await?.forget();
+            state.stats.handled();
+            Ok(())
+        }
+    }
+
+    async fn depth_reaches(stats: &ActorStats, depth: u64) {
+        troupe_wait::expect(
+            &format!("mailbox depth {depth}"),
+            Duration::from_secs(10),
+            || std::future::ready((stats.mailbox_depth() == depth).then_some(())),
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn every_helper_counts_what_waits_and_nothing_an_actor_cannot_take() {
+        let stats = Arc::new(ActorStats::default());
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let args = GatedArgs {
+            stats: stats.clone(),
+            gate: gate.clone(),
+        };
+        let (actor, handle) = Actor::spawn(None, Gated, args).await.unwrap();
+        for message in 0..3 {
+            send(&actor, &stats, message).unwrap();
+        }
+        send_after(&actor, &stats, Duration::from_millis(1), || 3);
+        // One is being handled (held at the gate), three wait: all four count until handled.
+        depth_reaches(&stats, 4).await;
+        gate.add_permits(4);
+        depth_reaches(&stats, 0).await;
+        actor.stop(None);
+        handle.await.unwrap();
+        // A stopped actor takes nothing, and nothing is counted for it.
+        assert!(send(&actor, &stats, 9).is_err());
+        assert_eq!(stats.mailbox_depth(), 0);
+    }
 }

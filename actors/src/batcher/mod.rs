@@ -24,7 +24,9 @@ use crate::config::ServingConfig;
 use crate::error::ServeError;
 use crate::lanes::Lanes;
 use crate::restart::RestartBudget;
-use crate::stats::{spawn_child, ActorDirectory, ActorStats, OPERATOR_RESTART};
+use crate::stats::{
+    call, send, send_after, spawn_child, ActorDirectory, ActorStats, OPERATOR_RESTART,
+};
 use crate::table::ModelKey;
 use crate::worker::{InferenceWorker, WorkerArgs, WorkerCrashed, WorkerMsg};
 
@@ -145,32 +147,28 @@ impl BatcherHandle {
     /// Queues a job; the answer comes on the job's reply channel. A batcher that is gone
     /// answers `UNAVAILABLE` through the dropped channel.
     pub fn submit(&self, job: EmbedJob) {
-        self.stats.sent();
-        if let Err(error) = self.actor.cast(BatcherMsg::Submit(job)) {
-            self.stats.handled();
-            if let ractor::MessagingErr::SendErr(BatcherMsg::Submit(job)) = error {
-                let _ = job.reply.send(Err(ServeError::Unavailable {
-                    model: self.key.name.clone(),
-                    version: self.key.version.clone(),
-                    reason: "its batcher has stopped".into(),
-                }));
-            }
+        if let Err(ractor::MessagingErr::SendErr(BatcherMsg::Submit(job))) =
+            send(&self.actor, &self.stats, BatcherMsg::Submit(job))
+        {
+            let _ = job.reply.send(Err(ServeError::Unavailable {
+                model: self.key.name.clone(),
+                version: self.key.version.clone(),
+                reason: "its batcher has stopped".into(),
+            }));
         }
     }
 
     /// Queues a generation; its stream comes on the job's event channel. A scheduler that is
     /// gone answers `UNAVAILABLE` on it.
     pub fn generate(&self, job: GenJob) {
-        self.stats.sent();
-        if let Err(error) = self.actor.cast(BatcherMsg::Generate(job)) {
-            self.stats.handled();
-            if let ractor::MessagingErr::SendErr(BatcherMsg::Generate(job)) = error {
-                let _ = job.events.send(GenEvent::Failed(ServeError::Unavailable {
-                    model: self.key.name.clone(),
-                    version: self.key.version.clone(),
-                    reason: "its scheduler has stopped".into(),
-                }));
-            }
+        if let Err(ractor::MessagingErr::SendErr(BatcherMsg::Generate(job))) =
+            send(&self.actor, &self.stats, BatcherMsg::Generate(job))
+        {
+            let _ = job.events.send(GenEvent::Failed(ServeError::Unavailable {
+                model: self.key.name.clone(),
+                version: self.key.version.clone(),
+                reason: "its scheduler has stopped".into(),
+            }));
         }
     }
 
@@ -180,9 +178,8 @@ impl BatcherHandle {
 
     /// Waits until every queued request has been answered (or `timeout` passes).
     pub async fn drain(&self, timeout: Duration) -> bool {
-        self.stats.sent();
         matches!(
-            self.actor.call(BatcherMsg::Drain, Some(timeout)).await,
+            call(&self.actor, &self.stats, BatcherMsg::Drain, Some(timeout)).await,
             Ok(ractor::rpc::CallResult::Success(()))
         )
     }
@@ -388,7 +385,12 @@ impl BatcherState {
                 if self.flush_at.is_none_or(|at| at > due || at < now) {
                     self.flush_at = Some(due);
                     // The timer task runs on its own; its handle is not needed.
-                    drop(myself.send_after(config.max_queue_delay - waited, || BatcherMsg::Flush));
+                    send_after(
+                        myself,
+                        &self.args.stats,
+                        config.max_queue_delay - waited,
+                        || BatcherMsg::Flush,
+                    );
                 }
                 break;
             }
@@ -469,7 +471,7 @@ impl BatcherState {
         myself: &ActorRef<BatcherMsg>,
     ) -> Result<(), ActorProcessingErr> {
         let path = worker_path(&self.args.path, index);
-        self.args.directory.fresh_stats(&path, "inference_worker");
+        let stats = self.args.directory.fresh_stats(&path, "inference_worker");
         let (thread, batches) = std::sync::mpsc::channel();
         let args = WorkerArgs {
             index,
@@ -478,6 +480,8 @@ impl BatcherState {
             model: self.encoder()?,
             max_batch_size: self.args.config.max_batch_size,
             batcher: myself.clone(),
+            batcher_stats: self.args.stats.clone(),
+            stats,
             shared: self.args.shared.clone(),
             batches,
             compute_nice: self.args.config.compute_nice,

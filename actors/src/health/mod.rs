@@ -50,10 +50,7 @@ pub struct Health;
 
 /// Sends `Check` through the stats-counting path.
 pub fn check(actor: &ActorRef<HealthMsg>, stats: &ActorStats) {
-    stats.sent();
-    if actor.cast(HealthMsg::Check).is_err() {
-        stats.handled();
-    }
+    let _ = crate::stats::send(actor, stats, HealthMsg::Check);
 }
 
 impl Actor for Health {

@@ -123,10 +123,7 @@ fn truncate(mut reason: String) -> String {
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 pub fn check(actor: &ActorRef<RolloutMsg>, stats: &ActorStats) {
-    stats.sent();
-    if actor.cast(RolloutMsg::Check).is_err() {
-        stats.handled();
-    }
+    let _ = crate::stats::send(actor, stats, RolloutMsg::Check);
 }
 
 impl RolloutState {
@@ -230,10 +227,7 @@ impl RolloutState {
                     // Not at once: a decision that failed fast would otherwise spin.
                     tokio::time::sleep(RETRY_AFTER).await;
                 }
-                stats.sent();
-                if actor.cast(RolloutMsg::Proposed { key }).is_err() {
-                    stats.handled();
-                }
+                let _ = crate::stats::send(&actor, &stats, RolloutMsg::Proposed { key });
             });
         }
     }

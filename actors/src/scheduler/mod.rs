@@ -32,7 +32,7 @@ use troupe_models::LoadedModel;
 use crate::batcher::{BatcherArgs, BatcherHandle, BatcherMsg, GenEvent, GenJob};
 use crate::error::ServeError;
 use crate::lanes::Lanes;
-use crate::stats::spawn_child;
+use crate::stats::{send, spawn_child, ActorStats};
 
 /// A fixed-bucket histogram, readable without a lock.
 #[derive(Debug)]
@@ -181,6 +181,8 @@ struct StepLoop {
     prefill_chunk: usize,
     shared: Arc<crate::batcher::BatcherShared>,
     actor: ActorRef<BatcherMsg>,
+    /// The actor's mailbox counter.
+    stats: Arc<ActorStats>,
     key: crate::table::ModelKey,
 }
 
@@ -195,7 +197,7 @@ impl StepLoop {
 
     /// One request is over: the actor counts it.
     fn ended(&self) {
-        let _ = self.actor.cast(BatcherMsg::GenerationEnded);
+        let _ = send(&self.actor, &self.stats, BatcherMsg::GenerationEnded);
     }
 
     fn accept(&mut self, job: GenJob) {
@@ -603,9 +605,11 @@ impl SchedulerState {
             prefill_chunk: self.args.config.prefill_chunk,
             shared: self.args.shared.clone(),
             actor: myself.clone(),
+            stats: self.args.stats.clone(),
             key: self.args.key.clone(),
         };
         step_loop.publish();
+        let stats = self.args.stats.clone();
         let nice = self.args.config.compute_nice;
         let actor = myself.clone();
         let stop = self.stop.clone();
@@ -629,7 +633,7 @@ impl SchedulerState {
                     step_loop.fail_all(&format!(
                         "its step loop failed ({reason}); it is being restarted, retry"
                     ));
-                    let _ = actor.cast(BatcherMsg::EngineFailed { reason });
+                    let _ = send(&actor, &stats, BatcherMsg::EngineFailed { reason });
                 }
             })
             .map_err(|e| format!("cannot start the step loop: {e}"))?;

@@ -35,7 +35,7 @@ use crate::peers::{InFlight, PeerTable};
 use crate::restart::RestartBudget;
 use crate::rollout::{RolloutArgs, RolloutController, RolloutMsg};
 use crate::scheduler::Scheduler;
-use crate::stats::{spawn_child, ActorDirectory, ActorInfo, ActorStats, OPERATOR_RESTART};
+use crate::stats::{call, spawn_child, ActorDirectory, ActorInfo, ActorStats, OPERATOR_RESTART};
 use crate::sync::{MetadataSync, SyncArgs, SyncMsg};
 use crate::table::{LocalState, ModelKey, ServingTable};
 
@@ -100,14 +100,13 @@ impl SupervisorHandle {
         key: ModelKey,
         model: LoadedModel,
     ) -> Result<BatcherHandle, String> {
-        self.stats.sent();
-        match self
-            .actor
-            .call(
-                |reply| SupervisorMsg::StartModel { key, model, reply },
-                Some(CALL_TIMEOUT),
-            )
-            .await
+        match call(
+            &self.actor,
+            &self.stats,
+            |reply| SupervisorMsg::StartModel { key, model, reply },
+            Some(CALL_TIMEOUT),
+        )
+        .await
         {
             Ok(ractor::rpc::CallResult::Success(result)) => result,
             Ok(_) => Err("the supervisor did not answer".into()),
@@ -116,14 +115,13 @@ impl SupervisorHandle {
     }
 
     pub async fn stop_model(&self, key: ModelKey) {
-        self.stats.sent();
-        let _ = self
-            .actor
-            .call(
-                |reply| SupervisorMsg::StopModel { key, reply },
-                Some(CALL_TIMEOUT),
-            )
-            .await;
+        let _ = call(
+            &self.actor,
+            &self.stats,
+            |reply| SupervisorMsg::StopModel { key, reply },
+            Some(CALL_TIMEOUT),
+        )
+        .await;
     }
 }
 
@@ -632,11 +630,13 @@ impl ActorTree {
 
     /// Lets every queued request finish (graceful shutdown, step 2).
     pub async fn drain(&self, timeout: Duration) {
-        self.stats.sent();
-        let _ = self
-            .supervisor
-            .call(SupervisorMsg::DrainAll, Some(timeout))
-            .await;
+        let _ = call(
+            &self.supervisor,
+            &self.stats,
+            SupervisorMsg::DrainAll,
+            Some(timeout),
+        )
+        .await;
     }
 
     /// Stops the whole tree and waits for it (graceful shutdown, step 3).

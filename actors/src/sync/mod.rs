@@ -100,10 +100,7 @@ pub struct MetadataSync;
 
 fn notify_changed(actor: &ActorRef<SyncMsg>, stats: &ActorStats, pending: &AtomicBool) {
     if !pending.swap(true, Ordering::AcqRel) {
-        stats.sent();
-        if actor.cast(SyncMsg::Changed).is_err() {
-            stats.handled();
-        }
+        let _ = crate::stats::send(actor, stats, SyncMsg::Changed);
     }
 }
 
@@ -242,10 +239,7 @@ impl SyncState {
                     .unwrap_or_else(|e| Err(format!("the load task failed: {e}"))),
                     Err(reason) => Err(reason),
                 };
-                stats.sent();
-                if actor.cast(SyncMsg::Loaded { key, result }).is_err() {
-                    stats.handled();
-                }
+                let _ = crate::stats::send(&actor, &stats, SyncMsg::Loaded { key, result });
             });
         }
         for key in args.table.local_keys() {
@@ -355,10 +349,7 @@ impl SyncState {
                         false
                     }
                 };
-                stats.sent();
-                if actor.cast(SyncMsg::Reported { key, proposed }).is_err() {
-                    stats.handled();
-                }
+                let _ = crate::stats::send(&actor, &stats, SyncMsg::Reported { key, proposed });
             });
         }
     }
@@ -370,8 +361,7 @@ impl SyncState {
             return;
         }
         self.recheck_at = Some(due);
-        self.args.stats.sent();
-        drop(myself.send_after(delay, || SyncMsg::Recheck));
+        crate::stats::send_after(myself, &self.args.stats, delay, || SyncMsg::Recheck);
     }
 }
 

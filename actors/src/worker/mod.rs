@@ -19,6 +19,7 @@ pub use messages::{WorkerCrashed, WorkerMsg};
 
 use crate::batcher::{Batch, BatcherMsg, BatcherShared, JobResult};
 use crate::error::ServeError;
+use crate::stats::{send, ActorStats};
 use crate::table::ModelKey;
 
 pub struct WorkerArgs {
@@ -28,6 +29,10 @@ pub struct WorkerArgs {
     pub model: Arc<dyn SentenceEmbedder>,
     pub max_batch_size: usize,
     pub batcher: ActorRef<BatcherMsg>,
+    /// The batcher's mailbox counter, for the `WorkerIdle` this worker sends it.
+    pub batcher_stats: Arc<ActorStats>,
+    /// This worker's own mailbox counter.
+    pub stats: Arc<ActorStats>,
     pub shared: Arc<BatcherShared>,
     /// Batches from the batcher, straight to the thread.
     pub batches: mpsc::Receiver<Batch>,
@@ -35,7 +40,9 @@ pub struct WorkerArgs {
     pub compute_nice: i32,
 }
 
-pub struct WorkerState;
+pub struct WorkerState {
+    stats: Arc<ActorStats>,
+}
 
 pub struct InferenceWorker;
 
@@ -50,18 +57,20 @@ impl Actor for InferenceWorker {
         args: WorkerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let name = format!("infer-{}-{}", args.key, args.index);
+        let stats = args.stats.clone();
         std::thread::Builder::new()
             .name(name)
             .spawn(move || thread_main(args, myself))?;
-        Ok(WorkerState)
+        Ok(WorkerState { stats })
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         message: Self::Msg,
-        _state: &mut Self::State,
+        state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        state.stats.handled();
         let WorkerMsg::ThreadDied { at, reason } = message;
         Err(Box::new(WorkerCrashed { at, reason }))
     }
@@ -103,9 +112,8 @@ fn thread_main(args: WorkerArgs, actor: ActorRef<WorkerMsg>) {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }
-                let _ = args
-                    .batcher
-                    .cast(BatcherMsg::WorkerIdle { worker: args.index });
+                let idle = BatcherMsg::WorkerIdle { worker: args.index };
+                let _ = send(&args.batcher, &args.batcher_stats, idle);
                 continue;
             }
             Ok(Err(reason)) => reason,
@@ -122,7 +130,7 @@ fn thread_main(args: WorkerArgs, actor: ActorRef<WorkerMsg>) {
             }));
         }
         args.shared.failed_batch(failed);
-        let _ = actor.cast(WorkerMsg::ThreadDied { at, reason });
+        let _ = send(&actor, &args.stats, WorkerMsg::ThreadDied { at, reason });
         return;
     }
 }
