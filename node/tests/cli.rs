@@ -2,6 +2,8 @@
 //! Uses a tiny seeded model, plus the real all-MiniLM-L6-v2 when it is in the cache
 //! (scripts/test.sh fetches it, so CI always runs that part).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -273,31 +275,12 @@ fn embed_by_model_name_reproduces_the_golden_vectors() {
     assert_close(&rows, &expected, 1e-5);
 }
 
-/// The fetched SmolLM2 directory, or None (the test skips) unless TROUPE_REQUIRE_MODEL says
-/// it must be there.
-fn smollm2() -> Option<PathBuf> {
-    let dir = std::env::var_os("TROUPE_SMOLLM2_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            troupe_models::fetch::model_dir(&troupe_models::fetch::troupe_home(), "smollm2-135m")
-        });
-    if dir.join(troupe_models::fetch::SMOLLM2_GGUF).is_file() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("TROUPE_REQUIRE_MODEL").is_none(),
-        "TROUPE_REQUIRE_MODEL is set but smollm2-135m is not fetched"
-    );
-    eprintln!("skipped: smollm2-135m is not fetched (scripts/test.sh fetches it)");
-    None
-}
-
 /// `troupe generate` with the real SmolLM2: greedy output is the reference's (the first
 /// golden prompt through the chat template, and a raw one from an --input file), a seed
 /// reproduces a sampled text, a stop string ends it, and bad settings are one-line errors.
 #[test]
 fn generate_reproduces_the_reference_and_a_seed_its_sample() {
-    let Some(dir) = smollm2() else { return };
+    let Some(dir) = common::smollm2() else { return };
     let dir = dir.to_str().unwrap();
     let golden: Vec<serde_json::Value> = serde_json::from_str(
         &std::fs::read_to_string(

@@ -16,26 +16,6 @@ const MODEL: &str = "smollm2-135m";
 /// SmolLM2's end-of-sequence token, `<|im_end|>`.
 const EOS: u32 = 2;
 
-/// The fetched SmolLM2 directory, or None (the test skips) unless TROUPE_REQUIRE_MODEL says
-/// it must be there.
-fn smollm2() -> Option<PathBuf> {
-    let dir = std::env::var_os("TROUPE_SMOLLM2_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            troupe_models::fetch::model_dir(&troupe_models::fetch::troupe_home(), MODEL)
-        });
-    if dir.join(troupe_models::fetch::SMOLLM2_GGUF).is_file() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("TROUPE_REQUIRE_MODEL").is_none(),
-        "TROUPE_REQUIRE_MODEL is set but {} holds no SmolLM2 GGUF: run `troupe models fetch smollm2-135m`",
-        dir.display()
-    );
-    eprintln!("SKIPPED: run `troupe models fetch smollm2-135m` or set TROUPE_SMOLLM2_DIR");
-    None
-}
-
 #[derive(serde::Deserialize, Clone)]
 struct Golden {
     prompt: String,

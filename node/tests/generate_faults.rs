@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::*;
 use tonic::Code;
 use troupe_actors::failpoints;
@@ -14,20 +12,7 @@ use troupe_proto::v1::GenerateRequest;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_step_loop_fails_its_streams_and_is_restarted() {
-    let dir = std::env::var_os("TROUPE_SMOLLM2_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            troupe_models::fetch::model_dir(&troupe_models::fetch::troupe_home(), "smollm2-135m")
-        });
-    if !dir.join(troupe_models::fetch::SMOLLM2_GGUF).is_file() {
-        assert!(
-            std::env::var_os("TROUPE_REQUIRE_MODEL").is_none(),
-            "TROUPE_REQUIRE_MODEL is set but {} holds no SmolLM2 GGUF",
-            dir.display()
-        );
-        eprintln!("SKIPPED: run `troupe models fetch smollm2-135m` or set TROUPE_SMOLLM2_DIR");
-        return;
-    }
+    let Some(dir) = smollm2() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let node = serving_node(&tmp, &dir, "smollm2-135m", |_| {}).await;
     let client = inference_client(&node).await;

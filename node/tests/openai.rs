@@ -26,25 +26,6 @@ const PROMPT: &str = "The capital of France is";
 const QUESTION: &str = "What is the capital of France? Answer in one sentence.";
 const TEXTS: [&str; 2] = ["A man is eating food.", "A cat sat on the mat."];
 
-/// The fetched SmolLM2 directory, or None (skipped) unless TROUPE_REQUIRE_MODEL is set.
-fn smollm2() -> Option<PathBuf> {
-    let dir = std::env::var_os("TROUPE_SMOLLM2_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            troupe_models::fetch::model_dir(&troupe_models::fetch::troupe_home(), "smollm2-135m")
-        });
-    if dir.join(troupe_models::fetch::SMOLLM2_GGUF).is_file() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("TROUPE_REQUIRE_MODEL").is_none(),
-        "TROUPE_REQUIRE_MODEL is set but {} holds no SmolLM2 GGUF: run `troupe models fetch smollm2-135m`",
-        dir.display()
-    );
-    eprintln!("SKIPPED: run `troupe models fetch smollm2-135m` or set TROUPE_SMOLLM2_DIR");
-    None
-}
-
 /// The venv's python with the `openai` package, or None (skipped) unless
 /// TROUPE_REQUIRE_MODEL is set.
 fn openai_python() -> Option<PathBuf> {

@@ -268,6 +268,26 @@ pub fn real_model() -> Option<std::path::PathBuf> {
     }
 }
 
+/// The fetched SmolLM2-135M directory (`TROUPE_SMOLLM2_DIR`, else the cache), or None (the
+/// caller skips) unless TROUPE_REQUIRE_MODEL says the run must have it.
+pub fn smollm2() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("TROUPE_SMOLLM2_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            troupe_models::fetch::model_dir(&troupe_models::fetch::troupe_home(), "smollm2-135m")
+        });
+    if dir.join(troupe_models::fetch::SMOLLM2_GGUF).is_file() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("TROUPE_REQUIRE_MODEL").is_none(),
+        "TROUPE_REQUIRE_MODEL is set but {} holds no SmolLM2 GGUF: run `troupe models fetch smollm2-135m`",
+        dir.display()
+    );
+    eprintln!("SKIPPED: run `troupe models fetch smollm2-135m` or set TROUPE_SMOLLM2_DIR");
+    None
+}
+
 /// `troupe models push DIR --name NAME --version V --addr ADDR --quiet`, which must succeed.
 pub async fn push_model(addr: &str, model: &std::path::Path, name: &str, version: &str) {
     let model = model.to_string_lossy().into_owned();
