@@ -376,10 +376,16 @@ impl BatcherState {
                 .map_or(Duration::ZERO, |oldest| {
                     now.duration_since(oldest.max(free_since))
                 });
-            let flush = self.lanes.total_weight() >= config.max_batch_size
-                || waited >= config.max_queue_delay
-                || self.lanes.len() >= self.target_jobs()
-                || !self.drain_waiters.is_empty();
+            let flush = flush_now(
+                Waiting {
+                    weight: self.lanes.total_weight(),
+                    jobs: self.lanes.len(),
+                    waited,
+                },
+                self.target_jobs(),
+                !self.drain_waiters.is_empty(),
+                config,
+            );
             if !flush {
                 let due = now + (config.max_queue_delay - waited);
                 if self.flush_at.is_none_or(|at| at > due || at < now) {
@@ -672,5 +678,80 @@ impl Actor for Batcher {
         state.publish_depths();
         tracing::info!(model = %state.args.key, "batcher stopped");
         Ok(())
+    }
+}
+
+/// What waits for a free worker.
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    /// Texts queued, over every lane.
+    weight: usize,
+    /// Requests queued.
+    jobs: usize,
+    /// How long the oldest has waited, counted from when the worker became free.
+    waited: Duration,
+}
+
+/// The flush rule: a free worker takes a batch now when it is full, when the oldest request
+/// has waited `max_queue_delay`, when as many requests wait as were outstanding at the recent
+/// peak (`target_jobs`: nobody else is coming, so waiting longer only adds latency), or when
+/// a drain is waiting. Otherwise the batcher waits for the batch to fill, at most until the
+/// delay is up.
+fn flush_now(waiting: Waiting, target_jobs: usize, draining: bool, config: &ServingConfig) -> bool {
+    waiting.weight >= config.max_batch_size
+        || waiting.waited >= config.max_queue_delay
+        || waiting.jobs >= target_jobs
+        || draining
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ServingConfig {
+        ServingConfig {
+            max_batch_size: 8,
+            max_queue_delay: Duration::from_millis(5),
+            ..ServingConfig::default()
+        }
+    }
+
+    fn waiting(weight: usize, jobs: usize, waited_ms: u64) -> Waiting {
+        Waiting {
+            weight,
+            jobs,
+            waited: Duration::from_millis(waited_ms),
+        }
+    }
+
+    #[test]
+    fn a_partial_batch_waits_for_more_while_more_are_outstanding() {
+        // 3 of a peak of 16 outstanding requests queued, 1 ms in: more are coming.
+        assert!(!flush_now(waiting(3, 3, 1), 16, false, &config()));
+    }
+
+    #[test]
+    fn a_full_batch_goes_at_once() {
+        // 8 texts fill the batch even from 2 requests, however short the wait.
+        assert!(flush_now(waiting(8, 2, 0), 16, false, &config()));
+    }
+
+    #[test]
+    fn the_oldest_request_never_waits_past_the_delay() {
+        assert!(!flush_now(waiting(1, 1, 4), 16, false, &config()));
+        assert!(flush_now(waiting(1, 1, 5), 16, false, &config()));
+    }
+
+    #[test]
+    fn when_everyone_outstanding_is_queued_the_batch_goes() {
+        // A lone client (peak 1) never waits for company; 4 clients, all queued, neither.
+        assert!(flush_now(waiting(1, 1, 0), 1, false, &config()));
+        assert!(flush_now(waiting(4, 4, 0), 4, false, &config()));
+        assert!(!flush_now(waiting(3, 3, 0), 4, false, &config()));
+    }
+
+    #[test]
+    fn a_waiting_drain_flushes_what_is_queued() {
+        assert!(flush_now(waiting(1, 1, 0), 16, true, &config()));
     }
 }
