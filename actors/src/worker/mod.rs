@@ -191,3 +191,117 @@ fn compute(args: &WorkerArgs, inputs: &[Input]) -> Result<Vec<JobResult>, String
         .map(|r| r.unwrap_or(Err(ServeError::ShuttingDown)))
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use troupe_models::ModelError;
+
+    /// Tokenises anything; its forward pass panics, as a broken engine would.
+    struct BrokenEngine;
+
+    impl SentenceEmbedder for BrokenEngine {
+        fn tokenize(&self, texts: &[String]) -> Result<Vec<Vec<u32>>, ModelError> {
+            Ok(texts.iter().map(|_| vec![101, 102]).collect())
+        }
+
+        fn embed_token_ids(
+            &self,
+            _ids: &[Vec<u32>],
+            _batch_size: usize,
+        ) -> Result<Vec<Vec<f32>>, ModelError> {
+            panic!("the engine broke");
+        }
+
+        fn dimension(&self) -> usize {
+            4
+        }
+    }
+
+    /// Stands in for the batcher: takes its messages and keeps nothing.
+    struct NoBatcher;
+
+    impl Actor for NoBatcher {
+        type Msg = BatcherMsg;
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(
+            &self,
+            _myself: ActorRef<BatcherMsg>,
+            _args: (),
+        ) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+    }
+
+    fn job(
+        text: &str,
+    ) -> (
+        crate::batcher::EmbedJob,
+        tokio::sync::oneshot::Receiver<JobResult>,
+    ) {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = crate::batcher::EmbedJob {
+            texts: vec![text.to_owned()],
+            request_id: format!("req-{text}"),
+            task: String::new(),
+            lane: 0,
+            deadline: None,
+            received: Instant::now(),
+            reply,
+        };
+        (job, answer)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_batch_fails_every_request_in_it_and_then_the_actor() {
+        let (batcher, _) = Actor::spawn(None, NoBatcher, ()).await.unwrap();
+        let (batches, receiver) = mpsc::channel();
+        let shared = Arc::new(BatcherShared::default());
+        let stats = Arc::new(ActorStats::default());
+        let args = WorkerArgs {
+            index: 0,
+            node_id: 1,
+            key: ModelKey {
+                name: "minilm".into(),
+                version: "1".into(),
+            },
+            model: Arc::new(BrokenEngine),
+            max_batch_size: 8,
+            batcher,
+            batcher_stats: Arc::default(),
+            stats: stats.clone(),
+            shared: shared.clone(),
+            batches: receiver,
+            compute_nice: 0,
+        };
+        let (worker, ended) = Actor::spawn(None, InferenceWorker, args).await.unwrap();
+        let (first, first_answer) = job("a");
+        let (second, second_answer) = job("b");
+        batches
+            .send(Batch {
+                id: 1,
+                jobs: vec![first, second],
+            })
+            .unwrap();
+        for answer in [first_answer, second_answer] {
+            match tokio::time::timeout(Duration::from_secs(10), answer).await {
+                Ok(Ok(Err(ServeError::WorkerFailed { reason, .. }))) => {
+                    assert!(reason.contains("the engine broke"), "{reason}");
+                }
+                other => panic!("expected WorkerFailed, got {other:?}"),
+            }
+        }
+        assert_eq!(shared.counters().failed, 2);
+        // The thread reported its death and the actor failed with it, for its supervisor
+        // (the batcher) to restart; the report was counted and handled.
+        tokio::time::timeout(Duration::from_secs(10), ended)
+            .await
+            .expect("the worker actor did not stop")
+            .unwrap();
+        assert!(matches!(worker.get_status(), ractor::ActorStatus::Stopped));
+        assert_eq!(stats.mailbox_depth(), 0);
+    }
+}
