@@ -188,6 +188,24 @@ fn load_and_warm(
     Ok(loaded)
 }
 
+/// Reconcile's rule for a version the cluster wants here: load it when this node has nothing
+/// of it, or when its last load failed and the version's record changed since (an operator
+/// retried it: `failed_at` is the record's revision at the failure). A load in progress or a
+/// loaded version is left alone, and so is a failure nobody has retried.
+fn should_load(local: Option<&LocalState>, failed_at: Option<u64>, mod_revision: u64) -> bool {
+    match local {
+        None => true,
+        Some(LocalState::Failed(_)) => failed_at.is_none_or(|at| mod_revision > at),
+        Some(_) => false,
+    }
+}
+
+/// Reconcile's rule for a version this node holds: unload it once the cluster neither wants it
+/// nor serves it from here, unless its load is still in progress (the load's end decides).
+fn should_unload(still_wanted: bool, serving: bool, local: Option<&LocalState>) -> bool {
+    !still_wanted && !serving && !matches!(local, Some(LocalState::Loading) | None)
+}
+
 impl SyncState {
     async fn reconcile(&mut self, myself: &ActorRef<SyncMsg>) -> Result<(), ActorProcessingErr> {
         let args = &self.args;
@@ -201,15 +219,9 @@ impl SyncState {
             .set_metadata(revision, models, TaskLanes::new(&tasks, args.lanes));
         let wanted = args.table.wanted();
         for (key, record) in &wanted {
-            let retry = match args.table.local(key) {
-                None => true,
-                Some(LocalState::Failed(_)) => self
-                    .failed_at
-                    .get(key)
-                    .is_none_or(|&at| record.revisions.mod_revision > at),
-                Some(_) => false,
-            };
-            if !retry {
+            let local = args.table.local(key);
+            let failed_at = self.failed_at.get(key).copied();
+            if !should_load(local.as_ref(), failed_at, record.revisions.mod_revision) {
                 continue;
             }
             self.failed_at.remove(key);
@@ -244,20 +256,14 @@ impl SyncState {
         }
         for key in args.table.local_keys() {
             let still_wanted = wanted.iter().any(|(k, _)| *k == key);
-            let serving = args.table.serving_version(&key.name);
-            if still_wanted || serving.as_deref() == Some(key.version.as_str()) {
-                continue;
-            }
-            match args.table.local(&key) {
-                Some(LocalState::Loading) | None => {}
-                Some(_) => {
-                    tracing::info!(model = %key, "unloading model version");
-                    args.table.remove_local(&key);
-                    self.failed_at.remove(&key);
-                    // Draining can take a while; reconciling must not wait for it.
-                    let supervisor = args.supervisor.clone();
-                    tokio::spawn(async move { supervisor.stop_model(key).await });
-                }
+            let serving = args.table.serving_version(&key.name).as_deref() == Some(&key.version);
+            if should_unload(still_wanted, serving, args.table.local(&key).as_ref()) {
+                tracing::info!(model = %key, "unloading model version");
+                args.table.remove_local(&key);
+                self.failed_at.remove(&key);
+                // Draining can take a while; reconciling must not wait for it.
+                let supervisor = args.supervisor.clone();
+                tokio::spawn(async move { supervisor.stop_model(key).await });
             }
         }
         self.report_readiness(myself);
@@ -474,5 +480,39 @@ impl Actor for MetadataSync {
     ) -> Result<(), ActorProcessingErr> {
         state.watcher.abort();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed() -> LocalState {
+        LocalState::Failed("out of memory".into())
+    }
+
+    #[test]
+    fn a_wanted_version_loads_when_absent_and_not_twice() {
+        assert!(should_load(None, None, 7));
+        assert!(!should_load(Some(&LocalState::Loading), None, 7));
+    }
+
+    #[test]
+    fn a_failed_load_is_retried_only_after_its_record_changes() {
+        // Failed at revision 7: the same record is not retried (no crash loop)...
+        assert!(!should_load(Some(&failed()), Some(7), 7));
+        // ...an operator's new request (the record moved on) is.
+        assert!(should_load(Some(&failed()), Some(7), 9));
+        // A failure with no revision on record (say, from before a restart) is retried.
+        assert!(should_load(Some(&failed()), None, 7));
+    }
+
+    #[test]
+    fn a_version_unloads_once_neither_wanted_nor_served_and_not_mid_load() {
+        assert!(should_unload(false, false, Some(&failed())));
+        assert!(!should_unload(true, false, Some(&failed())));
+        assert!(!should_unload(false, true, Some(&failed())));
+        assert!(!should_unload(false, false, Some(&LocalState::Loading)));
+        assert!(!should_unload(false, false, None));
     }
 }
