@@ -83,7 +83,7 @@ async fn a_three_node_cluster_through_the_cli() {
         .await
         .unwrap();
 
-    // A write sent to any node is forwarded to the leader and prints the new revision.
+    // A write sent to any node is forwarded to the leader and prints the revision it took.
     let set = troupe(args(&[
         "priorities",
         "set",

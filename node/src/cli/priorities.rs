@@ -9,7 +9,8 @@ use crate::error::CliError;
 
 #[derive(Debug, Subcommand)]
 pub enum PrioritiesCommand {
-    /// Set a task's priority; prints the new revision. A lost CAS exits 3.
+    /// Set a task's priority; prints the revision it applied at (the current one when the
+    /// priority was already so). A lost CAS exits 3.
     Set(SetArgs),
     /// Tasks in scheduling order (priority desc, mod_revision asc, name asc).
     List(ListArgs),

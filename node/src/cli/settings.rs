@@ -9,7 +9,8 @@ use crate::error::CliError;
 
 #[derive(Debug, Subcommand)]
 pub enum SettingsCommand {
-    /// Set a cluster setting; prints the new revision. A lost CAS exits 3.
+    /// Set a cluster setting; prints the revision it applied at (the current one when the
+    /// value was already so). A lost CAS exits 3.
     Set(SetArgs),
     /// One setting's value and revisions. A key never set exits 1 with NOT_FOUND.
     Get(GetArgs),
