@@ -293,16 +293,17 @@ impl InferenceCore {
         let revision = self.tree.table.revision();
         let (candidates, local_error) =
             self.candidates(&request.model, &request.version, &request.task)?;
-        let key: Vec<u8> = if request.routing_key.is_empty() {
-            let mut key = request.prompt.clone().into_bytes();
-            for message in &request.messages {
-                key.extend(message.content.as_bytes());
+        let order = self.order(&candidates, || {
+            if request.routing_key.is_empty() {
+                let mut key = request.prompt.clone().into_bytes();
+                for message in &request.messages {
+                    key.extend(message.content.as_bytes());
+                }
+                key
+            } else {
+                request.routing_key.clone().into_bytes()
             }
-            key
-        } else {
-            request.routing_key.clone().into_bytes()
-        };
-        let order = self.order(&candidates, &key);
+        });
         let mut last_error = local_error;
         for node in order.into_iter().take(self.max_attempts) {
             let now = Instant::now();

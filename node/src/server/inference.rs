@@ -267,14 +267,23 @@ impl InferenceCore {
     }
 
     /// The order to try nodes in for a request with routing `key`.
-    pub(crate) fn order(&self, candidates: &[Candidate], key: &[u8]) -> Vec<u64> {
-        let members: Vec<u64> = match self.router.strategy() {
-            troupe_actors::Strategy::ConsistentHash => std::iter::once(self.node_id)
-                .chain(self.tree.peers.snapshot().iter().map(|p| p.node_id))
-                .collect(),
-            _ => Vec::new(),
+    pub(crate) fn order(
+        &self,
+        candidates: &[Candidate],
+        routing_key: impl FnOnce() -> Vec<u8>,
+    ) -> Vec<u64> {
+        // Only consistent hashing reads the ring and the routing key: the other strategies
+        // never pay for listing the members or joining a request's texts.
+        let (members, key): (Vec<u64>, Vec<u8>) = match self.router.strategy() {
+            troupe_actors::Strategy::ConsistentHash => (
+                std::iter::once(self.node_id)
+                    .chain(self.tree.peers.snapshot().iter().map(|p| p.node_id))
+                    .collect(),
+                routing_key(),
+            ),
+            _ => (Vec::new(), Vec::new()),
         };
-        self.router.order(self.node_id, candidates, &members, key)
+        self.router.order(self.node_id, candidates, &members, &key)
     }
 
     /// The nodes that can serve the request now, this one included when it can.
@@ -319,12 +328,13 @@ impl InferenceCore {
         let revision = self.tree.table.revision();
         let (candidates, local_error) =
             self.candidates(&request.model, &request.version, &request.task)?;
-        let key: Vec<u8> = if request.routing_key.is_empty() {
-            request.texts.join("\u{0}").into_bytes()
-        } else {
-            request.routing_key.clone().into_bytes()
-        };
-        let order = self.order(&candidates, &key);
+        let order = self.order(&candidates, || {
+            if request.routing_key.is_empty() {
+                request.texts.join("\u{0}").into_bytes()
+            } else {
+                request.routing_key.clone().into_bytes()
+            }
+        });
         let mut last_error = local_error;
         for node in order.into_iter().take(self.max_attempts) {
             let now = Instant::now();
