@@ -24,8 +24,7 @@ use rayon::prelude::*;
 
 use super::int8_tiles::{Int8Kernel, TileSums, BLOCK_COLUMNS, GROUP_BYTES, MAX_TILE_ROWS};
 use super::math::dispatch_simd;
-use super::packed::Split;
-use super::pool::{self, SharedSlice};
+use super::packed::split_gemm;
 use super::{Activation, Epilogue};
 
 /// Most rows one rayon task quantises or multiplies.
@@ -453,73 +452,49 @@ fn matmul(
         w.groups * 4,
         "activation width differs from weight"
     );
-    let (rows, outer) = (x.rows, w.outer);
-    let mut out = vec![0.0f32; rows * outer];
-    if rows == 0 {
-        return out;
-    }
-    let blocks = w.blocks();
-    let split = Split::new(
-        rows,
-        blocks,
-        pool::global().threads(),
-        MAX_TILE_ROWS,
-        MAX_ROWS_PER_TASK,
-    );
-    let shared = SharedSlice::new(&mut out);
-
-    pool::run(split.tasks(), |task| {
-        let (row_task, column_task) = (task / split.column_tasks, task % split.column_tasks);
-        let first_row = row_task * split.rows_per_task;
-        let task_rows = split.rows_per_task.min(rows - first_row);
-        let first_block = column_task * split.units_per_task;
-        let last_block = (first_block + split.units_per_task).min(blocks);
-        let mut sums: TileSums = [[0; BLOCK_COLUMNS]; MAX_TILE_ROWS];
-        for block in first_block..last_block {
-            let first_column = block * BLOCK_COLUMNS;
-            let columns = BLOCK_COLUMNS.min(outer - first_column);
-            let column_sums = &w.column_sums[first_column..first_column + columns];
-            let weight_scales = &w.scales[first_column..first_column + columns];
-            for tile_row in (first_row..first_row + task_rows).step_by(MAX_TILE_ROWS) {
-                let tile_rows = MAX_TILE_ROWS.min(first_row + task_rows - tile_row);
-                kernel.tile(
-                    &x.values[tile_row * x.stride..],
-                    x.stride,
-                    tile_rows,
-                    w.block(block),
-                    w.groups,
-                    &mut sums,
-                );
-                for (r, tile_sums) in sums.iter().enumerate().take(tile_rows) {
-                    let row = tile_row + r;
-                    // SAFETY: row < rows and first_column + columns <= outer, so the slice is
-                    // inside `out`; this task alone writes rows first_row..+task_rows of
-                    // blocks first_block..last_block.
-                    let start = row * outer + first_column;
-                    let out_row = unsafe { shared.range(start..start + columns) };
-                    dequantize_tile_simd(
-                        &tile_sums[..columns],
-                        column_sums,
-                        weight_scales,
-                        (x.scales[row], x.zeros[row]),
-                        x.row_outliers(row),
-                        (&w.exact[first_column..], outer),
-                        out_row,
+    let outer = w.outer;
+    split_gemm(
+        (x.rows, outer),
+        w.blocks(),
+        (MAX_TILE_ROWS, MAX_ROWS_PER_TASK),
+        epilogue,
+        |task, shared| {
+            let mut sums: TileSums = [[0; BLOCK_COLUMNS]; MAX_TILE_ROWS];
+            for block in task.units.clone() {
+                let first_column = block * BLOCK_COLUMNS;
+                let columns = BLOCK_COLUMNS.min(outer - first_column);
+                let column_sums = &w.column_sums[first_column..first_column + columns];
+                let weight_scales = &w.scales[first_column..first_column + columns];
+                for tile_row in task.rows.clone().step_by(MAX_TILE_ROWS) {
+                    let tile_rows = MAX_TILE_ROWS.min(task.rows.end - tile_row);
+                    kernel.tile(
+                        &x.values[tile_row * x.stride..],
+                        x.stride,
+                        tile_rows,
+                        w.block(block),
+                        w.groups,
+                        &mut sums,
                     );
+                    for (r, tile_sums) in sums.iter().enumerate().take(tile_rows) {
+                        let row = tile_row + r;
+                        // SAFETY: the row is in this task's rows and the columns in its
+                        // blocks, inside `out`; no other task writes them.
+                        let start = row * outer + first_column;
+                        let out_row = unsafe { shared.range(start..start + columns) };
+                        dequantize_tile_simd(
+                            &tile_sums[..columns],
+                            column_sums,
+                            weight_scales,
+                            (x.scales[row], x.zeros[row]),
+                            x.row_outliers(row),
+                            (&w.exact[first_column..], outer),
+                            out_row,
+                        );
+                    }
                 }
             }
-        }
-        if split.whole_rows() {
-            // SAFETY: this task owns whole rows first_row..first_row + task_rows.
-            let task_out =
-                unsafe { shared.range(first_row * outer..(first_row + task_rows) * outer) };
-            epilogue.apply(task_out, first_row, outer);
-        }
-    });
-    if !split.whole_rows() {
-        epilogue.apply_in_parallel(&mut out, outer);
-    }
-    out
+        },
+    )
 }
 dispatch_simd!(
     dequantize_tile_simd,

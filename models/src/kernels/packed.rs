@@ -310,6 +310,52 @@ pub fn product(
     }
 }
 
+/// One GEMM task's share of the output: its rows and its column units (panels or blocks).
+pub(crate) struct TaskBlock {
+    pub rows: std::ops::Range<usize>,
+    pub units: std::ops::Range<usize>,
+}
+
+/// Runs a GEMM with `rows × outer` outputs on the encoder pool, split by [`Split`] over
+/// `units` column units: `fill` computes one task's block into the shared output (each task's
+/// block is disjoint from every other's), then the epilogue runs on every row, inside the task
+/// when it owns whole rows. The fp32 and int8 GEMMs both run this way.
+pub(crate) fn split_gemm(
+    (rows, outer): (usize, usize),
+    units: usize,
+    (tile_rows, max_rows): (usize, usize),
+    epilogue: &Epilogue<'_>,
+    fill: impl Fn(&TaskBlock, &SharedSlice<'_>) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; rows * outer];
+    if rows == 0 || outer == 0 {
+        return out;
+    }
+    let pool = pool::global();
+    let split = Split::new(rows, units, pool.threads(), tile_rows, max_rows);
+    let shared = SharedSlice::new(&mut out);
+    pool.run(split.tasks(), &|task| {
+        let (row_task, column_task) = (task / split.column_tasks, task % split.column_tasks);
+        let first_row = row_task * split.rows_per_task;
+        let first_unit = column_task * split.units_per_task;
+        let block = TaskBlock {
+            rows: first_row..(first_row + split.rows_per_task).min(rows),
+            units: first_unit..(first_unit + split.units_per_task).min(units),
+        };
+        fill(&block, &shared);
+        if split.whole_rows() {
+            // SAFETY: this task owns whole rows `block.rows`.
+            let task_out =
+                unsafe { shared.range(block.rows.start * outer..block.rows.end * outer) };
+            epilogue.apply(task_out, first_row, outer);
+        }
+    });
+    if !split.whole_rows() {
+        epilogue.apply_in_parallel(&mut out, outer);
+    }
+    out
+}
+
 /// `x @ w` with `kernel` into `[rows, outer]`, then `epilogue` on every row.
 pub fn matmul_with(
     kernel: F32Kernel,
@@ -320,52 +366,29 @@ pub fn matmul_with(
     let (inner, outer) = (w.inner, w.outer);
     assert_eq!(x.len() % inner.max(1), 0, "input is not [rows, inner]");
     let rows = x.len().checked_div(inner).unwrap_or(0);
-    let mut out = vec![0.0f32; rows * outer];
-    if rows == 0 || outer == 0 {
-        return out;
-    }
-    let pool = pool::global();
-    let panels = w.panel_count();
-    let split = Split::new(
-        rows,
-        panels,
-        pool.threads(),
-        MAX_TILE_ROWS,
-        MAX_ROWS_PER_TASK,
-    );
-    let shared = SharedSlice::new(&mut out);
-    pool.run(split.tasks(), &|task| {
-        let (row_task, column_task) = (task / split.column_tasks, task % split.column_tasks);
-        let first_row = row_task * split.rows_per_task;
-        let task_rows = split.rows_per_task.min(rows - first_row);
-        let first_panel = column_task * split.units_per_task;
-        let last_panel = (first_panel + split.units_per_task).min(panels);
-        product(
-            kernel,
-            &x[first_row * inner..],
-            inner,
-            task_rows,
-            w,
-            first_panel..last_panel,
-            |row, first_column, sums| {
-                // SAFETY: first_row + row < rows and first_column + sums.len() <= outer, so
-                // the slice is inside `out`; this task alone writes rows
-                // first_row..+task_rows of panels first_panel..last_panel.
-                let start = (first_row + row) * outer + first_column;
-                unsafe { shared.range(start..start + sums.len()) }.copy_from_slice(sums);
-            },
-        );
-        if split.whole_rows() {
-            // SAFETY: this task owns whole rows first_row..first_row + task_rows.
-            let task_out =
-                unsafe { shared.range(first_row * outer..(first_row + task_rows) * outer) };
-            epilogue.apply(task_out, first_row, outer);
-        }
-    });
-    if !split.whole_rows() {
-        epilogue.apply_in_parallel(&mut out, outer);
-    }
-    out
+    split_gemm(
+        (rows, outer),
+        w.panel_count(),
+        (MAX_TILE_ROWS, MAX_ROWS_PER_TASK),
+        epilogue,
+        |block, shared| {
+            let first_row = block.rows.start;
+            product(
+                kernel,
+                &x[first_row * inner..],
+                inner,
+                block.rows.len(),
+                w,
+                block.units.clone(),
+                |row, first_column, sums| {
+                    // SAFETY: the row is in this task's rows and the columns in its panels,
+                    // inside `out`; no other task writes them.
+                    let start = (first_row + row) * outer + first_column;
+                    unsafe { shared.range(start..start + sums.len()) }.copy_from_slice(sums);
+                },
+            );
+        },
+    )
 }
 
 /// [`matmul_with`] on the fastest kernel.
