@@ -1,5 +1,4 @@
-//! Compiles proto/troupe/v1/*.proto (and the etcd client subset in proto/etcd/) with the
-//! vendored protoc: no system install needed.
+//! Compiles proto/troupe/v1/*.proto with the vendored protoc: no system install needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -16,12 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("troupe_descriptor.bin"))
         .compile_protos(&protos, &["."])?;
-    // etcd's wire API, client stubs only, for `troupe bench raft --etcd`.
-    let etcd = ["etcd/kv_subset.proto"];
-    tonic_prost_build::configure()
-        .build_server(false)
-        .compile_protos(&etcd, &["."])?;
-    for proto in protos.iter().chain(&etcd) {
+    for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
     Ok(())

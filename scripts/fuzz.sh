@@ -8,7 +8,7 @@
 # Each target runs MINUTES (default 10) on its committed corpus in fuzz/corpus/<target>;
 # new inputs are merged back minimised (cargo fuzz cmin), so the corpora can be committed.
 # A crash stops the script with the reproducer under fuzz/artifacts/<target>/.
-# The stable-toolchain replay of the corpora is node/tests/fuzz_corpora.rs (scripts/test.sh).
+# The stable-toolchain replay of the corpora is cli/tests/fuzz_corpora.rs (scripts/test.sh).
 #
 # usage: scripts/fuzz.sh [MINUTES] [TARGET...]
 # env:   TROUPE_FUZZ_TARGET_DIR  where the fuzz build goes (default ~/.cache/troupe-fuzz/target)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The official `openai` Python client in its own venv, for node/tests/openai.rs (which finds
+# The official `openai` Python client in its own venv, for cli/tests/openai.rs (which finds
 # it through TROUPE_OPENAI_PYTHON, or at this default path). Idempotent: an existing venv with
 # the pinned version is kept. Prints the venv's python as its last line.
 #

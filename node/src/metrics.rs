@@ -70,7 +70,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub fn code_label(code: Option<tonic::Code>) -> String {
     match code {
         None => "OK".into(),
-        Some(code) => crate::error::code_name(code).to_owned(),
+        Some(code) => crate::server::status::code_name(code).to_owned(),
     }
 }
 

@@ -1,7 +1,6 @@
 //! troupe-proto: the wire protocol.
 //!
 //! - [`v1`]: the prost messages and tonic services generated from `troupe/v1/*.proto`.
-//! - [`etcd`]: client stubs for the part of etcd's API the Raft benchmark drives.
 //! - [`convert`]: `TryFrom` conversions from wire messages to validated domain values.
 //!   A malformed message is an [`convert::ProtoError`], never a panic.
 //! - [`names`]: the one rule for names, shared with the state machine.
@@ -12,12 +11,6 @@ pub mod names;
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("troupe.v1");
-}
-
-/// Client stubs for the subset of etcd's v3 API that `troupe bench raft --etcd` drives.
-#[allow(clippy::all, clippy::pedantic, missing_docs)]
-pub mod etcd {
-    tonic::include_proto!("etcdserverpb");
 }
 
 /// The encoded `FileDescriptorSet` of every troupe proto, for gRPC server reflection.

@@ -9,6 +9,29 @@ use troupe_consensus::metadata::{Outcome, Rejection};
 use troupe_consensus::{HistoryError, MetadataError, WatchError};
 use troupe_proto::convert::ProtoError;
 
+/// gRPC code names as the spec spells them: `NOT_FOUND`, `ABORTED`, ...
+pub fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 /// An error that knows the gRPC code it is answered with.
 pub trait ServiceError: std::fmt::Display {
     fn code(&self) -> Code;
