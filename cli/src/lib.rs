@@ -141,7 +141,8 @@ pub enum Command {
     /// Task priorities (Raft-ordered).
     #[command(subcommand)]
     Priorities(priorities::PrioritiesCommand),
-    /// Cluster settings (Raft-ordered).
+    /// Cluster settings (Raft-ordered): the request limits change every running node; other
+    /// keys are the cluster's own data.
     #[command(subcommand)]
     Settings(settings::SettingsCommand),
     /// Models: fetch weights into the local cache; push, register, activate, retire and list

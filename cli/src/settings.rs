@@ -10,7 +10,11 @@ use crate::error::CliError;
 #[derive(Debug, Subcommand)]
 pub enum SettingsCommand {
     /// Set a cluster setting; prints the revision it applied at (the current one when the
-    /// value was already so). A lost CAS exits 3.
+    /// value was already so). A lost CAS exits 3. limits.max_texts_per_request,
+    /// limits.max_chars_per_text, limits.request_timeout_ms, limits.max_prompt_chars,
+    /// limits.default_max_tokens, limits.max_tokens, limits.generate_timeout_ms and
+    /// routing.max_attempts change every running node as it applies the write ("" unsets);
+    /// other configuration keys are refused; any other key is the cluster's own data.
     Set(SetArgs),
     /// One setting's value and revisions. A key never set exits 1 with NOT_FOUND.
     Get(GetArgs),

@@ -149,6 +149,126 @@ async fn settings_are_set_read_and_compared_through_any_node() {
         .is_none());
 }
 
+/// A run-time setting (`limits.…`, `routing.max_attempts`) changes every node's limits as
+/// each applies it, and an empty value gives each node its own value back. A key of the
+/// node's configuration that is read only at start is refused before it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn run_time_settings_change_every_node_and_start_time_keys_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, api) = three_nodes(&dir).await;
+    let model = common::tiny_model_dir(&dir);
+    common::serve_everywhere(&nodes, &model, "tiny", "1").await;
+    let two = common::embed_request("tiny", &["one", "two"], "");
+    let one = common::embed_request("tiny", &["one"], "");
+    for node in &nodes {
+        let reply = common::inference_client(node)
+            .await
+            .embed(two.clone())
+            .await
+            .unwrap();
+        assert_eq!(reply.into_inner().embeddings.len(), 2);
+    }
+
+    let set = troupe(&[
+        "settings",
+        "set",
+        "limits.max_texts_per_request",
+        "1",
+        "--addr",
+        &api[1],
+    ])
+    .await;
+    assert!(set.status.success(), "{:?}", text(&set));
+    // Every node, not only the one written to, refuses two texts now, naming the limit.
+    for node in &nodes {
+        common::wait_for(
+            "the node to take the new limit",
+            std::time::Duration::from_secs(10),
+            || async {
+                let refused = common::inference_client(node)
+                    .await
+                    .embed(two.clone())
+                    .await
+                    .err()?;
+                (refused.code() == tonic::Code::InvalidArgument
+                    && refused
+                        .message()
+                        .contains("the limit is 1 (limits.max_texts_per_request)"))
+                .then_some(())
+            },
+        )
+        .await;
+        common::inference_client(node)
+            .await
+            .embed(one.clone())
+            .await
+            .unwrap();
+    }
+
+    // Configuration read at start is refused, naming where it is set instead.
+    let refused = troupe(&[
+        "settings",
+        "set",
+        "limits.max_connections",
+        "9",
+        "--addr",
+        &api[0],
+    ])
+    .await;
+    let (_, stderr) = text(&refused);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.starts_with("error: INVALID_ARGUMENT: ")
+            && stderr.contains("[limits] max_connections")
+            && stderr.contains("limits.max_texts_per_request"),
+        "{stderr}"
+    );
+    let zero = troupe(&[
+        "settings",
+        "set",
+        "routing.max_attempts",
+        "0",
+        "--addr",
+        &api[0],
+    ])
+    .await;
+    let (_, stderr) = text(&zero);
+    assert!(
+        stderr.starts_with("error: INVALID_ARGUMENT: ") && stderr.contains("must be positive"),
+        "{stderr}"
+    );
+    let listed = troupe(&["settings", "list", "--addr", &api[2], "--json"]).await;
+    let listed: serde_json::Value = serde_json::from_str(&text(&listed).0).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+
+    // Unset: each node goes back to its own limit.
+    let unset = troupe(&[
+        "settings",
+        "set",
+        "limits.max_texts_per_request",
+        "",
+        "--addr",
+        &api[2],
+    ])
+    .await;
+    assert!(unset.status.success(), "{:?}", text(&unset));
+    for node in &nodes {
+        common::wait_for(
+            "the node to go back to its own limit",
+            std::time::Duration::from_secs(10),
+            || async {
+                common::inference_client(node)
+                    .await
+                    .embed(two.clone())
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bench_raft_puts_and_compare_and_sets_on_a_real_cluster() {
     let dir = tempfile::tempdir().unwrap();

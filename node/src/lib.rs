@@ -7,6 +7,7 @@
 //!   the OpenAI-compatible HTTP API over Inference (`server::openai`, on `--http`).
 //! - [`forward`]: forwarding requests to peers (their connections, trace context).
 //! - [`gossip`]: heartbeating peers for Health (a connection of its own per peer).
+//! - [`live`]: cluster settings that take effect at run time (request limits, attempts).
 //! - [`metrics`]: the Prometheus series, served on the metrics port.
 //! - [`loader`]: loads model directories onto the configured compute backend.
 //!
@@ -17,6 +18,7 @@ pub mod forward;
 #[doc(hidden)]
 pub mod fuzz_entry;
 pub mod gossip;
+pub mod live;
 pub mod loader;
 pub mod metrics;
 pub mod pull;

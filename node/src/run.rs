@@ -99,6 +99,8 @@ pub struct RunningNode {
     drain_timeout: Duration,
     health_task: JoinHandle<()>,
     metrics_task: JoinHandle<()>,
+    /// Follows the cluster settings for the request limits (`live`).
+    limits_task: JoinHandle<()>,
     api_stop: oneshot::Sender<()>,
     stopping: tokio::sync::watch::Sender<bool>,
     api_task: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -214,10 +216,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     .await
     .map_err(|e| NodeError::Actors(e.to_string()))?;
     let tree = actors.view();
+    let (limits, limits_task) =
+        crate::live::follow(metadata.clone(), crate::live::RequestLimits::of(&config)).await;
     let inference_core = Arc::new(InferenceCore::new(
         config.id,
         tree.clone(),
-        config.limits.clone(),
+        limits,
         RoutingParts {
             router: Router::new(config.routing_strategy()),
             forwarder: Forwarder::new(
@@ -225,7 +229,6 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
                 transport.clone(),
                 config.limits.max_message_bytes,
             ),
-            max_attempts: config.routing.max_attempts,
             backup: config.cluster.backup,
             metrics: node_metrics.clone(),
         },
@@ -395,6 +398,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         actors,
         drain_timeout: Duration::from_millis(config.serving.drain_timeout_ms),
         health_task,
+        limits_task,
         metrics_task,
         api_stop,
         stopping: stopping_tx,
@@ -495,6 +499,7 @@ impl RunningNode {
         self.actors.stop(self.drain_timeout).await;
         self.health_task.abort();
         self.metrics_task.abort();
+        self.limits_task.abort();
         for task in &self.tls_tasks {
             task.abort();
         }

@@ -47,7 +47,7 @@ impl InferenceCore {
     ) -> Result<AdmittedGeneration, Status> {
         let received = Instant::now();
         check_api_version(&request)?;
-        let timeout = Duration::from_millis(self.limits.generate_timeout_ms);
+        let timeout = Duration::from_millis(self.limits.get().generate_timeout_ms);
         let timeout = grpc_timeout(&request).map_or(timeout, |t| t.min(timeout));
         let seed = format!("{}-{:?}", self.node_id, received);
         let trace = TraceContext::of(&request, &seed);
@@ -65,7 +65,7 @@ impl InferenceCore {
     }
 
     fn validate_generate(&self, request: &GenerateRequest) -> Result<(), Status> {
-        let limits = &self.limits;
+        let limits = self.limits.get();
         troupe_proto::convert::check_generate_names(request)
             .map_err(|e| super::status::status(&e))?;
         match (request.prompt.is_empty(), request.messages.is_empty()) {
@@ -124,7 +124,7 @@ impl InferenceCore {
     pub(crate) fn sampling(&self, request: &GenerateRequest) -> SamplingParams {
         SamplingParams {
             max_tokens: if request.max_tokens == 0 {
-                self.limits.default_max_tokens
+                self.limits.get().default_max_tokens
             } else {
                 request.max_tokens as usize
             },
@@ -305,7 +305,7 @@ impl InferenceCore {
             }
         });
         let mut last_error = local_error;
-        for node in order.into_iter().take(self.max_attempts) {
+        for node in order.into_iter().take(self.limits.get().max_attempts) {
             let now = Instant::now();
             if now >= admitted.deadline {
                 return Err(Status::deadline_exceeded(format!(

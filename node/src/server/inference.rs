@@ -13,8 +13,8 @@ use troupe_proto::v1::inference_server::Inference;
 use troupe_proto::v1::{EmbedRequest, EmbedResponse, Embedding};
 
 use super::status::serve_error;
-use crate::config::LimitSettings;
 use crate::forward::{Forwarder, TraceContext, FORWARDED_BY_HEADER, MIN_REVISION_HEADER};
+use crate::live::LiveLimits;
 use crate::metrics::NodeMetrics;
 
 /// Request metadata naming the API version the client speaks.
@@ -27,11 +27,11 @@ pub const SUPPORTED_API_VERSIONS: std::ops::RangeInclusive<u32> = 1..=1;
 pub struct InferenceCore {
     pub(crate) node_id: u64,
     pub(crate) tree: TreeView,
-    pub(crate) limits: LimitSettings,
+    /// The node's request limits and attempts, as cluster settings leave them now.
+    pub(crate) limits: LiveLimits,
     next_request: AtomicU64,
     pub(crate) router: Router,
     pub(crate) forwarder: Forwarder,
-    pub(crate) max_attempts: usize,
     /// This node is a backup: its router tries it after the primaries too.
     backup: bool,
     pub(crate) metrics: Arc<NodeMetrics>,
@@ -45,13 +45,12 @@ pub struct InferenceService(pub Arc<InferenceCore>);
 pub struct RoutingParts {
     pub router: Router,
     pub forwarder: Forwarder,
-    pub max_attempts: usize,
     pub backup: bool,
     pub metrics: Arc<NodeMetrics>,
 }
 
 impl InferenceCore {
-    pub fn new(node_id: u64, tree: TreeView, limits: LimitSettings, routing: RoutingParts) -> Self {
+    pub fn new(node_id: u64, tree: TreeView, limits: LiveLimits, routing: RoutingParts) -> Self {
         Self {
             node_id,
             tree,
@@ -59,7 +58,6 @@ impl InferenceCore {
             next_request: AtomicU64::new(1),
             router: routing.router,
             forwarder: routing.forwarder,
-            max_attempts: routing.max_attempts.max(1),
             backup: routing.backup,
             metrics: routing.metrics,
         }
@@ -103,7 +101,7 @@ pub(crate) fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
 
 impl InferenceCore {
     fn validate(&self, request: &EmbedRequest) -> Result<(), Status> {
-        let limits = &self.limits;
+        let limits = self.limits.get();
         troupe_proto::convert::check_embed_names(request).map_err(|e| super::status::status(&e))?;
         if request.texts.is_empty() {
             return Err(Status::invalid_argument(
@@ -163,7 +161,7 @@ impl InferenceCore {
     pub(crate) fn admit(&self, request: Request<EmbedRequest>) -> Result<Admitted, Status> {
         let received = Instant::now();
         check_api_version(&request)?;
-        let timeout = Duration::from_millis(self.limits.request_timeout_ms);
+        let timeout = Duration::from_millis(self.limits.get().request_timeout_ms);
         let timeout = grpc_timeout(&request).map_or(timeout, |t| t.min(timeout));
         let forwarded_by = request
             .metadata()
@@ -336,7 +334,7 @@ impl InferenceCore {
             }
         });
         let mut last_error = local_error;
-        for node in order.into_iter().take(self.max_attempts) {
+        for node in order.into_iter().take(self.limits.get().max_attempts) {
             let now = Instant::now();
             if now >= admitted.deadline {
                 return Err(Status::deadline_exceeded(format!(

@@ -441,6 +441,8 @@ impl Admin for AdminService {
                 self.max_setting_value_bytes
             )));
         }
+        crate::live::check(&request.key, &request.value)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let command = Command::SetSetting {
             key: request.key,
             value: request.value,
