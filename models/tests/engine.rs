@@ -4,7 +4,8 @@
 use std::path::Path;
 
 use burn::tensor::{Distribution, Tensor};
-use troupe_models::kernels::{cpu, generic, Activation};
+use troupe_models::kernels::packed::PackedWeight;
+use troupe_models::kernels::{cpu, generic, Activation, HostWeight};
 use troupe_models::{cpu_device, write_tiny_model_dir, CpuBackend, Embedder, ModelError};
 
 type B = CpuBackend;
@@ -91,16 +92,27 @@ fn random1(len: usize) -> Tensor<B, 1> {
     Tensor::random([len], Distribution::Uniform(-1.0, 1.0), &cpu_device())
 }
 
+/// `w` (`[k, n]`) packed the way the encoder packs its weights at load.
+fn packed(w: &Tensor<B, 2>) -> PackedWeight {
+    let [k, n] = w.dims();
+    PackedWeight::pack(&w.clone().into_data().to_vec::<f32>().unwrap(), k, n)
+}
+
 fn max_abs(a: Tensor<B, 2>, b: Tensor<B, 2>) -> f32 {
     (a - b).abs().max().into_scalar()
 }
 
 #[test]
-fn fused_linear_matches_the_generic_path() {
+fn packed_linear_matches_the_generic_path() {
     for (rows, k, n) in [(1, 8, 8), (37, 48, 96), (300, 64, 200)] {
         let (x, w, b) = (random([rows, k]), random([k, n]), random1(n));
         for activation in [Activation::None, Activation::Gelu] {
-            let fused = cpu::linear(x.clone(), w.clone(), b.clone(), activation);
+            let fused = cpu::host_linear(
+                x.clone(),
+                HostWeight::Packed(&packed(&w)),
+                b.clone(),
+                activation,
+            );
             let plain = generic::linear(x.clone(), w.clone(), b.clone(), activation);
             let difference = max_abs(fused, plain);
             assert!(
@@ -112,13 +124,13 @@ fn fused_linear_matches_the_generic_path() {
 }
 
 #[test]
-fn fused_residual_layer_norm_matches_the_generic_path() {
+fn packed_residual_layer_norm_matches_the_generic_path() {
     let (rows, k, n) = (53, 40, 72);
     let (x, w, b) = (random([rows, k]), random([k, n]), random1(n));
     let (residual, gamma, beta) = (random([rows, n]), random1(n), random1(n));
-    let fused = cpu::linear_residual_layer_norm(
+    let fused = cpu::host_linear_residual_norm(
         x.clone(),
-        w.clone(),
+        HostWeight::Packed(&packed(&w)),
         b.clone(),
         residual.clone(),
         gamma.clone(),

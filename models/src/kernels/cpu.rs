@@ -1,28 +1,17 @@
 //! Fused CPU kernels for the `Flex` backend.
 //!
 //! Every op here does in one pass over memory what the generic path does in three to five:
-//! the GEMM writes its output once and the epilogue (bias, GELU, residual, layer norm)
-//! runs on each row while it is still in cache. Work is spread over rayon's pool; GEMMs use
-//! the same `gemm` crate Flex's own matmul uses.
+//! the GEMM (troupe's packed tiles, [`super::packed`], or int8, [`super::int8`]) writes its
+//! output once and the epilogue (bias, GELU, residual, layer norm) runs on each row while it
+//! is still in cache. Work is spread over the encoder pool ([`super::pool`]).
 
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
-use gemm::{gemm, Parallelism};
-use rayon::prelude::*;
 
 use super::math::{self, dispatch_simd};
 use super::packed::{self, F32Kernel, PackedWeight};
 use super::pool::{self, SharedSlice};
 use super::{Activation, Epilogue, HostWeight};
-
-/// Rows handed to one rayon task in the row-wise epilogues.
-const ROWS_PER_TASK: usize = 16;
-
-/// Below this many multiply-adds a GEMM runs on one thread.
-const SERIAL_GEMM_WORK: usize = 1 << 16;
-
-/// From this many rows on, gemm's own blocked threading beats splitting by columns.
-const LARGE_GEMM_ROWS: usize = 512;
 
 /// A contiguous f32 copy-free view of a Flex tensor (copies only if it is strided).
 struct Dense {
@@ -52,102 +41,6 @@ fn into_tensor<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<Flex
     Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
-/// `dst[m, n] = lhs[m, k] @ rhs[k, n]` for strided f32 matrices; `dst` rows are contiguous.
-///
-/// # Safety
-/// Every pointer, offset by its strides over the given shape, must stay inside its buffer,
-/// and `dst` must not alias `lhs` or `rhs`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_f32(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_row_stride: usize,
-    lhs: *const f32,
-    (lhs_row_stride, lhs_col_stride): (usize, usize),
-    rhs: *const f32,
-    (rhs_row_stride, rhs_col_stride): (usize, usize),
-    parallelism: Parallelism,
-) {
-    gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_row_stride as isize,
-        false,
-        lhs,
-        lhs_col_stride as isize,
-        lhs_row_stride as isize,
-        rhs,
-        rhs_col_stride as isize,
-        rhs_row_stride as isize,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        parallelism,
-    );
-}
-
-/// `out[rows, n] = x[rows, k] @ w[k, n]`, multi-threaded inside the GEMM.
-fn matmul(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
-    assert_eq!(x.len(), rows * k, "linear: input is not [rows, in]");
-    assert_eq!(w.len(), k * n, "linear: weight is not [in, out]");
-    let mut out = vec![0.0f32; rows * n];
-    let threads = rayon::current_num_threads();
-    let whole = if threads == 1 || rows * n * k <= SERIAL_GEMM_WORK {
-        Some(Parallelism::None)
-    } else if rows >= LARGE_GEMM_ROWS {
-        Some(Parallelism::Rayon(threads))
-    } else {
-        None
-    };
-    if let Some(parallelism) = whole {
-        // SAFETY: the buffers have the lengths asserted above; the strides describe
-        // row-major matrices of exactly those shapes.
-        unsafe {
-            gemm_f32(
-                (rows, n, k),
-                out.as_mut_ptr(),
-                n,
-                x.as_ptr(),
-                (k, 1),
-                w.as_ptr(),
-                (n, 1),
-                parallelism,
-            );
-        }
-        return out;
-    }
-    // Few rows: gemm's own threading synchronises per block and spends more time waking
-    // threads than computing. One serial GEMM per column slice, one slice per thread, needs
-    // a single fork and join.
-    let slice = n.div_ceil(threads).next_multiple_of(16);
-    let shared = SharedSlice::new(&mut out);
-    (0..n.div_ceil(slice)).into_par_iter().for_each(|part| {
-        let start = part * slice;
-        let width = slice.min(n - start);
-        // SAFETY: each task writes columns start..start+width of every output row, disjoint
-        // from every other task's; reads stay inside `x` and columns of `w` it owns.
-        unsafe {
-            gemm_f32(
-                (rows, width, k),
-                shared.ptr_at(start),
-                n,
-                x.as_ptr(),
-                (k, 1),
-                w.as_ptr().add(start),
-                (n, 1),
-                Parallelism::None,
-            );
-        }
-    });
-    out
-}
-
-#[inline(always)]
 fn bias_gelu_rows(rows: &mut [f32], bias: &[f32]) {
     for row in rows.chunks_exact_mut(bias.len()) {
         for (value, b) in row.iter_mut().zip(bias) {
@@ -254,57 +147,8 @@ dispatch_simd!(
     (scores: &mut [f32], width: usize, scale: f32) -> ()
 );
 
-pub fn linear(
-    x: Tensor<Flex, 2>,
-    weight: Tensor<Flex, 2>,
-    bias: Tensor<Flex, 1>,
-    activation: Activation,
-) -> Tensor<Flex, 2> {
-    let [rows, k] = x.dims();
-    let [_, n] = weight.dims();
-    let (x, weight, bias) = (Dense::new(x), Dense::new(weight), Dense::new(bias));
-    let bias = bias.slice();
-    let mut out = matmul(x.slice(), weight.slice(), rows, k, n);
-    out.par_chunks_mut(n * ROWS_PER_TASK)
-        .for_each(|chunk| match activation {
-            Activation::None => bias_rows_simd(chunk, bias),
-            Activation::Gelu => bias_gelu_rows_simd(chunk, bias),
-        });
-    into_tensor(out, [rows, n])
-}
-
-pub fn linear_residual_layer_norm(
-    x: Tensor<Flex, 2>,
-    weight: Tensor<Flex, 2>,
-    bias: Tensor<Flex, 1>,
-    residual: Tensor<Flex, 2>,
-    gamma: Tensor<Flex, 1>,
-    beta: Tensor<Flex, 1>,
-    epsilon: f64,
-) -> Tensor<Flex, 2> {
-    let [rows, k] = x.dims();
-    let [_, n] = weight.dims();
-    assert_eq!(
-        residual.dims(),
-        [rows, n],
-        "residual shape differs from output"
-    );
-    let (x, weight) = (Dense::new(x), Dense::new(weight));
-    let (bias, residual) = (Dense::new(bias), Dense::new(residual));
-    let (gamma, beta) = (Dense::new(gamma), Dense::new(beta));
-    let (bias, residual, gamma, beta) =
-        (bias.slice(), residual.slice(), gamma.slice(), beta.slice());
-    let mut out = matmul(x.slice(), weight.slice(), rows, k, n);
-    out.par_chunks_mut(n * ROWS_PER_TASK)
-        .zip(residual.par_chunks(n * ROWS_PER_TASK))
-        .for_each(|(chunk, residual_chunk)| {
-            residual_layer_norm_rows_simd(chunk, residual_chunk, bias, gamma, beta, epsilon as f32)
-        });
-    into_tensor(out, [rows, n])
-}
-
-/// [`linear`] with a weight troupe's kernels multiply ([`HostWeight`]), reading the Flex
-/// tensors in place.
+/// `x @ weight + bias`, then `activation`, with a weight troupe's kernels multiply
+/// ([`HostWeight`]), reading the Flex tensors in place.
 pub fn host_linear(
     x: Tensor<Flex, 2>,
     weight: HostWeight<'_>,
@@ -317,7 +161,7 @@ pub fn host_linear(
     into_tensor(out, [rows, weight.outer()])
 }
 
-/// [`linear_residual_layer_norm`] with a weight troupe's kernels multiply.
+/// `layer_norm(x @ weight + bias + residual)` with a weight troupe's kernels multiply.
 pub fn host_linear_residual_norm(
     x: Tensor<Flex, 2>,
     weight: HostWeight<'_>,

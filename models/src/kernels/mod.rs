@@ -251,27 +251,8 @@ fn host<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
 }
 
 impl EncoderBackend for burn_flex::Flex {
-    fn fused_linear(
-        x: Tensor<Self, 2>,
-        weight: Tensor<Self, 2>,
-        bias: Tensor<Self, 1>,
-        activation: Activation,
-    ) -> Tensor<Self, 2> {
-        cpu::linear(x, weight, bias, activation)
-    }
-
-    fn fused_linear_residual_norm(
-        x: Tensor<Self, 2>,
-        weight: Tensor<Self, 2>,
-        bias: Tensor<Self, 1>,
-        residual: Tensor<Self, 2>,
-        gamma: Tensor<Self, 1>,
-        beta: Tensor<Self, 1>,
-        epsilon: f64,
-    ) -> Tensor<Self, 2> {
-        cpu::linear_residual_layer_norm(x, weight, bias, residual, gamma, beta, epsilon)
-    }
-
+    // Flex packs its weights (PACKS_WEIGHTS): its linear layers run through host_linear and
+    // host_linear_residual_norm below, never through fused_linear.
     fn fused_self_attention(
         qkv: Tensor<Self, 3>,
         lengths: &[usize],
