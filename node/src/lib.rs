@@ -1,6 +1,7 @@
 //! troupe-node: the node runtime, as a library. The `troupe` command line (the `troupe` crate,
 //! `cli/`) starts a node with [`run()`]; tests start them in-process with [`start`].
 //!
+//! - [`background`]: the node's background tasks, one shutdown signal and completion guards.
 //! - [`config`]: node configuration (TOML, then `TROUPE_*` environment, then flags).
 //! - [`run`]: [`run()`] and [`start`], how a node starts and stops.
 //! - [`server`]: the gRPC services (Inference, Admin), the one error-to-status table, and
@@ -13,6 +14,7 @@
 //!
 //! - `fuzz_entry`: the edges the fuzz targets in `fuzz/` drive (hidden from the docs).
 
+pub mod background;
 pub mod config;
 pub mod forward;
 #[doc(hidden)]

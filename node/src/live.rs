@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use troupe_consensus::metadata::{Change, ChangeValue, MetadataState};
 use troupe_consensus::{Metadata, WatchEvent};
 
@@ -244,13 +243,19 @@ fn settings_of(state: &MetadataState) -> BTreeMap<String, String> {
 }
 
 /// Follows the cluster settings: the limits start as `base` overlaid with the settings the
-/// node has applied, and change as each setting write applies here. The node aborts the task
-/// as it stops.
-pub async fn follow(metadata: Arc<Metadata>, base: RequestLimits) -> (LiveLimits, JoinHandle<()>) {
+/// node has applied, and change as each setting write applies here, while the returned future
+/// runs (the node runs it as a background task, until it stops).
+pub async fn follow(
+    metadata: Arc<Metadata>,
+    base: RequestLimits,
+) -> (
+    LiveLimits,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let (state, revision) = metadata.snapshot_state().await;
     let mut settings = settings_of(&state);
     let (sender, receiver) = watch::channel(overlay(base, &settings));
-    let task = tokio::spawn(async move {
+    let task = async move {
         let mut watch = metadata.watch_resyncing(revision + 1);
         loop {
             match watch.next().await {
@@ -277,7 +282,7 @@ pub async fn follow(metadata: Arc<Metadata>, base: RequestLimits) -> (LiveLimits
                 changed
             });
         }
-    });
+    };
     (LiveLimits(receiver), task)
 }
 

@@ -10,6 +10,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+use crate::background::Background;
 use tonic::service::InterceptorLayer;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
@@ -94,13 +96,11 @@ pub struct RunningNode {
     pub tree: TreeView,
     /// Peer connections, TLS material and refusal counts.
     pub transport: Arc<PeerTransport>,
-    tls_tasks: Vec<JoinHandle<()>>,
+    /// Health publishing, the metrics endpoint, the settings follower, the certificate and
+    /// JWKS reloaders and the SIGHUP listener: ended and awaited as the node stops.
+    background: Background,
     actors: ActorTree,
     drain_timeout: Duration,
-    health_task: JoinHandle<()>,
-    metrics_task: JoinHandle<()>,
-    /// Follows the cluster settings for the request limits (`live`).
-    limits_task: JoinHandle<()>,
     api_stop: oneshot::Sender<()>,
     stopping: tokio::sync::watch::Sender<bool>,
     api_task: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -155,9 +155,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let node_metrics = Arc::new(NodeMetrics::default());
     // Each file reloader (certificates, JWKS) gets a notify that SIGHUP pulls.
     let mut reload_now = Vec::new();
-    let (transport, mut tls_tasks) = transport(&config, &mut reload_now)?;
-    let verifier = token_verifier(&config, &mut tls_tasks, &mut reload_now)?;
-    tls_tasks.extend(on_sighup(reload_now));
+    let background = Background::new();
+    let transport = transport(&config, &background, &mut reload_now)?;
+    let verifier = token_verifier(&config, &background, &mut reload_now)?;
+    on_sighup(&background, reload_now);
 
     let metadata = Arc::new(Metadata::start(config.metadata_config(), transport.clone()).await?);
     tracing::info!(node_id = config.id, %api_addr, %peer_addr, %metrics_addr, http_addr = ?http_addr, data_dir = %config.data_dir.display(), "node started");
@@ -216,8 +217,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     .await
     .map_err(|e| NodeError::Actors(e.to_string()))?;
     let tree = actors.view();
-    let (limits, limits_task) =
+    let (limits, follow_settings) =
         crate::live::follow(metadata.clone(), crate::live::RequestLimits::of(&config)).await;
+    background.spawn("cluster settings", follow_settings);
     let inference_core = Arc::new(InferenceCore::new(
         config.id,
         tree.clone(),
@@ -292,7 +294,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let health_task = tokio::spawn(publish_health(tree.health.clone(), health_reporter));
+    background.spawn(
+        "health",
+        publish_health(tree.health.clone(), health_reporter),
+    );
     // Both reflection versions: grpcurl and other tools still ask for v1alpha.
     let reflection_error = |e: tonic_reflection::server::Error| NodeError::Server {
         what: "reflection",
@@ -381,8 +386,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             transport: transport.clone(),
             verifier,
         });
-    let metrics_task = tokio::spawn(async move {
-        if let Err(error) = axum::serve(metrics_listener, metrics_app).await {
+    let stop_metrics = background.signal();
+    background.spawn("metrics endpoint", async move {
+        let serve = axum::serve(metrics_listener, metrics_app)
+            .with_graceful_shutdown(async move { stop_metrics.cancelled().await });
+        if let Err(error) = serve.await {
             tracing::error!(%error, "the metrics endpoint stopped");
         }
     });
@@ -394,12 +402,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         metadata,
         tree,
         transport,
-        tls_tasks,
+        background,
         actors,
         drain_timeout: Duration::from_millis(config.serving.drain_timeout_ms),
-        health_task,
-        limits_task,
-        metrics_task,
         api_stop,
         stopping: stopping_tx,
         api_task,
@@ -497,11 +502,11 @@ impl RunningNode {
         }
         self.actors.drain(self.drain_timeout).await;
         self.actors.stop(self.drain_timeout).await;
-        self.health_task.abort();
-        self.metrics_task.abort();
-        self.limits_task.abort();
-        for task in &self.tls_tasks {
-            task.abort();
+        if !self.background.stop(self.drain_timeout).await {
+            tracing::warn!(
+                running = self.background.running(),
+                "background tasks did not end in time"
+            );
         }
         self.metadata.shutdown().await?;
         let _ = self.peer_stop.send(());
@@ -515,18 +520,16 @@ impl RunningNode {
 /// reloaded when the files change or on SIGHUP), or plaintext when it runs insecure.
 fn transport(
     config: &NodeConfig,
+    background: &Background,
     reload_now: &mut Vec<Arc<tokio::sync::Notify>>,
-) -> Result<(Arc<PeerTransport>, Vec<JoinHandle<()>>), NodeError> {
+) -> Result<Arc<PeerTransport>, NodeError> {
     let connect_timeout = Duration::from_millis(config.routing.forward_connect_timeout_ms);
     let Some(files) = config.tls_files() else {
         tracing::warn!(
             node_id = config.id,
             "running INSECURE (--insecure): both ports are plaintext and any peer is let in; use this only on a trusted network"
         );
-        return Ok((
-            Arc::new(PeerTransport::insecure(connect_timeout)),
-            Vec::new(),
-        ));
+        return Ok(Arc::new(PeerTransport::insecure(connect_timeout)));
     };
     let state = TlsState::load(files.clone())?;
     let named = state.current().identity.clone();
@@ -539,9 +542,12 @@ fn transport(
     }
     let now = Arc::new(tokio::sync::Notify::new());
     reload_now.push(now.clone());
-    let tasks = vec![state.spawn_reloader(config.tls_reload_interval(), now)];
+    background.spawn(
+        "certificate reloader",
+        state.reloader(config.tls_reload_interval(), now),
+    );
     tracing::info!(node_id = config.id, ca = %files.ca.display(), cert = %files.cert.display(), "peer and API ports use TLS; peers need a node certificate of this CA");
-    Ok((Arc::new(PeerTransport::tls(state, connect_timeout)), tasks))
+    Ok(Arc::new(PeerTransport::tls(state, connect_timeout)))
 }
 
 /// Raises the open-file limit to its hard maximum, so that both ports' connection limits can
@@ -580,7 +586,7 @@ fn raise_fd_limit(wanted: u64) {
 /// SIGHUP); `None` when the node runs insecure.
 fn token_verifier(
     config: &NodeConfig,
-    tasks: &mut Vec<JoinHandle<()>>,
+    background: &Background,
     reload_now: &mut Vec<Arc<tokio::sync::Notify>>,
 ) -> Result<Option<Arc<Verifier>>, NodeError> {
     let Some(path) = config.jwks_path() else {
@@ -600,38 +606,38 @@ fn token_verifier(
     let verifier = Arc::new(Verifier::new(config.token_policy(), keys));
     let now = Arc::new(tokio::sync::Notify::new());
     reload_now.push(now.clone());
-    tasks.push(troupe_transport::token::spawn_jwks_reloader(
-        verifier.clone(),
-        path,
-        config.tls_reload_interval(),
-        now,
-    ));
+    background.spawn(
+        "JWKS reloader",
+        troupe_transport::token::jwks_reloader(
+            verifier.clone(),
+            path,
+            config.tls_reload_interval(),
+            now,
+        ),
+    );
     Ok(Some(verifier))
 }
 
 /// One SIGHUP listener for the node: each signal asks every file reloader (certificates,
 /// JWKS) to look at its files at once. Nothing to listen for on an insecure node.
-fn on_sighup(reload_now: Vec<Arc<tokio::sync::Notify>>) -> Option<JoinHandle<()>> {
+fn on_sighup(background: &Background, reload_now: Vec<Arc<tokio::sync::Notify>>) {
     if reload_now.is_empty() {
-        return None;
+        return;
     }
     #[cfg(unix)]
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(mut hangups) => {
-            return Some(tokio::spawn(async move {
-                while hangups.recv().await.is_some() {
-                    tracing::info!("SIGHUP: checking the certificate and JWKS files");
-                    for now in &reload_now {
-                        now.notify_one();
-                    }
+        Ok(mut hangups) => background.spawn("SIGHUP listener", async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP: checking the certificate and JWKS files");
+                for now in &reload_now {
+                    now.notify_one();
                 }
-            }))
-        }
+            }
+        }),
         Err(error) => {
             tracing::warn!(%error, "cannot watch SIGHUP; certificate and JWKS files are still checked every few seconds")
         }
     }
-    None
 }
 
 /// Runs a node until `shutdown` completes, then stops it cleanly.

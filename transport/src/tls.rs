@@ -307,15 +307,16 @@ impl TlsState {
     }
 
     /// Re-reads the files every `interval`, and at once whenever `now` is notified (SIGHUP),
-    /// until the state is dropped. Files are usually replaced one at a time, so a
+    /// until the state is dropped or the returned future is (the caller runs it as a task of
+    /// its own, until it stops). Files are usually replaced one at a time, so a
     /// certificate whose key has not arrived yet fails once and is picked up on a later pass.
-    pub fn spawn_reloader(
+    pub fn reloader(
         self: &Arc<Self>,
         interval: Duration,
         now: Arc<tokio::sync::Notify>,
-    ) -> tokio::task::JoinHandle<()> {
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let state = Arc::downgrade(self);
-        tokio::spawn(async move {
+        async move {
             let mut last_error: Option<(TlsError, SystemTime)> = None;
             loop {
                 tokio::select! {
@@ -339,6 +340,6 @@ impl TlsState {
                     }
                 }
             }
-        })
+        }
     }
 }

@@ -715,42 +715,40 @@ pub fn retire_key(dir: &Path, kid: &str) -> Result<(), KeysError> {
 
 /// Loads `path` into `verifier` when it changes (checked every `interval`, and at once when
 /// `now` is notified). A file that cannot be read or parsed keeps the old keys and is logged.
-pub fn spawn_jwks_reloader(
+pub async fn jwks_reloader(
     verifier: Arc<Verifier>,
     path: PathBuf,
     interval: Duration,
     now: Arc<tokio::sync::Notify>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let stamp = |path: &Path| {
-            std::fs::metadata(path)
-                .ok()
-                .map(|m| (m.modified().ok(), m.len()))
-        };
-        let mut seen = stamp(&path);
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = now.notified() => {}
+) {
+    let stamp = |path: &Path| {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = now.notified() => {}
+        }
+        let current = stamp(&path);
+        if current == seen {
+            continue;
+        }
+        seen = current;
+        match Jwks::load(&path) {
+            Ok(keys) => {
+                tracing::info!(path = %path.display(), kids = ?keys.kids(), "reloaded the token verification keys");
+                verifier.replace_keys(keys);
+                verifier.reloads_ok.fetch_add(1, Ordering::Relaxed);
             }
-            let current = stamp(&path);
-            if current == seen {
-                continue;
-            }
-            seen = current;
-            match Jwks::load(&path) {
-                Ok(keys) => {
-                    tracing::info!(path = %path.display(), kids = ?keys.kids(), "reloaded the token verification keys");
-                    verifier.replace_keys(keys);
-                    verifier.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(error) => {
-                    tracing::error!(%error, "cannot reload the token verification keys; the old keys stay in use");
-                    verifier.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                }
+            Err(error) => {
+                tracing::error!(%error, "cannot reload the token verification keys; the old keys stay in use");
+                verifier.reloads_failed.fetch_add(1, Ordering::Relaxed);
             }
         }
-    })
+    }
 }
 
 #[cfg(test)]
