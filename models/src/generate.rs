@@ -4,11 +4,8 @@
 
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
-
 use crate::bpe::Bpe;
-use crate::gguf::{GgufError, GgufFile};
-use crate::llama::{KvCache, Llama};
+use crate::gguf::GgufError;
 
 /// How to pick tokens, and when to stop.
 #[derive(Debug, Clone, PartialEq)]
@@ -313,62 +310,6 @@ pub fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let total: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
     (f64::from(logits[index] - max) - total.ln()) as f32
-}
-
-/// A decoder with its tokenizer, from one GGUF file, on a burn backend: the reference path
-/// (weights dequantised to f32). Serving uses [`crate::decoder`].
-pub struct Generator<B: Backend> {
-    pub model: Llama<B>,
-    pub tokenizer: Bpe,
-    pub chat_template: Option<String>,
-}
-
-impl<B: Backend> Generator<B> {
-    /// Loads `path`: a GGUF file, or a directory holding exactly one.
-    pub fn load(path: &Path, device: &B::Device) -> Result<Self, GgufError> {
-        let file = GgufFile::open(&gguf_in(path)?)?;
-        let chat_template = file
-            .metadata()
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.as_str())
-            .map(str::to_owned);
-        Ok(Self {
-            model: Llama::load(&file, device)?,
-            tokenizer: Bpe::from_gguf(&file)?,
-            chat_template,
-        })
-    }
-
-    /// Generates from `prompt_ids`; `on_token` sees each token as it is made.
-    pub fn generate(
-        &self,
-        prompt_ids: &[u32],
-        params: &SamplingParams,
-        mut on_token: impl FnMut(u32),
-    ) -> Generation {
-        let mut cache: KvCache<B> = self.model.new_cache();
-        let mut decoding = Decoding::new(params.clone(), self.model.config().eos);
-        let vocab = self.model.config().vocab;
-        let mut input = prompt_ids.to_vec();
-        loop {
-            let logits = self.model.forward(&input, &mut cache);
-            let rows = logits.dims()[0];
-            let last: Vec<f32> = logits
-                .slice([rows - 1..rows, 0..vocab])
-                .into_data()
-                .to_vec()
-                .expect("f32 logits");
-            let emitted = decoding.next(&last, &self.tokenizer);
-            if let Some(token) = emitted.token {
-                on_token(token);
-                input = vec![token];
-            }
-            if emitted.finish.is_some() {
-                break;
-            }
-        }
-        decoding.into_generation(&self.tokenizer)
-    }
 }
 
 /// The GGUF file `path` names: itself, or the only `.gguf` in a directory.
