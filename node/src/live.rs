@@ -120,12 +120,18 @@ impl RequestLimits {
 /// Why a cluster setting is refused before it is stored.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingError {
-    #[error("{key} is node configuration read at start, not a run-time setting: set it in each node's config file ([{section}] {field}) or TROUPE_{env}; the run-time settings are {}", runtime_names())]
+    #[error("{key} is node configuration read at start, not a run-time setting: set it in each node's config file ([{section}] {field}) or {env}; the run-time settings are {}", runtime_names())]
     NotRuntime {
         key: String,
         section: String,
         field: String,
         env: String,
+    },
+    #[error("{key} names no configuration key (the [{section}] section has no {field}): the run-time settings are {}; a key of the cluster's own data may not start with a configuration section's name", runtime_names())]
+    Unknown {
+        key: String,
+        section: String,
+        field: String,
     },
     #[error("{key} = {value:?}: {problem}; use a whole number 1..={MAX_VALUE}, or \"\" to go back to each node's own value")]
     Invalid {
@@ -166,12 +172,19 @@ pub fn check(key: &str, value: &str) -> Result<(), SettingError> {
     else {
         return Ok(());
     };
+    if !crate::config::ENV_KEYS.contains(&key) {
+        return Err(SettingError::Unknown {
+            key: key.to_owned(),
+            section: section.to_owned(),
+            field: field.to_owned(),
+        });
+    }
     if runtime_key(key).is_none() {
         return Err(SettingError::NotRuntime {
             key: key.to_owned(),
             section: section.to_owned(),
             field: field.to_owned(),
-            env: format!("{}_{}", section, field).to_uppercase(),
+            env: crate::config::env_name(key),
         });
     }
     if value.is_empty() {
@@ -317,6 +330,8 @@ mod tests {
             "{error}"
         );
         assert!(error.contains("limits.max_texts_per_request"), "{error}");
+        let typo = check("limits.max_token", "9").unwrap_err().to_string();
+        assert!(typo.contains("names no configuration key"), "{typo}");
         for bad in ["0", "-1", "ten", "1.5", "99999999999"] {
             let error = check("limits.max_tokens", bad).unwrap_err().to_string();
             assert!(error.contains("limits.max_tokens"), "{bad}: {error}");

@@ -530,3 +530,4 @@ mod env;
 mod tests;
 
 pub use check::Problems;
+pub use env::{env_name, ENV_KEYS};
