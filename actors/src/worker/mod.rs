@@ -158,7 +158,7 @@ fn compute(args: &WorkerArgs, inputs: &[Input]) -> Result<Vec<JobResult>, String
         }
         match args.model.tokenize(texts) {
             Ok(tokens) => {
-                spans.push(Some((ids.len(), tokens.len())));
+                spans.push(Some(tokens.len()));
                 ids.extend(tokens);
                 results.push(None);
             }
@@ -180,9 +180,12 @@ fn compute(args: &WorkerArgs, inputs: &[Input]) -> Result<Vec<JobResult>, String
             .map_err(|e| e.to_string())?;
         let computed = spans.iter().flatten().count() as u64;
         args.shared.computed(computed, ids.len() as u64);
+        // Each request's sequences follow the previous one's in `ids`: it takes its vectors
+        // off the front, moved, not copied.
+        let mut rows = embeddings.into_iter();
         for (slot, span) in results.iter_mut().zip(&spans) {
-            if let Some((start, len)) = span {
-                *slot = Some(Ok(embeddings[*start..*start + *len].to_vec()));
+            if let Some(len) = span {
+                *slot = Some(Ok(rows.by_ref().take(*len).collect()));
             }
         }
     }
