@@ -52,14 +52,74 @@ pub struct ConnInfo {
 
 /// A served connection: TLS or plain TCP, with its place among the port's connections.
 pub struct Conn {
-    io: Io,
+    io: ServerStream,
     info: ConnInfo,
     registration: Registration,
 }
 
-enum Io {
+/// An accepted socket, after the TLS handshake or in plaintext: the byte stream both ports
+/// (and the OpenAI HTTP port) serve.
+pub enum ServerStream {
     Tls(Box<TlsStream<TcpStream>>),
     Plain(TcpStream),
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+            ServerStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ServerStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+            ServerStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+            ServerStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+            ServerStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ServerStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+            ServerStream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ServerStream::Tls(stream) => stream.is_write_vectored(),
+            ServerStream::Plain(stream) => stream.is_write_vectored(),
+        }
+    }
 }
 
 impl Connected for Conn {
@@ -86,10 +146,7 @@ impl AsyncRead for Conn {
             return Poll::Ready(Ok(()));
         }
         activity.park_reader(cx);
-        match &mut this.io {
-            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
-            Io::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
@@ -99,24 +156,15 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().io {
-            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
-            Io::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
-            Io::Plain(stream) => Pin::new(stream).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
-            Io::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -124,17 +172,11 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().io {
-            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
-            Io::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.io {
-            Io::Tls(stream) => stream.is_write_vectored(),
-            Io::Plain(stream) => stream.is_write_vectored(),
-        }
+        self.io.is_write_vectored()
     }
 }
 
@@ -186,7 +228,7 @@ pub fn incoming(
             tokio::spawn(async move {
                 let accepted = match tls {
                     None => Some((
-                        Io::Plain(tcp),
+                        ServerStream::Plain(tcp),
                         ConnInfo {
                             remote: Some(remote),
                             security: Security::Insecure,
@@ -239,7 +281,7 @@ async fn handshake(
     tcp: TcpStream,
     remote: SocketAddr,
     tls: &TlsState,
-) -> Result<(Io, ConnInfo), String> {
+) -> Result<(ServerStream, ConnInfo), String> {
     let mut first = [0u8; 1];
     let peeked = tcp.peek(&mut first).await.map_err(|e| e.to_string())?;
     if peeked == 0 {
@@ -247,7 +289,7 @@ async fn handshake(
     }
     if first[0] != TLS_HANDSHAKE {
         return Ok((
-            Io::Plain(tcp),
+            ServerStream::Plain(tcp),
             ConnInfo {
                 remote: Some(remote),
                 security: Security::Plaintext,
@@ -279,7 +321,7 @@ async fn handshake(
         }
     };
     Ok((
-        Io::Tls(Box::new(stream)),
+        ServerStream::Tls(Box::new(stream)),
         ConnInfo {
             remote: Some(remote),
             security,

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::rustls::ServerConfig;
 use troupe_transport::conns::{Registration, Tracker};
 use troupe_transport::identity::role_from_certificate;
-use troupe_transport::incoming::HANDSHAKE_TIMEOUT;
+use troupe_transport::incoming::{ServerStream, HANDSHAKE_TIMEOUT};
 use troupe_transport::tls::Material;
 use troupe_transport::{ConnInfo, Identity, Refusal, Refusals, Security, TlsState};
 
@@ -124,7 +124,7 @@ async fn accept_loop(listener: TcpListener, accept: Accept, sender: mpsc::Sender
         tokio::spawn(async move {
             let opened = match &accept.tls {
                 None => Some((
-                    Stream::Plain(tcp),
+                    ServerStream::Plain(tcp),
                     ConnInfo {
                         remote: Some(remote),
                         security: Security::Insecure,
@@ -202,7 +202,7 @@ async fn handshake(
     tcp: TcpStream,
     remote: SocketAddr,
     config: &Arc<ServerConfig>,
-) -> Result<(Stream, ConnInfo), String> {
+) -> Result<(ServerStream, ConnInfo), String> {
     let mut first = [0u8; 1];
     let peeked = tcp.peek(&mut first).await.map_err(|e| e.to_string())?;
     if peeked == 0 {
@@ -211,7 +211,7 @@ async fn handshake(
     if first[0] != TLS_HANDSHAKE {
         // Served, so that the client reads why it is refused (see `openai::authorize`).
         return Ok((
-            Stream::Plain(tcp),
+            ServerStream::Plain(tcp),
             ConnInfo {
                 remote: Some(remote),
                 security: Security::Plaintext,
@@ -242,7 +242,7 @@ async fn handshake(
         }
     };
     Ok((
-        Stream::Tls(Box::new(stream)),
+        ServerStream::Tls(Box::new(stream)),
         ConnInfo {
             remote: Some(remote),
             security,
@@ -252,16 +252,11 @@ async fn handshake(
     ))
 }
 
-enum Stream {
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    Plain(TcpStream),
-}
-
 /// A served connection. Closed by the tracker (idle, or evicted for a new client), it reads
 /// as end-of-file, so the server lets it go; a reader waiting on the socket looks again every
 /// `recheck_every`.
 pub struct HttpIo {
-    stream: Stream,
+    stream: ServerStream,
     info: ConnInfo,
     registration: Registration,
     recheck: Pin<Box<tokio::time::Sleep>>,
@@ -278,10 +273,7 @@ impl AsyncRead for HttpIo {
         if this.registration.activity.is_closed() {
             return Poll::Ready(Ok(()));
         }
-        let read = match &mut this.stream {
-            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
-            Stream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-        };
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
         if read.is_ready() {
             return read;
         }
@@ -302,24 +294,15 @@ impl AsyncWrite for HttpIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().stream {
-            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
-            Stream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
-            Stream::Plain(stream) => Pin::new(stream).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
-            Stream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -327,16 +310,10 @@ impl AsyncWrite for HttpIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().stream {
-            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
-            Stream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.stream {
-            Stream::Tls(stream) => stream.is_write_vectored(),
-            Stream::Plain(stream) => stream.is_write_vectored(),
-        }
+        self.stream.is_write_vectored()
     }
 }
