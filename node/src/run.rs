@@ -1,4 +1,4 @@
-//! Starting and stopping a node: `troupe::run(config, shutdown)` is what `troupe node` calls
+//! Starting and stopping a node: `troupe_node::run(config, shutdown)` is what `troupe node` calls
 //! and what tests call, so both start nodes the same way.
 
 use std::future::Future;

@@ -14,7 +14,7 @@
 //!   carries this node's span id as its parent, so the collector holds one trace across both
 //!   nodes, the second node's span a child of the first's.
 //! - Which spans go out: `TROUPE_OTEL_FILTER` (an `EnvFilter` directive, default
-//!   `troupe::server=info`, the gRPC handlers), independent of `RUST_LOG`.
+//!   `troupe_node::server=info`, the gRPC handlers), independent of `RUST_LOG`.
 //!
 //! [`Exporter::from_env`] builds the exporter and its tracing layer; [`Exporter::shutdown`]
 //! flushes the spans still queued, and `main` calls it when the command returns.
@@ -38,7 +38,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 /// Which spans are exported: an `EnvFilter` directive.
 pub const FILTER_ENV: &str = "TROUPE_OTEL_FILTER";
-const DEFAULT_FILTER: &str = "troupe::server=info";
+const DEFAULT_FILTER: &str = "troupe_node::server=info";
 /// The span fields holding the request's W3C trace id (32 hex digits), this node's span id
 /// for it and the caller's span id (16 hex digits each).
 const TRACE_ID_FIELD: &str = "trace_id";
