@@ -43,6 +43,14 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
 fi
 
+# disk_report: the target dir's size and the free space under it, so a run that nears a full
+# disk says so before a build fails with "No space left on device".
+disk_report() {
+  local dir=${CARGO_TARGET_DIR:-target}
+  [[ -d $dir ]] && du -sh "$dir" 2>/dev/null | sed 's/^/target dir: /'
+  df -h "$(dirname "$dir")" | tail -n 1 | awk '{print "free on " $6 ": " $4 " of " $2}'
+}
+
 step "alert rules (promtool check rules, promtool test rules)"
 apt_need promtool prometheus
 promtool check rules deploy/prometheus/alerts.yml
@@ -71,6 +79,8 @@ step "cargo test"
 TROUPE_MODEL_DIR="$model_dir" TROUPE_SMOLLM2_DIR="$smollm2_dir" TROUPE_OPENAI_PYTHON="$openai_python" \
   TROUPE_REQUIRE_MODEL=1 cargo test --workspace --all-targets
 
+disk_report
+
 step "fault tier: a 60 s Jepsen-style run (troupe-jepsen, local tier; scripts/faults.sh runs long ones)"
 # 3 node processes (in network namespaces as root, so partitions are in the schedule), kill -9,
 # pauses and partitions from a fresh seed, then the checks. A failure prints the seed that
@@ -97,4 +107,6 @@ TROUPE_MODEL_DIR="$model_dir" TROUPE_JEPSEN_BIN="$target_dir/debug/troupe-jepsen
 step "cargo check --features cuda"
 cargo check -p troupe --features cuda
 
+step "disk: what this run left"
+disk_report
 step "all checks passed"
