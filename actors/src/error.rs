@@ -77,3 +77,17 @@ pub enum ServeError {
     #[error("the node is shutting down: retry on another node")]
     ShuttingDown,
 }
+
+impl ServeError {
+    /// An answer that holds on every node, since every node applies the same metadata: no
+    /// point in asking a peer.
+    pub fn cluster_wide(&self) -> bool {
+        matches!(
+            self,
+            ServeError::UnknownModel { .. }
+                | ServeError::UnknownVersion { .. }
+                | ServeError::UnknownTask { .. }
+                | ServeError::NoActiveVersion { .. }
+        )
+    }
+}

@@ -6,6 +6,7 @@
 //! - [`sync`]: MetadataSync, Raft watch to loaded models and task lanes.
 //! - [`health`]: Health, SERVING or NOT_SERVING and why, and the heartbeats to peers.
 //! - [`rollout`]: RolloutController, cluster-atomic activation on the Raft leader.
+//! - [`dispatch`]: one request's way through the cluster: candidates, attempts, deadline.
 //! - [`router`]: the order in which nodes are tried for a request (routing strategies).
 //! - [`table`]: the serving table request handlers route with.
 //! - [`peers`]: the peer table Health's heartbeats keep (state, RTT, load, versions, Raft).
@@ -15,6 +16,7 @@
 
 pub mod batcher;
 pub mod config;
+pub mod dispatch;
 pub mod error;
 pub mod failpoints;
 pub mod health;
@@ -32,10 +34,11 @@ pub mod worker;
 
 pub use batcher::{BatcherCounters, BatcherHandle, EmbedJob, GenEvent, GenJob, JobResult};
 pub use config::{GossipConfig, ServingConfig};
+pub use dispatch::{Ask, Dispatcher, Failure, Hops};
 pub use error::ServeError;
 pub use health::{HeartbeatReply, NodeHealth, PeerProbe};
-pub use peers::{InFlight, PeerState, PeerTable, PeerView, ServedVersion};
-pub use router::{Candidate, Router, Strategy};
+pub use peers::{InFlight, OwnedInFlightGuard, PeerState, PeerTable, PeerView, ServedVersion};
+pub use router::{Candidate, ForwardGuard, Router, Strategy};
 pub use stats::ActorInfo;
 pub use supervisor::{ActorTree, ArtifactFetcher, ModelLoader, RestartError, TreeArgs, TreeView};
 pub use table::{ModelKey, Route, ServingTable};

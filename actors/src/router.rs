@@ -1,6 +1,7 @@
-//! The router: for each request, the order in which nodes are tried. The inference handler
-//! serves the request on the first node that takes it (this one or a peer over the peer port)
-//! and moves down the list when a node answers RESOURCE_EXHAUSTED or UNAVAILABLE.
+//! The router: for each request, the order in which nodes are tried. The dispatcher
+//! (crate::dispatch) serves the request on the first node that takes it (this one or a peer
+//! over the peer port) and moves down the list when a node answers RESOURCE_EXHAUSTED or
+//! UNAVAILABLE.
 //!
 //! It is a shared structure rather than an actor: it runs on every request, and an actor hop
 //! there would cost a mailbox round trip for nothing, since choosing is a few comparisons over
@@ -32,6 +33,11 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// Whether the strategy reads the cluster's members and the request's routing key.
+    pub fn reads_key(&self) -> bool {
+        matches!(self, Strategy::ConsistentHash)
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Strategy::LeastOutstanding => "least_outstanding",
@@ -82,6 +88,7 @@ pub struct Router {
 }
 
 /// Counts a forwarded request until it is answered.
+#[derive(Debug)]
 pub struct ForwardGuard(Arc<AtomicU64>);
 
 impl Drop for ForwardGuard {

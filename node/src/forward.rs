@@ -1,17 +1,19 @@
-//! Forwarding an Embed request to a peer (`troupe.v1.Peer/Forward` on its peer port).
+//! Forwarding an Embed or a Generate to a peer (`troupe.v1.Peer/Forward` and
+//! `ForwardGenerate` on its peer port): the node's side of the dispatcher's forward hop.
 //!
 //! Forwarded inference has connections of its own (the transport's forward lane), one per
 //! peer, kept open and reused: it never shares an HTTP/2 connection with Raft, heartbeats or
-//! blob transfers, so none of them queues behind the others. The request keeps the client's remaining deadline (as
-//! `grpc-timeout`), its task and its trace context (`traceparent`), and says which node sent
-//! it (`x-troupe-forwarded-by`): the receiver serves it itself or refuses, and never forwards
-//! it again.
+//! blob transfers, so none of them queues behind the others. The request keeps the client's
+//! remaining deadline (as `grpc-timeout`), its task and its trace context (`traceparent`), and
+//! says which node sent it (`x-troupe-forwarded-by`): the receiver serves it itself or
+//! refuses, and never forwards it again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::transport::Channel;
 use tonic::Status;
+use troupe_actors::PeerView;
 use troupe_proto::v1::peer_client::PeerClient;
 use troupe_proto::v1::{EmbedRequest, EmbedResponse};
 use troupe_transport::{Lane, PeerTransport};
@@ -33,6 +35,14 @@ pub struct Forwarder {
     transport: Arc<PeerTransport>,
 }
 
+/// How a forwarded request is sent: what is left of the client's deadline (the peer's
+/// `grpc-timeout`), the trace's next hop and the revision the sender routed at.
+pub struct Hop<'a> {
+    pub remaining: Duration,
+    pub traceparent: &'a str,
+    pub min_revision: u64,
+}
+
 impl Forwarder {
     pub fn new(node_id: u64, transport: Arc<PeerTransport>, max_message_bytes: usize) -> Self {
         Self {
@@ -42,124 +52,94 @@ impl Forwarder {
         }
     }
 
-    /// The peer's forwarding connection, opened on first use (and again if its address
-    /// changed). tonic reconnects a broken one by itself.
-    fn channel(&self, peer: u64, addr: &str) -> Result<Channel, Status> {
-        self.transport
-            .channel(Lane::Forward, peer, addr)
-            .map_err(|e| Status::unavailable(e.to_string()))
+    /// A client of `peer`'s forwarding connection, opened on first use (and again if its
+    /// address changed). tonic reconnects a broken one by itself.
+    fn client(&self, peer: &PeerView) -> Result<PeerClient<Channel>, Status> {
+        let channel = self
+            .transport
+            .channel(Lane::Forward, peer.node_id, &peer.peer_addr)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let bound = self.max_message_bytes.max(64 * 1024 * 1024);
+        Ok(PeerClient::new(channel)
+            .max_decoding_message_size(bound)
+            .max_encoding_message_size(bound))
     }
 
-    /// Sends `request` to `peer` with `timeout` left of the client's deadline.
-    pub async fn forward(
-        &self,
-        peer: u64,
-        addr: &str,
-        request: EmbedRequest,
-        timeout: Duration,
-        traceparent: &str,
-        min_revision: u64,
-    ) -> Result<EmbedResponse, Status> {
-        let channel = self.channel(peer, addr)?;
-        let mut client = PeerClient::new(channel)
-            .max_decoding_message_size(self.max_message_bytes.max(64 * 1024 * 1024))
-            .max_encoding_message_size(self.max_message_bytes.max(64 * 1024 * 1024));
-        let mut request = tonic::Request::new(request);
-        request.set_timeout(timeout);
+    /// `body` as a request of this hop, with its deadline, origin, revision and trace.
+    fn request<T>(&self, body: T, hop: &Hop<'_>) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(body);
+        request.set_timeout(hop.remaining);
         let metadata = request.metadata_mut();
         metadata.insert(FORWARDED_BY_HEADER, self.node_id.into());
-        metadata.insert(MIN_REVISION_HEADER, min_revision.into());
-        if let Ok(value) = traceparent.parse() {
+        metadata.insert(MIN_REVISION_HEADER, hop.min_revision.into());
+        if let Ok(value) = hop.traceparent.parse() {
             metadata.insert(TRACEPARENT_HEADER, value);
         }
-        let answer = tokio::time::timeout(timeout, client.forward(request)).await;
-        match answer {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            // A status with a source came from this side's transport (connection refused or
-            // reset: the peer died or restarted), not from the peer: another node may serve.
-            Ok(Err(status)) if std::error::Error::source(&status).is_some() => {
-                Err(Status::unavailable(format!(
-                    "node {peer} ({addr}) could not be reached: {}",
-                    status.message()
-                )))
-            }
-            Ok(Err(status)) => Err(status),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "node {peer} did not answer within the {} ms left of the request's deadline",
-                timeout.as_millis()
-            ))),
-        }
+        request
+    }
+
+    /// Sends an Embed to `peer`. The dispatcher bounds the wait by the request's deadline.
+    pub async fn forward(
+        &self,
+        peer: &PeerView,
+        request: EmbedRequest,
+        hop: Hop<'_>,
+    ) -> Result<EmbedResponse, Status> {
+        let mut client = self.client(peer)?;
+        let request = self.request(request, &hop);
+        client
+            .forward(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| unreachable(peer, status))
+    }
+
+    /// Sends a generation to `peer` and returns its stream once the first chunk has come (so
+    /// that a refusal can still go to the next node), relayed chunk by chunk after. The
+    /// dispatcher bounds the wait for the first chunk by the request's deadline.
+    pub async fn forward_generate(
+        &self,
+        peer: &PeerView,
+        request: troupe_proto::v1::GenerateRequest,
+        hop: Hop<'_>,
+    ) -> Result<crate::server::generate::ChunkStream, Status> {
+        use tokio_stream::StreamExt;
+        let mut client = self.client(peer)?;
+        let request = self.request(request, &hop);
+        let mut stream = client
+            .forward_generate(request)
+            .await
+            .map_err(|status| unreachable(peer, status))?
+            .into_inner();
+        let Some(first) = stream
+            .message()
+            .await
+            .map_err(|status| unreachable(peer, status))?
+        else {
+            return Err(Status::unavailable(format!(
+                "node {} ended the generation before its first chunk",
+                peer.node_id
+            )));
+        };
+        let peer = peer.clone();
+        Ok(Box::pin(tokio_stream::once(Ok(first)).chain(stream.map(
+            move |item| item.map_err(|status| unreachable(&peer, status)),
+        ))))
     }
 }
 
-impl Forwarder {
-    /// Sends a generation to `peer` and returns its stream once the first chunk has come
-    /// (so that a refusal can still go to the next node), relayed chunk by chunk after.
-    pub async fn forward_generate(
-        &self,
-        peer: u64,
-        addr: &str,
-        request: troupe_proto::v1::GenerateRequest,
-        timeout: Duration,
-        traceparent: &str,
-        min_revision: u64,
-    ) -> Result<crate::server::generate::ChunkStream, Status> {
-        use tokio_stream::StreamExt;
-        let channel = self.channel(peer, addr)?;
-        let mut client = PeerClient::new(channel)
-            .max_decoding_message_size(self.max_message_bytes.max(64 * 1024 * 1024))
-            .max_encoding_message_size(self.max_message_bytes.max(64 * 1024 * 1024));
-        let mut request = tonic::Request::new(request);
-        request.set_timeout(timeout);
-        let metadata = request.metadata_mut();
-        metadata.insert(FORWARDED_BY_HEADER, self.node_id.into());
-        metadata.insert(MIN_REVISION_HEADER, min_revision.into());
-        if let Ok(value) = traceparent.parse() {
-            metadata.insert(TRACEPARENT_HEADER, value);
-        }
-        let unreachable = {
-            let addr = addr.to_owned();
-            move |status: Status| {
-                // A status with a source came from this side's transport: another node may
-                // serve.
-                if std::error::Error::source(&status).is_some() {
-                    Status::unavailable(format!(
-                        "node {peer} ({addr}) could not be reached: {}",
-                        status.message()
-                    ))
-                } else {
-                    status
-                }
-            }
-        };
-        let relay = unreachable.clone();
-        let started = tokio::time::timeout(timeout, async {
-            let mut stream = client
-                .forward_generate(request)
-                .await
-                .map_err(&unreachable)?
-                .into_inner();
-            let first = stream.message().await.map_err(&unreachable)?;
-            Ok::<_, Status>((first, stream))
-        })
-        .await;
-        let (first, stream) = match started {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(Status::deadline_exceeded(format!(
-                    "node {peer} did not start the generation within the {} ms left of the request's deadline",
-                    timeout.as_millis()
-                )))
-            }
-        };
-        let Some(first) = first else {
-            return Err(Status::unavailable(format!(
-                "node {peer} ended the generation before its first chunk"
-            )));
-        };
-        Ok(Box::pin(
-            tokio_stream::once(Ok(first)).chain(stream.map(move |item| item.map_err(&relay))),
+/// A status with a source came from this side's transport (connection refused or reset: the
+/// peer died or restarted), not from the peer: UNAVAILABLE, so another node may serve.
+fn unreachable(peer: &PeerView, status: Status) -> Status {
+    if std::error::Error::source(&status).is_some() {
+        Status::unavailable(format!(
+            "node {} ({}) could not be reached: {}",
+            peer.node_id,
+            peer.peer_addr,
+            status.message()
         ))
+    } else {
+        status
     }
 }
 

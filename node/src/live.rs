@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use troupe_consensus::metadata::{Change, ChangeValue, MetadataState};
 use troupe_consensus::{Metadata, WatchEvent};
 
-use crate::config::NodeConfig;
+use crate::config::{LimitSettings, NodeConfig, Problems, RoutingSettings};
 
 /// The node's configuration sections: a setting `SECTION.KEY` names node configuration.
 const CONFIG_SECTIONS: &[&str] = &[
@@ -43,52 +43,74 @@ pub struct RequestLimits {
     pub max_attempts: usize,
 }
 
-/// One run-time key: its name and the field it sets.
+/// The configuration sections the run-time keys belong to: a node's own, or overlaid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sections {
+    pub limits: LimitSettings,
+    pub routing: RoutingSettings,
+}
+
+impl Sections {
+    pub fn of(config: &NodeConfig) -> Self {
+        Self {
+            limits: config.limits.clone(),
+            routing: config.routing.clone(),
+        }
+    }
+}
+
+/// One run-time key: its name and the configuration field it sets.
 pub struct RuntimeKey {
     pub key: &'static str,
-    set: fn(&mut RequestLimits, u64),
+    set: fn(&mut Sections, u64),
 }
 
 /// Every cluster setting that changes a running node.
 pub const RUNTIME_KEYS: &[RuntimeKey] = &[
     RuntimeKey {
         key: "limits.max_texts_per_request",
-        set: |l, v| l.max_texts_per_request = v as usize,
+        set: |s, v| s.limits.max_texts_per_request = v as usize,
     },
     RuntimeKey {
         key: "limits.max_chars_per_text",
-        set: |l, v| l.max_chars_per_text = v as usize,
+        set: |s, v| s.limits.max_chars_per_text = v as usize,
     },
     RuntimeKey {
         key: "limits.request_timeout_ms",
-        set: |l, v| l.request_timeout_ms = v,
+        set: |s, v| s.limits.request_timeout_ms = v,
     },
     RuntimeKey {
         key: "limits.max_prompt_chars",
-        set: |l, v| l.max_prompt_chars = v as usize,
+        set: |s, v| s.limits.max_prompt_chars = v as usize,
     },
     RuntimeKey {
         key: "limits.default_max_tokens",
-        set: |l, v| l.default_max_tokens = v as usize,
+        set: |s, v| s.limits.default_max_tokens = v as usize,
     },
     RuntimeKey {
         key: "limits.max_tokens",
-        set: |l, v| l.max_tokens = v as usize,
+        set: |s, v| s.limits.max_tokens = v as usize,
     },
     RuntimeKey {
         key: "limits.generate_timeout_ms",
-        set: |l, v| l.generate_timeout_ms = v,
+        set: |s, v| s.limits.generate_timeout_ms = v,
     },
     RuntimeKey {
         key: "routing.max_attempts",
-        set: |l, v| l.max_attempts = v as usize,
+        set: |s, v| s.routing.max_attempts = v as usize,
     },
 ];
 
 impl RequestLimits {
     /// The values of the node's own configuration.
     pub fn of(config: &NodeConfig) -> Self {
-        let limits = &config.limits;
+        Self::from(&Sections::of(config))
+    }
+}
+
+impl From<&Sections> for RequestLimits {
+    fn from(sections: &Sections) -> Self {
+        let limits = &sections.limits;
         Self {
             max_texts_per_request: limits.max_texts_per_request,
             max_chars_per_text: limits.max_chars_per_text,
@@ -97,23 +119,8 @@ impl RequestLimits {
             default_max_tokens: limits.default_max_tokens,
             max_tokens: limits.max_tokens,
             generate_timeout_ms: limits.generate_timeout_ms,
-            max_attempts: config.routing.max_attempts.max(1),
+            max_attempts: sections.routing.max_attempts.max(1),
         }
-    }
-
-    /// What is wrong with this combination, as (key, problem).
-    fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = Vec::new();
-        if self.default_max_tokens > self.max_tokens {
-            problems.push((
-                "limits.default_max_tokens",
-                format!(
-                    "{} is above limits.max_tokens {}",
-                    self.default_max_tokens, self.max_tokens
-                ),
-            ));
-        }
-        problems
     }
 }
 
@@ -199,17 +206,19 @@ pub fn check(key: &str, value: &str) -> Result<(), SettingError> {
         })
 }
 
-/// `base` overlaid with the run-time keys among `settings`. A key whose value this node cannot
-/// take (stored before the check existed, or a combination that does not fit this node's own
-/// values, such as a default above its maximum) keeps the node's value, with a warning.
-pub fn overlay(base: RequestLimits, settings: &BTreeMap<String, String>) -> RequestLimits {
-    let mut limits = base;
+/// `base` overlaid with the run-time keys among `settings`. A value this node cannot take
+/// (stored before the check existed) is skipped, keeping the node's value for that key, with
+/// a warning. When the overlaid sections fail the configuration's own checks (a combination
+/// that does not fit this node's values, such as a default above its maximum), every
+/// run-time key is dropped and the node keeps its own limits, with a warning naming why.
+pub fn overlay(base: &Sections, settings: &BTreeMap<String, String>) -> RequestLimits {
+    let mut sections = base.clone();
     for runtime in RUNTIME_KEYS {
         let Some(value) = settings.get(runtime.key).filter(|v| !v.is_empty()) else {
             continue;
         };
         match parse(value) {
-            Ok(v) => (runtime.set)(&mut limits, v),
+            Ok(v) => (runtime.set)(&mut sections, v),
             Err(problem) => tracing::warn!(
                 key = runtime.key,
                 value,
@@ -218,18 +227,20 @@ pub fn overlay(base: RequestLimits, settings: &BTreeMap<String, String>) -> Requ
             ),
         }
     }
-    let problems = limits.problems();
+    let mut problems = Problems::default();
+    sections.limits.check(&mut problems);
+    sections.routing.check(&mut problems);
+    let problems = problems.into_vec();
     if problems.is_empty() {
-        return limits;
+        return RequestLimits::from(&sections);
     }
-    for (key, problem) in problems {
+    for problem in problems {
         tracing::warn!(
-            key,
             %problem,
             "cluster settings do not fit this node's config: it keeps its own limits"
         );
     }
-    base
+    RequestLimits::from(base)
 }
 
 /// The request limits a node serves with now. Cloning shares them.
@@ -260,14 +271,14 @@ fn settings_of(state: &MetadataState) -> BTreeMap<String, String> {
 /// runs (the node runs it as a background task, until it stops).
 pub async fn follow(
     metadata: Arc<Metadata>,
-    base: RequestLimits,
+    base: Sections,
 ) -> (
     LiveLimits,
     impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let (state, revision) = metadata.snapshot_state().await;
     let mut settings = settings_of(&state);
-    let (sender, receiver) = watch::channel(overlay(base, &settings));
+    let (sender, receiver) = watch::channel(overlay(&base, &settings));
     let task = async move {
         let mut watch = metadata.watch_resyncing(revision + 1);
         loop {
@@ -285,7 +296,7 @@ pub async fn follow(
                     return;
                 }
             }
-            let limits = overlay(base, &settings);
+            let limits = overlay(&base, &settings);
             sender.send_if_modified(|current| {
                 let changed = *current != limits;
                 if changed {
@@ -303,8 +314,8 @@ pub async fn follow(
 mod tests {
     use super::*;
 
-    fn base() -> RequestLimits {
-        RequestLimits::of(&NodeConfig::default())
+    fn base() -> Sections {
+        Sections::of(&NodeConfig::default())
     }
 
     fn settings(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -341,8 +352,9 @@ mod tests {
     #[test]
     fn settings_overlay_the_node_s_values_and_an_empty_value_unsets() {
         let base = base();
+        let own = RequestLimits::from(&base);
         let limits = overlay(
-            base,
+            &base,
             &settings(&[
                 ("limits.max_texts_per_request", "3"),
                 ("routing.max_attempts", "1"),
@@ -352,33 +364,46 @@ mod tests {
         );
         assert_eq!(limits.max_texts_per_request, 3);
         assert_eq!(limits.max_attempts, 1);
-        assert_eq!(limits.request_timeout_ms, base.request_timeout_ms);
-        assert_eq!(overlay(base, &settings(&[])), base);
+        assert_eq!(limits.request_timeout_ms, own.request_timeout_ms);
+        assert_eq!(overlay(&base, &settings(&[])), own);
     }
 
     #[test]
     fn a_combination_that_does_not_fit_keeps_the_node_s_values() {
         let base = base();
-        let too_high = (base.max_tokens + 1).to_string();
+        let own = RequestLimits::from(&base);
+        let too_high = (own.max_tokens + 1).to_string();
+        // The config file's own rule refuses it: every run-time key is dropped.
         assert_eq!(
-            overlay(base, &settings(&[("limits.default_max_tokens", &too_high)])),
-            base
+            overlay(
+                &base,
+                &settings(&[
+                    ("limits.default_max_tokens", &too_high),
+                    ("limits.max_texts_per_request", "3"),
+                ])
+            ),
+            own
         );
         // Raised together, they fit.
-        let higher = (base.max_tokens + 10).to_string();
+        let higher = (own.max_tokens + 10).to_string();
         let both = overlay(
-            base,
+            &base,
             &settings(&[
                 ("limits.default_max_tokens", &too_high),
                 ("limits.max_tokens", &higher),
             ]),
         );
-        assert_eq!(both.max_tokens, base.max_tokens + 10);
-        assert_eq!(both.default_max_tokens, base.max_tokens + 1);
-        // A value stored before the check existed is skipped.
-        assert_eq!(
-            overlay(base, &settings(&[("limits.max_tokens", "lots")])),
-            base
+        assert_eq!(both.max_tokens, own.max_tokens + 10);
+        assert_eq!(both.default_max_tokens, own.max_tokens + 1);
+        // A value stored before the check existed is skipped; the others apply.
+        let skipped = overlay(
+            &base,
+            &settings(&[
+                ("limits.max_tokens", "lots"),
+                ("limits.max_texts_per_request", "3"),
+            ]),
         );
+        assert_eq!(skipped.max_tokens, own.max_tokens);
+        assert_eq!(skipped.max_texts_per_request, 3);
     }
 }

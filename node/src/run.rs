@@ -4,23 +4,25 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-
-use crate::background::Background;
 use tonic::service::InterceptorLayer;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
-use troupe_actors::{ActorTree, NodeHealth, TreeArgs, TreeView};
+use troupe_actors::{ActorTree, NodeHealth, Router, TreeArgs, TreeView};
 use troupe_consensus::Metadata;
 use troupe_models::artifact::ArtifactStore;
 use troupe_proto::v1::admin_server::AdminServer;
+use troupe_proto::v1::artifacts_server::ArtifactsServer;
 use troupe_proto::v1::inference_server::InferenceServer;
+use troupe_proto::v1::peer_server::PeerServer;
+use troupe_transport::token::Jwks;
+use troupe_transport::{Identity, PeerTransport, TlsState, Verifier};
 
+use crate::background::Background;
 use crate::config::{ConfigError, NodeConfig};
 use crate::forward::Forwarder;
 use crate::metrics::NodeMetrics;
@@ -29,11 +31,6 @@ use crate::server::artifacts::ArtifactService;
 use crate::server::heartbeat::HeartbeatResponder;
 use crate::server::inference::{InferenceCore, InferenceService, RoutingParts};
 use crate::server::peer::PeerService;
-use troupe_actors::Router;
-use troupe_proto::v1::artifacts_server::ArtifactsServer;
-use troupe_proto::v1::peer_server::PeerServer;
-use troupe_transport::token::Jwks;
-use troupe_transport::{Identity, PeerTransport, TlsState, Verifier};
 
 /// What the API port serves (and its reflection lists).
 const API_SERVICES: &[&str] = &[
@@ -218,7 +215,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     .map_err(|e| NodeError::Actors(e.to_string()))?;
     let tree = actors.view();
     let (limits, follow_settings) =
-        crate::live::follow(metadata.clone(), crate::live::RequestLimits::of(&config)).await;
+        crate::live::follow(metadata.clone(), crate::live::Sections::of(&config)).await;
     background.spawn("cluster settings", follow_settings);
     let inference_core = Arc::new(InferenceCore::new(
         config.id,

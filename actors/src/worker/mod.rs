@@ -121,7 +121,9 @@ fn thread_main(args: WorkerArgs, actor: ActorRef<WorkerMsg>) {
         };
         let at = Instant::now();
         tracing::error!(%reason, "inference batch failed; the worker restarts");
-        let failed = replies.len() as u64;
+        // Counted before anyone is answered: a client that sees its failure finds it in the
+        // counters.
+        args.shared.failed_batch(replies.len() as u64);
         for reply in replies {
             let _ = reply.send(Err(ServeError::WorkerFailed {
                 model: args.key.name.clone(),
@@ -129,7 +131,6 @@ fn thread_main(args: WorkerArgs, actor: ActorRef<WorkerMsg>) {
                 reason: reason.clone(),
             }));
         }
-        args.shared.failed_batch(failed);
         let _ = send(&actor, &args.stats, WorkerMsg::ThreadDied { at, reason });
         return;
     }

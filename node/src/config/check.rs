@@ -23,6 +23,10 @@ impl Problems {
     pub fn push(&mut self, problem: ConfigProblem) {
         self.0.push(problem);
     }
+
+    pub fn into_vec(self) -> Vec<ConfigProblem> {
+        self.0
+    }
 }
 
 impl NodeConfig {

@@ -1,5 +1,6 @@
-//! `troupe.v1.Inference/Generate`: validate, pick the nodes to try (the router), and stream a
-//! generation from this node's scheduler or relay a peer's stream chunk by chunk.
+//! `troupe.v1.Inference/Generate`: admit the request, hand it to the dispatcher
+//! (troupe_actors::dispatch), which streams the generation from this node's scheduler or
+//! relays a peer's stream chunk by chunk through [`GenerateHops`].
 //!
 //! A node is tried until one accepts: the stream is handed to the client only once its
 //! first chunk has arrived, so a full lane (`RESOURCE_EXHAUSTED`) or an unavailable node
@@ -7,22 +8,21 @@
 //! the client's; a failure mid-stream ends it with the error.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Status};
-use troupe_actors::{GenEvent, GenJob, ServeError};
+use troupe_actors::{
+    ForwardGuard, GenEvent, GenJob, Hops, OwnedInFlightGuard, PeerView, Route, ServeError,
+};
 use troupe_models::chat::Message;
 use troupe_models::generate::SamplingParams;
 use troupe_models::LoadedModel;
 use troupe_proto::v1::{GenerateChunk, GenerateRequest, Usage};
 
-use super::inference::{
-    check_api_version, grpc_timeout, min_revision, try_next_node, InferenceCore,
-};
+use super::inference::{min_revision, try_next_node, Admitted, InferenceCore};
 use super::status::serve_error;
-use crate::forward::{TraceContext, FORWARDED_BY_HEADER};
+use crate::forward::Hop;
 
 /// A generation as the client receives it.
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Send>>;
@@ -31,37 +31,20 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> 
 const MAX_STOP_STRINGS: usize = 16;
 const MAX_STOP_BYTES: usize = 256;
 
-/// A Generate request as it is served: validated, with its id and deadline.
-pub struct AdmittedGeneration {
-    pub request: GenerateRequest,
-    pub received: Instant,
-    pub deadline: Instant,
-    pub trace: TraceContext,
-}
+/// A Generate as it is served: validated, with its id, deadline and trace context.
+pub(crate) type AdmittedGeneration = Admitted<GenerateRequest>;
+
+/// The setting that bounds the wait for a generation's first token.
+const GENERATE_LIMIT: &str = "limits.generate_timeout_ms";
 
 impl InferenceCore {
-    /// Checks the API version and the request's fields, names it, and fixes its deadline.
-    pub fn admit_generate(
+    /// Checks a Generate and fixes its deadline (`limits.generate_timeout_ms`).
+    pub(crate) fn admit_generate(
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<AdmittedGeneration, Status> {
-        let received = Instant::now();
-        check_api_version(&request)?;
         let timeout = Duration::from_millis(self.limits.get().generate_timeout_ms);
-        let timeout = grpc_timeout(&request).map_or(timeout, |t| t.min(timeout));
-        let seed = format!("{}-{:?}", self.node_id, received);
-        let trace = TraceContext::of(&request, &seed);
-        let mut request = request.into_inner();
-        if request.request_id.is_empty() {
-            request.request_id = self.new_request_id();
-        }
-        self.validate_generate(&request)?;
-        Ok(AdmittedGeneration {
-            request,
-            received,
-            deadline: received + timeout,
-            trace,
-        })
+        self.admit(request, timeout, Self::validate_generate)
     }
 
     fn validate_generate(&self, request: &GenerateRequest) -> Result<(), Status> {
@@ -141,19 +124,16 @@ impl InferenceCore {
         }
     }
 
-    /// Starts the generation on this node. Returns once its first chunk is out, or with the
-    /// error that kept it from starting.
-    pub async fn generate_local(
-        self: &Arc<Self>,
+    /// Starts the generation on this node, on the route the dispatcher resolved. Returns once
+    /// its first chunk is out, or with the error that kept it from starting. The stream holds
+    /// `in_flight` until it ends.
+    async fn generate_here(
+        &self,
         admitted: &AdmittedGeneration,
+        route: Route,
+        in_flight: OwnedInFlightGuard,
     ) -> Result<ChunkStream, Status> {
-        let in_flight = self.tree.in_flight.enter_owned();
         let request = &admitted.request;
-        let route = self
-            .tree
-            .table
-            .route(&request.model, &request.version, &request.task)
-            .map_err(serve_error)?;
         let LoadedModel::Decoder(decoder) = route.batcher.model().clone() else {
             return Err(serve_error(ServeError::WrongKind {
                 model: request.model.clone(),
@@ -197,15 +177,8 @@ impl InferenceCore {
             received: admitted.received,
             events,
         });
-        let first = tokio::time::timeout_at(admitted.deadline.into(), receiver.recv()).await;
-        let first = match first {
-            Err(_) => {
-                return Err(Status::deadline_exceeded(format!(
-                    "no token within {} ms (the client's deadline or limits.generate_timeout_ms): allow longer, or retry when the node is less busy",
-                    admitted.deadline.duration_since(admitted.received).as_millis()
-                )))
-            }
-            Ok(None) => {
+        let first = match receiver.recv().await {
+            None => {
                 return Err(serve_error(ServeError::Unavailable {
                     model: request.model.clone(),
                     version: route.version.clone(),
@@ -213,8 +186,8 @@ impl InferenceCore {
                         .into(),
                 }))
             }
-            Ok(Some(GenEvent::Failed(error))) => return Err(serve_error(error)),
-            Ok(Some(event)) => event,
+            Some(GenEvent::Failed(error)) => return Err(serve_error(error)),
+            Some(event) => event,
         };
         let head = GenerateChunk {
             prompt_ids,
@@ -283,99 +256,107 @@ impl InferenceCore {
         Ok(stream)
     }
 
-    /// Serves a client's request here or on a peer, trying the next node when one is full or
-    /// unavailable, at most `routing.max_attempts` nodes in all.
-    pub async fn generate_routed(
-        self: &Arc<Self>,
+    /// Serves a client's Generate here or on a peer (the dispatcher's way).
+    pub(crate) async fn generate_routed(
+        &self,
         admitted: AdmittedGeneration,
     ) -> Result<ChunkStream, Status> {
-        let request = &admitted.request;
-        let revision = self.tree.table.revision();
-        let (candidates, local_error) =
-            self.candidates(&request.model, &request.version, &request.task)?;
-        let order = self.order(&candidates, || {
-            if request.routing_key.is_empty() {
-                let mut key = request.prompt.clone().into_bytes();
-                for message in &request.messages {
-                    key.extend(message.content.as_bytes());
-                }
-                key
-            } else {
-                request.routing_key.clone().into_bytes()
-            }
-        });
-        let mut last_error = local_error;
-        for node in order.into_iter().take(self.limits.get().max_attempts) {
-            let now = Instant::now();
-            if now >= admitted.deadline {
-                return Err(Status::deadline_exceeded(format!(
-                    "the request's deadline passed while trying nodes (last error: {})",
-                    last_error.as_ref().map_or("none", |s| s.message())
-                )));
-            }
-            let result = if node == self.node_id {
-                self.generate_local(&admitted).await
-            } else {
-                let Some(peer) = self.tree.peers.get(node) else {
-                    continue;
-                };
-                let counted = self.router.forwarding(node);
-                let forwarded = self
-                    .forwarder
-                    .forward_generate(
-                        node,
-                        &peer.peer_addr,
-                        request.clone(),
-                        admitted.deadline - now,
-                        &admitted.trace.traceparent(),
-                        revision,
-                    )
-                    .await;
-                self.metrics
-                    .record_forward(node, forwarded.as_ref().err().map(Status::code));
-                // The peer counts as busy with this request until its stream ends.
-                forwarded.map(|stream| -> ChunkStream {
-                    Box::pin(stream.map(move |item| {
-                        let _counted = &counted;
-                        item
-                    }))
-                })
-            };
-            match result {
-                Ok(stream) => return Ok(stream),
-                Err(status) if try_next_node(status.code()) => {
-                    tracing::debug!(node, code = ?status.code(), message = status.message(), "node could not take the generation; trying the next");
-                    last_error = Some(status);
-                }
-                Err(status) => return Err(status),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| {
-            Status::unavailable(format!(
-                "no node serves model '{}' now (none has it loaded and reachable): retry shortly, or see `troupe models list` and `troupe cluster status`",
-                request.model
-            ))
-        }))
+        let hops = GenerateHops {
+            core: self,
+            admitted: &admitted,
+        };
+        let ask = admitted.ask(self.limits.get().max_attempts);
+        self.dispatcher
+            .dispatch(&hops, ask)
+            .await
+            .map_err(|failure| self.unserved(failure, &admitted, GENERATE_LIMIT, "first token"))
     }
 
-    /// A generation another node's router sent here: served on this node or refused, never
-    /// forwarded again.
+    /// A generation another node's dispatcher sent here: served on this node or refused,
+    /// never forwarded again.
     pub async fn generate_forwarded(
-        self: &Arc<Self>,
+        &self,
         request: Request<GenerateRequest>,
     ) -> Result<ChunkStream, Status> {
         let min_revision = min_revision(&request)?;
-        let forwarded_by = request
-            .metadata()
-            .get(FORWARDED_BY_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
         let admitted = self.admit_generate(request)?;
-        tracing::debug!(%forwarded_by, request_id = %admitted.request.request_id, "generation forwarded here");
-        self.wait_for_revision(min_revision, admitted.deadline)
-            .await?;
-        self.generate_local(&admitted).await
+        tracing::debug!(request_id = %admitted.request.request_id, "generation forwarded here");
+        let hops = GenerateHops {
+            core: self,
+            admitted: &admitted,
+        };
+        self.dispatcher
+            .serve_forwarded(&hops, admitted.ask(1), min_revision)
+            .await
+            .map_err(|failure| self.unserved(failure, &admitted, GENERATE_LIMIT, "first token"))
+    }
+}
+
+/// One Generate's hops: this node's scheduler, or a peer's ForwardGenerate.
+struct GenerateHops<'a> {
+    core: &'a InferenceCore,
+    admitted: &'a AdmittedGeneration,
+}
+
+impl Hops for GenerateHops<'_> {
+    type Answer = ChunkStream;
+    type Error = Status;
+
+    async fn here(&self, route: Route, counted: OwnedInFlightGuard) -> Result<ChunkStream, Status> {
+        self.core.generate_here(self.admitted, route, counted).await
+    }
+
+    async fn forward(
+        &self,
+        peer: PeerView,
+        min_revision: u64,
+        counted: ForwardGuard,
+    ) -> Result<ChunkStream, Status> {
+        let admitted = self.admitted;
+        let forwarded = self
+            .core
+            .forwarder
+            .forward_generate(
+                &peer,
+                admitted.request.clone(),
+                Hop {
+                    remaining: admitted.remaining(),
+                    traceparent: &admitted.trace.traceparent(),
+                    min_revision,
+                },
+            )
+            .await;
+        self.core
+            .metrics
+            .record_forward(peer.node_id, forwarded.as_ref().err().map(Status::code));
+        // The peer counts as busy with this request until its stream ends.
+        forwarded.map(|stream| -> ChunkStream {
+            Box::pin(stream.map(move |item| {
+                let _counted = &counted;
+                item
+            }))
+        })
+    }
+
+    fn routing_key(&self) -> Vec<u8> {
+        let request = &self.admitted.request;
+        if request.routing_key.is_empty() {
+            let mut key = request.prompt.clone().into_bytes();
+            for message in &request.messages {
+                key.extend(message.content.as_bytes());
+            }
+            key
+        } else {
+            request.routing_key.clone().into_bytes()
+        }
+    }
+
+    fn refusal(&self, error: ServeError) -> Status {
+        serve_error(error)
+    }
+
+    fn try_next(error: &Status) -> bool {
+        try_next_node(error.code())
     }
 }
 

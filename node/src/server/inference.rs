@@ -1,19 +1,22 @@
-//! `troupe.v1.Inference/Embed`: validate the request against the node's limits, pick the
-//! nodes to try (the router), and serve it on this node's batcher or forward it to a peer,
-//! moving on when a node is full or unavailable. `Peer/Forward` ends here too, served
-//! locally only.
+//! `troupe.v1.Inference/Embed`: admit the request (API version, limits, deadline, trace),
+//! hand it to the dispatcher (troupe_actors::dispatch), which serves it on this node's
+//! batcher or forwards it to a peer through [`EmbedHops`], and map what comes back to a
+//! status. `Peer/Forward` ends here too, served on this node only.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::{Code, Request, Response, Status};
-use troupe_actors::{Candidate, EmbedJob, PeerState, Router, ServeError, TreeView};
+use troupe_actors::{
+    Ask, Dispatcher, EmbedJob, Failure, ForwardGuard, Hops, OwnedInFlightGuard, PeerView, Route,
+    Router, ServeError, TreeView,
+};
 use troupe_proto::v1::inference_server::Inference;
 use troupe_proto::v1::{EmbedRequest, EmbedResponse, Embedding};
 
 use super::status::serve_error;
-use crate::forward::{Forwarder, TraceContext, FORWARDED_BY_HEADER, MIN_REVISION_HEADER};
+use crate::forward::{Forwarder, Hop, TraceContext, FORWARDED_BY_HEADER, MIN_REVISION_HEADER};
 use crate::live::LiveLimits;
 use crate::metrics::NodeMetrics;
 
@@ -30,10 +33,9 @@ pub struct InferenceCore {
     /// The node's request limits and attempts, as cluster settings leave them now.
     pub(crate) limits: LiveLimits,
     next_request: AtomicU64,
-    pub(crate) router: Router,
+    /// Where each request goes: candidates, order, attempts, deadline.
+    pub(crate) dispatcher: Dispatcher,
     pub(crate) forwarder: Forwarder,
-    /// This node is a backup: its router tries it after the primaries too.
-    backup: bool,
     pub(crate) metrics: Arc<NodeMetrics>,
 }
 
@@ -51,14 +53,21 @@ pub struct RoutingParts {
 
 impl InferenceCore {
     pub fn new(node_id: u64, tree: TreeView, limits: LiveLimits, routing: RoutingParts) -> Self {
+        let dispatcher = Dispatcher::new(
+            node_id,
+            routing.backup,
+            routing.router,
+            tree.table.clone(),
+            tree.peers.clone(),
+            tree.in_flight.clone(),
+        );
         Self {
             node_id,
             tree,
             limits,
             next_request: AtomicU64::new(1),
-            router: routing.router,
+            dispatcher,
             forwarder: routing.forwarder,
-            backup: routing.backup,
             metrics: routing.metrics,
         }
     }
@@ -132,11 +141,58 @@ impl InferenceCore {
 }
 
 /// A request as it is served: validated, with its id, deadline and trace context.
-pub(crate) struct Admitted {
-    request: EmbedRequest,
-    received: Instant,
-    deadline: Instant,
-    trace: TraceContext,
+pub(crate) struct Admitted<R> {
+    pub(crate) request: R,
+    pub(crate) received: Instant,
+    pub(crate) deadline: Instant,
+    pub(crate) trace: TraceContext,
+}
+
+/// What admission and the dispatcher read of a request (Embed or Generate).
+pub(crate) trait Named {
+    fn model(&self) -> &str;
+    fn version(&self) -> &str;
+    fn task(&self) -> &str;
+    fn request_id(&mut self) -> &mut String;
+}
+
+macro_rules! named {
+    ($request:ty) => {
+        impl Named for $request {
+            fn model(&self) -> &str {
+                &self.model
+            }
+            fn version(&self) -> &str {
+                &self.version
+            }
+            fn task(&self) -> &str {
+                &self.task
+            }
+            fn request_id(&mut self) -> &mut String {
+                &mut self.request_id
+            }
+        }
+    };
+}
+named!(EmbedRequest);
+named!(troupe_proto::v1::GenerateRequest);
+
+impl<R: Named> Admitted<R> {
+    /// The request as the dispatcher routes it.
+    pub(crate) fn ask(&self, max_attempts: usize) -> Ask<'_> {
+        Ask {
+            model: self.request.model(),
+            version: self.request.version(),
+            task: self.request.task(),
+            deadline: self.deadline,
+            max_attempts,
+        }
+    }
+
+    /// What is left of the request's deadline.
+    pub(crate) fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
 }
 
 /// Codes after which the next node is tried: the node was full, or could not serve now.
@@ -144,24 +200,18 @@ pub(crate) fn try_next_node(code: Code) -> bool {
     matches!(code, Code::ResourceExhausted | Code::Unavailable)
 }
 
-/// Route errors that hold on every node (the metadata is the same everywhere): no point in
-/// asking a peer.
-fn cluster_wide(error: &ServeError) -> bool {
-    matches!(
-        error,
-        ServeError::UnknownModel { .. }
-            | ServeError::UnknownVersion { .. }
-            | ServeError::UnknownTask { .. }
-            | ServeError::NoActiveVersion { .. }
-    )
-}
-
 impl InferenceCore {
-    /// Checks the API version and the request, names it, and fixes its deadline.
-    pub(crate) fn admit(&self, request: Request<EmbedRequest>) -> Result<Admitted, Status> {
+    /// Checks the API version, names the request and fixes its deadline (the client's
+    /// `grpc-timeout`, at most `timeout`), then checks its fields with `validate`, before any
+    /// of them is used (a span field, a log line, a lookup).
+    pub(crate) fn admit<R: Named>(
+        &self,
+        request: Request<R>,
+        timeout: Duration,
+        validate: impl FnOnce(&Self, &R) -> Result<(), Status>,
+    ) -> Result<Admitted<R>, Status> {
         let received = Instant::now();
         check_api_version(&request)?;
-        let timeout = Duration::from_millis(self.limits.get().request_timeout_ms);
         let timeout = grpc_timeout(&request).map_or(timeout, |t| t.min(timeout));
         let forwarded_by = request
             .metadata()
@@ -172,15 +222,14 @@ impl InferenceCore {
         let seed = format!("{}-{:?}", self.node_id, received);
         let trace = TraceContext::of(&request, &seed);
         let mut request = request.into_inner();
-        if request.request_id.is_empty() {
-            request.request_id = self.new_request_id();
+        if request.request_id().is_empty() {
+            *request.request_id() = self.new_request_id();
         }
-        // Validated before any field is used (a span field, a log line, a lookup).
-        self.validate(&request)?;
+        validate(self, &request)?;
         let span = tracing::Span::current();
-        span.record("model", request.model.as_str());
-        span.record("task", request.task.as_str());
-        span.record("request_id", request.request_id.as_str());
+        span.record("model", request.model());
+        span.record("task", request.task());
+        span.record("request_id", request.request_id().as_str());
         span.record("node_id", self.node_id);
         span.record("trace_id", trace.trace_id.as_str());
         span.record("span_id", trace.span_id.as_str());
@@ -201,15 +250,47 @@ impl InferenceCore {
         })
     }
 
-    /// Serves a request on this node's batcher, or says why it cannot.
-    async fn serve_local(&self, admitted: &Admitted) -> Result<EmbedResponse, Status> {
-        let _in_flight = self.tree.in_flight.enter();
+    /// What the client is told when the dispatcher did not serve its request. `limit` names
+    /// the setting that bounds the request's time; `awaited` what it waited for.
+    pub(crate) fn unserved<R: Named>(
+        &self,
+        failure: Failure<Status>,
+        admitted: &Admitted<R>,
+        limit: &str,
+        awaited: &str,
+    ) -> Status {
+        match failure {
+            Failure::Failed(status) => status,
+            Failure::Deadline { waiting_on, last } => {
+                let waiting = waiting_on
+                    .map(|node| format!(", waiting on node {node}"))
+                    .unwrap_or_default();
+                let last = last
+                    .map(|s| format!("; the node tried before answered: {}", s.message()))
+                    .unwrap_or_default();
+                Status::deadline_exceeded(format!(
+                    "no {awaited} within {} ms (the client's grpc-timeout or {limit}){waiting}{last}: allow longer, or retry when the cluster is less busy",
+                    admitted.deadline.duration_since(admitted.received).as_millis()
+                ))
+            }
+            Failure::NoNode => Status::unavailable(format!(
+                "no node serves model '{}' now (none has it loaded and reachable): retry shortly, or see `troupe models list` and `troupe cluster status`",
+                admitted.request.model()
+            )),
+            Failure::Behind { wanted, at } => Status::unavailable(format!(
+                "node {} has not caught up with metadata revision {wanted} (it is at {at}): another node may serve",
+                self.node_id
+            )),
+        }
+    }
+
+    /// Serves an Embed on this node's batcher, on the route the dispatcher resolved.
+    async fn embed_here(
+        &self,
+        admitted: &Admitted<EmbedRequest>,
+        route: Route,
+    ) -> Result<EmbedResponse, Status> {
         let request = &admitted.request;
-        let route = self
-            .tree
-            .table
-            .route(&request.model, &request.version, &request.task)
-            .map_err(serve_error)?;
         tracing::Span::current().record("version", route.version.as_str());
         let (reply, answer) = tokio::sync::oneshot::channel();
         route.batcher.submit(EmbedJob {
@@ -221,16 +302,9 @@ impl InferenceCore {
             received: admitted.received,
             reply,
         });
-        let answered = tokio::time::timeout_at(admitted.deadline.into(), answer).await;
-        let embeddings = match answered {
-            Ok(Ok(result)) => result.map_err(serve_error)?,
+        let embeddings = match answer.await {
+            Ok(result) => result.map_err(serve_error)?,
             Err(_) => {
-                return Err(Status::deadline_exceeded(format!(
-                    "no answer within {} ms (the client's grpc-timeout or limits.request_timeout_ms): allow longer, or retry when the node is less busy",
-                    admitted.deadline.duration_since(admitted.received).as_millis()
-                )))
-            }
-            Ok(Err(_)) => {
                 return Err(serve_error(ServeError::Unavailable {
                     model: request.model.clone(),
                     version: route.version,
@@ -264,167 +338,123 @@ impl InferenceCore {
         )
     }
 
-    /// The order to try nodes in for a request with routing `key`.
-    pub(crate) fn order(
+    /// Checks an Embed and fixes its deadline (`limits.request_timeout_ms`).
+    fn admit_embed(
         &self,
-        candidates: &[Candidate],
-        routing_key: impl FnOnce() -> Vec<u8>,
-    ) -> Vec<u64> {
-        // Only consistent hashing reads the ring and the routing key: the other strategies
-        // never pay for listing the members or joining a request's texts.
-        let (members, key): (Vec<u64>, Vec<u8>) = match self.router.strategy() {
-            troupe_actors::Strategy::ConsistentHash => (
-                std::iter::once(self.node_id)
-                    .chain(self.tree.peers.snapshot().iter().map(|p| p.node_id))
-                    .collect(),
-                routing_key(),
-            ),
-            _ => (Vec::new(), Vec::new()),
+        request: Request<EmbedRequest>,
+    ) -> Result<Admitted<EmbedRequest>, Status> {
+        let timeout = Duration::from_millis(self.limits.get().request_timeout_ms);
+        self.admit(request, timeout, Self::validate)
+    }
+
+    /// Serves a client's Embed here or on a peer (the dispatcher's way).
+    pub(crate) async fn embed_routed(
+        &self,
+        admitted: Admitted<EmbedRequest>,
+    ) -> Result<EmbedResponse, Status> {
+        let hops = EmbedHops {
+            core: self,
+            admitted: &admitted,
         };
-        self.router.order(self.node_id, candidates, &members, &key)
-    }
-
-    /// The nodes that can serve the request now, this one included when it can.
-    pub(crate) fn candidates(
-        &self,
-        model: &str,
-        version: &str,
-        task: &str,
-    ) -> Result<(Vec<Candidate>, Option<Status>), Status> {
-        let mut candidates = Vec::new();
-        let mut local_error = None;
-        match self.tree.table.route(model, version, task) {
-            Ok(_) => candidates.push(Candidate {
-                node_id: self.node_id,
-                outstanding: self.tree.in_flight.get(),
-                backup: self.backup,
-                suspect: false,
-            }),
-            Err(error) if cluster_wide(&error) => return Err(serve_error(error)),
-            Err(error) => local_error = Some(serve_error(error)),
-        }
-        for peer in self.tree.peers.snapshot() {
-            let reachable = matches!(peer.state, PeerState::Up | PeerState::Suspect);
-            if peer.node_id == self.node_id || !reachable || !peer.serves(model, version) {
-                continue;
-            }
-            candidates.push(Candidate {
-                node_id: peer.node_id,
-                outstanding: peer.in_flight + self.router.forwarded_to(peer.node_id),
-                backup: peer.backup,
-                suspect: peer.state == PeerState::Suspect,
-            });
-        }
-        Ok((candidates, local_error))
-    }
-
-    /// Serves a client's request here or on a peer, trying the next node when one is full or
-    /// unavailable, at most `routing.max_attempts` nodes in all.
-    pub(crate) async fn embed_routed(&self, admitted: Admitted) -> Result<EmbedResponse, Status> {
-        let request = &admitted.request;
-        // Peers must serve at least what this node's table knows now.
-        let revision = self.tree.table.revision();
-        let (candidates, local_error) =
-            self.candidates(&request.model, &request.version, &request.task)?;
-        let order = self.order(&candidates, || {
-            if request.routing_key.is_empty() {
-                request.texts.join("\u{0}").into_bytes()
-            } else {
-                request.routing_key.clone().into_bytes()
-            }
-        });
-        let mut last_error = local_error;
-        for node in order.into_iter().take(self.limits.get().max_attempts) {
-            let now = Instant::now();
-            if now >= admitted.deadline {
-                return Err(Status::deadline_exceeded(format!(
-                    "the request's deadline passed while trying nodes (last error: {})",
-                    last_error.as_ref().map_or("none", |s| s.message())
-                )));
-            }
-            let result = if node == self.node_id {
-                self.serve_local(&admitted).await
-            } else {
-                let Some(peer) = self.tree.peers.get(node) else {
-                    continue;
-                };
-                let _counted = self.router.forwarding(node);
-                let forwarded = self
-                    .forwarder
-                    .forward(
-                        node,
-                        &peer.peer_addr,
-                        request.clone(),
-                        admitted.deadline - now,
-                        &admitted.trace.traceparent(),
-                        revision,
-                    )
-                    .await;
-                self.metrics
-                    .record_forward(node, forwarded.as_ref().err().map(Status::code));
-                forwarded
-            };
-            match result {
-                Ok(response) => {
-                    tracing::Span::current().record("served_by", response.served_by);
-                    if response.served_by != self.node_id {
-                        tracing::debug!(peer = response.served_by, "served by a peer");
-                    }
-                    return Ok(response);
+        let ask = admitted.ask(self.limits.get().max_attempts);
+        match self.dispatcher.dispatch(&hops, ask).await {
+            Ok(response) => {
+                tracing::Span::current().record("served_by", response.served_by);
+                if response.served_by != self.node_id {
+                    tracing::debug!(peer = response.served_by, "served by a peer");
                 }
-                Err(status) if try_next_node(status.code()) => {
-                    tracing::debug!(node, code = ?status.code(), message = status.message(), "node could not take the request; trying the next");
-                    last_error = Some(status);
-                }
-                Err(status) => return Err(status),
+                Ok(response)
             }
+            Err(failure) => Err(self.unserved(failure, &admitted, EMBED_LIMIT, "answer")),
         }
-        Err(last_error.unwrap_or_else(|| {
-            Status::unavailable(format!(
-                "no node serves model '{}' now (none has it loaded and reachable): retry shortly, or see `troupe models list` and `troupe cluster status`",
-                request.model
-            ))
-        }))
     }
 
-    /// A request another node's router sent here: served on this node or refused, never
+    /// An Embed another node's dispatcher sent here: served on this node or refused, never
     /// forwarded again (so a request is forwarded at most once and cannot loop).
     pub async fn embed_forwarded(
         &self,
         request: Request<EmbedRequest>,
     ) -> Result<Response<EmbedResponse>, Status> {
         let min_revision = min_revision(&request)?;
-        let admitted = self.admit(request)?;
-        self.wait_for_revision(min_revision, admitted.deadline)
-            .await?;
-        self.serve_local(&admitted).await.map(Response::new)
+        let admitted = self.admit_embed(request)?;
+        let hops = EmbedHops {
+            core: self,
+            admitted: &admitted,
+        };
+        let ask = admitted.ask(1);
+        match self
+            .dispatcher
+            .serve_forwarded(&hops, ask, min_revision)
+            .await
+        {
+            Ok(response) => Ok(Response::new(response)),
+            Err(failure) => Err(self.unserved(failure, &admitted, EMBED_LIMIT, "answer")),
+        }
+    }
+}
+
+/// The setting that bounds an Embed's time.
+const EMBED_LIMIT: &str = "limits.request_timeout_ms";
+
+/// One Embed's hops: this node's batcher, or a peer's Forward.
+struct EmbedHops<'a> {
+    core: &'a InferenceCore,
+    admitted: &'a Admitted<EmbedRequest>,
+}
+
+impl Hops for EmbedHops<'_> {
+    type Answer = EmbedResponse;
+    type Error = Status;
+
+    async fn here(
+        &self,
+        route: Route,
+        _counted: OwnedInFlightGuard,
+    ) -> Result<EmbedResponse, Status> {
+        self.core.embed_here(self.admitted, route).await
     }
 
-    /// Waits until this node's serving table is at `revision` or later, up to `deadline`.
-    pub(crate) async fn wait_for_revision(
+    async fn forward(
         &self,
-        revision: u64,
-        deadline: Instant,
-    ) -> Result<(), Status> {
-        let table = &self.tree.table;
-        let mut changes = table.subscribe();
-        let caught_up = tokio::time::timeout_at(deadline.into(), async {
-            while table.revision() < revision {
-                if changes.changed().await.is_err() {
-                    return false;
-                }
-            }
-            true
-        })
-        .await;
-        match caught_up {
-            Ok(true) => Ok(()),
-            _ => Err(Status::unavailable(format!(
-                "node {} has not caught up with metadata revision {revision} (it is at {}): another node may serve",
-                self.node_id,
-                table.revision()
-            ))),
+        peer: PeerView,
+        min_revision: u64,
+        _counted: ForwardGuard,
+    ) -> Result<EmbedResponse, Status> {
+        let admitted = self.admitted;
+        let forwarded = self
+            .core
+            .forwarder
+            .forward(
+                &peer,
+                admitted.request.clone(),
+                Hop {
+                    remaining: admitted.remaining(),
+                    traceparent: &admitted.trace.traceparent(),
+                    min_revision,
+                },
+            )
+            .await;
+        self.core
+            .metrics
+            .record_forward(peer.node_id, forwarded.as_ref().err().map(Status::code));
+        forwarded
+    }
+
+    fn routing_key(&self) -> Vec<u8> {
+        let request = &self.admitted.request;
+        if request.routing_key.is_empty() {
+            request.texts.join("\u{0}").into_bytes()
+        } else {
+            request.routing_key.clone().into_bytes()
         }
+    }
+
+    fn refusal(&self, error: ServeError) -> Status {
+        serve_error(error)
+    }
+
+    fn try_next(error: &Status) -> bool {
+        try_next_node(error.code())
     }
 }
 
@@ -511,7 +541,7 @@ impl Inference for InferenceService {
                 },
             )
         };
-        let result = match self.0.admit(request) {
+        let result = match self.0.admit_embed(request) {
             Ok(admitted) => self.0.embed_routed(admitted).await,
             Err(status) => Err(status),
         };
