@@ -14,37 +14,131 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// How the first node to try is chosen.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Strategy {
-    /// Fewest requests outstanding: this node's in-flight count for itself; for a peer, its
-    /// last heartbeat's in-flight count plus the requests this node has forwarded to it and
-    /// not yet had answered. Ties go to this node (no hop), then to the lower node id.
-    #[default]
-    LeastOutstanding,
-    /// Every candidate in turn.
-    RoundRobin,
-    /// Candidates in proportion to their weight (smooth weighted round robin); a node without
-    /// a configured weight weighs 1, a node of weight 0 is tried only after the others.
-    Weighted(BTreeMap<u64, u32>),
-    /// The request key picks a point on a hash ring of every member; the first candidate
-    /// clockwise serves it, and the next ones on the ring are the fallbacks.
-    ConsistentHash,
-}
+/// How the nodes of one group are ordered (the router makes the groups: healthy primaries,
+/// suspect primaries, healthy backups, suspect backups, tried in that order).
+pub trait Strategy: Send + Sync + std::fmt::Debug {
+    /// Its name in `routing.strategy`.
+    fn name(&self) -> &'static str;
 
-impl Strategy {
-    /// Whether the strategy reads the cluster's members and the request's routing key.
-    pub fn reads_key(&self) -> bool {
-        matches!(self, Strategy::ConsistentHash)
+    /// Whether it reads the cluster's members and the request's routing key: only then does
+    /// the dispatcher list the one and build the other.
+    fn reads_key(&self) -> bool {
+        false
     }
 
-    pub fn name(&self) -> &'static str {
-        match self {
-            Strategy::LeastOutstanding => "least_outstanding",
-            Strategy::RoundRobin => "round_robin",
-            Strategy::Weighted(_) => "weighted",
-            Strategy::ConsistentHash => "consistent_hash",
+    /// A request's turn, taken once per request whatever the number of groups.
+    fn turn(&self) -> usize {
+        0
+    }
+
+    /// The order of one group of a request's candidates, given sorted by node id.
+    fn order_group(&self, group: &mut [&Candidate], request: &Request<'_>) -> Vec<u64>;
+}
+
+/// What a strategy reads of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// This node's id.
+    pub local: u64,
+    /// The request's turn ([`Strategy::turn`]).
+    pub turn: usize,
+    /// Every node of the cluster, when the strategy reads keys.
+    pub members: &'a [u64],
+    /// The request's routing key, when the strategy reads keys.
+    pub key: &'a [u8],
+}
+
+/// The names `routing.strategy` takes.
+pub const STRATEGIES: [&str; 4] = [
+    "least_outstanding",
+    "round_robin",
+    "weighted",
+    "consistent_hash",
+];
+
+/// The strategy `name` names (one of [`STRATEGIES`]); `weights` are `weighted`'s.
+pub fn strategy(name: &str, weights: BTreeMap<u64, u32>) -> Option<Box<dyn Strategy>> {
+    Some(match name {
+        "least_outstanding" => Box::new(LeastOutstanding),
+        "round_robin" => Box::<RoundRobin>::default(),
+        "weighted" => Box::new(Weighted::new(weights)),
+        "consistent_hash" => Box::new(ConsistentHash),
+        _ => return None,
+    })
+}
+
+/// Fewest requests outstanding: this node's in-flight count for itself; for a peer, its last
+/// heartbeat's in-flight count plus the requests this node has forwarded to it and not yet
+/// had answered. Ties go to this node (no hop), then to the lower node id.
+#[derive(Debug, Default)]
+pub struct LeastOutstanding;
+
+impl Strategy for LeastOutstanding {
+    fn name(&self) -> &'static str {
+        "least_outstanding"
+    }
+
+    fn order_group(&self, group: &mut [&Candidate], request: &Request<'_>) -> Vec<u64> {
+        group.sort_by_key(|c| (c.outstanding, c.node_id != request.local, c.node_id));
+        group.iter().map(|c| c.node_id).collect()
+    }
+}
+
+/// Every candidate in turn.
+#[derive(Debug, Default)]
+pub struct RoundRobin {
+    next: AtomicU64,
+}
+
+impl Strategy for RoundRobin {
+    fn name(&self) -> &'static str {
+        "round_robin"
+    }
+
+    fn turn(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) as usize
+    }
+
+    fn order_group(&self, group: &mut [&Candidate], request: &Request<'_>) -> Vec<u64> {
+        group.rotate_left(request.turn % group.len());
+        group.iter().map(|c| c.node_id).collect()
+    }
+}
+
+/// Candidates in proportion to their weight (smooth weighted round robin); a node without a
+/// configured weight weighs 1, a node of weight 0 is tried only after the others.
+#[derive(Debug, Default)]
+pub struct Weighted {
+    weights: BTreeMap<u64, u32>,
+    /// The current weight of each node.
+    current: Mutex<HashMap<u64, i64>>,
+}
+
+impl Weighted {
+    pub fn new(weights: BTreeMap<u64, u32>) -> Self {
+        Self {
+            weights,
+            current: Mutex::default(),
         }
+    }
+}
+
+/// The request key picks a point on a hash ring of every member; the first candidate
+/// clockwise serves it, and the next ones on the ring are the fallbacks.
+#[derive(Debug, Default)]
+pub struct ConsistentHash;
+
+impl Strategy for ConsistentHash {
+    fn name(&self) -> &'static str {
+        "consistent_hash"
+    }
+
+    fn reads_key(&self) -> bool {
+        true
+    }
+
+    fn order_group(&self, group: &mut [&Candidate], request: &Request<'_>) -> Vec<u64> {
+        ring_order(group, request.members, request.key)
     }
 }
 
@@ -77,12 +171,9 @@ pub fn stable_hash(bytes: &[u8]) -> u64 {
     hash ^ (hash >> 31)
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Router {
-    strategy: Strategy,
-    next: AtomicU64,
-    /// Smooth weighted round robin state: current weight per node.
-    weighted: Mutex<HashMap<u64, i64>>,
+    strategy: Box<dyn Strategy>,
     /// Requests this node forwarded to each peer and has not had answered.
     forwarded: Mutex<HashMap<u64, Arc<AtomicU64>>>,
 }
@@ -98,15 +189,15 @@ impl Drop for ForwardGuard {
 }
 
 impl Router {
-    pub fn new(strategy: Strategy) -> Self {
+    pub fn new(strategy: Box<dyn Strategy>) -> Self {
         Self {
             strategy,
-            ..Self::default()
+            forwarded: Mutex::default(),
         }
     }
 
-    pub fn strategy(&self) -> &Strategy {
-        &self.strategy
+    pub fn strategy(&self) -> &dyn Strategy {
+        self.strategy.as_ref()
     }
 
     /// Requests this node has outstanding at `peer`.
@@ -148,43 +239,34 @@ impl Router {
             groups[usize::from(candidate.backup) * 2 + usize::from(candidate.suspect)]
                 .push(candidate);
         }
-        let mut order = Vec::with_capacity(candidates.len());
-        // One turn per request, whatever the number of groups.
-        let turn = match self.strategy {
-            Strategy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) as usize,
-            _ => 0,
+        let request = Request {
+            local,
+            turn: self.strategy.turn(),
+            members,
+            key,
         };
+        let mut order = Vec::with_capacity(candidates.len());
         for group in groups.iter_mut().filter(|g| !g.is_empty()) {
             group.sort_by_key(|c| c.node_id);
-            match &self.strategy {
-                Strategy::LeastOutstanding => {
-                    group.sort_by_key(|c| (c.outstanding, c.node_id != local, c.node_id));
-                    order.extend(group.iter().map(|c| c.node_id));
-                }
-                Strategy::RoundRobin => {
-                    let start = turn % group.len();
-                    group.rotate_left(start);
-                    order.extend(group.iter().map(|c| c.node_id));
-                }
-                Strategy::Weighted(weights) => {
-                    order.extend(self.weighted_order(group, weights));
-                }
-                Strategy::ConsistentHash => {
-                    order.extend(ring_order(group, members, key));
-                }
-            }
+            order.extend(self.strategy.order_group(group, &request));
         }
         order
+    }
+}
+
+impl Strategy for Weighted {
+    fn name(&self) -> &'static str {
+        "weighted"
     }
 
     /// Smooth weighted round robin (as nginx does it): every candidate gains its weight, the
     /// highest is chosen and pays back the total. Over any window the picks are in proportion
     /// to the weights, interleaved rather than in runs. The rest follow by current weight.
-    fn weighted_order(&self, group: &[&Candidate], weights: &BTreeMap<u64, u32>) -> Vec<u64> {
-        let weight = |id: u64| i64::from(weights.get(&id).copied().unwrap_or(1));
-        let mut current = self.weighted.lock().unwrap_or_else(|p| p.into_inner());
+    fn order_group(&self, group: &mut [&Candidate], _request: &Request<'_>) -> Vec<u64> {
+        let weight = |id: u64| i64::from(self.weights.get(&id).copied().unwrap_or(1));
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let total: i64 = group.iter().map(|c| weight(c.node_id)).sum();
-        for candidate in group {
+        for candidate in group.iter() {
             *current.entry(candidate.node_id).or_default() += weight(candidate.node_id);
         }
         let mut ranked: Vec<(i64, u64)> = group
@@ -259,7 +341,7 @@ mod tests {
 
     #[test]
     fn least_outstanding_prefers_the_idle_node_then_this_one() {
-        let router = Router::new(Strategy::LeastOutstanding);
+        let router = Router::new(Box::new(LeastOutstanding));
         let busy_here = [candidate(1, 5), candidate(2, 0), candidate(3, 2)];
         assert_eq!(router.order(1, &busy_here, &[1, 2, 3], b""), vec![2, 3, 1]);
         let idle = [candidate(1, 0), candidate(2, 0), candidate(3, 0)];
@@ -268,7 +350,7 @@ mod tests {
 
     #[test]
     fn round_robin_takes_turns() {
-        let router = Router::new(Strategy::RoundRobin);
+        let router = Router::new(Box::<RoundRobin>::default());
         let all = [candidate(1, 0), candidate(2, 0), candidate(3, 0)];
         let counts = first_counts(&router, &all, 300);
         assert_eq!(
@@ -280,7 +362,7 @@ mod tests {
     #[test]
     fn weighted_follows_the_weights() {
         let weights = [(1, 3), (2, 1), (3, 0)].into();
-        let router = Router::new(Strategy::Weighted(weights));
+        let router = Router::new(Box::new(Weighted::new(weights)));
         let all = [candidate(1, 0), candidate(2, 0), candidate(3, 0)];
         let counts = first_counts(&router, &all, 400);
         assert_eq!(counts.get(&1), Some(&300));
@@ -292,7 +374,7 @@ mod tests {
 
     #[test]
     fn consistent_hash_pins_keys_and_falls_back_along_the_ring() {
-        let router = Router::new(Strategy::ConsistentHash);
+        let router = Router::new(Box::new(ConsistentHash));
         let all = [candidate(1, 0), candidate(2, 0), candidate(3, 0)];
         let mut owners = BTreeMap::new();
         for i in 0..300 {
@@ -318,7 +400,7 @@ mod tests {
 
     #[test]
     fn round_robin_takes_turns_among_primaries_when_there_is_a_backup() {
-        let router = Router::new(Strategy::RoundRobin);
+        let router = Router::new(Box::<RoundRobin>::default());
         let mut backup = candidate(3, 0);
         backup.backup = true;
         let nodes = [candidate(1, 0), candidate(2, 0), backup];
@@ -328,7 +410,7 @@ mod tests {
 
     #[test]
     fn backups_and_suspects_come_last() {
-        let router = Router::new(Strategy::LeastOutstanding);
+        let router = Router::new(Box::new(LeastOutstanding));
         let mut backup = candidate(1, 0);
         backup.backup = true;
         let mut suspect = candidate(2, 0);
@@ -339,7 +421,7 @@ mod tests {
 
     #[test]
     fn forwarded_requests_are_counted_until_answered() {
-        let router = Router::new(Strategy::LeastOutstanding);
+        let router = Router::new(Box::new(LeastOutstanding));
         let first = router.forwarding(2);
         let second = router.forwarding(2);
         assert_eq!(router.forwarded_to(2), 2);

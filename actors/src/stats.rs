@@ -119,9 +119,20 @@ struct Entry {
 
 /// Every live actor of a node by path. Entries survive restarts (so restart counts do) and
 /// are removed when their actor is retired for good.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ActorDirectory {
     entries: Arc<Mutex<BTreeMap<String, Entry>>>,
+    /// Fires when an actor is attached or a path removed.
+    changed: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for ActorDirectory {
+    fn default() -> Self {
+        Self {
+            entries: Arc::default(),
+            changed: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
 }
 
 impl std::fmt::Debug for ActorDirectory {
@@ -164,6 +175,12 @@ impl ActorDirectory {
         if let Some(entry) = self.lock().get_mut(path) {
             entry.cell = Some(cell);
         }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Fires whenever an actor is attached or a path removed.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// The live actor behind `path` (if it has started) and its restart count, or `None`
@@ -185,6 +202,7 @@ impl ActorDirectory {
         let prefix = format!("{path}/");
         self.lock()
             .retain(|key, _| key != path && !key.starts_with(&prefix));
+        self.changed.send_modify(|n| *n += 1);
     }
 
     pub fn snapshot(&self) -> Vec<ActorInfo> {

@@ -18,6 +18,8 @@ use troupe_proto::v1::peer_client::PeerClient;
 use troupe_proto::v1::{EmbedRequest, EmbedResponse};
 use troupe_transport::{Lane, PeerTransport};
 
+use crate::metrics::NodeMetrics;
+
 /// Metadata naming the node that forwarded a request.
 pub const FORWARDED_BY_HEADER: &str = "x-troupe-forwarded-by";
 
@@ -33,22 +35,30 @@ pub struct Forwarder {
     node_id: u64,
     max_message_bytes: usize,
     transport: Arc<PeerTransport>,
+    /// Counts each forwarded request by the peer's answer.
+    metrics: Arc<NodeMetrics>,
 }
 
 /// How a forwarded request is sent: what is left of the client's deadline (the peer's
 /// `grpc-timeout`), the trace's next hop and the revision the sender routed at.
-pub struct Hop<'a> {
+pub struct Hop {
     pub remaining: Duration,
-    pub traceparent: &'a str,
+    pub traceparent: String,
     pub min_revision: u64,
 }
 
 impl Forwarder {
-    pub fn new(node_id: u64, transport: Arc<PeerTransport>, max_message_bytes: usize) -> Self {
+    pub fn new(
+        node_id: u64,
+        transport: Arc<PeerTransport>,
+        max_message_bytes: usize,
+        metrics: Arc<NodeMetrics>,
+    ) -> Self {
         Self {
             node_id,
             max_message_bytes,
             transport,
+            metrics,
         }
     }
 
@@ -66,7 +76,7 @@ impl Forwarder {
     }
 
     /// `body` as a request of this hop, with its deadline, origin, revision and trace.
-    fn request<T>(&self, body: T, hop: &Hop<'_>) -> tonic::Request<T> {
+    fn request<T>(&self, body: T, hop: &Hop) -> tonic::Request<T> {
         let mut request = tonic::Request::new(body);
         request.set_timeout(hop.remaining);
         let metadata = request.metadata_mut();
@@ -83,15 +93,25 @@ impl Forwarder {
         &self,
         peer: &PeerView,
         request: EmbedRequest,
-        hop: Hop<'_>,
+        hop: Hop,
     ) -> Result<EmbedResponse, Status> {
-        let mut client = self.client(peer)?;
-        let request = self.request(request, &hop);
-        client
-            .forward(request)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|status| unreachable(peer, status))
+        let answer = async {
+            let mut client = self.client(peer)?;
+            client
+                .forward(self.request(request, &hop))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|status| unreachable(peer, status))
+        }
+        .await;
+        self.counted(peer, answer)
+    }
+
+    /// `answer` from `peer`, counted in the forwarded-requests metric by its code.
+    fn counted<T>(&self, peer: &PeerView, answer: Result<T, Status>) -> Result<T, Status> {
+        let code = answer.as_ref().err().map(Status::code);
+        self.metrics.record_forward(peer.node_id, code);
+        answer
     }
 
     /// Sends a generation to `peer` and returns its stream once the first chunk has come (so
@@ -101,26 +121,30 @@ impl Forwarder {
         &self,
         peer: &PeerView,
         request: troupe_proto::v1::GenerateRequest,
-        hop: Hop<'_>,
+        hop: Hop,
     ) -> Result<crate::server::generate::ChunkStream, Status> {
         use tokio_stream::StreamExt;
-        let mut client = self.client(peer)?;
-        let request = self.request(request, &hop);
-        let mut stream = client
-            .forward_generate(request)
-            .await
-            .map_err(|status| unreachable(peer, status))?
-            .into_inner();
-        let Some(first) = stream
-            .message()
-            .await
-            .map_err(|status| unreachable(peer, status))?
-        else {
-            return Err(Status::unavailable(format!(
-                "node {} ended the generation before its first chunk",
-                peer.node_id
-            )));
-        };
+        let started = async {
+            let mut client = self.client(peer)?;
+            let mut stream = client
+                .forward_generate(self.request(request, &hop))
+                .await
+                .map_err(|status| unreachable(peer, status))?
+                .into_inner();
+            match stream
+                .message()
+                .await
+                .map_err(|status| unreachable(peer, status))?
+            {
+                Some(first) => Ok((first, stream)),
+                None => Err(Status::unavailable(format!(
+                    "node {} ended the generation before its first chunk",
+                    peer.node_id
+                ))),
+            }
+        }
+        .await;
+        let (first, stream) = self.counted(peer, started)?;
         let peer = peer.clone();
         Ok(Box::pin(tokio_stream::once(Ok(first)).chain(stream.map(
             move |item| item.map_err(|status| unreachable(&peer, status)),

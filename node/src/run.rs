@@ -227,6 +227,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
                 config.id,
                 transport.clone(),
                 config.limits.max_message_bytes,
+                node_metrics.clone(),
             ),
             backup: config.cluster.backup,
             metrics: node_metrics.clone(),

@@ -10,7 +10,7 @@ use troupe_consensus::metadata::{KeyRevisions, ModelState, ModelVersionRecord};
 
 use super::*;
 use crate::peers::ServedVersion;
-use crate::router::Strategy;
+use crate::router::STRATEGIES;
 use crate::table::{ModelKey, TaskLanes};
 
 const LOCAL: u64 = 1;
@@ -127,7 +127,7 @@ fn record(state: ModelState) -> ModelVersionRecord {
 
 /// A node of a cluster where model `m` version `v1` is active, loaded on `peers` and not
 /// (yet) on this node.
-fn node(strategy: Strategy, peers: &[u64]) -> Dispatcher {
+fn node(strategy: &str, peers: &[u64]) -> Dispatcher {
     let table = Arc::new(ServingTable::default());
     let models = [(
         "m".to_owned(),
@@ -153,7 +153,7 @@ fn node(strategy: Strategy, peers: &[u64]) -> Dispatcher {
     Dispatcher::new(
         LOCAL,
         false,
-        Router::new(strategy),
+        Router::new(crate::router::strategy(strategy, BTreeMap::new()).unwrap()),
         table,
         table_of_peers,
         Arc::default(),
@@ -174,7 +174,7 @@ const LONG: Duration = Duration::from_secs(60);
 
 #[tokio::test]
 async fn a_full_node_moves_the_request_on_to_the_next() {
-    let dispatcher = node(Strategy::LeastOutstanding, &[2, 3, 4]);
+    let dispatcher = node("least_outstanding", &[2, 3, 4]);
     let hops = Scripted::new(&[(2, Script::Full), (3, Script::Serve), (4, Script::Serve)]);
     let served = dispatcher.dispatch(&hops, ask("m", 3, LONG)).await.unwrap();
     assert_eq!(served.node, 3);
@@ -183,7 +183,7 @@ async fn a_full_node_moves_the_request_on_to_the_next() {
 
 #[tokio::test]
 async fn attempts_stop_at_max_attempts_with_the_last_nodes_error() {
-    let dispatcher = node(Strategy::LeastOutstanding, &[2, 3, 4]);
+    let dispatcher = node("least_outstanding", &[2, 3, 4]);
     let hops = Scripted::new(&[(2, Script::Full), (3, Script::Full), (4, Script::Serve)]);
     let failure = dispatcher
         .dispatch(&hops, ask("m", 2, LONG))
@@ -198,7 +198,7 @@ async fn attempts_stop_at_max_attempts_with_the_last_nodes_error() {
 
 #[tokio::test]
 async fn an_error_that_is_not_worth_another_node_ends_the_request() {
-    let dispatcher = node(Strategy::LeastOutstanding, &[2, 3]);
+    let dispatcher = node("least_outstanding", &[2, 3]);
     let hops = Scripted::new(&[(2, Script::BadRequest), (3, Script::Serve)]);
     let failure = dispatcher
         .dispatch(&hops, ask("m", 3, LONG))
@@ -213,7 +213,7 @@ async fn an_error_that_is_not_worth_another_node_ends_the_request() {
 
 #[tokio::test]
 async fn an_answer_that_holds_on_every_node_asks_no_peer() {
-    let dispatcher = node(Strategy::LeastOutstanding, &[2]);
+    let dispatcher = node("least_outstanding", &[2]);
     let hops = Scripted::new(&[(2, Script::Serve)]);
     let failure = dispatcher
         .dispatch(&hops, ask("unknown", 3, LONG))
@@ -231,7 +231,7 @@ async fn an_answer_that_holds_on_every_node_asks_no_peer() {
 
 #[tokio::test]
 async fn with_no_peer_this_nodes_own_reason_is_the_answer() {
-    let dispatcher = node(Strategy::LeastOutstanding, &[]);
+    let dispatcher = node("least_outstanding", &[]);
     let hops = Scripted::new(&[]);
     let failure = dispatcher
         .dispatch(&hops, ask("m", 3, LONG))
@@ -257,7 +257,7 @@ async fn with_no_peer_this_nodes_own_reason_is_the_answer() {
 
 #[tokio::test(start_paused = true)]
 async fn the_deadline_ends_the_wait_on_a_node_that_never_answers_and_names_it() {
-    let dispatcher = node(Strategy::LeastOutstanding, &[2, 3]);
+    let dispatcher = node("least_outstanding", &[2, 3]);
     let hops = Scripted::new(&[(2, Script::Full), (3, Script::Hang)]);
     let failure = dispatcher
         .dispatch(&hops, ask("m", 3, Duration::from_millis(200)))
@@ -276,7 +276,7 @@ async fn the_deadline_ends_the_wait_on_a_node_that_never_answers_and_names_it() 
 
 #[tokio::test]
 async fn a_forwarded_request_is_counted_while_its_answer_lives() {
-    let dispatcher = node(Strategy::LeastOutstanding, &[2, 3]);
+    let dispatcher = node("least_outstanding", &[2, 3]);
     let hops = Scripted::new(&[(2, Script::Full), (3, Script::Serve)]);
     let served = dispatcher.dispatch(&hops, ask("m", 3, LONG)).await.unwrap();
     assert_eq!(
@@ -299,27 +299,18 @@ async fn a_forwarded_request_is_counted_while_its_answer_lives() {
 
 #[tokio::test]
 async fn only_consistent_hashing_builds_the_routing_key() {
-    for (strategy, built) in [
-        (Strategy::LeastOutstanding, 0),
-        (Strategy::RoundRobin, 0),
-        (Strategy::Weighted(BTreeMap::new()), 0),
-        (Strategy::ConsistentHash, 1),
-    ] {
-        let dispatcher = node(strategy.clone(), &[2, 3]);
+    for strategy in STRATEGIES {
+        let built = usize::from(strategy == "consistent_hash");
+        let dispatcher = node(strategy, &[2, 3]);
         let hops = Scripted::new(&[(2, Script::Serve), (3, Script::Serve)]);
         dispatcher.dispatch(&hops, ask("m", 3, LONG)).await.unwrap();
-        assert_eq!(
-            hops.keys_built.load(Ordering::Relaxed),
-            built,
-            "{}",
-            strategy.name()
-        );
+        assert_eq!(hops.keys_built.load(Ordering::Relaxed), built, "{strategy}");
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_forwarded_request_waits_for_the_senders_revision_then_routes_here_only() {
-    let dispatcher = Arc::new(node(Strategy::LeastOutstanding, &[2]));
+    let dispatcher = Arc::new(node("least_outstanding", &[2]));
     let hops = Scripted::new(&[(2, Script::Serve)]);
     // Behind, and it does not catch up in time.
     let failure = dispatcher

@@ -13,116 +13,41 @@
 //! stops restarting, Health reports NOT_SERVING with the reason, and the node stays up for
 //! an operator to look at instead of crash-looping.
 
+mod handle;
 pub mod messages;
+mod ports;
+mod tree;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::watch;
-use troupe_consensus::Metadata;
-use troupe_models::artifact::ArtifactStore;
-use troupe_models::{LoadedModel, ModelError, Precision};
+use troupe_models::LoadedModel;
 
+pub use handle::SupervisorHandle;
 pub use messages::SupervisorMsg;
+pub use ports::{ArtifactFetcher, ModelLoader, TreeArgs};
+pub use tree::{ActorTree, RestartError, TreeView};
 
 use crate::batcher::{Batcher, BatcherArgs, BatcherHandle, BatcherShared};
-use crate::config::{GossipConfig, ServingConfig};
-use crate::health::{self, Health, HealthArgs, HealthMsg, NodeHealth, PeerProbe};
-use crate::peers::{InFlight, PeerTable};
+use crate::health::{self, Health, HealthArgs, HealthMsg, NodeHealth};
+use crate::peers::PeerTable;
 use crate::restart::RestartBudget;
 use crate::rollout::{RolloutArgs, RolloutController, RolloutMsg};
 use crate::scheduler::Scheduler;
-use crate::stats::{call, spawn_child, ActorDirectory, ActorInfo, ActorStats, OPERATOR_RESTART};
+use crate::stats::{spawn_child, ActorDirectory, ActorStats};
 use crate::sync::{MetadataSync, SyncArgs, SyncMsg};
 use crate::table::{LocalState, ModelKey, ServingTable};
 
-/// Loads a model directory onto the node's compute backend. The node provides it, so this
-/// crate does not depend on a backend.
-pub trait ModelLoader: Send + Sync + 'static {
-    /// `precision` is the version's own (`None`: the loader's default, `serving.precision`).
-    fn load(&self, dir: &Path, precision: Option<Precision>) -> Result<LoadedModel, ModelError>;
-}
-
-/// Gets a version's files from a peer into the node's artifact store (the node provides it;
-/// it speaks the peer protocol). `holders` are the nodes that reported the version ready, to
-/// be asked first. Returns the stored directory, or why no peer could.
-pub trait ArtifactFetcher: Send + Sync + 'static {
-    fn fetch(
-        &self,
-        digest: String,
-        holders: Vec<u64>,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<std::path::PathBuf, String>> + Send>,
-    >;
-}
-
-const ROOT: &str = "node";
+pub(crate) const ROOT: &str = "node";
 const SYNC_PATH: &str = "node/metadata_sync";
 const HEALTH_PATH: &str = "node/health";
 const ROLLOUT_PATH: &str = "node/rollout";
 
 fn batcher_path(key: &ModelKey) -> String {
     format!("{ROOT}/batcher:{key}")
-}
-
-/// Everything the tree needs from the node.
-#[derive(Clone)]
-pub struct TreeArgs {
-    pub node_id: u64,
-    pub config: ServingConfig,
-    pub metadata: Arc<Metadata>,
-    pub loader: Arc<dyn ModelLoader>,
-    pub fetcher: Arc<dyn ArtifactFetcher>,
-    pub store: ArtifactStore,
-    /// How Health heartbeats peers, and how often.
-    pub probe: Arc<dyn PeerProbe>,
-    pub gossip: GossipConfig,
-    /// The peer table Health's heartbeats fill (the node shares it with its puller).
-    pub peers: Arc<PeerTable>,
-}
-
-/// How the node talks to its supervisor.
-#[derive(Debug, Clone)]
-pub struct SupervisorHandle {
-    actor: ActorRef<SupervisorMsg>,
-    stats: Arc<ActorStats>,
-}
-
-/// Generous bound for supervisor calls that only touch in-memory state.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-impl SupervisorHandle {
-    pub async fn start_model(
-        &self,
-        key: ModelKey,
-        model: LoadedModel,
-    ) -> Result<BatcherHandle, String> {
-        match call(
-            &self.actor,
-            &self.stats,
-            |reply| SupervisorMsg::StartModel { key, model, reply },
-            Some(CALL_TIMEOUT),
-        )
-        .await
-        {
-            Ok(ractor::rpc::CallResult::Success(result)) => result,
-            Ok(_) => Err("the supervisor did not answer".into()),
-            Err(error) => Err(format!("the supervisor is gone: {error}")),
-        }
-    }
-
-    pub async fn stop_model(&self, key: ModelKey) {
-        let _ = call(
-            &self.actor,
-            &self.stats,
-            |reply| SupervisorMsg::StopModel { key, reply },
-            Some(CALL_TIMEOUT),
-        )
-        .await;
-    }
 }
 
 enum Child {
@@ -137,22 +62,7 @@ struct Served {
     model: LoadedModel,
 }
 
-pub struct SupervisorState {
-    args: TreeArgs,
-    table: Arc<ServingTable>,
-    peers: Arc<PeerTable>,
-    budget: Arc<RestartBudget>,
-    directory: ActorDirectory,
-    published: watch::Sender<NodeHealth>,
-    stats: Arc<ActorStats>,
-    sync: Option<ActorRef<SyncMsg>>,
-    health: Option<ActorRef<HealthMsg>>,
-    rollout: Option<ActorRef<RolloutMsg>>,
-    batchers: HashMap<ModelKey, Served>,
-}
-
-pub struct NodeSupervisor;
-
+/// What the supervisor is started with and shares with its children.
 pub struct SupervisorStart {
     args: TreeArgs,
     table: Arc<ServingTable>,
@@ -163,11 +73,21 @@ pub struct SupervisorStart {
     stats: Arc<ActorStats>,
 }
 
+pub struct SupervisorState {
+    shared: SupervisorStart,
+    sync: Option<ActorRef<SyncMsg>>,
+    health: Option<ActorRef<HealthMsg>>,
+    rollout: Option<ActorRef<RolloutMsg>>,
+    batchers: HashMap<ModelKey, Served>,
+}
+
+pub struct NodeSupervisor;
+
 impl SupervisorState {
     fn handle(&self, myself: &ActorRef<SupervisorMsg>) -> SupervisorHandle {
         SupervisorHandle {
             actor: myself.clone(),
-            stats: self.stats.clone(),
+            stats: self.shared.stats.clone(),
         }
     }
 
@@ -175,23 +95,26 @@ impl SupervisorState {
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
     ) -> Result<(), ActorProcessingErr> {
-        let stats = self.directory.fresh_stats(SYNC_PATH, "metadata_sync");
+        let stats = self
+            .shared
+            .directory
+            .fresh_stats(SYNC_PATH, "metadata_sync");
         // Loads started by a previous incarnation report to it, not to us: start them over.
-        self.table.clear_loading();
+        self.shared.table.clear_loading();
         let args = SyncArgs {
-            node_id: self.args.node_id,
-            metadata: self.args.metadata.clone(),
-            table: self.table.clone(),
+            node_id: self.shared.args.node_id,
+            metadata: self.shared.args.metadata.clone(),
+            table: self.shared.table.clone(),
             supervisor: self.handle(myself),
-            loader: self.args.loader.clone(),
-            fetcher: self.args.fetcher.clone(),
-            store: self.args.store.clone(),
-            lanes: self.args.config.lanes,
-            max_batch_size: self.args.config.max_batch_size,
+            loader: self.shared.args.loader.clone(),
+            fetcher: self.shared.args.fetcher.clone(),
+            store: self.shared.args.store.clone(),
+            lanes: self.shared.args.config.lanes,
+            max_batch_size: self.shared.args.config.max_batch_size,
             stats,
         };
         let actor = spawn_child(
-            &self.directory,
+            &self.shared.directory,
             SYNC_PATH,
             MetadataSync,
             args,
@@ -206,21 +129,21 @@ impl SupervisorState {
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
     ) -> Result<(), ActorProcessingErr> {
-        let stats = self.directory.fresh_stats(HEALTH_PATH, "health");
+        let stats = self.shared.directory.fresh_stats(HEALTH_PATH, "health");
         let args = HealthArgs {
-            metadata: self.args.metadata.clone(),
-            table: self.table.clone(),
-            budget: self.budget.clone(),
-            published: self.published.clone(),
-            interval: self.args.config.health_interval,
+            metadata: self.shared.args.metadata.clone(),
+            table: self.shared.table.clone(),
+            budget: self.shared.budget.clone(),
+            published: self.shared.published.clone(),
+            interval: self.shared.args.config.health_interval,
             stats,
-            node_id: self.args.node_id,
-            peers: self.peers.clone(),
-            probe: self.args.probe.clone(),
-            gossip: self.args.gossip.clone(),
+            node_id: self.shared.args.node_id,
+            peers: self.shared.peers.clone(),
+            probe: self.shared.args.probe.clone(),
+            gossip: self.shared.args.gossip.clone(),
         };
         let actor = spawn_child(
-            &self.directory,
+            &self.shared.directory,
             HEALTH_PATH,
             Health,
             args,
@@ -236,19 +159,20 @@ impl SupervisorState {
         myself: &ActorRef<SupervisorMsg>,
     ) -> Result<(), ActorProcessingErr> {
         let stats = self
+            .shared
             .directory
             .fresh_stats(ROLLOUT_PATH, "rollout_controller");
         let args = RolloutArgs {
-            node_id: self.args.node_id,
-            metadata: self.args.metadata.clone(),
-            table: self.table.clone(),
-            peers: self.peers.clone(),
-            timeout: self.args.config.rollout_timeout,
-            interval: self.args.config.health_interval,
+            node_id: self.shared.args.node_id,
+            metadata: self.shared.args.metadata.clone(),
+            table: self.shared.table.clone(),
+            peers: self.shared.peers.clone(),
+            timeout: self.shared.args.config.rollout_timeout,
+            interval: self.shared.args.config.health_interval,
             stats,
         };
         let actor = spawn_child(
-            &self.directory,
+            &self.shared.directory,
             ROLLOUT_PATH,
             RolloutController,
             args,
@@ -266,15 +190,15 @@ impl SupervisorState {
         model: LoadedModel,
     ) -> Result<BatcherHandle, String> {
         let path = batcher_path(&key);
-        let stats = self.directory.fresh_stats(&path, "batcher");
+        let stats = self.shared.directory.fresh_stats(&path, "batcher");
         let args = BatcherArgs {
-            node_id: self.args.node_id,
+            node_id: self.shared.args.node_id,
             key: key.clone(),
             path,
             model: model.clone(),
-            config: self.args.config.clone(),
-            budget: self.budget.clone(),
-            directory: self.directory.clone(),
+            config: self.shared.args.config.clone(),
+            budget: self.shared.budget.clone(),
+            directory: self.shared.directory.clone(),
             shared: Arc::new(BatcherShared::default()),
             stats,
         };
@@ -314,7 +238,7 @@ impl SupervisorState {
 
     fn recheck_health(&self) {
         if let Some(health) = &self.health {
-            health::check(health, &self.directory.stats(HEALTH_PATH, "health"));
+            health::check(health, &self.shared.directory.stats(HEALTH_PATH, "health"));
         }
     }
 
@@ -331,19 +255,20 @@ impl SupervisorState {
             Child::Batcher(key) => batcher_path(key),
         };
         tracing::warn!(actor = %path, %reason, "actor failed");
-        if let Err(escalation) = self.budget.try_restart(&path, Instant::now()) {
+        if let Err(escalation) = self.shared.budget.try_restart(&path, Instant::now()) {
             tracing::error!(actor = %path, %escalation, "escalating: not restarting");
             if let Child::Batcher(key) = &child {
                 if let Some(loaded) = self.batchers.remove(key) {
                     drop(loaded);
-                    self.table
+                    self.shared
+                        .table
                         .set_local(key.clone(), LocalState::Failed(escalation.clone()));
                 }
             }
             self.recheck_health();
             return Ok(());
         }
-        self.directory.stats(&path, "actor").restarted();
+        self.shared.directory.stats(&path, "actor").restarted();
         match child {
             Child::Sync => self.start_sync(myself).await?,
             Child::Health => self.start_health(myself).await?,
@@ -351,8 +276,8 @@ impl SupervisorState {
             Child::Batcher(key) => {
                 if let Some(loaded) = self.batchers.remove(&key) {
                     match self.start_batcher(myself, key.clone(), loaded.model).await {
-                        Ok(handle) => self.table.set_local(key, LocalState::Ready(handle)),
-                        Err(error) => self.table.set_local(key, LocalState::Failed(error)),
+                        Ok(handle) => self.shared.table.set_local(key, LocalState::Ready(handle)),
+                        Err(error) => self.shared.table.set_local(key, LocalState::Failed(error)),
                     }
                 }
             }
@@ -373,13 +298,7 @@ impl Actor for NodeSupervisor {
         start: SupervisorStart,
     ) -> Result<Self::State, ActorProcessingErr> {
         let mut state = SupervisorState {
-            args: start.args,
-            table: start.table,
-            peers: start.peers,
-            budget: start.budget,
-            directory: start.directory,
-            published: start.published,
-            stats: start.stats,
+            shared: start,
             sync: None,
             health: None,
             rollout: None,
@@ -397,7 +316,7 @@ impl Actor for NodeSupervisor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        state.stats.handled();
+        state.shared.stats.handled();
         match message {
             SupervisorMsg::StartModel { key, model, reply } => {
                 if let Some(old) = state.batchers.remove(&key) {
@@ -409,8 +328,8 @@ impl Actor for NodeSupervisor {
             SupervisorMsg::StopModel { key, reply } => {
                 let path = batcher_path(&key);
                 if let Some(loaded) = state.batchers.remove(&key) {
-                    let timeout = state.args.config.drain_timeout;
-                    let directory = state.directory.clone();
+                    let timeout = state.shared.args.config.drain_timeout;
+                    let directory = state.shared.directory.clone();
                     // Draining can take a while; it must not hold up supervision.
                     tokio::spawn(async move {
                         loaded.handle.drain(timeout).await;
@@ -429,7 +348,7 @@ impl Actor for NodeSupervisor {
             SupervisorMsg::DrainAll(reply) => {
                 let handles: Vec<BatcherHandle> =
                     state.batchers.values().map(|l| l.handle.clone()).collect();
-                let timeout = state.args.config.drain_timeout;
+                let timeout = state.shared.args.config.drain_timeout;
                 tokio::spawn(async move {
                     for handle in handles {
                         handle.drain(timeout).await;
@@ -450,7 +369,7 @@ impl Actor for NodeSupervisor {
         myself
             .stop_children_and_wait(
                 Some("node shutdown".into()),
-                Some(state.args.config.drain_timeout),
+                Some(state.shared.args.config.drain_timeout),
             )
             .await;
         Ok(())
@@ -475,177 +394,5 @@ impl Actor for NodeSupervisor {
             state.restart(&myself, child, reason).await?;
         }
         Ok(())
-    }
-}
-
-/// Why [`TreeView::restart`] did not restart an actor.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RestartError {
-    #[error("no actor at {0:?}: `actors` lists the paths")]
-    NoSuchActor(String),
-    #[error("the root supervisor cannot be restarted: restart the node process instead")]
-    Root,
-    #[error("{0} stopped and was retired instead of restarted (its model was unloaded)")]
-    Gone(String),
-    #[error("{path} did not come back within {timeout:?}: the restart intensity may be exhausted (see `actors`)")]
-    NotRestarted { path: String, timeout: Duration },
-}
-
-/// What request handlers and Admin read of the tree; cheap to clone.
-#[derive(Debug, Clone)]
-pub struct TreeView {
-    pub table: Arc<ServingTable>,
-    /// What heartbeats learned about the other nodes.
-    pub peers: Arc<PeerTable>,
-    /// Requests this node is serving now.
-    pub in_flight: Arc<InFlight>,
-    pub directory: ActorDirectory,
-    pub health: watch::Receiver<NodeHealth>,
-}
-
-impl TreeView {
-    pub fn actors(&self) -> Vec<ActorInfo> {
-        self.directory.snapshot()
-    }
-
-    /// Restarts the actor at `path` (and, for a batcher, its workers with it) the way a
-    /// failure would: its supervisor starts a new one. Answers the new incarnation's restart
-    /// count once it is running, or why it cannot.
-    pub async fn restart(&self, path: &str, timeout: Duration) -> Result<u64, RestartError> {
-        if path == ROOT {
-            return Err(RestartError::Root);
-        }
-        let Some((Some(old), _)) = self.directory.lookup(path) else {
-            return Err(RestartError::NoSuchActor(path.to_owned()));
-        };
-        old.stop(Some(OPERATOR_RESTART.to_owned()));
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.directory.lookup(path) {
-                None => return Err(RestartError::Gone(path.to_owned())),
-                Some((Some(cell), restarts))
-                    if cell.get_id() != old.get_id()
-                        && cell.get_status() == ractor::ActorStatus::Running =>
-                {
-                    return Ok(restarts)
-                }
-                Some(_) if Instant::now() >= deadline => {
-                    return Err(RestartError::NotRestarted {
-                        path: path.to_owned(),
-                        timeout,
-                    })
-                }
-                Some(_) => {}
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Requests queued in this node's batchers.
-    pub fn queue_depth(&self) -> u64 {
-        self.batchers()
-            .iter()
-            .map(|b| b.shared().lane_depths().iter().sum::<usize>() as u64)
-            .sum()
-    }
-
-    /// Every loaded version's batcher.
-    pub fn batchers(&self) -> Vec<BatcherHandle> {
-        self.table
-            .local_keys()
-            .into_iter()
-            .filter_map(|key| match self.table.local(&key) {
-                Some(LocalState::Ready(handle)) => Some(handle),
-                _ => None,
-            })
-            .collect()
-    }
-}
-
-/// A running actor tree, as the node holds it.
-pub struct ActorTree {
-    supervisor: ActorRef<SupervisorMsg>,
-    join: tokio::task::JoinHandle<()>,
-    pub table: Arc<ServingTable>,
-    pub peers: Arc<PeerTable>,
-    pub in_flight: Arc<InFlight>,
-    pub directory: ActorDirectory,
-    pub budget: Arc<RestartBudget>,
-    pub health: watch::Receiver<NodeHealth>,
-    stats: Arc<ActorStats>,
-    node_id: u64,
-}
-
-impl ActorTree {
-    pub async fn start(args: TreeArgs) -> Result<Self, ractor::SpawnErr> {
-        let table = Arc::new(ServingTable::default());
-        let peers = args.peers.clone();
-        let in_flight = Arc::new(InFlight::default());
-        let directory = ActorDirectory::default();
-        let budget = Arc::new(RestartBudget::new(
-            args.config.max_restarts,
-            args.config.restart_window,
-        ));
-        let (published, health) = watch::channel(NodeHealth {
-            serving: false,
-            reasons: vec!["starting".into()],
-        });
-        let stats = directory.stats(ROOT, "node_supervisor");
-        let node_id = args.node_id;
-        let start = SupervisorStart {
-            args,
-            table: table.clone(),
-            peers: peers.clone(),
-            budget: budget.clone(),
-            directory: directory.clone(),
-            published,
-            stats: stats.clone(),
-        };
-        let (supervisor, join) = Actor::spawn(None, NodeSupervisor, start).await?;
-        directory.attach(ROOT, supervisor.get_cell());
-        tracing::info!(node_id, "actor tree started");
-        Ok(Self {
-            supervisor,
-            join,
-            table,
-            peers,
-            in_flight,
-            directory,
-            budget,
-            health,
-            stats,
-            node_id,
-        })
-    }
-
-    pub fn view(&self) -> TreeView {
-        TreeView {
-            table: self.table.clone(),
-            peers: self.peers.clone(),
-            in_flight: self.in_flight.clone(),
-            directory: self.directory.clone(),
-            health: self.health.clone(),
-        }
-    }
-
-    /// Lets every queued request finish (graceful shutdown, step 2).
-    pub async fn drain(&self, timeout: Duration) {
-        let _ = call(
-            &self.supervisor,
-            &self.stats,
-            SupervisorMsg::DrainAll,
-            Some(timeout),
-        )
-        .await;
-    }
-
-    /// Stops the whole tree and waits for it (graceful shutdown, step 3).
-    pub async fn stop(self, timeout: Duration) {
-        let _ = self
-            .supervisor
-            .stop_and_wait(Some("node shutdown".into()), Some(timeout))
-            .await;
-        let _ = self.join.await;
-        tracing::info!(node_id = self.node_id, "actor tree stopped");
     }
 }

@@ -244,12 +244,7 @@ impl Default for RoutingSettings {
 }
 
 /// The routing strategies `routing.strategy` accepts.
-pub const ROUTING_STRATEGIES: [&str; 4] = [
-    "least_outstanding",
-    "round_robin",
-    "weighted",
-    "consistent_hash",
-];
+pub use troupe_actors::router::STRATEGIES as ROUTING_STRATEGIES;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -481,20 +476,16 @@ impl NodeConfig {
     }
 
     /// The router's strategy (the config must be valid).
-    pub fn routing_strategy(&self) -> troupe_actors::Strategy {
-        use troupe_actors::Strategy;
-        match self.routing.strategy.as_str() {
-            "round_robin" => Strategy::RoundRobin,
-            "weighted" => Strategy::Weighted(
-                self.routing
-                    .weights
-                    .iter()
-                    .filter_map(|(node, weight)| Some((node.parse().ok()?, *weight)))
-                    .collect(),
-            ),
-            "consistent_hash" => Strategy::ConsistentHash,
-            _ => Strategy::LeastOutstanding,
-        }
+    pub fn routing_strategy(&self) -> Box<dyn troupe_actors::Strategy> {
+        let weights = self
+            .routing
+            .weights
+            .iter()
+            .filter_map(|(node, weight)| Some((node.parse().ok()?, *weight)))
+            .collect();
+        // The name was checked at load (`RoutingSettings::check`).
+        troupe_actors::router::strategy(&self.routing.strategy, weights)
+            .unwrap_or_else(|| Box::new(troupe_actors::router::LeastOutstanding))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -22,7 +22,6 @@ use troupe_proto::v1::{GenerateChunk, GenerateRequest, Usage};
 
 use super::inference::{min_revision, try_next_node, Admitted, InferenceCore};
 use super::status::serve_error;
-use crate::forward::Hop;
 
 /// A generation as the client receives it.
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Send>>;
@@ -312,23 +311,13 @@ impl Hops for GenerateHops<'_> {
         min_revision: u64,
         counted: ForwardGuard,
     ) -> Result<ChunkStream, Status> {
-        let admitted = self.admitted;
+        let hop = self.admitted.hop(min_revision);
+        let request = self.admitted.request.clone();
         let forwarded = self
             .core
             .forwarder
-            .forward_generate(
-                &peer,
-                admitted.request.clone(),
-                Hop {
-                    remaining: admitted.remaining(),
-                    traceparent: &admitted.trace.traceparent(),
-                    min_revision,
-                },
-            )
+            .forward_generate(&peer, request, hop)
             .await;
-        self.core
-            .metrics
-            .record_forward(peer.node_id, forwarded.as_ref().err().map(Status::code));
         // The peer counts as busy with this request until its stream ends.
         forwarded.map(|stream| -> ChunkStream {
             Box::pin(stream.map(move |item| {

@@ -189,9 +189,14 @@ impl<R: Named> Admitted<R> {
         }
     }
 
-    /// What is left of the request's deadline.
-    pub(crate) fn remaining(&self) -> Duration {
-        self.deadline.saturating_duration_since(Instant::now())
+    /// How the request goes to a peer now: what is left of its deadline, its trace, and
+    /// the revision this node routed at.
+    pub(crate) fn hop(&self, min_revision: u64) -> Hop {
+        Hop {
+            remaining: self.deadline.saturating_duration_since(Instant::now()),
+            traceparent: self.trace.traceparent(),
+            min_revision,
+        }
     }
 }
 
@@ -420,24 +425,9 @@ impl Hops for EmbedHops<'_> {
         min_revision: u64,
         _counted: ForwardGuard,
     ) -> Result<EmbedResponse, Status> {
-        let admitted = self.admitted;
-        let forwarded = self
-            .core
-            .forwarder
-            .forward(
-                &peer,
-                admitted.request.clone(),
-                Hop {
-                    remaining: admitted.remaining(),
-                    traceparent: &admitted.trace.traceparent(),
-                    min_revision,
-                },
-            )
-            .await;
-        self.core
-            .metrics
-            .record_forward(peer.node_id, forwarded.as_ref().err().map(Status::code));
-        forwarded
+        let hop = self.admitted.hop(min_revision);
+        let request = self.admitted.request.clone();
+        self.core.forwarder.forward(&peer, request, hop).await
     }
 
     fn routing_key(&self) -> Vec<u8> {
