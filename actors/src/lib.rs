@@ -2,7 +2,7 @@
 //!
 //! - [`supervisor`]: NodeSupervisor, the root; [`ActorTree`] is how the node starts and stops it.
 //! - [`batcher`]: one Batcher per loaded model version: priority lanes, flush rule, workers.
-//! - [`worker`]: InferenceWorker, forward passes on a dedicated thread.
+//! - [`worker`]: the batcher's worker threads, where forward passes run.
 //! - [`sync`]: MetadataSync, Raft watch to loaded models and task lanes.
 //! - [`health`]: Health, SERVING or NOT_SERVING and why, and the heartbeats to peers.
 //! - [`rollout`]: RolloutController, cluster-atomic activation on the Raft leader.

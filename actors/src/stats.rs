@@ -113,6 +113,9 @@ pub struct ActorInfo {
 struct Entry {
     kind: &'static str,
     cell: Option<ActorCell>,
+    /// For a thread of the tree (an inference worker) rather than an actor: set while it
+    /// runs.
+    thread: Option<Arc<std::sync::atomic::AtomicBool>>,
     stats: Arc<ActorStats>,
     detail: Option<Arc<dyn Fn() -> String + Send + Sync>>,
 }
@@ -155,6 +158,7 @@ impl ActorDirectory {
             .or_insert_with(|| Entry {
                 kind,
                 cell: None,
+                thread: None,
                 stats: Arc::default(),
                 detail: None,
             })
@@ -176,6 +180,22 @@ impl ActorDirectory {
             entry.cell = Some(cell);
         }
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Records the thread behind `path` (after a start or restart): `alive` is set while it
+    /// runs.
+    pub fn attach_thread(&self, path: &str, alive: Arc<std::sync::atomic::AtomicBool>) {
+        if let Some(entry) = self.lock().get_mut(path) {
+            entry.thread = Some(alive);
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Whether `path` is a thread of the tree, not an actor.
+    pub fn is_thread(&self, path: &str) -> bool {
+        self.lock()
+            .get(path)
+            .is_some_and(|entry| entry.thread.is_some())
     }
 
     /// Fires whenever an actor is attached or a path removed.
@@ -211,11 +231,12 @@ impl ActorDirectory {
             .map(|(path, entry)| ActorInfo {
                 path: path.clone(),
                 kind: entry.kind.to_owned(),
-                status: entry
-                    .cell
-                    .as_ref()
-                    .map(|cell| format!("{:?}", cell.get_status()).to_lowercase())
-                    .unwrap_or_else(|| "not started".to_owned()),
+                status: match (&entry.cell, &entry.thread) {
+                    (Some(cell), _) => format!("{:?}", cell.get_status()).to_lowercase(),
+                    (None, Some(alive)) if alive.load(Ordering::Relaxed) => "running".to_owned(),
+                    (None, Some(_)) => "stopped".to_owned(),
+                    (None, None) => "not started".to_owned(),
+                },
                 mailbox_depth: entry.stats.mailbox_depth(),
                 restarts: entry.stats.restarts(),
                 detail: entry.detail.as_ref().map(|d| d()).unwrap_or_default(),

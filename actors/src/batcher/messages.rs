@@ -103,6 +103,12 @@ pub enum BatcherMsg {
     WorkerIdle {
         worker: usize,
     },
+    /// Worker `worker`'s thread failed a batch at `at` and ended: start another in its place.
+    WorkerDied {
+        worker: usize,
+        at: Instant,
+        reason: String,
+    },
     /// Answer once every queued and in-flight request is answered; refuse new ones.
     Drain(RpcReplyPort<()>),
 }

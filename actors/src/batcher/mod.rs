@@ -1,5 +1,5 @@
 //! Batcher: one per loaded model version. It queues requests in bounded priority lanes and
-//! hands batches to its inference workers, which it supervises.
+//! hands batches to its inference worker threads, which it owns and restarts.
 //!
 //! A batch goes to a free worker when the queue holds `max_batch_size` texts, when as many
 //! requests wait as the load has lately kept outstanding (queued plus computing: closed-loop
@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use troupe_models::{LoadedModel, SentenceEmbedder};
 
 pub use messages::{Batch, BatcherCounters, BatcherMsg, EmbedJob, GenEvent, GenJob, JobResult};
@@ -24,11 +24,9 @@ use crate::config::ServingConfig;
 use crate::error::ServeError;
 use crate::lanes::Lanes;
 use crate::restart::RestartBudget;
-use crate::stats::{
-    call, send, send_after, spawn_child, ActorDirectory, ActorStats, OPERATOR_RESTART,
-};
+use crate::stats::{call, send, send_after, spawn_child, ActorDirectory, ActorStats};
 use crate::table::ModelKey;
-use crate::worker::{InferenceWorker, WorkerArgs, WorkerCrashed, WorkerMsg};
+use crate::worker::WorkerArgs;
 
 /// Restart latencies kept for inspection (newest last).
 const RESTART_HISTORY: usize = 1024;
@@ -206,9 +204,9 @@ pub struct BatcherArgs {
 }
 
 struct WorkerSlot {
-    /// The worker actor, which its thread reports a crash to.
-    actor: Option<ActorRef<WorkerMsg>>,
-    /// Straight to the worker's thread: a batch does not pass through the actor's mailbox.
+    /// The worker's thread, while it runs.
+    joined: Option<std::thread::JoinHandle<()>>,
+    /// Straight to the worker's thread.
     thread: Option<std::sync::mpsc::Sender<Batch>>,
     busy: bool,
     /// Requests in the batch this worker computes.
@@ -221,7 +219,7 @@ struct WorkerSlot {
 impl WorkerSlot {
     fn empty() -> Self {
         Self {
-            actor: None,
+            joined: None,
             thread: None,
             busy: false,
             jobs: 0,
@@ -421,7 +419,8 @@ impl BatcherState {
                     self.args.shared.in_flight.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(std::sync::mpsc::SendError(batch)) => {
-                    // The thread is gone; its actor is failing and will be restarted.
+                    // The thread is gone; its death report is on its way, and a new thread
+                    // will take its place.
                     slot.thread = None;
                     for job in batch.jobs {
                         let _ = job
@@ -471,15 +470,17 @@ impl BatcherState {
         }
     }
 
-    async fn spawn_worker(
+    /// Starts worker `index`'s thread, in place of any before it.
+    fn spawn_worker(
         &mut self,
         index: usize,
         myself: &ActorRef<BatcherMsg>,
     ) -> Result<(), ActorProcessingErr> {
         let path = worker_path(&self.args.path, index);
-        let stats = self.args.directory.fresh_stats(&path, "inference_worker");
+        self.args.directory.fresh_stats(&path, "inference_worker");
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (thread, batches) = std::sync::mpsc::channel();
-        let args = WorkerArgs {
+        let joined = crate::worker::start(WorkerArgs {
             index,
             node_id: self.args.node_id,
             key: self.args.key.clone(),
@@ -487,26 +488,71 @@ impl BatcherState {
             max_batch_size: self.args.config.max_batch_size,
             batcher: myself.clone(),
             batcher_stats: self.args.stats.clone(),
-            stats,
             shared: self.args.shared.clone(),
             batches,
             compute_nice: self.args.config.compute_nice,
-        };
-        let actor = spawn_child(
-            &self.args.directory,
-            &path,
-            InferenceWorker,
-            args,
-            myself.get_cell(),
-        )
-        .await?;
+            alive: alive.clone(),
+        })?;
+        self.args.directory.attach_thread(&path, alive);
         self.workers[index] = WorkerSlot {
-            actor: Some(actor),
+            joined: Some(joined),
             thread: Some(thread),
             busy: false,
             jobs: 0,
             free_since: Instant::now(),
         };
+        Ok(())
+    }
+
+    /// Worker `index`'s thread died at `died_at`: a new one takes its place while the restart
+    /// budget allows; past it, the worker stays down, and with the last one down every
+    /// request is refused with the reason.
+    fn worker_died(
+        &mut self,
+        myself: &ActorRef<BatcherMsg>,
+        index: usize,
+        died_at: Instant,
+        reason: String,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(slot) = self.workers.get_mut(index) else {
+            return Ok(());
+        };
+        // The thread has ended or is ending: nothing waits for it.
+        slot.joined = None;
+        self.worker_done(index);
+        self.workers[index] = WorkerSlot::empty();
+        let path = worker_path(&self.args.path, index);
+        tracing::warn!(model = %self.args.key, worker = index, %reason, "inference worker failed");
+        match self.args.budget.try_restart(&path, Instant::now()) {
+            Ok(()) => {
+                self.spawn_worker(index, myself)?;
+                let latency = died_at.elapsed();
+                self.args
+                    .directory
+                    .stats(&path, "inference_worker")
+                    .restarted();
+                self.args
+                    .shared
+                    .worker_restarts
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut latencies = lock(&self.args.shared.restart_latencies);
+                if latencies.len() >= RESTART_HISTORY {
+                    latencies.remove(0);
+                }
+                latencies.push(latency);
+                drop(latencies);
+                tracing::info!(model = %self.args.key, worker = index, restart_ms = latency.as_secs_f64() * 1e3, "inference worker restarted");
+            }
+            Err(escalation) => {
+                tracing::error!(model = %self.args.key, worker = index, %escalation, "not restarting the inference worker");
+                if self.workers.iter().all(|slot| slot.thread.is_none()) {
+                    for job in self.lanes.take_batch_weighted(usize::MAX) {
+                        let _ = job.reply.send(Err(self.unavailable(&escalation)));
+                    }
+                    self.broken = Some(escalation);
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -535,7 +581,7 @@ impl Actor for Batcher {
             args,
         };
         for index in 0..count {
-            state.spawn_worker(index, &myself).await?;
+            state.spawn_worker(index, &myself)?;
         }
         let shared = state.args.shared.clone();
         state.args.directory.set_detail(
@@ -566,6 +612,9 @@ impl Actor for Batcher {
             BatcherMsg::Submit(job) => state.submit(job),
             BatcherMsg::Flush => state.flush_at = None,
             BatcherMsg::WorkerIdle { worker } => state.worker_done(worker),
+            BatcherMsg::WorkerDied { worker, at, reason } => {
+                state.worker_died(&myself, worker, at, reason)?
+            }
             BatcherMsg::Drain(reply) => state.drain_waiters.push(reply),
             BatcherMsg::Generate(job) => {
                 let _ = job.events.send(GenEvent::Failed(ServeError::WrongKind {
@@ -581,97 +630,32 @@ impl Actor for Batcher {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        event: SupervisionEvent,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        let (cell, crash) = match event {
-            SupervisionEvent::ActorFailed(cell, error) => {
-                let crash = error.downcast_ref::<WorkerCrashed>().cloned();
-                let reason = error.to_string();
-                (
-                    cell,
-                    crash
-                        .map(|c| (c.at, c.reason))
-                        .or(Some((Instant::now(), reason))),
-                )
-            }
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                // An operator's restart is a restart; any other stop is ours (we are stopping).
-                let restart = reason.filter(|r| r == OPERATOR_RESTART);
-                (cell, restart.map(|reason| (Instant::now(), reason)))
-            }
-            _ => return Ok(()),
-        };
-        let Some(index) = state.workers.iter().position(|slot| {
-            slot.actor
-                .as_ref()
-                .is_some_and(|actor| actor.get_id() == cell.get_id())
-        }) else {
-            return Ok(());
-        };
-        state.worker_done(index);
-        state.workers[index] = WorkerSlot::empty();
-        let Some((died_at, reason)) = crash else {
-            // A worker stopped on purpose (we are stopping): nothing to restart.
-            return Ok(());
-        };
-        let path = worker_path(&state.args.path, index);
-        tracing::warn!(model = %state.args.key, worker = index, %reason, "inference worker failed");
-        match state.args.budget.try_restart(&path, Instant::now()) {
-            Ok(()) => {
-                state.spawn_worker(index, &myself).await?;
-                let latency = died_at.elapsed();
-                state
-                    .args
-                    .directory
-                    .stats(&path, "inference_worker")
-                    .restarted();
-                state
-                    .args
-                    .shared
-                    .worker_restarts
-                    .fetch_add(1, Ordering::Relaxed);
-                let mut latencies = lock(&state.args.shared.restart_latencies);
-                if latencies.len() >= RESTART_HISTORY {
-                    latencies.remove(0);
-                }
-                latencies.push(latency);
-                drop(latencies);
-                tracing::info!(model = %state.args.key, worker = index, restart_ms = latency.as_secs_f64() * 1e3, "inference worker restarted");
-            }
-            Err(escalation) => {
-                tracing::error!(model = %state.args.key, worker = index, %escalation, "not restarting the inference worker");
-                if state.workers.iter().all(|slot| slot.actor.is_none()) {
-                    state.broken = Some(escalation);
-                    for job in state.lanes.take_batch_weighted(usize::MAX) {
-                        let error = state.unavailable(state.broken.as_deref().unwrap_or_default());
-                        let _ = job.reply.send(Err(error));
-                    }
-                }
-            }
-        }
-        state.dispatch(&myself);
-        Ok(())
-    }
-
     async fn post_stop(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        // Dropping the senders ends each worker thread after its current batch.
-        for slot in &mut state.workers {
-            slot.thread = None;
+        // Dropping the senders ends each worker thread after its current batch; the batcher
+        // waits for them (at most the drain timeout), so none outlives it.
+        let threads: Vec<_> = state
+            .workers
+            .iter_mut()
+            .filter_map(|slot| {
+                slot.thread = None;
+                slot.joined.take()
+            })
+            .collect();
+        let joined = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        });
+        if tokio::time::timeout(state.args.config.drain_timeout, joined)
+            .await
+            .is_err()
+        {
+            tracing::warn!(model = %state.args.key, "a worker thread is still computing after the drain timeout");
         }
-        myself
-            .stop_children_and_wait(
-                Some("batcher stopped".into()),
-                Some(state.args.config.drain_timeout),
-            )
-            .await;
         for job in state.lanes.take_batch_weighted(usize::MAX) {
             let _ = job.reply.send(Err(ServeError::ShuttingDown));
         }

@@ -784,7 +784,7 @@ impl Actor for Scheduler {
                 }
             }
             BatcherMsg::Drain(reply) => state.drain_waiters.push(reply),
-            BatcherMsg::Flush | BatcherMsg::WorkerIdle { .. } => {}
+            BatcherMsg::Flush | BatcherMsg::WorkerIdle { .. } | BatcherMsg::WorkerDied { .. } => {}
         }
         state.answer_drain_waiters();
         Ok(())

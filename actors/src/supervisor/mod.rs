@@ -5,11 +5,11 @@
 //! ├── MetadataSync
 //! ├── Health
 //! ├── RolloutController
-//! └── Batcher per loaded model version ── InferenceWorker × workers_per_model
+//! └── Batcher per loaded model version ── worker thread × workers_per_model
 //! ```
 //!
-//! It restarts a failed child alone (one for one). Batchers supervise their own workers the
-//! same way. All restarts draw on one [`RestartBudget`]: past the intensity the supervisor
+//! It restarts a failed child alone (one for one). Batchers restart their own worker threads
+//! the same way. All restarts draw on one [`RestartBudget`]: past the intensity the supervisor
 //! stops restarting, Health reports NOT_SERVING with the reason, and the node stays up for
 //! an operator to look at instead of crash-looping.
 

@@ -23,6 +23,8 @@ pub enum RestartError {
     NoSuchActor(String),
     #[error("the root supervisor cannot be restarted: restart the node process instead")]
     Root,
+    #[error("{path} is a thread of {owner}, not an actor: restart {owner}, which starts its threads afresh")]
+    Thread { path: String, owner: String },
     #[error("{0} stopped and was retired instead of restarted (its model was unloaded)")]
     Gone(String),
     #[error("{path} did not come back within {timeout:?}: the restart intensity may be exhausted (see `actors`)")]
@@ -52,6 +54,13 @@ impl TreeView {
     pub async fn restart(&self, path: &str, timeout: Duration) -> Result<u64, RestartError> {
         if path == ROOT {
             return Err(RestartError::Root);
+        }
+        if self.directory.is_thread(path) {
+            let owner = path.rsplit_once('/').map_or(ROOT, |(owner, _)| owner);
+            return Err(RestartError::Thread {
+                path: path.to_owned(),
+                owner: owner.to_owned(),
+            });
         }
         let Some((Some(old), _)) = self.directory.lookup(path) else {
             return Err(RestartError::NoSuchActor(path.to_owned()));

@@ -1,21 +1,20 @@
-//! InferenceWorker: owns a model and runs forward passes on a dedicated OS thread, never in
-//! `handle`. The batcher sends batches straight to the thread (one hop less per request);
-//! the thread answers each request and tells the batcher when it is free. The actor is the
-//! thread's supervised face: the thread reports its death to it, and it fails. A panic during a batch fails that batch with
-//! `UNAVAILABLE`, ends the thread and fails the actor, so the batcher restarts it with a
-//! fresh thread; the model's weights are shared, so a restart does not reload them.
-
-pub mod messages;
+//! Inference workers: the OS threads a batcher runs forward passes on. Each owns nothing but
+//! a share of the model's weights; the batcher sends it batches straight (no mailbox on the
+//! way), and it answers each request and tells the batcher when it is free.
+//!
+//! A panic or an engine error during a batch fails that batch's requests with `UNAVAILABLE`
+//! and ends the thread, which reports its death to the batcher (`WorkerDied`). The batcher
+//! starts a fresh thread in its place, drawing on the node's restart budget; the weights are
+//! shared, so a restart does not reload them.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::ActorRef;
 use troupe_models::SentenceEmbedder;
-
-pub use messages::{WorkerCrashed, WorkerMsg};
 
 use crate::batcher::{Batch, BatcherMsg, BatcherShared, JobResult};
 use crate::error::ServeError;
@@ -29,51 +28,28 @@ pub struct WorkerArgs {
     pub model: Arc<dyn SentenceEmbedder>,
     pub max_batch_size: usize,
     pub batcher: ActorRef<BatcherMsg>,
-    /// The batcher's mailbox counter, for the `WorkerIdle` this worker sends it.
+    /// The batcher's mailbox counter, for the messages this worker sends it.
     pub batcher_stats: Arc<ActorStats>,
-    /// This worker's own mailbox counter.
-    pub stats: Arc<ActorStats>,
     pub shared: Arc<BatcherShared>,
-    /// Batches from the batcher, straight to the thread.
+    /// Batches from the batcher.
     pub batches: mpsc::Receiver<Batch>,
     /// The thread's scheduling priority (see `troupe_models::priority`).
     pub compute_nice: i32,
+    /// Set while the thread runs (the actor tree's view shows it).
+    pub alive: Arc<AtomicBool>,
 }
 
-pub struct WorkerState {
-    stats: Arc<ActorStats>,
-}
-
-pub struct InferenceWorker;
-
-impl Actor for InferenceWorker {
-    type Msg = WorkerMsg;
-    type State = WorkerState;
-    type Arguments = WorkerArgs;
-
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: WorkerArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        let name = format!("infer-{}-{}", args.key, args.index);
-        let stats = args.stats.clone();
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(move || thread_main(args, myself))?;
-        Ok(WorkerState { stats })
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        message: Self::Msg,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        state.stats.handled();
-        let WorkerMsg::ThreadDied { at, reason } = message;
-        Err(Box::new(WorkerCrashed { at, reason }))
-    }
+/// Starts a worker thread. It runs until the batcher drops its sender (stop or restart) or
+/// a batch fails.
+pub fn start(args: WorkerArgs) -> std::io::Result<std::thread::JoinHandle<()>> {
+    args.alive.store(true, Ordering::Relaxed);
+    std::thread::Builder::new()
+        .name(format!("infer-{}-{}", args.key, args.index))
+        .spawn(move || {
+            let alive = args.alive.clone();
+            thread_main(args);
+            alive.store(false, Ordering::Relaxed);
+        })
 }
 
 fn panic_reason(panic: Box<dyn std::any::Any + Send>) -> String {
@@ -85,7 +61,7 @@ fn panic_reason(panic: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Computes batches until the batcher drops its sender (stop or restart) or a batch fails.
-fn thread_main(args: WorkerArgs, actor: ActorRef<WorkerMsg>) {
+fn thread_main(args: WorkerArgs) {
     if let Err(error) = troupe_models::priority::lower_current_thread_priority(args.compute_nice) {
         tracing::warn!(%error, nice = args.compute_nice, "cannot lower the worker thread's priority");
     }
@@ -131,7 +107,13 @@ fn thread_main(args: WorkerArgs, actor: ActorRef<WorkerMsg>) {
                 reason: reason.clone(),
             }));
         }
-        let _ = send(&actor, &args.stats, WorkerMsg::ThreadDied { at, reason });
+        args.alive.store(false, Ordering::Relaxed);
+        let died = BatcherMsg::WorkerDied {
+            worker: args.index,
+            at,
+            reason,
+        };
+        let _ = send(&args.batcher, &args.batcher_stats, died);
         return;
     }
 }
@@ -199,6 +181,7 @@ fn compute(args: &WorkerArgs, inputs: &[Input]) -> Result<Vec<JobResult>, String
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ractor::{Actor, ActorProcessingErr};
     use std::time::Duration;
     use troupe_models::ModelError;
 
@@ -223,19 +206,29 @@ mod tests {
         }
     }
 
-    /// Stands in for the batcher: takes its messages and keeps nothing.
-    struct NoBatcher;
+    /// Stands in for the batcher: passes its messages on to the test.
+    struct Relay;
 
-    impl Actor for NoBatcher {
+    impl Actor for Relay {
         type Msg = BatcherMsg;
-        type State = ();
-        type Arguments = ();
+        type State = tokio::sync::mpsc::UnboundedSender<BatcherMsg>;
+        type Arguments = tokio::sync::mpsc::UnboundedSender<BatcherMsg>;
 
         async fn pre_start(
             &self,
             _myself: ActorRef<BatcherMsg>,
-            _args: (),
+            to_test: Self::Arguments,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(to_test)
+        }
+
+        async fn handle(
+            &self,
+            _myself: ActorRef<BatcherMsg>,
+            message: BatcherMsg,
+            to_test: &mut Self::State,
         ) -> Result<(), ActorProcessingErr> {
+            let _ = to_test.send(message);
             Ok(())
         }
     }
@@ -260,13 +253,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_panicking_batch_fails_every_request_in_it_and_then_the_actor() {
-        let (batcher, _) = Actor::spawn(None, NoBatcher, ()).await.unwrap();
+    async fn a_panicking_batch_fails_every_request_in_it_and_the_thread_reports_its_death() {
+        let (to_test, mut from_batcher) = tokio::sync::mpsc::unbounded_channel();
+        let (batcher, _) = Actor::spawn(None, Relay, to_test).await.unwrap();
         let (batches, receiver) = mpsc::channel();
         let shared = Arc::new(BatcherShared::default());
-        let stats = Arc::new(ActorStats::default());
-        let args = WorkerArgs {
-            index: 0,
+        let batcher_stats = Arc::new(ActorStats::default());
+        let alive = Arc::new(AtomicBool::new(false));
+        let thread = start(WorkerArgs {
+            index: 3,
             node_id: 1,
             key: ModelKey {
                 name: "minilm".into(),
@@ -274,14 +269,14 @@ mod tests {
             },
             model: Arc::new(BrokenEngine),
             max_batch_size: 8,
-            batcher,
-            batcher_stats: Arc::default(),
-            stats: stats.clone(),
+            batcher: batcher.clone(),
+            batcher_stats: batcher_stats.clone(),
             shared: shared.clone(),
             batches: receiver,
             compute_nice: 0,
-        };
-        let (worker, ended) = Actor::spawn(None, InferenceWorker, args).await.unwrap();
+            alive: alive.clone(),
+        })
+        .unwrap();
         let (first, first_answer) = job("a");
         let (second, second_answer) = job("b");
         batches
@@ -299,13 +294,24 @@ mod tests {
             }
         }
         assert_eq!(shared.counters().failed, 2);
-        // The thread reported its death and the actor failed with it, for its supervisor
-        // (the batcher) to restart; the report was counted and handled.
-        tokio::time::timeout(Duration::from_secs(10), ended)
+        // The thread told the batcher it died, naming itself and why, and ended.
+        let message = tokio::time::timeout(Duration::from_secs(10), from_batcher.recv())
             .await
-            .expect("the worker actor did not stop")
-            .unwrap();
-        assert!(matches!(worker.get_status(), ractor::ActorStatus::Stopped));
-        assert_eq!(stats.mailbox_depth(), 0);
+            .expect("no message from the worker");
+        match message {
+            Some(BatcherMsg::WorkerDied { worker, reason, .. }) => {
+                assert_eq!(worker, 3);
+                assert!(reason.contains("the engine broke"), "{reason}");
+            }
+            other => panic!("expected WorkerDied, got {other:?}"),
+        }
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .unwrap()
+            .expect("the thread ended by a caught panic, not an uncaught one");
+        assert!(!alive.load(Ordering::Relaxed));
+        // The report was counted in the batcher's mailbox.
+        assert_eq!(batcher_stats.mailbox_depth(), 1);
+        batcher.stop(None);
     }
 }

@@ -105,7 +105,7 @@ impl ServiceError for RestartError {
     fn code(&self) -> Code {
         match self {
             RestartError::NoSuchActor(_) => Code::NotFound,
-            RestartError::Root => Code::InvalidArgument,
+            RestartError::Root | RestartError::Thread { .. } => Code::InvalidArgument,
             RestartError::Gone(_) | RestartError::NotRestarted { .. } => Code::FailedPrecondition,
         }
     }
