@@ -13,6 +13,8 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::metadata::{Command, Outcome, Proposal, ProposalBatch};
 use crate::types::{NodeId, TypeConfig};
@@ -89,10 +91,12 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    /// Starts the proposer task; it ends when every handle is dropped.
-    pub fn start(raft: Raft<TypeConfig>) -> Self {
+    /// Starts the proposer task on `tasks`; it ends when every handle is dropped or `stop` is
+    /// cancelled. Each batch's write is a task of `tasks` too.
+    pub fn start(raft: Raft<TypeConfig>, tasks: &TaskTracker, stop: CancellationToken) -> Self {
         let (queue, incoming) = mpsc::channel(QUEUE);
-        tokio::spawn(run(raft, incoming));
+        let proposing = run(raft, incoming, tasks.clone());
+        tasks.spawn(async move { stop.run_until_cancelled(proposing).await });
         Self { queue }
     }
 
@@ -108,7 +112,7 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft<TypeConfig>, mut incoming: mpsc::Receiver<Pending>) {
+async fn run(raft: Raft<TypeConfig>, mut incoming: mpsc::Receiver<Pending>, tasks: TaskTracker) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut carried: Option<Pending> = None;
     loop {
@@ -140,7 +144,7 @@ async fn run(raft: Raft<TypeConfig>, mut incoming: mpsc::Receiver<Pending>) {
             }
         }
         let raft = raft.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let _permit = permit;
             let (proposals, replies): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|p| (p.proposal, p.reply)).unzip();

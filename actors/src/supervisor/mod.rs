@@ -57,11 +57,6 @@ enum Child {
     Batcher(ModelKey),
 }
 
-struct Served {
-    handle: BatcherHandle,
-    model: LoadedModel,
-}
-
 /// What the supervisor is started with and shares with its children.
 pub struct SupervisorStart {
     args: TreeArgs,
@@ -78,7 +73,10 @@ pub struct SupervisorState {
     sync: Option<ActorRef<SyncMsg>>,
     health: Option<ActorRef<HealthMsg>>,
     rollout: Option<ActorRef<RolloutMsg>>,
-    batchers: HashMap<ModelKey, Served>,
+    /// The batchers this supervisor started, by version: its books for supervision (a child
+    /// not in them was stopped on purpose). The serving table holds the same handles for
+    /// routing.
+    batchers: HashMap<ModelKey, BatcherHandle>,
 }
 
 pub struct NodeSupervisor;
@@ -209,13 +207,7 @@ impl SupervisorState {
             LoadedModel::Decoder(_) => Scheduler::start(args, myself.get_cell()).await,
         }
         .map_err(|e| format!("cannot start the batcher: {e}"))?;
-        self.batchers.insert(
-            key,
-            Served {
-                handle: handle.clone(),
-                model,
-            },
-        );
+        self.batchers.insert(key, handle.clone());
         Ok(handle)
     }
 
@@ -232,7 +224,7 @@ impl SupervisorState {
         }
         self.batchers
             .iter()
-            .find(|(_, loaded)| loaded.handle.actor().get_id() == id)
+            .find(|(_, handle)| handle.actor().get_id() == id)
             .map(|(key, _)| Child::Batcher(key.clone()))
     }
 
@@ -274,8 +266,9 @@ impl SupervisorState {
             Child::Health => self.start_health(myself).await?,
             Child::Rollout => self.start_rollout(myself).await?,
             Child::Batcher(key) => {
-                if let Some(loaded) = self.batchers.remove(&key) {
-                    match self.start_batcher(myself, key.clone(), loaded.model).await {
+                if let Some(old) = self.batchers.remove(&key) {
+                    let model = old.model().clone();
+                    match self.start_batcher(myself, key.clone(), model).await {
                         Ok(handle) => self.shared.table.set_local(key, LocalState::Ready(handle)),
                         Err(error) => self.shared.table.set_local(key, LocalState::Failed(error)),
                     }
@@ -320,21 +313,20 @@ impl Actor for NodeSupervisor {
         match message {
             SupervisorMsg::StartModel { key, model, reply } => {
                 if let Some(old) = state.batchers.remove(&key) {
-                    old.handle.actor().stop(Some("replaced".into()));
+                    old.actor().stop(Some("replaced".into()));
                 }
                 let result = state.start_batcher(&myself, key, model).await;
                 let _ = reply.send(result);
             }
             SupervisorMsg::StopModel { key, reply } => {
                 let path = batcher_path(&key);
-                if let Some(loaded) = state.batchers.remove(&key) {
+                if let Some(handle) = state.batchers.remove(&key) {
                     let timeout = state.shared.args.config.drain_timeout;
                     let directory = state.shared.directory.clone();
                     // Draining can take a while; it must not hold up supervision.
                     tokio::spawn(async move {
-                        loaded.handle.drain(timeout).await;
-                        let _ = loaded
-                            .handle
+                        handle.drain(timeout).await;
+                        let _ = handle
                             .actor()
                             .stop_and_wait(Some("unloaded".into()), Some(timeout))
                             .await;
@@ -346,8 +338,7 @@ impl Actor for NodeSupervisor {
                 }
             }
             SupervisorMsg::DrainAll(reply) => {
-                let handles: Vec<BatcherHandle> =
-                    state.batchers.values().map(|l| l.handle.clone()).collect();
+                let handles: Vec<BatcherHandle> = state.batchers.values().cloned().collect();
                 let timeout = state.shared.args.config.drain_timeout;
                 tokio::spawn(async move {
                     for handle in handles {

@@ -16,6 +16,8 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Raft, ServerState};
 use serde::Serialize;
 use tokio::sync::{watch, RwLock};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use troupe_proto::v1::raft_peer_client::RaftPeerClient;
 use troupe_proto::v1::raft_peer_server::RaftPeerServer;
 use troupe_transport::{Lane, Membership, PeerTransport};
@@ -114,6 +116,9 @@ impl MetadataConfig {
     }
 }
 
+/// A helper task of the facade.
+type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 pub struct Metadata {
     config: MetadataConfig,
     raft: Raft<TypeConfig>,
@@ -124,6 +129,11 @@ pub struct Metadata {
     applied_indexes: watch::Receiver<u64>,
     snapshot_revision: Arc<std::sync::atomic::AtomicU64>,
     proposer: Proposer,
+    /// The facade's own tasks on Raft's runtime (the proposer and its writes, the elector,
+    /// the leader-change counter, the removal watcher, the held-commit releaser): each holds
+    /// the tracker's guard and ends on `stop`; shutdown waits for the last.
+    tasks: TaskTracker,
+    stop: CancellationToken,
     history: store::History,
     /// Alive while any sled handle is; shutdown waits for it so the database is closed.
     open_handles: std::sync::Weak<()>,
@@ -184,24 +194,30 @@ impl Metadata {
             silence.clone(),
             config.election_timings(),
         );
+        let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
+        let (tracker, stopping) = (tasks.clone(), stop.clone());
         let (raft, proposer) = runtime
             .handle()
             .spawn(async move {
                 let raft = Raft::new(node_id, raft_config, network, log_store, state_machine)
                     .await
                     .map_err(|e| MetadataError::Raft(e.to_string()))?;
-                let proposer = Proposer::start(raft.clone());
-                tokio::spawn(count_leader_changes(raft.metrics(), changes));
-                tokio::spawn(crate::election::run(crate::election::Elector {
+                let proposer = Proposer::start(raft.clone(), &tracker, stopping.clone());
+                let until_stopped = |task| {
+                    let stopping = stopping.clone();
+                    tracker.spawn(async move { stopping.run_until_cancelled(task).await });
+                };
+                until_stopped(Box::pin(count_leader_changes(raft.metrics(), changes)) as Task);
+                until_stopped(Box::pin(crate::election::run(crate::election::Elector {
                     node_id,
                     raft: raft.clone(),
                     transport: elector_transport,
                     silence: elector_silence,
                     removal: removed.clone(),
                     timings,
-                }));
-                tokio::spawn(removed.run(raft.clone()));
-                tokio::spawn(release_held_commits(raft.clone(), durable));
+                })));
+                until_stopped(Box::pin(removed.run(raft.clone())));
+                until_stopped(Box::pin(release_held_commits(raft.clone(), durable)));
                 Ok::<_, MetadataError>((raft, proposer))
             })
             .await
@@ -216,6 +232,8 @@ impl Metadata {
             applied_indexes,
             snapshot_revision,
             proposer,
+            tasks,
+            stop,
             history,
             open_handles,
             leader_changes,
@@ -317,6 +335,20 @@ impl Metadata {
             .await
             .map_err(|e| MetadataError::Raft(e.to_string()))?;
         let deadline = tokio::time::Instant::now() + STORAGE_CLOSE_TIMEOUT;
+        // The facade's tasks end on the signal; the last one's guard tells the tracker.
+        self.stop.cancel();
+        self.tasks.close();
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            return Err(MetadataError::Timeout {
+                what: "raft's helper tasks to end".into(),
+                millis: STORAGE_CLOSE_TIMEOUT.as_millis() as u64,
+            });
+        }
+        // sled releases its directory lock when its last handle and its flusher thread are
+        // gone, and says so to no one: this looks every 5 ms.
         let mut poll = tokio::time::interval(Duration::from_millis(5));
         let raft_dir = self.config.data_dir.join("raft");
         while self.open_handles.strong_count() > 0 || !store::lock_is_free(&raft_dir) {
