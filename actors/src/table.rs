@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
 
 use tokio::sync::watch;
-use troupe_consensus::metadata::{ModelState, ModelVersionRecord, TaskRecord};
+use troupe_consensus::metadata::{Change, ChangeValue, ModelState, ModelVersionRecord, TaskRecord};
 
 use crate::batcher::BatcherHandle;
 use crate::error::ServeError;
@@ -92,6 +92,8 @@ impl TaskLanes {
 struct Inner {
     revision: u64,
     models: BTreeMap<String, BTreeMap<String, ModelVersionRecord>>,
+    /// The task priorities, and the lanes they rank onto.
+    task_records: BTreeMap<String, TaskRecord>,
     tasks: TaskLanes,
     local: HashMap<ModelKey, LocalState>,
     /// Per model, the version requests without a version get: the active one once it is
@@ -136,18 +138,57 @@ impl ServingTable {
         self.read().revision
     }
 
-    /// Replaces the metadata view (MetadataSync, after each change).
+    /// Replaces the metadata view, as of `revision` (MetadataSync, at its start and when its
+    /// watch resyncs). Task priorities are ranked onto `lanes` lanes.
     pub fn set_metadata(
         &self,
         revision: u64,
         models: BTreeMap<String, BTreeMap<String, ModelVersionRecord>>,
-        tasks: TaskLanes,
+        tasks: BTreeMap<String, TaskRecord>,
+        lanes: usize,
     ) {
         {
             let mut inner = self.write();
             inner.revision = revision;
             inner.models = models;
-            inner.tasks = tasks;
+            inner.tasks = TaskLanes::new(&tasks, lanes);
+            inner.task_records = tasks;
+            refresh_serving(&mut inner);
+        }
+        self.bump();
+    }
+
+    /// Applies the changes of one revision, as the metadata watch delivered them
+    /// (MetadataSync), all under one lock: a model version's or a task's new record. A setting
+    /// only advances the revision.
+    pub fn apply(&self, changes: Vec<Change>, lanes: usize) {
+        {
+            let mut inner = self.write();
+            let mut tasks_changed = false;
+            for change in changes {
+                inner.revision = inner.revision.max(change.revision);
+                match change.value {
+                    ChangeValue::ModelVersion {
+                        name,
+                        version,
+                        record,
+                    } => {
+                        inner
+                            .models
+                            .entry(name)
+                            .or_default()
+                            .insert(version, *record);
+                    }
+                    ChangeValue::Task { name, record } => {
+                        inner.task_records.insert(name, record);
+                        tasks_changed = true;
+                    }
+                    ChangeValue::Setting { .. } => {}
+                }
+            }
+            if tasks_changed {
+                inner.tasks = TaskLanes::new(&inner.task_records, lanes);
+            }
             refresh_serving(&mut inner);
         }
         self.bump();
@@ -417,5 +458,104 @@ mod tests {
         let lanes = TaskLanes::new(&many, 2);
         assert_eq!(lanes.lane("t7").unwrap(), 0);
         assert_eq!(lanes.lane("t0").unwrap(), 1);
+    }
+
+    fn version(state: ModelState, mod_revision: u64) -> ModelVersionRecord {
+        ModelVersionRecord {
+            digest: "a".repeat(64),
+            size_bytes: 1,
+            format: "safetensors".into(),
+            source: None,
+            precision: None,
+            state,
+            traffic_weight: 100,
+            revisions: KeyRevisions {
+                create_revision: 1,
+                mod_revision,
+            },
+            nodes: BTreeMap::new(),
+            reason: String::new(),
+            rollout_started_unix_ms: None,
+        }
+    }
+
+    #[test]
+    fn watched_changes_apply_from_their_own_payload() {
+        let table = ServingTable::default();
+        table.set_metadata(3, BTreeMap::new(), BTreeMap::new(), 4);
+        let mut changed = table.subscribe();
+        changed.mark_unchanged();
+        // A new version, wanted: the model is known, and rolling out.
+        table.apply(
+            vec![Change {
+                revision: 4,
+                key: "models/m/v1".into(),
+                value: ChangeValue::ModelVersion {
+                    name: "m".into(),
+                    version: "v1".into(),
+                    record: Box::new(version(ModelState::Wanted, 4)),
+                },
+            }],
+            4,
+        );
+        assert!(changed.has_changed().unwrap());
+        assert_eq!(table.revision(), 4);
+        assert!(table.knows_model("m"));
+        assert!(matches!(
+            table.route("m", "", ""),
+            Err(ServeError::RollingOut { .. })
+        ));
+        // A task's priority: its lane follows.
+        table.apply(
+            vec![Change {
+                revision: 5,
+                key: "tasks/search".into(),
+                value: ChangeValue::Task {
+                    name: "search".into(),
+                    record: task(10),
+                },
+            }],
+            4,
+        );
+        assert!(table.knows_task("search"));
+        assert_eq!(table.read().tasks.lane("search").unwrap(), 0);
+        assert_eq!(table.read().tasks.lane("").unwrap(), 1);
+        // A setting only moves the revision.
+        table.apply(
+            vec![Change {
+                revision: 6,
+                key: "settings/app".into(),
+                value: ChangeValue::Setting {
+                    key: "app".into(),
+                    record: troupe_consensus::metadata::SettingRecord {
+                        value: "1".into(),
+                        revisions: KeyRevisions {
+                            create_revision: 6,
+                            mod_revision: 6,
+                        },
+                    },
+                },
+            }],
+            4,
+        );
+        assert_eq!(table.revision(), 6);
+        // The version's next record (active) replaces the first.
+        table.apply(
+            vec![Change {
+                revision: 7,
+                key: "models/m/v1".into(),
+                value: ChangeValue::ModelVersion {
+                    name: "m".into(),
+                    version: "v1".into(),
+                    record: Box::new(version(ModelState::Active, 7)),
+                },
+            }],
+            4,
+        );
+        assert_eq!(table.wanted().len(), 1);
+        assert!(matches!(
+            table.route("m", "", ""),
+            Err(ServeError::Loading { .. })
+        ));
     }
 }

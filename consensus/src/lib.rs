@@ -31,4 +31,4 @@ pub mod watch;
 
 pub use error::MetadataError;
 pub use facade::{HistoryError, Metadata, MetadataConfig, RaftStatus, ReadConsistency, Role};
-pub use watch::{ResyncingWatch, Watch, WatchError, WatchEvent};
+pub use watch::{ResyncingWatch, Watch, WatchBatch, WatchError, WatchEvent};

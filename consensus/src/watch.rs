@@ -49,9 +49,16 @@ impl Watch {
             Some(change) => change,
             None => loop {
                 match self.live.recv().await {
-                    // Applied here only now, but older than what the watcher asked for.
-                    Ok(Live::Change(change)) if change.revision < self.from => continue,
-                    Ok(Live::Change(change)) => break change,
+                    Ok(Live::Changes(changes)) => {
+                        // Applied here only now, but older than what the watcher asked for:
+                        // skipped.
+                        let from = self.from;
+                        self.backlog
+                            .extend(changes.into_iter().filter(|c| c.revision >= from));
+                        if let Some(change) = self.backlog.pop_front() {
+                            break change;
+                        }
+                    }
                     Ok(Live::Reset { revision }) if revision >= self.from => {
                         return Err(WatchError::Compacted {
                             requested: self.from,
@@ -67,6 +74,33 @@ impl Watch {
         self.from = self.from.max(change.revision + 1);
         Ok(change)
     }
+
+    /// Every change of the next revision (one command's: activating a version also retires
+    /// the one before, two changes at one revision), so that a watcher never acts on half a
+    /// command.
+    pub async fn next_revision(&mut self) -> Result<Vec<Change>, WatchError> {
+        let first = self.next().await?;
+        let revision = first.revision;
+        let mut changes = vec![first];
+        // A command's changes come in one live message, and the replayed history holds whole
+        // commands: the rest of the revision is in the backlog now.
+        while self.backlog.front().is_some_and(|c| c.revision == revision) {
+            changes.extend(self.backlog.pop_front());
+        }
+        Ok(changes)
+    }
+}
+
+/// What [`ResyncingWatch::next_revision`] yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchBatch {
+    /// The whole state as of `revision`: replace what you hold; changes after it follow.
+    Resync {
+        state: Box<MetadataState>,
+        revision: u64,
+    },
+    /// Every change of one revision.
+    Changes(Vec<Change>),
 }
 
 /// What a resyncing watch yields.
@@ -115,14 +149,42 @@ impl<'a> ResyncingWatch<'a> {
         }
     }
 
+    /// As [`ResyncingWatch::next`], a whole revision at a time ([`Watch::next_revision`]).
+    pub async fn next_revision(&mut self) -> Result<WatchBatch, WatchError> {
+        let watch = match &mut self.watch {
+            Some(watch) => watch,
+            None => match self.metadata.watch(self.from) {
+                Ok(watch) => self.watch.insert(watch),
+                Err(WatchError::Compacted { .. }) => return Ok(self.resync_batch().await),
+                Err(error) => return Err(error),
+            },
+        };
+        match watch.next_revision().await {
+            Ok(changes) => {
+                self.from = changes.last().map_or(self.from, |c| c.revision + 1);
+                Ok(WatchBatch::Changes(changes))
+            }
+            Err(WatchError::Lagged | WatchError::Compacted { .. }) => Ok(self.resync_batch().await),
+            Err(WatchError::Closed) => Err(WatchError::Closed),
+        }
+    }
+
+    async fn resync_batch(&mut self) -> WatchBatch {
+        let (state, revision) = self.snapshot().await;
+        WatchBatch::Resync { state, revision }
+    }
+
     async fn resync(&mut self) -> WatchEvent {
+        let (state, revision) = self.snapshot().await;
+        WatchEvent::Resync { state, revision }
+    }
+
+    /// The state now, from which the watch starts again.
+    async fn snapshot(&mut self) -> (Box<MetadataState>, u64) {
         let (state, revision) = self.metadata.snapshot_state().await;
         self.from = revision + 1;
         self.watch = None;
-        WatchEvent::Resync {
-            state: Box::new(state),
-            revision,
-        }
+        (Box::new(state), revision)
     }
 }
 
@@ -186,5 +248,24 @@ mod tests {
             })
         );
         assert_eq!(ahead.next().await.unwrap().revision, 12);
+    }
+
+    /// One command's changes (an activation retires the version before at the same revision)
+    /// come as one, from the replayed history and from the live feed alike.
+    #[tokio::test]
+    async fn a_revisions_changes_come_together() {
+        let history = History::new(100, &MetadataState::default());
+        history.record(vec![set(1, "a"), set(1, "b")]);
+        history.record(vec![set(2, "c")]);
+        let mut watch = Watch::new(history.replay(1).map_err(|_| "compacted").unwrap());
+        history.record(vec![set(3, "d"), set(3, "e"), set(3, "f")]);
+        history.record(vec![set(4, "g")]);
+        let revisions =
+            |changes: Vec<Change>| changes.iter().map(|c| c.revision).collect::<Vec<_>>();
+        assert_eq!(revisions(watch.next_revision().await.unwrap()), [1, 1]);
+        assert_eq!(revisions(watch.next_revision().await.unwrap()), [2]);
+        assert_eq!(revisions(watch.next_revision().await.unwrap()), [3, 3, 3]);
+        // Single changes still come one at a time.
+        assert_eq!(watch.next().await.unwrap().revision, 4);
     }
 }

@@ -256,23 +256,29 @@ impl Batcher {
         args: BatcherArgs,
         supervisor: ractor::ActorCell,
     ) -> Result<BatcherHandle, ractor::SpawnErr> {
-        let (key, stats, shared, model) = (
-            args.key.clone(),
-            args.stats.clone(),
-            args.shared.clone(),
-            args.model.clone(),
-        );
-        let path = args.path.clone();
-        let directory = args.directory.clone();
-        let actor = spawn_child(&directory, &path, Batcher, args, supervisor).await?;
-        Ok(BatcherHandle {
-            key,
-            actor,
-            stats,
-            shared,
-            model,
-        })
+        start_as(Batcher, args, supervisor).await
     }
+}
+
+/// Starts `actor` (a batcher, or a decoder's scheduler: both speak the batcher protocol)
+/// linked to `supervisor`, returning the handle the node uses.
+pub(crate) async fn start_as<A>(
+    actor: A,
+    args: BatcherArgs,
+    supervisor: ractor::ActorCell,
+) -> Result<BatcherHandle, ractor::SpawnErr>
+where
+    A: Actor<Msg = BatcherMsg, Arguments = BatcherArgs>,
+{
+    let (key, stats, shared, model) = (
+        args.key.clone(),
+        args.stats.clone(),
+        args.shared.clone(),
+        args.model.clone(),
+    );
+    let (path, directory) = (args.path.clone(), args.directory.clone());
+    let actor = spawn_child(&directory, &path, actor, args, supervisor).await?;
+    Ok(BatcherHandle::new(key, actor, stats, shared, model))
 }
 
 fn worker_path(batcher: &str, index: usize) -> String {

@@ -11,7 +11,7 @@ use troupe_consensus::metadata::{KeyRevisions, ModelState, ModelVersionRecord};
 use super::*;
 use crate::peers::ServedVersion;
 use crate::router::STRATEGIES;
-use crate::table::{ModelKey, TaskLanes};
+use crate::table::ModelKey;
 
 const LOCAL: u64 = 1;
 
@@ -134,7 +134,7 @@ fn node(strategy: &str, peers: &[u64]) -> Dispatcher {
         [("v1".to_owned(), record(ModelState::Active))].into(),
     )]
     .into();
-    table.set_metadata(5, models, TaskLanes::new(&BTreeMap::new(), 1));
+    table.set_metadata(5, models, BTreeMap::new(), 1);
     let table_of_peers = Arc::new(PeerTable::default());
     table_of_peers.update(|all| {
         for &id in peers {
@@ -330,7 +330,7 @@ async fn a_forwarded_request_waits_for_the_senders_revision_then_routes_here_onl
             [("v1".to_owned(), record(ModelState::Active))].into(),
         )]
         .into();
-        table.set_metadata(9, models, TaskLanes::new(&BTreeMap::new(), 1));
+        table.set_metadata(9, models, BTreeMap::new(), 1);
     });
     let failure = dispatcher
         .serve_forwarded(&hops, ask("m", 3, Duration::from_secs(5)), 9)

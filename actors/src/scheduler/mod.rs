@@ -32,7 +32,7 @@ use troupe_models::LoadedModel;
 use crate::batcher::{BatcherArgs, BatcherHandle, BatcherMsg, GenEvent, GenJob};
 use crate::error::ServeError;
 use crate::lanes::Lanes;
-use crate::stats::{send, spawn_child, ActorStats};
+use crate::stats::{send, ActorStats};
 
 /// A fixed-bucket histogram, readable without a lock.
 #[derive(Debug)]
@@ -577,18 +577,7 @@ impl Scheduler {
         args: BatcherArgs,
         supervisor: ractor::ActorCell,
     ) -> Result<BatcherHandle, ractor::SpawnErr> {
-        let path = args.path.clone();
-        let directory = args.directory.clone();
-        let parts = (
-            args.key.clone(),
-            args.stats.clone(),
-            args.shared.clone(),
-            args.model.clone(),
-        );
-        let actor = spawn_child(&directory, &path, Scheduler, args, supervisor).await?;
-        Ok(BatcherHandle::new(
-            parts.0, actor, parts.1, parts.2, parts.3,
-        ))
+        crate::batcher::start_as(Scheduler, args, supervisor).await
     }
 }
 

@@ -89,36 +89,42 @@ impl SupervisorState {
         }
     }
 
+    /// Starts a child at `path`, linked to this supervisor, with its stats fresh (the restart
+    /// count carries over).
+    async fn start_child<A: Actor>(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        (path, kind): (&str, &'static str),
+        actor: A,
+        args: impl FnOnce(Arc<ActorStats>) -> A::Arguments,
+    ) -> Result<ActorRef<A::Msg>, ActorProcessingErr> {
+        let stats = self.shared.directory.fresh_stats(path, kind);
+        let args = args(stats);
+        Ok(spawn_child(&self.shared.directory, path, actor, args, myself.get_cell()).await?)
+    }
+
     async fn start_sync(
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
     ) -> Result<(), ActorProcessingErr> {
-        let stats = self
-            .shared
-            .directory
-            .fresh_stats(SYNC_PATH, "metadata_sync");
         // Loads started by a previous incarnation report to it, not to us: start them over.
         self.shared.table.clear_loading();
-        let args = SyncArgs {
-            node_id: self.shared.args.node_id,
-            metadata: self.shared.args.metadata.clone(),
-            table: self.shared.table.clone(),
-            supervisor: self.handle(myself),
-            loader: self.shared.args.loader.clone(),
-            fetcher: self.shared.args.fetcher.clone(),
-            store: self.shared.args.store.clone(),
-            lanes: self.shared.args.config.lanes,
-            max_batch_size: self.shared.args.config.max_batch_size,
+        let (shared, supervisor) = (&self.shared, self.handle(myself));
+        let args = |stats| SyncArgs {
+            node_id: shared.args.node_id,
+            metadata: shared.args.metadata.clone(),
+            table: shared.table.clone(),
+            supervisor,
+            loader: shared.args.loader.clone(),
+            fetcher: shared.args.fetcher.clone(),
+            store: shared.args.store.clone(),
+            lanes: shared.args.config.lanes,
+            max_batch_size: shared.args.config.max_batch_size,
             stats,
         };
-        let actor = spawn_child(
-            &self.shared.directory,
-            SYNC_PATH,
-            MetadataSync,
-            args,
-            myself.get_cell(),
-        )
-        .await?;
+        let actor = self
+            .start_child(myself, (SYNC_PATH, "metadata_sync"), MetadataSync, args)
+            .await?;
         self.sync = Some(actor);
         Ok(())
     }
@@ -127,27 +133,22 @@ impl SupervisorState {
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
     ) -> Result<(), ActorProcessingErr> {
-        let stats = self.shared.directory.fresh_stats(HEALTH_PATH, "health");
-        let args = HealthArgs {
-            metadata: self.shared.args.metadata.clone(),
-            table: self.shared.table.clone(),
-            budget: self.shared.budget.clone(),
-            published: self.shared.published.clone(),
-            interval: self.shared.args.config.health_interval,
+        let shared = &self.shared;
+        let args = |stats| HealthArgs {
+            metadata: shared.args.metadata.clone(),
+            table: shared.table.clone(),
+            budget: shared.budget.clone(),
+            published: shared.published.clone(),
+            interval: shared.args.config.health_interval,
             stats,
-            node_id: self.shared.args.node_id,
-            peers: self.shared.peers.clone(),
-            probe: self.shared.args.probe.clone(),
-            gossip: self.shared.args.gossip.clone(),
+            node_id: shared.args.node_id,
+            peers: shared.peers.clone(),
+            probe: shared.args.probe.clone(),
+            gossip: shared.args.gossip.clone(),
         };
-        let actor = spawn_child(
-            &self.shared.directory,
-            HEALTH_PATH,
-            Health,
-            args,
-            myself.get_cell(),
-        )
-        .await?;
+        let actor = self
+            .start_child(myself, (HEALTH_PATH, "health"), Health, args)
+            .await?;
         self.health = Some(actor);
         Ok(())
     }
@@ -156,27 +157,24 @@ impl SupervisorState {
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
     ) -> Result<(), ActorProcessingErr> {
-        let stats = self
-            .shared
-            .directory
-            .fresh_stats(ROLLOUT_PATH, "rollout_controller");
-        let args = RolloutArgs {
-            node_id: self.shared.args.node_id,
-            metadata: self.shared.args.metadata.clone(),
-            table: self.shared.table.clone(),
-            peers: self.shared.peers.clone(),
-            timeout: self.shared.args.config.rollout_timeout,
-            interval: self.shared.args.config.health_interval,
+        let shared = &self.shared;
+        let args = |stats| RolloutArgs {
+            node_id: shared.args.node_id,
+            metadata: shared.args.metadata.clone(),
+            table: shared.table.clone(),
+            peers: shared.peers.clone(),
+            timeout: shared.args.config.rollout_timeout,
+            interval: shared.args.config.health_interval,
             stats,
         };
-        let actor = spawn_child(
-            &self.shared.directory,
-            ROLLOUT_PATH,
-            RolloutController,
-            args,
-            myself.get_cell(),
-        )
-        .await?;
+        let actor = self
+            .start_child(
+                myself,
+                (ROLLOUT_PATH, "rollout_controller"),
+                RolloutController,
+                args,
+            )
+            .await?;
         self.rollout = Some(actor);
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! MetadataSync: follows the Raft watch and makes this node serve what the metadata says.
 //!
-//! On every model or task change (or a resync after compaction) it copies the models and task
-//! priorities into the serving table, then reconciles: a version that became active is
+//! It applies each model or task change the watch delivers to the serving table, from the
+//! change's own payload (the whole state only at its start and when the watch resyncs after
+//! compaction), then reconciles: a version that became active is
 //! imported into the artifact store, loaded and warmed up off the actor (on a blocking
 //! thread), then handed to the supervisor, which starts its batcher; only then is it ready.
 //! A version that is no longer active is unloaded once its replacement serves, so requests
@@ -20,7 +21,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use troupe_consensus::metadata::{
     ChangeValue, Command, ModelVersionRecord, NodeModelState, Proposal, MAX_REASON_BYTES,
 };
-use troupe_consensus::{Metadata, ReadConsistency, WatchEvent};
+use troupe_consensus::{Metadata, WatchBatch};
 use troupe_models::artifact::ArtifactStore;
 use troupe_models::generate::SamplingParams;
 use troupe_models::{LoadedModel, Precision};
@@ -29,7 +30,7 @@ pub use messages::SyncMsg;
 
 use crate::stats::ActorStats;
 use crate::supervisor::{ArtifactFetcher, ModelLoader, SupervisorHandle};
-use crate::table::{LocalState, ModelKey, ServingTable, TaskLanes};
+use crate::table::{LocalState, ModelKey, ServingTable};
 
 /// Sentences run through a freshly loaded model before it takes traffic.
 const WARMUP_TEXTS: [&str; 4] = [
@@ -209,14 +210,6 @@ fn should_unload(still_wanted: bool, serving: bool, local: Option<&LocalState>) 
 impl SyncState {
     async fn reconcile(&mut self, myself: &ActorRef<SyncMsg>) -> Result<(), ActorProcessingErr> {
         let args = &self.args;
-        let (models, tasks, revision) = args
-            .metadata
-            .read(ReadConsistency::Stale, |state| {
-                (state.models.clone(), state.tasks.clone(), state.revision)
-            })
-            .await?;
-        args.table
-            .set_metadata(revision, models, TaskLanes::new(&tasks, args.lanes));
         let wanted = args.table.wanted();
         for (key, record) in &wanted {
             let local = args.table.local(key);
@@ -383,15 +376,33 @@ impl Actor for MetadataSync {
     ) -> Result<Self::State, ActorProcessingErr> {
         let pending = Arc::new(AtomicBool::new(false));
         let (metadata, stats, flag) = (args.metadata.clone(), args.stats.clone(), pending.clone());
-        let from = metadata.status().applied_revision + 1;
+        let (table, lanes) = (args.table.clone(), args.lanes);
+        // The table starts from the applied state; then each change's payload is applied to
+        // it as the watch delivers it (the whole state again only when the watch resyncs).
+        let (state, revision) = metadata.snapshot_state().await;
+        table.set_metadata(revision, state.models, state.tasks, lanes);
         let actor = myself.clone();
         let watcher = tokio::spawn(async move {
-            let mut watch = metadata.watch_resyncing(from);
+            let mut watch = metadata.watch_resyncing(revision + 1);
             loop {
-                match watch.next().await {
-                    Ok(WatchEvent::Change(change))
-                        if matches!(change.value, ChangeValue::Setting { .. }) => {}
-                    Ok(_) => notify_changed(&actor, &stats, &flag),
+                match watch.next_revision().await {
+                    Ok(WatchBatch::Resync { state, revision }) => {
+                        let state = *state;
+                        table.set_metadata(revision, state.models, state.tasks, lanes);
+                        notify_changed(&actor, &stats, &flag);
+                    }
+                    // One command's changes are applied together: activating a version retires
+                    // the one before at the same revision, and the table never shows the model
+                    // with neither active.
+                    Ok(WatchBatch::Changes(changes)) => {
+                        let settings_only = changes
+                            .iter()
+                            .all(|c| matches!(c.value, ChangeValue::Setting { .. }));
+                        table.apply(changes, lanes);
+                        if !settings_only {
+                            notify_changed(&actor, &stats, &flag);
+                        }
+                    }
                     Err(error) => {
                         tracing::debug!(%error, "metadata watch ended");
                         return;

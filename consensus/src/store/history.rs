@@ -38,12 +38,12 @@ pub struct History {
 /// What the live feed carries.
 #[derive(Debug, Clone)]
 pub enum Live {
-    Change(Change),
+    /// The changes of one command, all at one revision, sent together so that a watcher can
+    /// take them as one ([`crate::watch::Watch::next_revision`]).
+    Changes(Vec<Change>),
     /// A snapshot was installed over the state: the changes up to `revision` that were not
     /// sent will never be. A watcher that had not seen them must resync.
-    Reset {
-        revision: u64,
-    },
+    Reset { revision: u64 },
 }
 
 /// The replayable part of the history from a revision on, plus the live feed after it.
@@ -75,9 +75,13 @@ impl History {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Records one command's changes (all at its revision) and sends them to the watchers.
     pub fn record(&self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
         let mut inner = self.lock();
-        for change in changes {
+        for change in &changes {
             inner.changes.push_back(change.clone());
             while inner.changes.len() > inner.capacity {
                 if let Some(dropped) = inner.changes.pop_front() {
@@ -85,9 +89,10 @@ impl History {
                     inner.base.put_change(&dropped);
                 }
             }
-            // No receiver is fine: nobody is watching.
-            let _ = self.live.send(Live::Change(change));
         }
+        // Sent under the lock, as one message: a watcher's replay and its live feed meet
+        // between two commands, never inside one. No receiver is fine: nobody is watching.
+        let _ = self.live.send(Live::Changes(changes));
     }
 
     /// Forgets everything up to `state`'s revision (a snapshot was installed over the state).

@@ -317,6 +317,29 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     }
 }
 
+/// Applies one log entry's proposals in order, adding the changes each made to `changes`.
+/// A proposal changed the state exactly when it moved the revision: a rejection, a lost
+/// compare-and-set, a no-op and an idempotent replay (which answers with its first outcome,
+/// `Applied` at the revision it took then) leave it, and add no change, so a watcher never
+/// gets a change twice.
+fn apply_batch(
+    metadata: &mut crate::metadata::MetadataState,
+    proposals: &[crate::metadata::Proposal],
+    changes: &mut Vec<crate::metadata::Change>,
+) -> Vec<Outcome> {
+    proposals
+        .iter()
+        .map(|proposal| {
+            let before = metadata.revision;
+            let (revision, outcome) = metadata.apply_next(proposal);
+            if revision != before {
+                changes.extend(metadata.changes_at(revision, &proposal.command));
+            }
+            outcome
+        })
+        .collect()
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
 
@@ -344,16 +367,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let outcome = match entry.payload {
                 EntryPayload::Blank => Vec::new(),
                 EntryPayload::Normal(batch) => {
-                    let mut batch_outcomes = Vec::with_capacity(batch.0.len());
-                    for proposal in &batch.0 {
-                        let (revision, outcome) = applied.metadata.apply_next(proposal);
-                        if matches!(outcome, Outcome::Applied { revision: r } if r == revision) {
-                            changes
-                                .extend(applied.metadata.changes_at(revision, &proposal.command));
-                        }
-                        batch_outcomes.push(outcome);
-                    }
-                    batch_outcomes
+                    apply_batch(&mut applied.metadata, &batch.0, &mut changes)
                 }
                 EntryPayload::Membership(membership) => {
                     applied.last_membership = StoredMembership::new(Some(entry.log_id), membership);
@@ -419,5 +433,58 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::{Command, MetadataState, Proposal};
+
+    fn set(key: &str, value: &str, request_id: &str) -> Proposal {
+        Proposal {
+            command: Command::SetSetting {
+                key: key.into(),
+                value: value.into(),
+            },
+            expected_revision: None,
+            request_id: Some(request_id.into()),
+        }
+    }
+
+    /// A client's retry of a write that was applied (its first answer was lost) lands right
+    /// behind it, in the same entry or the next: it answers with the first outcome, and the
+    /// watch must not get the change a second time at that revision.
+    #[test]
+    fn an_idempotent_replay_right_after_its_write_adds_no_change() {
+        let mut state = MetadataState::default();
+        let mut changes = Vec::new();
+        let write = set("a", "1", "req-1");
+        let outcomes = apply_batch(&mut state, &[write.clone(), write.clone()], &mut changes);
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Applied { revision: 1 },
+                Outcome::Applied { revision: 1 }
+            ]
+        );
+        assert_eq!(changes.len(), 1);
+        // In the next entry too.
+        let outcomes = apply_batch(&mut state, &[write], &mut changes);
+        assert_eq!(outcomes, [Outcome::Applied { revision: 1 }]);
+        assert_eq!(changes.len(), 1);
+        // A no-op and a new write: only the write is a change.
+        let outcomes = apply_batch(
+            &mut state,
+            &[set("a", "1", "req-2"), set("b", "2", "req-3")],
+            &mut changes,
+        );
+        assert!(
+            matches!(outcomes[0], Outcome::Unchanged { .. }),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[1], Outcome::Applied { revision: 2 });
+        let revisions: Vec<u64> = changes.iter().map(|c| c.revision).collect();
+        assert_eq!(revisions, [1, 2]);
     }
 }
