@@ -420,6 +420,28 @@ fn refresh_serving(inner: &mut Inner) {
     inner.serving = serving;
 }
 
+/// A version's record as the tests of this crate want one: `state`, last modified at
+/// `mod_revision`, no node reports.
+#[cfg(test)]
+pub(crate) fn version_record(state: ModelState, mod_revision: u64) -> ModelVersionRecord {
+    ModelVersionRecord {
+        digest: "a".repeat(64),
+        size_bytes: 1,
+        format: "safetensors".into(),
+        source: None,
+        precision: None,
+        state,
+        traffic_weight: 100,
+        revisions: troupe_consensus::metadata::KeyRevisions {
+            create_revision: 1,
+            mod_revision,
+        },
+        nodes: BTreeMap::new(),
+        reason: String::new(),
+        rollout_started_unix_ms: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,25 +482,6 @@ mod tests {
         assert_eq!(lanes.lane("t0").unwrap(), 1);
     }
 
-    fn version(state: ModelState, mod_revision: u64) -> ModelVersionRecord {
-        ModelVersionRecord {
-            digest: "a".repeat(64),
-            size_bytes: 1,
-            format: "safetensors".into(),
-            source: None,
-            precision: None,
-            state,
-            traffic_weight: 100,
-            revisions: KeyRevisions {
-                create_revision: 1,
-                mod_revision,
-            },
-            nodes: BTreeMap::new(),
-            reason: String::new(),
-            rollout_started_unix_ms: None,
-        }
-    }
-
     #[test]
     fn watched_changes_apply_from_their_own_payload() {
         let table = ServingTable::default();
@@ -493,7 +496,7 @@ mod tests {
                 value: ChangeValue::ModelVersion {
                     name: "m".into(),
                     version: "v1".into(),
-                    record: Box::new(version(ModelState::Wanted, 4)),
+                    record: Box::new(version_record(ModelState::Wanted, 4)),
                 },
             }],
             4,
@@ -547,7 +550,7 @@ mod tests {
                 value: ChangeValue::ModelVersion {
                     name: "m".into(),
                     version: "v1".into(),
-                    record: Box::new(version(ModelState::Active, 7)),
+                    record: Box::new(version_record(ModelState::Active, 7)),
                 },
             }],
             4,

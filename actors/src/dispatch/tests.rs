@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use troupe_consensus::metadata::{KeyRevisions, ModelState, ModelVersionRecord};
+use troupe_consensus::metadata::{ModelState, ModelVersionRecord};
 
 use super::*;
 use crate::peers::ServedVersion;
@@ -107,22 +107,7 @@ impl Hops for Scripted {
 }
 
 fn record(state: ModelState) -> ModelVersionRecord {
-    ModelVersionRecord {
-        digest: "a".repeat(64),
-        size_bytes: 1,
-        format: "safetensors".into(),
-        source: None,
-        precision: None,
-        state,
-        traffic_weight: 100,
-        revisions: KeyRevisions {
-            create_revision: 1,
-            mod_revision: 1,
-        },
-        nodes: BTreeMap::new(),
-        reason: String::new(),
-        rollout_started_unix_ms: None,
-    }
+    crate::table::version_record(state, 1)
 }
 
 /// A node of a cluster where model `m` version `v1` is active, loaded on `peers` and not

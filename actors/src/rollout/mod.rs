@@ -289,37 +289,25 @@ impl Actor for RolloutController {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use troupe_consensus::metadata::{KeyRevisions, NodeReadiness};
+    use troupe_consensus::metadata::NodeReadiness;
 
     fn record(reports: &[(u64, NodeModelState, u64)]) -> ModelVersionRecord {
-        ModelVersionRecord {
-            digest: "a".repeat(64),
-            size_bytes: 1,
-            format: "safetensors".into(),
-            source: None,
-            precision: None,
-            state: ModelState::Wanted,
-            traffic_weight: 100,
-            revisions: KeyRevisions {
-                create_revision: 1,
-                mod_revision: 10,
-            },
-            nodes: reports
-                .iter()
-                .map(|(node, state, revision)| {
-                    (
-                        *node,
-                        NodeReadiness {
-                            state: *state,
-                            reason: "bad weights".into(),
-                            revision: *revision,
-                        },
-                    )
-                })
-                .collect::<BTreeMap<_, _>>(),
-            reason: String::new(),
-            rollout_started_unix_ms: Some(0),
-        }
+        let mut record = crate::table::version_record(ModelState::Wanted, 10);
+        record.nodes = reports
+            .iter()
+            .map(|(node, state, revision)| {
+                (
+                    *node,
+                    NodeReadiness {
+                        state: *state,
+                        reason: "bad weights".into(),
+                        revision: *revision,
+                    },
+                )
+            })
+            .collect::<BTreeMap<_, _>>();
+        record.rollout_started_unix_ms = Some(0);
+        record
     }
 
     const TIMEOUT: Duration = Duration::from_secs(60);
