@@ -71,9 +71,14 @@ impl TreeView {
             loop {
                 match self.directory.lookup(path) {
                     None => return Err(RestartError::Gone(path.to_owned())),
+                    // A new incarnation is attached once its `pre_start` has returned: it is
+                    // up (ractor marks it Running a moment later, and tells no one).
                     Some((Some(cell), restarts))
                         if cell.get_id() != old.get_id()
-                            && cell.get_status() == ractor::ActorStatus::Running =>
+                            && !matches!(
+                                cell.get_status(),
+                                ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
+                            ) =>
                     {
                         return Ok(restarts)
                     }
