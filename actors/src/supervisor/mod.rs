@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 use troupe_models::LoadedModel;
 
 pub use handle::SupervisorHandle;
@@ -77,6 +78,9 @@ pub struct SupervisorState {
     /// not in them was stopped on purpose). The serving table holds the same handles for
     /// routing.
     batchers: HashMap<ModelKey, BatcherHandle>,
+    /// Unloads and drains in progress: they run beside supervision, and the supervisor waits
+    /// for them when it stops.
+    unloading: TaskTracker,
 }
 
 pub struct NodeSupervisor;
@@ -294,6 +298,7 @@ impl Actor for NodeSupervisor {
             health: None,
             rollout: None,
             batchers: HashMap::new(),
+            unloading: TaskTracker::new(),
         };
         state.start_health(&myself).await?;
         state.start_sync(&myself).await?;
@@ -322,7 +327,7 @@ impl Actor for NodeSupervisor {
                     let timeout = state.shared.args.config.drain_timeout;
                     let directory = state.shared.directory.clone();
                     // Draining can take a while; it must not hold up supervision.
-                    tokio::spawn(async move {
+                    state.unloading.spawn(async move {
                         handle.drain(timeout).await;
                         let _ = handle
                             .actor()
@@ -338,7 +343,7 @@ impl Actor for NodeSupervisor {
             SupervisorMsg::DrainAll(reply) => {
                 let handles: Vec<BatcherHandle> = state.batchers.values().cloned().collect();
                 let timeout = state.shared.args.config.drain_timeout;
-                tokio::spawn(async move {
+                state.unloading.spawn(async move {
                     for handle in handles {
                         handle.drain(timeout).await;
                     }
@@ -355,12 +360,21 @@ impl Actor for NodeSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         // Children stop with us, batchers (and through them their workers) included.
+        let timeout = state.shared.args.config.drain_timeout;
         myself
-            .stop_children_and_wait(
-                Some("node shutdown".into()),
-                Some(state.shared.args.config.drain_timeout),
-            )
+            .stop_children_and_wait(Some("node shutdown".into()), Some(timeout))
             .await;
+        // Unloads and drains end once their batchers have stopped.
+        state.unloading.close();
+        if tokio::time::timeout(timeout, state.unloading.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = state.unloading.len(),
+                "unloads still running after the drain timeout"
+            );
+        }
         Ok(())
     }
 
