@@ -307,21 +307,20 @@ async fn a_forwarded_request_waits_for_the_senders_revision_then_routes_here_onl
         "{failure:?}"
     );
     // It catches up while the request waits: then this node's own answer, no peer asked.
-    let table = dispatcher.table.clone();
-    let catch_up = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let models = [(
-            "m".to_owned(),
-            [("v1".to_owned(), record(ModelState::Active))].into(),
-        )]
-        .into();
-        table.set_metadata(9, models, BTreeMap::new(), 1);
-    });
-    let failure = dispatcher
-        .serve_forwarded(&hops, ask("m", 3, Duration::from_secs(5)), 9)
-        .await
-        .unwrap_err();
-    catch_up.await.unwrap();
+    let serving = dispatcher.serve_forwarded(&hops, ask("m", 3, Duration::from_secs(5)), 9);
+    tokio::pin!(serving);
+    // Polled once, it finds the table behind and waits for it.
+    let waiting =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(serving.as_mut().poll(cx).is_pending()))
+            .await;
+    assert!(waiting, "the request did not wait for revision 9");
+    let models = [(
+        "m".to_owned(),
+        [("v1".to_owned(), record(ModelState::Active))].into(),
+    )]
+    .into();
+    dispatcher.table.set_metadata(9, models, BTreeMap::new(), 1);
+    let failure = serving.await.unwrap_err();
     assert!(
         matches!(
             failure,
