@@ -110,12 +110,17 @@ pub struct ActorInfo {
     pub detail: String,
 }
 
+/// What runs at a path of the tree.
+enum Runner {
+    Actor(ActorCell),
+    /// A thread (an inference worker): its flag is set while it runs.
+    Thread(Arc<std::sync::atomic::AtomicBool>),
+}
+
 struct Entry {
     kind: &'static str,
-    cell: Option<ActorCell>,
-    /// For a thread of the tree (an inference worker) rather than an actor: set while it
-    /// runs.
-    thread: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// What runs at the path, once started.
+    runner: Option<Runner>,
     stats: Arc<ActorStats>,
     detail: Option<Arc<dyn Fn() -> String + Send + Sync>>,
 }
@@ -157,8 +162,7 @@ impl ActorDirectory {
             .entry(path.to_owned())
             .or_insert_with(|| Entry {
                 kind,
-                cell: None,
-                thread: None,
+                runner: None,
                 stats: Arc::default(),
                 detail: None,
             })
@@ -177,7 +181,7 @@ impl ActorDirectory {
     /// Records the live actor behind `path` (after a start or restart).
     pub fn attach(&self, path: &str, cell: ActorCell) {
         if let Some(entry) = self.lock().get_mut(path) {
-            entry.cell = Some(cell);
+            entry.runner = Some(Runner::Actor(cell));
         }
         self.changed.send_modify(|n| *n += 1);
     }
@@ -186,7 +190,7 @@ impl ActorDirectory {
     /// runs.
     pub fn attach_thread(&self, path: &str, alive: Arc<std::sync::atomic::AtomicBool>) {
         if let Some(entry) = self.lock().get_mut(path) {
-            entry.thread = Some(alive);
+            entry.runner = Some(Runner::Thread(alive));
         }
         self.changed.send_modify(|n| *n += 1);
     }
@@ -195,7 +199,7 @@ impl ActorDirectory {
     pub fn is_thread(&self, path: &str) -> bool {
         self.lock()
             .get(path)
-            .is_some_and(|entry| entry.thread.is_some())
+            .is_some_and(|entry| matches!(entry.runner, Some(Runner::Thread(_))))
     }
 
     /// Fires whenever an actor is attached or a path removed.
@@ -206,9 +210,13 @@ impl ActorDirectory {
     /// The live actor behind `path` (if it has started) and its restart count, or `None`
     /// when nothing is recorded at `path`.
     pub fn lookup(&self, path: &str) -> Option<(Option<ActorCell>, u64)> {
-        self.lock()
-            .get(path)
-            .map(|entry| (entry.cell.clone(), entry.stats.restarts()))
+        self.lock().get(path).map(|entry| {
+            let cell = match &entry.runner {
+                Some(Runner::Actor(cell)) => Some(cell.clone()),
+                _ => None,
+            };
+            (cell, entry.stats.restarts())
+        })
     }
 
     pub fn set_detail(&self, path: &str, detail: Arc<dyn Fn() -> String + Send + Sync>) {
@@ -231,11 +239,13 @@ impl ActorDirectory {
             .map(|(path, entry)| ActorInfo {
                 path: path.clone(),
                 kind: entry.kind.to_owned(),
-                status: match (&entry.cell, &entry.thread) {
-                    (Some(cell), _) => format!("{:?}", cell.get_status()).to_lowercase(),
-                    (None, Some(alive)) if alive.load(Ordering::Relaxed) => "running".to_owned(),
-                    (None, Some(_)) => "stopped".to_owned(),
-                    (None, None) => "not started".to_owned(),
+                status: match &entry.runner {
+                    Some(Runner::Actor(cell)) => format!("{:?}", cell.get_status()).to_lowercase(),
+                    Some(Runner::Thread(alive)) if alive.load(Ordering::Relaxed) => {
+                        "running".to_owned()
+                    }
+                    Some(Runner::Thread(_)) => "stopped".to_owned(),
+                    None => "not started".to_owned(),
                 },
                 mailbox_depth: entry.stats.mailbox_depth(),
                 restarts: entry.stats.restarts(),

@@ -96,7 +96,7 @@ impl Proposer {
     pub fn start(raft: Raft<TypeConfig>, tasks: &TaskTracker, stop: CancellationToken) -> Self {
         let (queue, incoming) = mpsc::channel(QUEUE);
         let proposing = run(raft, incoming, tasks.clone());
-        tasks.spawn(async move { stop.run_until_cancelled(proposing).await });
+        crate::runtime::spawn_until_stopped(tasks, &stop, proposing);
         Self { queue }
     }
 

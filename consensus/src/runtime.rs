@@ -66,3 +66,14 @@ impl Drop for RaftRuntime {
         }
     }
 }
+
+/// Spawns `task` on `tasks` (the current runtime) to run until it ends or `stop` is cancelled:
+/// how the facade's helper tasks are started, so that its shutdown can end and await them.
+pub(crate) fn spawn_until_stopped(
+    tasks: &tokio_util::task::TaskTracker,
+    stop: &tokio_util::sync::CancellationToken,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let stop = stop.clone();
+    tasks.spawn(async move { stop.run_until_cancelled(task).await });
+}

@@ -130,14 +130,22 @@ impl<'a> ResyncingWatch<'a> {
         }
     }
 
-    pub async fn next(&mut self) -> Result<WatchEvent, WatchError> {
-        let watch = match &mut self.watch {
-            Some(watch) => watch,
-            None => match self.metadata.watch(self.from) {
-                Ok(watch) => self.watch.insert(watch),
-                Err(WatchError::Compacted { .. }) => return Ok(self.resync().await),
+    /// The watch, opened at `from` if it is not open; `None` when `from` is compacted (the
+    /// caller resyncs).
+    fn open(&mut self) -> Result<Option<&mut Watch>, WatchError> {
+        if self.watch.is_none() {
+            match self.metadata.watch(self.from) {
+                Ok(watch) => self.watch = Some(watch),
+                Err(WatchError::Compacted { .. }) => return Ok(None),
                 Err(error) => return Err(error),
-            },
+            }
+        }
+        Ok(self.watch.as_mut())
+    }
+
+    pub async fn next(&mut self) -> Result<WatchEvent, WatchError> {
+        let Some(watch) = self.open()? else {
+            return Ok(self.resync().await);
         };
         match watch.next().await {
             Ok(change) => {
@@ -151,13 +159,8 @@ impl<'a> ResyncingWatch<'a> {
 
     /// As [`ResyncingWatch::next`], a whole revision at a time ([`Watch::next_revision`]).
     pub async fn next_revision(&mut self) -> Result<WatchBatch, WatchError> {
-        let watch = match &mut self.watch {
-            Some(watch) => watch,
-            None => match self.metadata.watch(self.from) {
-                Ok(watch) => self.watch.insert(watch),
-                Err(WatchError::Compacted { .. }) => return Ok(self.resync_batch().await),
-                Err(error) => return Err(error),
-            },
+        let Some(watch) = self.open()? else {
+            return Ok(self.resync_batch().await);
         };
         match watch.next_revision().await {
             Ok(changes) => {

@@ -520,12 +520,11 @@ impl BatcherState {
         died_at: Instant,
         reason: String,
     ) -> Result<(), ActorProcessingErr> {
-        let Some(slot) = self.workers.get_mut(index) else {
+        if index >= self.workers.len() {
             return Ok(());
-        };
-        // The thread has ended or is ending: nothing waits for it.
-        slot.joined = None;
+        }
         self.worker_done(index);
+        // The thread has ended or is ending: nothing waits for it.
         self.workers[index] = WorkerSlot::empty();
         let path = worker_path(&self.args.path, index);
         tracing::warn!(model = %self.args.key, worker = index, %reason, "inference worker failed");

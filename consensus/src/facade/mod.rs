@@ -29,7 +29,7 @@ use crate::network::server::{ForwardedReadIndex, ForwardedWrite, LeaderSilence, 
 use crate::network::wire;
 use crate::proposer::{Proposer, WriteFailure};
 use crate::removal::Removal;
-use crate::runtime::RaftRuntime;
+use crate::runtime::{spawn_until_stopped, RaftRuntime};
 use crate::store::{self, Applied};
 use crate::types::{NodeAddr, NodeId, TypeConfig};
 use crate::watch::{ResyncingWatch, Watch, WatchError};
@@ -116,9 +116,6 @@ impl MetadataConfig {
     }
 }
 
-/// A helper task of the facade.
-type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
 pub struct Metadata {
     config: MetadataConfig,
     raft: Raft<TypeConfig>,
@@ -203,21 +200,26 @@ impl Metadata {
                     .await
                     .map_err(|e| MetadataError::Raft(e.to_string()))?;
                 let proposer = Proposer::start(raft.clone(), &tracker, stopping.clone());
-                let until_stopped = |task| {
-                    let stopping = stopping.clone();
-                    tracker.spawn(async move { stopping.run_until_cancelled(task).await });
-                };
-                until_stopped(Box::pin(count_leader_changes(raft.metrics(), changes)) as Task);
-                until_stopped(Box::pin(crate::election::run(crate::election::Elector {
+                spawn_until_stopped(
+                    &tracker,
+                    &stopping,
+                    count_leader_changes(raft.metrics(), changes),
+                );
+                let elector = crate::election::Elector {
                     node_id,
                     raft: raft.clone(),
                     transport: elector_transport,
                     silence: elector_silence,
                     removal: removed.clone(),
                     timings,
-                })));
-                until_stopped(Box::pin(removed.run(raft.clone())));
-                until_stopped(Box::pin(release_held_commits(raft.clone(), durable)));
+                };
+                spawn_until_stopped(&tracker, &stopping, crate::election::run(elector));
+                spawn_until_stopped(&tracker, &stopping, removed.run(raft.clone()));
+                spawn_until_stopped(
+                    &tracker,
+                    &stopping,
+                    release_held_commits(raft.clone(), durable),
+                );
                 Ok::<_, MetadataError>((raft, proposer))
             })
             .await
